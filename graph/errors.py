@@ -1,0 +1,43 @@
+"""The project's one root error and the small tree under it.
+
+Messages say what was wrong, with the offending value, and what to do about it: a
+person reading a DLQ entry or a start-up failure should not need the source.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "CtxdError",
+    "InvalidEntryError",
+    "RedisModulesMissingError",
+    "WorkflowError",
+]
+
+
+class CtxdError(Exception):
+    """Root of every error ctxd raises on purpose."""
+
+
+class ConfigError(CtxdError, ValueError):
+    """A setting has a value ctxd cannot use; raised at start-up, before any work."""
+
+
+class InvalidEntryError(CtxdError, ValueError):
+    """A stream entry breaks the input contract; it goes to the DLQ at once.
+
+    Attributes:
+        reason: a short machine-readable tag (``missing_workflow_id``, ``oversized_content``…).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class RedisModulesMissingError(CtxdError):
+    """The configured Redis lacks RedisJSON or RediSearch, which the checkpointer needs."""
+
+
+class WorkflowError(CtxdError):
+    """A workflow could not be advanced (state missing, checkpoint refused, bad resume value)."""
