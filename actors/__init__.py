@@ -1,1 +1,43 @@
-"""placeholder"""
+"""actors/: who does the work and keeps it alive.
+
+The ingress consumer, stream operations with their delivery guarantees, supervisors,
+circuit breakers, the embedded Redis, configuration, the daemon and the command line.
+"""
+
+from __future__ import annotations
+
+from actors.breaker import (
+    BreakerConfig,
+    BreakerState,
+    BreakerStatistics,
+    BreakerTransition,
+    CallNotPermittedError,
+    CircuitBreaker,
+)
+from actors.config import Settings, load_settings
+from actors.supervisor import (
+    ChildSpec,
+    RestartEvent,
+    Supervisor,
+    SupervisorConfig,
+    SupervisorEscalation,
+)
+from actors.validation import Event, parse_event
+
+__all__ = [
+    "BreakerConfig",
+    "BreakerState",
+    "BreakerStatistics",
+    "BreakerTransition",
+    "CallNotPermittedError",
+    "ChildSpec",
+    "CircuitBreaker",
+    "Event",
+    "RestartEvent",
+    "Settings",
+    "Supervisor",
+    "SupervisorConfig",
+    "SupervisorEscalation",
+    "load_settings",
+    "parse_event",
+]

@@ -1,0 +1,55 @@
+"""``ctxd run``: the service in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import anyio
+
+from actors.cli_common import Subcommands
+from actors.config import Settings
+from actors.redis_server import open_embedded_redis
+
+__all__ = ["register"]
+
+
+def register(commands: Subcommands) -> None:
+    """Add ``run`` to the command line."""
+    run = commands.add_parser(
+        "run",
+        help="run the service in the foreground (SIGTERM/SIGINT stop it gracefully)",
+        description="Consume ctxd:in, run the contextual workflow per event, write ctxd:out. "
+        "Stops on SIGTERM/SIGINT: no new reads, in-flight work finishes, the rest stays "
+        "pending. Exits non-zero on a fatal error so a service manager restarts it. "
+        "With no CTXD_REDIS_URL it starts the embedded Redis (data in CTXD_STATE_DIR).",
+    )
+    run.add_argument(
+        "--demo",
+        action="store_true",
+        help="also feed a short demo stream and print the results as they come",
+    )
+    run.set_defaults(handler=_run)
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from actors.daemon import serve
+    from actors.demo import feed_demo
+    from telemetry.logging import configure_logging
+
+    configure_logging(
+        level=settings.log_level,
+        json=None if settings.log_format == "auto" else settings.log_format == "json",
+    )
+    with contextlib.ExitStack() as stack:
+        url = settings.redis_url
+        if url is None:
+            server = open_embedded_redis(settings.state_dir, port=settings.embedded_port or None)
+            url = stack.enter_context(server).url
+        redis_url = url
+
+        async def feed() -> None:
+            await feed_demo(settings, redis_url)
+
+        anyio.run(lambda: serve(settings, redis_url, on_ready=feed if args.demo else None))
+    return 0

@@ -1,0 +1,285 @@
+"""ctxd's settings: defaults, then an optional TOML file, then ``CTXD_*`` variables.
+
+Every bad value stops start-up with one line naming the setting, the value and what is
+allowed (a :class:`~graph.errors.ConfigError`). The TOML file holds the same keys as
+the environment, lower-cased and without the prefix, in a ``[ctxd]`` table, plus the
+``[routing]`` and ``[analyzer]`` tables that graph/ reads::
+
+    [ctxd]
+    redis_url = "redis://ctxd:secret@redis:6379/0"
+    concurrency = 32
+
+    [routing.thresholds.high_quality]
+    quality = 0.92
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import TypeVar
+
+from graph.errors import ConfigError
+
+__all__ = ["Settings", "load_settings"]
+
+_T = TypeVar("_T")
+_ENV_PREFIX = "CTXD_"
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "ctxd"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon and the CLI need to know, validated.
+
+    Attributes mirror the ``CTXD_*`` variables (``redis_url`` ↔ ``CTXD_REDIS_URL``).
+    """
+
+    redis_url: str | None = None
+    state_dir: Path = field(default_factory=_default_state_dir)
+    embedded_port: int = 0
+    stream_prefix: str = "ctxd"
+    group: str = "ctxd"
+    instance: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    checkpointer: str = "redis"
+    postgres_url: str | None = None
+    durability: str = "exit"
+    concurrency: int = 16
+    batch_size: int = 32
+    read_count: int = 128
+    block_ms: int = 1000
+    event_timeout: float = 30.0
+    max_deliveries: int = 5
+    max_content_bytes: int = 65536
+    max_fields: int = 32
+    dedupe_ttl: int = 7 * 24 * 3600
+    analyzer: str = "graph.analysis:heuristic_analyzer"
+    escalation_pauses: bool = False
+    log_level: str = "info"
+    log_format: str = "auto"
+    routing: Mapping[str, object] = field(default_factory=dict)
+    analyzer_policy: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def input_stream(self) -> str:
+        """The stream producers append to (``ctxd:in``)."""
+        return f"{self.stream_prefix}:in"
+
+    @property
+    def output_stream(self) -> str:
+        """One result per event (``ctxd:out``)."""
+        return f"{self.stream_prefix}:out"
+
+    @property
+    def dlq_stream(self) -> str:
+        """Dead letters: invalid or poison entries (``ctxd:dlq``)."""
+        return f"{self.stream_prefix}:dlq"
+
+    def key(self, *parts: str) -> str:
+        """A Redis key under the common prefix: ``key("done", id)`` → ``ctxd:done:id``."""
+        return ":".join((self.stream_prefix, *parts))
+
+
+def _parse_int(minimum: int, maximum: int | None = None) -> Callable[[str, object], int]:
+    def parse(name: str, raw: object) -> int:
+        try:
+            value = int(raw) if isinstance(raw, int) else int(str(raw).strip())
+        except ValueError:
+            value = None
+        if value is None or isinstance(raw, bool):
+            raise ConfigError(f"{name}={raw!r} is not a whole number")
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and <= {maximum}" if maximum is not None else ""
+            raise ConfigError(f"{name}={raw!r} is out of range: expected >= {minimum}{upper}")
+        return value
+
+    return parse
+
+
+def _parse_float(minimum: float) -> Callable[[str, object], float]:
+    def parse(name: str, raw: object) -> float:
+        try:
+            value = float(raw) if isinstance(raw, int | float) else float(str(raw).strip())
+        except ValueError:
+            value = None
+        if value is None or isinstance(raw, bool):
+            raise ConfigError(f"{name}={raw!r} is not a number")
+        if not value >= minimum or value == float("inf"):
+            raise ConfigError(f"{name}={raw!r} is out of range: expected a number >= {minimum}")
+        return value
+
+    return parse
+
+
+def _parse_choice(*choices: str) -> Callable[[str, object], str]:
+    def parse(name: str, raw: object) -> str:
+        value = str(raw).strip().lower()
+        if value not in choices:
+            raise ConfigError(
+                f"{name}={raw!r} is not allowed: expected one of {', '.join(choices)}"
+            )
+        return value
+
+    return parse
+
+
+def _parse_bool(name: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean: expected true or false")
+
+
+def _parse_name(name: str, raw: object) -> str:
+    value = str(raw).strip()
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-{}")
+    if not value or len(value) > 100 or not set(value) <= allowed:
+        raise ConfigError(
+            f"{name}={raw!r} is not a valid name: use 1-100 characters of "
+            "letters, digits and _ . : - { } (braces for a Redis Cluster hash tag)"
+        )
+    return value
+
+
+def _parse_url(*schemes: str) -> Callable[[str, object], str | None]:
+    def parse(name: str, raw: object) -> str | None:
+        value = str(raw).strip()
+        if not value:
+            return None
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in schemes:
+            raise ConfigError(
+                f"{name} has scheme {scheme or '(none)'!r}: expected a URL starting with "
+                f"{' or '.join(s + '://' for s in schemes)}"
+            )
+        return value
+
+    return parse
+
+
+def _parse_text(name: str, raw: object) -> str:
+    value = str(raw).strip()
+    if not value:
+        raise ConfigError(f"{name} is empty: give a value or unset it")
+    return value
+
+
+def _parse_path(name: str, raw: object) -> Path:
+    return Path(_parse_text(name, raw)).expanduser()
+
+
+_PARSERS: dict[str, Callable[[str, object], object]] = {
+    "redis_url": _parse_url("redis", "rediss", "unix"),
+    "state_dir": _parse_path,
+    "embedded_port": _parse_int(0, 65535),
+    "stream_prefix": _parse_name,
+    "group": _parse_name,
+    "instance": _parse_name,
+    "checkpointer": _parse_choice("redis", "memory", "postgres"),
+    "postgres_url": _parse_url("postgresql", "postgres"),
+    "durability": _parse_choice("sync", "async", "exit"),
+    "concurrency": _parse_int(1, 4096),
+    "batch_size": _parse_int(1, 1000),
+    "read_count": _parse_int(1, 10000),
+    "block_ms": _parse_int(1, 60000),
+    "event_timeout": _parse_float(0.1),
+    "max_deliveries": _parse_int(1, 1000),
+    "max_content_bytes": _parse_int(1, 512 * 1024 * 1024),
+    "max_fields": _parse_int(8, 1000),
+    "dedupe_ttl": _parse_int(60),
+    "analyzer": _parse_text,
+    "escalation_pauses": _parse_bool,
+    "log_level": _parse_choice("debug", "info", "warning", "error"),
+    "log_format": _parse_choice("auto", "json", "console"),
+}
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    *,
+    config_file: Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Settings:
+    """Build validated settings: defaults < TOML file < ``CTXD_*`` < ``overrides``.
+
+    Args:
+        environ: the environment (``os.environ`` by default).
+        config_file: a TOML file; ``CTXD_CONFIG`` names one when this is None.
+        overrides: values from command-line flags, by setting name.
+
+    Raises:
+        ConfigError: naming the setting, the value and what is allowed.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    if config_file is None and env.get("CTXD_CONFIG"):
+        config_file = Path(env["CTXD_CONFIG"])
+    if config_file is not None:
+        document = _read_toml(config_file)
+        unknown_tables = sorted(set(document) - {"ctxd", "routing", "analyzer"})
+        if unknown_tables:
+            raise ConfigError(
+                f"config file {str(config_file)!r} has unknown table(s) {unknown_tables}: "
+                "expected [ctxd], [routing] and [analyzer]"
+            )
+        for section, attribute in (("routing", "routing"), ("analyzer", "analyzer_policy")):
+            table = document.get(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"config file: [{section}] must be a table")
+            values[attribute] = table
+        table = document.get("ctxd", {})
+        if not isinstance(table, dict):
+            raise ConfigError("config file: [ctxd] must be a table")
+        for key, raw in table.items():
+            if key not in _PARSERS:
+                raise ConfigError(
+                    f"config file: [ctxd] {key!r} is not a setting; known: {', '.join(_PARSERS)}"
+                )
+            values[key] = _PARSERS[key](f"[ctxd] {key}", raw)
+    known = {f"{_ENV_PREFIX}{name.upper()}" for name in _PARSERS} | {"CTXD_CONFIG"}
+    for variable, raw in env.items():
+        if not variable.startswith(_ENV_PREFIX):
+            continue
+        if variable not in known:
+            raise ConfigError(
+                f"{variable} is not a ctxd setting; known: {', '.join(sorted(known))}"
+            )
+        name = variable[len(_ENV_PREFIX) :].lower()
+        if name != "config":
+            values[name] = _PARSERS[name](variable, raw)
+    for name, raw in (overrides or {}).items():
+        if raw is not None:
+            values[name] = _PARSERS[name](f"--{name.replace('_', '-')}", raw)
+    settings = replace(Settings(), **values)  # type: ignore[arg-type]
+    if settings.checkpointer == "postgres" and not settings.postgres_url:
+        raise ConfigError(
+            "CTXD_CHECKPOINTER=postgres needs CTXD_POSTGRES_URL (postgresql://user@host/db)"
+        )
+    return settings
+
+
+def setting_names() -> tuple[str, ...]:
+    """All setting names, for ``--help`` texts and docs."""
+    return tuple(f.name for f in fields(Settings) if f.name in _PARSERS)

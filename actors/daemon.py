@@ -1,0 +1,114 @@
+"""The daemon: wires settings, Redis, checkpointer, workflow and ingress, and runs them.
+
+It is the root of the supervision tree: it runs until SIGTERM or SIGINT, then stops
+reading, lets in-flight work finish within the drain budget (the rest stays pending for
+another instance), flushes telemetry and returns. A fatal error propagates, and the
+command line turns it into a non-zero exit so systemd or Docker restarts the service.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+import structlog
+from redis.asyncio import Redis
+
+from actors.config import Settings
+from actors.ingress import Ingress
+from graph.analysis import load_analyzer
+from graph.checkpointer import open_checkpointer
+from graph.features import AnalyzerPolicy
+from graph.routing import RoutingConfig
+from graph.work import LocalDispatch, WorkHandlers
+from graph.workflow import build_contextual_workflow
+from telemetry.logging import redact_url
+
+__all__ = ["DRAIN_BUDGET", "serve"]
+
+DRAIN_BUDGET = 20.0  # seconds; deploy/ctxd.service's TimeoutStopSec leaves room above it
+
+_log = structlog.get_logger("ctxd.daemon")
+
+
+def build_handlers(settings: Settings) -> WorkHandlers:
+    """The work handlers for this configuration (analysis plug-in, routing numbers)."""
+    return WorkHandlers(
+        load_analyzer(settings.analyzer), RoutingConfig.from_mapping(settings.routing)
+    )
+
+
+async def serve(
+    settings: Settings,
+    redis_url: str,
+    *,
+    on_ready: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    drain_budget: float = DRAIN_BUDGET,
+) -> None:
+    """Run the service until SIGTERM/SIGINT.
+
+    Args:
+        settings: validated settings.
+        redis_url: the Redis to use (configured, or the embedded one).
+        on_ready: awaited once the ingress reads (the demo feeds events from here).
+        drain_budget: seconds in-flight work gets to finish after a stop signal.
+    """
+    handlers = build_handlers(settings)
+    policy = AnalyzerPolicy.from_mapping(settings.analyzer_policy)
+    redis = Redis.from_url(redis_url)
+    try:
+        async with open_checkpointer(
+            settings.checkpointer, redis_url=redis_url, postgres_url=settings.postgres_url
+        ) as saver:
+            graph = build_contextual_workflow(
+                LocalDispatch(handlers),
+                saver,
+                policy=policy,
+                escalation_pauses=settings.escalation_pauses,
+            )
+            ingress = Ingress(redis, settings, graph)
+            async with anyio.create_task_group() as tg:
+                await tg.start(_stop_on_signal, ingress, tg.cancel_scope, drain_budget)
+                await tg.start(ingress.run)
+                _log.info(
+                    "ctxd is running",
+                    redis=redact_url(redis_url),
+                    input=settings.input_stream,
+                    group=settings.group,
+                    consumer=ingress.consumer,
+                    checkpointer=settings.checkpointer,
+                )
+                if on_ready is not None:
+                    tg.start_soon(on_ready)
+                await _wait_for_ingress_end(ingress)
+                tg.cancel_scope.cancel()
+            stats = ingress.statistics()
+            _log.info("ctxd stopped", processed=stats.processed, dead_lettered=stats.dead_lettered)
+    finally:
+        await redis.aclose()
+
+
+async def _wait_for_ingress_end(ingress: Ingress) -> None:
+    await ingress.stopped.wait()
+
+
+async def _stop_on_signal(
+    ingress: Ingress,
+    scope: anyio.CancelScope,
+    drain_budget: float,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            _log.info("stopping: no new reads, draining in-flight work", signal=signum.name)
+            ingress.stop()
+            break
+        with anyio.move_on_after(drain_budget):
+            await ingress.stopped.wait()
+            return
+        _log.warning("drain budget exceeded; the rest stays pending", seconds=drain_budget)
+        scope.cancel()

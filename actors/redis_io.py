@@ -1,0 +1,80 @@
+"""Typed views of the redis-py stream replies ctxd reads.
+
+redis-py's annotations describe every reply shape of every protocol version at once,
+so callers would drown in unions and casts. These helpers do the one cast per command,
+in one place, and return the shapes ctxd actually gets (RESP2, bytes or decoded text).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+
+__all__ = [
+    "Entry",
+    "TextEntry",
+    "autoclaim",
+    "read_group",
+    "text",
+    "xread_text",
+    "xrevrange_text",
+]
+
+Entry = tuple[str, dict[bytes, bytes] | None]
+"""A stream entry: id, and fields (None when the entry was deleted while pending)."""
+
+TextEntry = tuple[str, dict[str, str]]
+"""A stream entry read with ``decode_responses=True``."""
+
+
+def text(value: bytes | str) -> str:
+    """Decode a Redis reply value."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(raw: Any) -> list[Entry]:
+    return [(text(entry_id), fields) for entry_id, fields in raw or []]
+
+
+async def read_group(
+    redis: Redis,
+    *,
+    group: str,
+    consumer: str,
+    stream: str,
+    cursor: str,
+    count: int,
+    block: int | None,
+) -> list[Entry]:
+    """XREADGROUP on one stream; ``cursor`` is ``>`` or an id into this consumer's PEL."""
+    reply = cast(
+        Any,
+        await redis.xreadgroup(group, consumer, {stream: cursor}, count=count, block=block),
+    )
+    return _entries(reply[0][1]) if reply else []
+
+
+async def autoclaim(
+    redis: Redis, *, stream: str, group: str, consumer: str, min_idle_ms: int, cursor: str
+) -> tuple[str, list[Entry]]:
+    """One XAUTOCLAIM page (never JUSTID: the delivery counter must count)."""
+    reply = cast(
+        Any,
+        await redis.xautoclaim(stream, group, consumer, min_idle_ms, start_id=cursor, count=100),
+    )
+    return text(reply[0]), _entries(reply[1])
+
+
+def xread_text(
+    redis: SyncRedis, stream: str, last_id: str, *, block: int, count: int = 100
+) -> list[TextEntry]:
+    """XREAD after ``last_id`` on a decoding client."""
+    reply = cast(Any, redis.xread({stream: last_id}, block=block, count=count))
+    return [(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+
+
+def xrevrange_text(redis: SyncRedis, stream: str, count: int) -> list[TextEntry]:
+    """The newest ``count`` entries, newest first, on a decoding client."""
+    return cast(list[TextEntry], redis.xrevrange(stream, count=count))

@@ -1,0 +1,145 @@
+"""Redis Streams operations with the delivery guarantees in them.
+
+- :func:`ensure_group` creates a consumer group (``MKSTREAM``), tolerating ``BUSYGROUP``.
+- :class:`OutputCommitter` writes results effectively-once: for each event, in one Lua
+  script, ``SET done:{event_id} NX`` then ``XADD out`` only if the key was new, then
+  ``XACK`` the input. A crash before the script leaves the input pending (it will be
+  redelivered, and the workflow's outbox answers it without reprocessing); a crash
+  after it leaves nothing to redo. A repeated ``event_id`` is acknowledged without a
+  second output.
+- :func:`dead_letter` moves an entry to the DLQ and acknowledges it in one MULTI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+__all__ = ["CommitItem", "OutputCommitter", "dead_letter", "ensure_group", "output_fields"]
+
+# KEYS: out, in, done_1..done_n. ARGV: group, ttl, n, then per item: source_id, nfields,
+# field/value pairs. Returns, per item, the output entry id or "" for a duplicate.
+_COMMIT_LUA = """
+local group, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local pos, ids = 4, {}
+for i = 1, n do
+  local source_id, nfields = ARGV[pos], tonumber(ARGV[pos + 1])
+  local fields = {}
+  for j = 1, nfields * 2 do fields[j] = ARGV[pos + 1 + j] end
+  pos = pos + 2 + nfields * 2
+  local done = KEYS[2 + i]
+  if nfields > 0 and redis.call('SET', done, 'pending', 'NX', 'EX', ttl) then
+    local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+    redis.call('SET', done, id, 'EX', ttl)
+    ids[i] = id
+  else
+    ids[i] = ''
+  end
+  redis.call('XACK', KEYS[2], group, source_id)
+end
+return ids
+"""
+
+
+async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+    """Create ``group`` on ``stream`` from the beginning, creating the stream if needed."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+@dataclass(frozen=True)
+class CommitItem:
+    """One event's output, ready to commit.
+
+    Attributes:
+        source_id: the input entry id to acknowledge.
+        done_key: the dedupe key of the event id.
+        fields: the output entry's fields.
+    """
+
+    source_id: str
+    done_key: str
+    fields: Mapping[str, str]
+
+
+class OutputCommitter:
+    """Writes outputs and acknowledges inputs atomically, suppressing duplicates.
+
+    Args:
+        redis: the client.
+        input_stream: the stream whose entries are acknowledged.
+        output_stream: the stream results are appended to.
+        group: the consumer group.
+        dedupe_ttl: seconds a done key lives (the window in which duplicates are caught).
+    """
+
+    def __init__(
+        self, redis: Redis, *, input_stream: str, output_stream: str, group: str, dedupe_ttl: int
+    ) -> None:
+        self._script = redis.register_script(_COMMIT_LUA)
+        self._input = input_stream
+        self._output = output_stream
+        self._group = group
+        self._ttl = dedupe_ttl
+
+    async def commit(self, items: Sequence[CommitItem]) -> list[str]:
+        """Commit ``items`` in one script; return output ids ("" where a duplicate)."""
+        if not items:
+            return []
+        keys = [self._output, self._input, *(item.done_key for item in items)]
+        args: list[str | int] = [self._group, self._ttl, len(items)]
+        for item in items:
+            args += [item.source_id, len(item.fields)]
+            for name, value in item.fields.items():
+                args += [name, value]
+        result = await self._script(keys=keys, args=args)
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
+
+
+async def dead_letter(
+    redis: Redis,
+    *,
+    dlq_stream: str,
+    input_stream: str,
+    group: str,
+    source_id: str,
+    fields: Mapping[str, str | bytes],
+    reason: str,
+    error: str,
+    attempts: int,
+) -> str:
+    """Append the entry to the DLQ with why, and acknowledge it, in one MULTI."""
+    entry: dict[str | bytes, str | bytes] = {
+        k: v for k, v in fields.items() if k not in ("reason", "error", "attempts", "source_id")
+    }
+    entry.update(reason=reason, error=error[:1000], attempts=str(attempts), source_id=source_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xadd(dlq_stream, entry)  # type: ignore[arg-type]
+        pipe.xack(input_stream, group, source_id)
+        dlq_id, _ = await pipe.execute()
+    return dlq_id.decode() if isinstance(dlq_id, bytes) else str(dlq_id)
+
+
+def output_fields(
+    result: Mapping[str, object], *, trace_id: str, checkpoint_id: str
+) -> dict[str, str]:
+    """The ``ctxd:out`` entry for one event's result (DESIGN's output contract)."""
+    return {
+        "workflow_id": str(result.get("workflow_id", "")),
+        "event_id": str(result.get("event_id", "")),
+        "source_id": str(result.get("source_id", "")),
+        "status": str(result.get("status", "ok")),
+        "decision": str(result.get("decision") or ""),
+        "route": json.dumps(result.get("route") or []),
+        "quality_score": f"{float(result.get('quality_score') or 0.0):.6f}",  # type: ignore[arg-type]
+        "scores": json.dumps(result.get("scores") or {}, sort_keys=True),
+        "trace_id": trace_id,
+        "checkpoint_id": checkpoint_id,
+    }

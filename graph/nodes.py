@@ -1,0 +1,387 @@
+"""The five seed nodes of the contextual loop, and the research workers.
+
+Each node reads the state, asks a worker kind for the heavy part through the
+:class:`~graph.work.Dispatch`, and returns only the channels it changed (never the
+whole state). The analyzer is the hub: it takes events from the run's inbox, keeps the
+per-event features and chooses the next node; every other node loops back to it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import ChainMap
+from collections.abc import Mapping, MutableMapping
+from datetime import UTC, datetime
+from typing import cast
+
+from langgraph.types import Send, interrupt
+from opentelemetry import trace
+
+from graph.features import (
+    AnalyzerFeatures,
+    AnalyzerPolicy,
+    AnalyzerRoute,
+    choose_route,
+    context_drift,
+)
+from graph.quality import quality_score
+from graph.research import needs_research
+from graph.state import INTEGRITY_FIELDS, JSON, ContextState, integrity_hash
+from graph.work import Dispatch, WorkKind
+from telemetry.spans import record_route
+
+__all__ = ["RESEARCH_WORKERS", "ContextualNodes", "event_status"]
+
+RESEARCH_WORKERS = {
+    "technical": "technical_research_worker",
+    "market": "market_research_worker",
+    "competitive": "competitive_research_worker",
+}
+_WINDOW_EVENTS = 8
+_WINDOW_CHARS = 4096
+_SEGMENTS_KEPT = 20
+_DECISIONS_KEPT = 20
+_OUTBOX_KEPT = 128
+
+_tracer = trace.get_tracer("ctxd.graph")
+
+_State = Mapping[str, JSON]
+
+
+def event_status(decision: str | None, errors: int, budget_exhausted: bool) -> str:
+    """The output ``status`` for a finished event."""
+    if decision == "escalation_required":
+        return "escalated"
+    if decision in ("fallback_processing", "circuit_breaker_mode"):
+        return "fallback"
+    if decision is None and (budget_exhausted or errors):
+        return "error"
+    return "ok"
+
+
+class ContextualNodes:
+    """The loop's node functions, bound to a dispatch and a policy.
+
+    Args:
+        dispatch: where node work is sent (actors over Redis, or in-process).
+        policy: the analyzer's thresholds and iteration budget.
+        escalation_pauses: when True, ``escalation_required`` interrupts the workflow
+            until a person resumes it.
+    """
+
+    def __init__(
+        self, dispatch: Dispatch, policy: AnalyzerPolicy, *, escalation_pauses: bool = False
+    ) -> None:
+        self._dispatch = dispatch
+        self._policy = policy
+        self._escalation_pauses = escalation_pauses
+
+    # -- context_analyzer ------------------------------------------------------------
+
+    async def context_analyzer(self, state: ContextState) -> dict[str, JSON]:
+        """Take the next event if needed, refresh the analysis, choose the next node."""
+        changes: dict[str, JSON] = {}
+        view: ChainMap[str, JSON] = ChainMap(changes, cast(dict[str, JSON], state))
+        outbox: dict[str, JSON] = dict(view.get("outbox") or {})
+        while True:
+            if view.get("event") is None:
+                inbox = list(view.get("inbox") or [])
+                if not inbox:
+                    changes["next_route"] = AnalyzerRoute.PROCESSING_COMPLETE.value
+                    return changes
+                event = inbox.pop(0)
+                changes["inbox"] = inbox
+                if str(event["event_id"]) in outbox:
+                    continue  # a redelivered event whose result is already durable
+                self._take_event(event, view, changes)
+            if view.get("analysis_stale"):
+                await self._analyze(view, changes, pass_number=0)
+            changes["iteration"] = int(view.get("iteration") or 0) + 1
+            changes["route"] = [*view.get("route", []), "context_analyzer"]
+            choice = choose_route(self._features(view), self._policy)
+            self._trace_route(view, choice.route.value, choice.reason)
+            changes["route_reason"] = choice.reason
+            if choice.route is not AnalyzerRoute.PROCESSING_COMPLETE:
+                changes["next_route"] = choice.route.value
+                return changes
+            outbox[str(view["event"]["event_id"])] = self._result(view, choice.budget_exhausted)
+            while len(outbox) > _OUTBOX_KEPT:
+                outbox.pop(next(iter(outbox)))
+            changes["outbox"] = outbox
+            changes["event"] = None
+
+    def _take_event(
+        self, event: Mapping[str, JSON], view: _State, changes: MutableMapping[str, JSON]
+    ) -> None:
+        content = str(event["content"])
+        window = list(view.get("window") or [])
+        changes["drift"] = context_drift(content, window)
+        window = [*window, content[:_WINDOW_CHARS]][-_WINDOW_EVENTS:]
+        changes.update(
+            event={**event, "started_at": time.time()},
+            window=window,
+            workflow_id=str(view.get("workflow_id") or event.get("workflow_id") or ""),
+            events_processed=int(view.get("events_processed") or 0) + 1,
+            iteration=0,
+            passes=0,
+            monitored=False,
+            decided=False,
+            retry_requested=False,
+            segment_rotated=False,
+            analysis_stale=True,
+            research={},
+            route=[],
+            errors=[],
+            decision=None,
+        )
+        changes["integrity_hash"] = integrity_hash(ChainMap(changes, dict(view)))
+
+    async def _analyze(
+        self, view: _State, changes: MutableMapping[str, JSON], *, pass_number: int
+    ) -> None:
+        payload = {
+            "workflow_id": view.get("workflow_id", ""),
+            "window": list(view.get("window") or []),
+            "previous_analysis": view.get("analysis") or "",
+            "pass_number": pass_number,
+            "research": dict(view.get("research") or {}),
+        }
+        changes["analysis_stale"] = False
+        try:
+            reply = await self._dispatch(WorkKind.ANALYSIS, payload)
+        except Exception as exc:  # noqa: BLE001 - recorded in state; the loop routes on it
+            self._record_error(view, changes, "analysis", exc)
+            return
+        analysis = str(reply.get("analysis", ""))
+        changes["analysis"] = analysis
+        changes["quality"] = quality_score(analysis)
+        changes["integrity_hash"] = integrity_hash(ChainMap(dict(changes), dict(view)))
+
+    def _features(self, view: _State) -> AnalyzerFeatures:
+        health = self._dispatch.health()
+        errors = list(view.get("errors") or [])
+        iteration = int(view.get("iteration") or 1)
+        return AnalyzerFeatures(
+            quality=float(view.get("quality") or 0.0),
+            drift=float(view.get("drift") or 0.0),
+            passes=int(view.get("passes") or 0),
+            iteration=iteration,
+            errors=len(errors),
+            error_rate=max(len(errors) / max(iteration, 1), health.error_rate),
+            open_breakers=health.open_breakers,
+            segment_rotated=bool(view.get("segment_rotated")),
+            monitored=bool(view.get("monitored")),
+            decided=bool(view.get("decided")),
+            retry_requested=bool(view.get("retry_requested")),
+        )
+
+    def _trace_route(self, view: _State, target: str, reason: str) -> None:
+        features = self._features(view)
+        record_route(
+            _tracer,
+            policy="context_analyzer",
+            factors={
+                "quality": features.quality,
+                "drift": features.drift,
+                "passes": features.passes,
+                "iteration": features.iteration,
+                "errors": features.errors,
+                "error_rate": features.error_rate,
+                "open_breakers": ",".join(features.open_breakers),
+            },
+            scores={},
+            viable=[r.value for r in AnalyzerRoute],
+            target=target,
+            reason=reason,
+            margin=0.0,
+            score=None,
+        )
+
+    def _result(self, view: _State, budget_exhausted: bool) -> dict[str, JSON]:
+        event = view["event"]
+        decision = view.get("decision") or {}
+        name = decision.get("decision") if decision else None
+        errors = list(view.get("errors") or [])
+        return {
+            "workflow_id": view.get("workflow_id", ""),
+            "event_id": event["event_id"],
+            "source_id": event.get("source_id", ""),
+            "status": event_status(name, len(errors), budget_exhausted),
+            "decision": name or "",
+            "route": [*view.get("route", [])],
+            "quality_score": round(float(view.get("quality") or 0.0), 6),
+            "scores": dict(decision.get("scores") or {}) if decision else {},
+        }
+
+    @staticmethod
+    def _record_error(
+        view: _State, changes: MutableMapping[str, JSON], kind: str, exc: Exception
+    ) -> None:
+        error = {"kind": kind, "type": type(exc).__name__, "message": str(exc)[:300]}
+        changes["errors"] = [*(view.get("errors") or []), error]
+        changes["error_count"] = int(view.get("error_count") or 0) + 1
+
+    @staticmethod
+    def next_route(state: ContextState) -> str:
+        """The analyzer's conditional edge: the route it chose."""
+        return str(state.get("next_route") or AnalyzerRoute.PROCESSING_COMPLETE.value)
+
+    # -- adaptive_processor and research workers -------------------------------------
+
+    async def adaptive_processor(self, state: ContextState) -> dict[str, JSON]:
+        """Deepen the analysis of the window by one pass, folding in research."""
+        changes: dict[str, JSON] = {}
+        view: ChainMap[str, JSON] = ChainMap(changes, cast(dict[str, JSON], state))
+        passes = int(view.get("passes") or 0) + 1
+        changes.update(passes=passes, retry_requested=False)
+        changes["route"] = [*view.get("route", []), "adaptive_processor"]
+        await self._analyze(view, changes, pass_number=passes)
+        return changes
+
+    def fan_out(self, state: ContextState) -> list[Send] | str:
+        """The orchestrator-worker step: research workers for domains the event calls for."""
+        event = state.get("event") or {}
+        done = set((state.get("research") or {}).keys())
+        domains = [d for d in needs_research(str(event.get("content", ""))) if d.value not in done]
+        if not domains:
+            return "context_analyzer"
+        return [
+            Send(
+                RESEARCH_WORKERS[d.value],
+                {
+                    "domain": d.value,
+                    "task_id": f"{event.get('event_id')}:{d.value}:{state.get('passes', 0)}",
+                    "text": str(event.get("content", "")),
+                },
+            )
+            for d in domains
+        ]
+
+    async def research_worker(self, task: Mapping[str, JSON]) -> dict[str, JSON]:
+        """One research worker: findings for its domain, merged into ``research``."""
+        payload = {"op": "research", **task}
+        try:
+            reply = await self._dispatch(WorkKind.ANALYSIS, payload)
+        except Exception as exc:  # noqa: BLE001 - a missing finding is not fatal
+            return {"research": {str(task["domain"]): f"unavailable: {type(exc).__name__}"}}
+        return {"research": {str(reply["domain"]): reply["findings"]}}
+
+    # -- context_updater --------------------------------------------------------------
+
+    async def context_updater(self, state: ContextState) -> dict[str, JSON]:
+        """Close the current segment (summary kept, rollback point recorded), open a new one."""
+        changes: dict[str, JSON] = {}
+        view: ChainMap[str, JSON] = ChainMap(changes, cast(dict[str, JSON], state))
+        window = list(view.get("window") or [])
+        closing, newest = window[:-1], window[-1:]
+        try:
+            reply = await self._dispatch(WorkKind.UPDATE, {"window": closing})
+            summary = str(reply.get("summary", ""))
+        except Exception as exc:  # noqa: BLE001 - keep going with a plain summary
+            self._record_error(view, changes, "update", exc)
+            summary = f"{len(closing)} event(s); summary unavailable"
+        segment = int(view.get("segment") or 0)
+        record = {
+            "segment": segment,
+            "summary": summary,
+            "events": len(closing),
+            "checkpoint_id": view.get("base_checkpoint_id"),
+            "closed_at": datetime.now(UTC).isoformat(),
+        }
+        changes.update(
+            segments=[*(view.get("segments") or []), record][-_SEGMENTS_KEPT:],
+            segment=segment + 1,
+            window=newest,
+            segment_rotated=True,
+            analysis_stale=True,
+            route=[*view.get("route", []), "context_updater"],
+        )
+        changes["integrity_hash"] = integrity_hash(ChainMap(dict(changes), dict(view)))
+        return changes
+
+    # -- continuous_monitor -----------------------------------------------------------
+
+    async def continuous_monitor(self, state: ContextState) -> dict[str, JSON]:
+        """The seed's state health check: integrity, error rate, duration, breakers."""
+        changes: dict[str, JSON] = {}
+        view: ChainMap[str, JSON] = ChainMap(changes, cast(dict[str, JSON], state))
+        event = view.get("event") or {}
+        payload = {
+            "values": {name: view.get(name) for name in INTEGRITY_FIELDS},
+            "stored_hash": view.get("integrity_hash") or "",
+            "errors": list(view.get("errors") or []),
+            "iterations": int(view.get("iteration") or 1),
+            "duration": time.time() - float(event.get("started_at") or time.time()),
+            "breakers": dict(self._dispatch.health().breaker_states),
+        }
+        try:
+            health = await self._dispatch(WorkKind.MONITORING, payload)
+        except Exception as exc:  # noqa: BLE001 - a failed check is itself a finding
+            self._record_error(view, changes, "monitoring", exc)
+            health = {"state_integrity": "unknown", "recovery_actions": []}
+        changes.update(
+            health=health,
+            monitored=True,
+            route=[*view.get("route", []), "continuous_monitor"],
+        )
+        return changes
+
+    # -- decision_engine --------------------------------------------------------------
+
+    async def decision_engine(self, state: ContextState) -> dict[str, JSON]:
+        """The seed's routing engine on the state, the event's constraints and live health."""
+        changes: dict[str, JSON] = {}
+        view: ChainMap[str, JSON] = ChainMap(changes, cast(dict[str, JSON], state))
+        event = view.get("event") or {}
+        health = self._dispatch.health()
+        errors = list(view.get("errors") or [])
+        iteration = int(view.get("iteration") or 1)
+        window_chars = sum(len(t) for t in view.get("window") or [])
+        context: dict[str, JSON] = {
+            "quality_score": float(view.get("quality") or 0.0),
+            "performance_score": health.performance_score,
+            "error_rate": min(1.0, max(len(errors) / max(iteration, 1), health.error_rate)),
+            "resource_utilization": min(1.0, window_chars / (_WINDOW_EVENTS * _WINDOW_CHARS)),
+            "business_priority": str(event.get("priority") or "standard"),
+            "execution_deadline": event.get("deadline"),
+            "cost_constraints": (
+                {"max_cost": event["max_cost"]} if event.get("max_cost") is not None else {}
+            ),
+        }
+        payload = {"context": context, "iteration_count": int(view.get("passes") or 0)}
+        try:
+            outcome = await self._dispatch(WorkKind.DECISION, payload)
+        except Exception as exc:  # noqa: BLE001 - the seed's safest option, recorded
+            self._record_error(view, changes, "decision", exc)
+            outcome = {
+                "decision": "fallback_processing",
+                "scores": {},
+                "viable": [],
+                "reason": "error",
+                "margin": 0.0,
+            }
+        record_route(
+            _tracer,
+            policy="enterprise_routing",
+            factors={k: v for k, v in context.items() if isinstance(v, int | float | str)},
+            scores=dict(outcome.get("scores") or {}),
+            viable=list(outcome.get("viable") or []),
+            target=str(outcome["decision"]),
+            reason=str(outcome.get("reason", "score_max")),
+            margin=float(outcome.get("margin") or 0.0),
+            score=(outcome.get("scores") or {}).get(str(outcome["decision"])),
+        )
+        decision = str(outcome["decision"])
+        record = {"event_id": event.get("event_id"), **outcome, "context": context}
+        retry = decision == "retry_with_improvements"
+        changes.update(
+            decision=record,
+            decisions=[*(view.get("decisions") or []), record][-_DECISIONS_KEPT:],
+            decided=not retry,
+            retry_requested=retry,
+            route=[*view.get("route", []), "decision_engine"],
+        )
+        if decision == "escalation_required" and self._escalation_pauses:
+            answer = interrupt({"event_id": event.get("event_id"), "decision": record})
+            changes["decision"] = {**record, "resolution": answer}
+        return changes

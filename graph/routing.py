@@ -1,0 +1,793 @@
+"""The decision engine: the seed's ``EnterpriseRoutingEngine``, pure and configurable.
+
+:class:`RoutingEngine` scores the six :class:`RoutingDecision` values for a
+:class:`RoutingContext`, applies the business constraints (critical priority, deadline
+pressure, low budget), keeps the decisions whose thresholds the context meets, and
+picks the best of those, first in declaration order on a tie. Every number is the
+seed's by default and lives in :class:`RoutingConfig`. The engine logs nothing and
+keeps no history: the caller wraps :meth:`RoutingEngine.decide` in a span and records
+the :class:`RoutingOutcome`.
+
+Raw scores, with q, p, e, r the context's quality, performance, error rate and
+resource utilization (seed defaults in brackets)::
+
+    high_quality_path      q*quality[.4] + p*performance[.3] + (1-e)*reliability[.2]
+                           + (1-r)*headroom[.1]
+    standard_quality_path  min(q*quality_boost[1.2], 1)*quality[.4]
+                           + min(p*performance_boost[1.1], 1)*performance[.3]
+                           + (1 - min(e*error_amplifier[2], 1))*reliability[.3]
+    retry_with_improvements   while iteration_count < max_iterations[3]:
+                           (target_quality[.8] - q)*improvement[.5] + p*performance[.3]
+                           + (1-e)*reliability[.2]; otherwise 0
+    circuit_breaker_mode   e*error_rate[.6] + (1-p)*slowness[.3] + r*utilization[.1]
+    fallback_processing    (1-q)*quality_gap[.4] + (1-p)*slowness[.3] + e*error_rate[.3]
+    escalation_required    score[.9] if priority is "critical" and
+                           (q < quality_below[.6] or e > error_rate_above[.4]); otherwise 0
+
+Configuration comes from the ``[routing]`` table of the TOML config file, read with
+:meth:`RoutingConfig.from_mapping`. Every key is optional and overrides the default
+shown; unknown keys, non-numbers, non-finite numbers and values out of range are
+errors that name the key path::
+
+    [routing.thresholds.high_quality]      # viable when q >= quality, p >= performance
+    quality = 0.9                          # and e <= error_rate; each from 0 to 1
+    performance = 0.8
+    error_rate = 0.05
+
+    [routing.thresholds.standard_quality]  # same rule as high_quality
+    quality = 0.7
+    performance = 0.6
+    error_rate = 0.15
+
+    [routing.thresholds.circuit_breaker]   # viable when e >= error_rate or p <= performance
+    error_rate = 0.5
+    performance = 0.3
+    # retry, fallback and escalation are always viable.
+
+    [routing.weights.high_quality]         # weights are numbers from 0 to 1
+    quality = 0.4
+    performance = 0.3
+    reliability = 0.2
+    headroom = 0.1
+
+    [routing.weights.standard_quality]
+    quality = 0.4
+    performance = 0.3
+    reliability = 0.3
+    quality_boost = 1.2                    # boosts and the amplifier: finite and > 0
+    performance_boost = 1.1
+    error_amplifier = 2.0
+
+    [routing.weights.retry]
+    improvement = 0.5
+    performance = 0.3
+    reliability = 0.2
+    target_quality = 0.8                   # from 0 to 1
+    max_iterations = 3                     # an integer >= 0; 0 never retries
+
+    [routing.weights.circuit_breaker]
+    error_rate = 0.6
+    slowness = 0.3
+    utilization = 0.1
+
+    [routing.weights.fallback]
+    quality_gap = 0.4
+    slowness = 0.3
+    error_rate = 0.3
+
+    [routing.weights.escalation]           # each from 0 to 1
+    score = 0.9
+    quality_below = 0.6
+    error_rate_above = 0.4
+
+    [routing.constraints]                  # seconds and cost: finite and >= 0
+    deadline_seconds = 600.0               # deadline pressure when less time remains
+    low_budget_max_cost = 50.0             # low budget when max_cost is below this
+
+    [routing.constraints.critical]         # score factors: finite and >= 0
+    high_quality = 1.3
+    escalation = 1.2
+    fallback = 0.5
+
+    [routing.constraints.deadline]
+    standard_quality = 1.2
+    retry = 0.3
+
+    [routing.constraints.low_budget]
+    high_quality = 0.7
+    fallback = 1.2
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Final, TypeVar, cast
+
+from graph.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = [
+    "PRIORITIES",
+    "BreakerGate",
+    "BusinessConstraints",
+    "CircuitBreakerWeights",
+    "CriticalFactors",
+    "DeadlineFactors",
+    "EscalationRule",
+    "FallbackWeights",
+    "HighQualityWeights",
+    "LowBudgetFactors",
+    "QualityGate",
+    "RetryWeights",
+    "RoutingConfig",
+    "RoutingContext",
+    "RoutingDecision",
+    "RoutingEngine",
+    "RoutingOutcome",
+    "ScoreWeights",
+    "StandardQualityWeights",
+    "Thresholds",
+]
+
+PRIORITIES: Final = ("low", "standard", "high", "critical")
+_CRITICAL: Final = "critical"
+
+
+class RoutingDecision(StrEnum):
+    """The six routes of the seed, in the seed's order (the tie-break order)."""
+
+    HIGH_QUALITY_PATH = "high_quality_path"
+    STANDARD_QUALITY_PATH = "standard_quality_path"
+    RETRY_WITH_IMPROVEMENTS = "retry_with_improvements"
+    CIRCUIT_BREAKER_MODE = "circuit_breaker_mode"
+    FALLBACK_PROCESSING = "fallback_processing"
+    ESCALATION_REQUIRED = "escalation_required"
+
+
+# --- the context -------------------------------------------------------------------------
+
+
+def _default_costs() -> Mapping[str, float]:
+    return MappingProxyType({"max_cost": 100.0})
+
+
+def _is_naive(moment: datetime) -> bool:
+    return moment.tzinfo is None or moment.tzinfo.utcoffset(moment) is None
+
+
+def _finite_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RoutingContext:
+    """What the engine knows when it decides: the seed's routing context.
+
+    The defaults are those the seed's ``_extract_routing_context`` falls back to for a
+    state that lacks the value: no execution metrics (performance 0.5), no errors
+    (error rate 0.0), no memory figure (utilization 0.0), priority "standard", no
+    deadline and a budget of 100. The quality score has no default: it is always
+    computed from the analysis (see :func:`graph.quality.quality_score`).
+
+    Attributes:
+        quality_score: quality of the current analysis, usually 0 to 1.
+        performance_score: recent performance, usually 0 to 1.
+        error_rate: errors per iteration; may exceed 1, as in the seed.
+        resource_utilization: memory use as a fraction; may exceed 1, as in the seed.
+        business_priority: one of ``low``, ``standard``, ``high``, ``critical``.
+        execution_deadline: when the work is due, timezone-aware; ``None`` for none.
+        cost_constraints: budget figures; the engine reads ``max_cost`` (missing means
+            no limit). Stored as a read-only copy.
+
+    Raises:
+        TypeError: a number is not a real number, or the deadline is not a datetime.
+        ValueError: a number is NaN or infinite, the priority is unknown, the deadline
+            is naive, or ``max_cost`` is NaN or negative.
+    """
+
+    quality_score: float
+    performance_score: float = 0.5
+    error_rate: float = 0.0
+    resource_utilization: float = 0.0
+    business_priority: str = "standard"
+    execution_deadline: datetime | None = None
+    # A read-only mapping cannot be hashed; equality still compares it.
+    cost_constraints: Mapping[str, float] = field(default_factory=_default_costs, hash=False)
+
+    def __post_init__(self) -> None:
+        for name in ("quality_score", "performance_score", "error_rate", "resource_utilization"):
+            object.__setattr__(self, name, _finite_float(name, getattr(self, name)))
+        if self.business_priority not in PRIORITIES:
+            raise ValueError(
+                f"business_priority must be one of {', '.join(PRIORITIES)}, "
+                f"got {self.business_priority!r}"
+            )
+        deadline = self.execution_deadline
+        if deadline is not None:
+            if not isinstance(deadline, datetime):
+                raise TypeError(f"execution_deadline must be a datetime, got {deadline!r}")
+            if _is_naive(deadline):
+                raise ValueError(
+                    f"execution_deadline must be timezone-aware, got the naive {deadline!r}; "
+                    "attach a timezone (e.g. datetime.UTC)"
+                )
+        object.__setattr__(self, "cost_constraints", _frozen_costs(self.cost_constraints))
+
+
+def _frozen_costs(costs: Mapping[str, float]) -> Mapping[str, float]:
+    if not isinstance(costs, Mapping):
+        raise TypeError(f"cost_constraints must be a mapping, got {costs!r}")
+    frozen: dict[str, float] = {}
+    for key, value in costs.items():
+        if not isinstance(key, str):
+            raise TypeError(f"cost_constraints keys must be strings, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"cost_constraints[{key!r}] must be a number, got {value!r}")
+        # Infinity is a meaningful budget ("no limit"); NaN would defeat every comparison.
+        if math.isnan(value):
+            raise ValueError(f"cost_constraints[{key!r}] must not be NaN")
+        frozen[key] = float(value)
+    if frozen.get("max_cost", 0.0) < 0.0:
+        raise ValueError(f"cost_constraints['max_cost'] must be >= 0, got {frozen['max_cost']!r}")
+    return MappingProxyType(frozen)
+
+
+# --- the configuration -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The values a configuration number may take, and how to say so in an error."""
+
+    low: float
+    high: float = math.inf
+    low_included: bool = True
+    integer: bool = False
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.high != math.inf:
+            return f"{kind} from {self.low:g} to {self.high:g}"
+        return f"{kind} {'>=' if self.low_included else '>'} {self.low:g}"
+
+    def check(self, value: object, path: str) -> float | int:
+        """Return ``value`` as the field's type, or raise ConfigError naming ``path``."""
+        allowed = f"expected {self.describe()}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path} = {value!r} is not a number; {allowed}")
+        if self.integer:
+            if not isinstance(value, int):
+                raise ConfigError(f"{path} = {value!r} is not an integer; {allowed}")
+            number: float = value
+        else:
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{path} = {value!r} is not finite; {allowed}")
+        too_low = number < self.low or (number == self.low and not self.low_included)
+        if too_low or number > self.high:
+            raise ConfigError(f"{path} = {value!r} is out of range; {allowed}")
+        return value if self.integer else number
+
+
+_RANGE: Final = "ctxd.range"
+_UNIT: Final = _Range(0.0, 1.0)
+_NON_NEGATIVE: Final = _Range(0.0)
+_POSITIVE: Final = _Range(0.0, low_included=False)
+_COUNT: Final = _Range(0, integer=True)
+
+
+def _unit(default: float) -> float:
+    return field(default=default, metadata={_RANGE: _UNIT})
+
+
+def _non_negative(default: float) -> float:
+    return field(default=default, metadata={_RANGE: _NON_NEGATIVE})
+
+
+def _positive(default: float) -> float:
+    return field(default=default, metadata={_RANGE: _POSITIVE})
+
+
+class _Checked:
+    """Checks every ranged field of a config dataclass when it is built directly."""
+
+    def __post_init__(self) -> None:
+        for spec_field in fields(cast("DataclassInstance", self)):
+            spec = spec_field.metadata.get(_RANGE)
+            if isinstance(spec, _Range):
+                path = f"{type(self).__name__}.{spec_field.name}"
+                value = spec.check(getattr(self, spec_field.name), path)
+                object.__setattr__(self, spec_field.name, value)
+
+
+@dataclass(frozen=True)
+class HighQualityWeights(_Checked):
+    """Weights of the high-quality score.
+
+    Attributes:
+        quality: weight of the quality score.
+        performance: weight of the performance score.
+        reliability: weight of one minus the error rate.
+        headroom: weight of one minus the resource utilization.
+    """
+
+    quality: float = _unit(0.4)
+    performance: float = _unit(0.3)
+    reliability: float = _unit(0.2)
+    headroom: float = _unit(0.1)
+
+
+@dataclass(frozen=True)
+class StandardQualityWeights(_Checked):
+    """Weights and boosts of the standard-quality score.
+
+    Attributes:
+        quality: weight of ``min(quality * quality_boost, 1)``.
+        performance: weight of ``min(performance * performance_boost, 1)``.
+        reliability: weight of ``1 - min(error_rate * error_amplifier, 1)``.
+        quality_boost: how leniently the standard path judges quality.
+        performance_boost: how leniently the standard path judges performance.
+        error_amplifier: how harshly the standard path judges errors.
+    """
+
+    quality: float = _unit(0.4)
+    performance: float = _unit(0.3)
+    reliability: float = _unit(0.3)
+    quality_boost: float = _positive(1.2)
+    performance_boost: float = _positive(1.1)
+    error_amplifier: float = _positive(2.0)
+
+
+@dataclass(frozen=True)
+class RetryWeights(_Checked):
+    """Weights of the retry score, and when retrying stops.
+
+    Attributes:
+        improvement: weight of ``target_quality - quality`` (negative above the target).
+        performance: weight of the performance score.
+        reliability: weight of one minus the error rate.
+        target_quality: the quality a retry aims for.
+        max_iterations: retry scores 0 once ``iteration_count`` reaches this.
+    """
+
+    improvement: float = _unit(0.5)
+    performance: float = _unit(0.3)
+    reliability: float = _unit(0.2)
+    target_quality: float = _unit(0.8)
+    max_iterations: int = field(default=3, metadata={_RANGE: _COUNT})
+
+
+@dataclass(frozen=True)
+class CircuitBreakerWeights(_Checked):
+    """Weights of the circuit-breaker score.
+
+    Attributes:
+        error_rate: weight of the error rate.
+        slowness: weight of one minus the performance score.
+        utilization: weight of the resource utilization.
+    """
+
+    error_rate: float = _unit(0.6)
+    slowness: float = _unit(0.3)
+    utilization: float = _unit(0.1)
+
+
+@dataclass(frozen=True)
+class FallbackWeights(_Checked):
+    """Weights of the fallback score.
+
+    Attributes:
+        quality_gap: weight of one minus the quality score.
+        slowness: weight of one minus the performance score.
+        error_rate: weight of the error rate.
+    """
+
+    quality_gap: float = _unit(0.4)
+    slowness: float = _unit(0.3)
+    error_rate: float = _unit(0.3)
+
+
+@dataclass(frozen=True)
+class EscalationRule(_Checked):
+    """When a critical workflow asks for a person, and how strongly.
+
+    Attributes:
+        score: the escalation score when the rule fires (0 otherwise).
+        quality_below: fires when the quality score is strictly below this...
+        error_rate_above: ...or the error rate strictly above this.
+    """
+
+    score: float = _unit(0.9)
+    quality_below: float = _unit(0.6)
+    error_rate_above: float = _unit(0.4)
+
+
+@dataclass(frozen=True)
+class ScoreWeights:
+    """How each decision's raw score is computed (the ``weights`` table)."""
+
+    high_quality: HighQualityWeights = field(default_factory=HighQualityWeights)
+    standard_quality: StandardQualityWeights = field(default_factory=StandardQualityWeights)
+    retry: RetryWeights = field(default_factory=RetryWeights)
+    circuit_breaker: CircuitBreakerWeights = field(default_factory=CircuitBreakerWeights)
+    fallback: FallbackWeights = field(default_factory=FallbackWeights)
+    escalation: EscalationRule = field(default_factory=EscalationRule)
+
+
+@dataclass(frozen=True)
+class CriticalFactors(_Checked):
+    """Score factors for a ``critical`` business priority.
+
+    Attributes:
+        high_quality: factor on the high-quality score.
+        escalation: factor on the escalation score.
+        fallback: factor on the fallback score.
+    """
+
+    high_quality: float = _non_negative(1.3)
+    escalation: float = _non_negative(1.2)
+    fallback: float = _non_negative(0.5)
+
+
+@dataclass(frozen=True)
+class DeadlineFactors(_Checked):
+    """Score factors under deadline pressure.
+
+    Attributes:
+        standard_quality: factor on the standard-quality score.
+        retry: factor on the retry score.
+    """
+
+    standard_quality: float = _non_negative(1.2)
+    retry: float = _non_negative(0.3)
+
+
+@dataclass(frozen=True)
+class LowBudgetFactors(_Checked):
+    """Score factors under a low budget.
+
+    Attributes:
+        high_quality: factor on the high-quality score.
+        fallback: factor on the fallback score.
+    """
+
+    high_quality: float = _non_negative(0.7)
+    fallback: float = _non_negative(1.2)
+
+
+@dataclass(frozen=True)
+class BusinessConstraints(_Checked):
+    """When the business rules apply, and the factors they put on the raw scores.
+
+    The factors apply in this order: critical, deadline, low budget.
+
+    Attributes:
+        deadline_seconds: deadline pressure when fewer seconds than this remain
+            (a deadline already past included).
+        low_budget_max_cost: low budget when ``max_cost`` is strictly below this.
+        critical: factors for a ``critical`` business priority.
+        deadline: factors under deadline pressure.
+        low_budget: factors under a low budget.
+    """
+
+    deadline_seconds: float = _non_negative(600.0)
+    low_budget_max_cost: float = _non_negative(50.0)
+    critical: CriticalFactors = field(default_factory=CriticalFactors)
+    deadline: DeadlineFactors = field(default_factory=DeadlineFactors)
+    low_budget: LowBudgetFactors = field(default_factory=LowBudgetFactors)
+
+
+@dataclass(frozen=True)
+class QualityGate(_Checked):
+    """Minimums a context must meet for a quality path to be viable.
+
+    Attributes:
+        quality: viable only when the quality score is at least this.
+        performance: viable only when the performance score is at least this.
+        error_rate: viable only when the error rate is at most this.
+    """
+
+    quality: float = field(metadata={_RANGE: _UNIT})
+    performance: float = field(metadata={_RANGE: _UNIT})
+    error_rate: float = field(metadata={_RANGE: _UNIT})
+
+
+@dataclass(frozen=True)
+class BreakerGate(_Checked):
+    """When circuit-breaker mode is viable: either condition suffices.
+
+    Attributes:
+        error_rate: viable when the error rate is at least this.
+        performance: viable when the performance score is at most this.
+    """
+
+    error_rate: float = _unit(0.5)
+    performance: float = _unit(0.3)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Viability of the gated decisions; the others are always viable."""
+
+    high_quality: QualityGate = field(default_factory=lambda: QualityGate(0.9, 0.8, 0.05))
+    standard_quality: QualityGate = field(default_factory=lambda: QualityGate(0.7, 0.6, 0.15))
+    circuit_breaker: BreakerGate = field(default_factory=BreakerGate)
+
+
+_D = TypeVar("_D", bound="DataclassInstance")
+
+
+def _merge(current: _D, data: object, path: str) -> _D:
+    """Return ``current`` with the overrides of the TOML table ``data`` at ``path``."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path} = {data!r} is not a table; expected a table of settings")
+    known = {spec_field.name: spec_field for spec_field in fields(current)}
+    changes: dict[str, object] = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}"
+        if not isinstance(key, str) or key not in known:
+            raise ConfigError(
+                f"{key_path} is not a setting; allowed keys in {path}: {', '.join(known)}"
+            )
+        child = getattr(current, key)
+        if is_dataclass(child) and not isinstance(child, type):
+            changes[key] = _merge(child, value, key_path)
+        else:
+            spec = known[key].metadata[_RANGE]
+            changes[key] = cast("_Range", spec).check(value, key_path)
+    return replace(current, **changes)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Every number of the seed's routing engine; the defaults are the seed's.
+
+    Attributes:
+        weights: how each decision's raw score is computed.
+        constraints: the business rules applied to the raw scores.
+        thresholds: which decisions a context makes viable.
+    """
+
+    weights: ScoreWeights = field(default_factory=ScoreWeights)
+    constraints: BusinessConstraints = field(default_factory=BusinessConstraints)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, object]) -> RoutingConfig:
+        """Build a config from the ``[routing]`` table of the TOML config file.
+
+        Every key is optional and overrides the default; the shape is in this
+        module's docstring.
+
+        Args:
+            data: the ``[routing]`` table as parsed by :mod:`tomllib`.
+
+        Returns:
+            The defaults with ``data``'s overrides applied.
+
+        Raises:
+            ConfigError: a key is unknown, or a value is not a table where a table
+                belongs, not a number (or not an integer), not finite, or out of range.
+                The message names the key path (``routing.thresholds.high_quality.quality``),
+                the value and what is allowed.
+        """
+        return _merge(cls(), data, "routing")
+
+
+# --- deciding ----------------------------------------------------------------------------
+
+_HQ: Final = RoutingDecision.HIGH_QUALITY_PATH
+_SQ: Final = RoutingDecision.STANDARD_QUALITY_PATH
+_RETRY: Final = RoutingDecision.RETRY_WITH_IMPROVEMENTS
+_BREAKER: Final = RoutingDecision.CIRCUIT_BREAKER_MODE
+_FALLBACK: Final = RoutingDecision.FALLBACK_PROCESSING
+_ESCALATE: Final = RoutingDecision.ESCALATION_REQUIRED
+
+
+@dataclass(frozen=True)
+class RoutingOutcome:
+    """What the engine decided, and everything needed to explain it.
+
+    Attributes:
+        decision: the chosen route.
+        scores: every decision's score after the business constraints, in
+            declaration order.
+        raw_scores: every decision's score before the business constraints.
+        viable: the decisions whose thresholds the context met, in declaration order.
+        reason: ``"score_max"`` when the best viable score won; ``"fallback"`` when no
+            decision was viable and the engine fell back to ``fallback_processing``.
+        margin: the chosen score minus the best other viable score; 0.0 when nothing
+            else was viable (or on a fallback). A tie gives 0.0.
+    """
+
+    decision: RoutingDecision
+    scores: Mapping[RoutingDecision, float] = field(hash=False)
+    raw_scores: Mapping[RoutingDecision, float] = field(hash=False)
+    viable: tuple[RoutingDecision, ...]
+    reason: str
+    margin: float
+
+
+class RoutingEngine:
+    """Chooses a route for a routing context; pure, so one engine serves every task.
+
+    Args:
+        config: the numbers to decide with; the seed's when omitted.
+    """
+
+    def __init__(self, config: RoutingConfig | None = None) -> None:
+        self._config = config if config is not None else RoutingConfig()
+
+    @property
+    def config(self) -> RoutingConfig:
+        """The numbers this engine decides with."""
+        return self._config
+
+    def decide(
+        self,
+        context: RoutingContext,
+        *,
+        iteration_count: int = 0,
+        now: datetime | None = None,
+    ) -> RoutingOutcome:
+        """Score, constrain, filter and choose, as the seed's engine does.
+
+        Args:
+            context: what is known about the work.
+            iteration_count: passes already made; retrying stops at the configured
+                ``max_iterations``.
+            now: the moment the deadline is measured from, timezone-aware; the current
+                UTC time when omitted.
+
+        Returns:
+            The decision with every score, the viable set, the reason and the margin.
+
+        Raises:
+            ValueError: ``iteration_count`` is negative or ``now`` is naive.
+        """
+        if isinstance(iteration_count, bool) or iteration_count < 0:
+            raise ValueError(f"iteration_count must be an integer >= 0, got {iteration_count!r}")
+        if now is None:
+            now = datetime.now(UTC)
+        elif _is_naive(now):
+            raise ValueError(
+                f"now must be timezone-aware, got the naive {now!r}; attach a timezone"
+            )
+        raw_scores = self._raw_scores(context, iteration_count)
+        scores = self._constrain(raw_scores, context, now)
+        viable = tuple(decision for decision in RoutingDecision if self._viable(decision, context))
+        if not viable:
+            # Unreachable with the seed's rules (retry, fallback and escalation are always
+            # viable); kept so the contract holds if a gate is ever added to those.
+            decision, reason, margin = _FALLBACK, "fallback", 0.0
+        else:
+            # max() keeps the first of equal scores: ties go to the earlier decision.
+            decision = max(viable, key=scores.__getitem__)
+            others = [scores[other] for other in viable if other is not decision]
+            reason = "score_max"
+            margin = scores[decision] - max(others) if others else 0.0
+        return RoutingOutcome(
+            decision=decision,
+            scores=MappingProxyType(scores),
+            raw_scores=MappingProxyType(raw_scores),
+            viable=viable,
+            reason=reason,
+            margin=margin,
+        )
+
+    def _raw_scores(
+        self, context: RoutingContext, iteration_count: int
+    ) -> dict[RoutingDecision, float]:
+        # Each sum keeps the seed's operand order, so scores agree with it bit for bit
+        # (q=p=1, e=r=0 gives 0.9999999999999999 for high quality and 1.0 for standard).
+        weights = self._config.weights
+        q = context.quality_score
+        p = context.performance_score
+        e = context.error_rate
+        r = context.resource_utilization
+
+        hq = weights.high_quality
+        high_quality = (
+            q * hq.quality
+            + p * hq.performance
+            + (1.0 - e) * hq.reliability
+            + (1.0 - r) * hq.headroom
+        )
+
+        sq = weights.standard_quality
+        standard_quality = (
+            min(q * sq.quality_boost, 1.0) * sq.quality
+            + min(p * sq.performance_boost, 1.0) * sq.performance
+            + (1.0 - min(e * sq.error_amplifier, 1.0)) * sq.reliability
+        )
+
+        rt = weights.retry
+        retry = 0.0
+        if iteration_count < rt.max_iterations:
+            retry = (
+                (rt.target_quality - q) * rt.improvement
+                + p * rt.performance
+                + (1.0 - e) * rt.reliability
+            )
+
+        cb = weights.circuit_breaker
+        breaker = e * cb.error_rate + (1.0 - p) * cb.slowness + r * cb.utilization
+
+        fb = weights.fallback
+        fallback = (1.0 - q) * fb.quality_gap + (1.0 - p) * fb.slowness + e * fb.error_rate
+
+        esc = weights.escalation
+        escalation = 0.0
+        if context.business_priority == _CRITICAL and (
+            q < esc.quality_below or e > esc.error_rate_above
+        ):
+            escalation = esc.score
+
+        return {
+            _HQ: high_quality,
+            _SQ: standard_quality,
+            _RETRY: retry,
+            _BREAKER: breaker,
+            _FALLBACK: fallback,
+            _ESCALATE: escalation,
+        }
+
+    def _constrain(
+        self,
+        raw_scores: Mapping[RoutingDecision, float],
+        context: RoutingContext,
+        now: datetime,
+    ) -> dict[RoutingDecision, float]:
+        # Applied in the seed's order (critical, deadline, budget): a score hit by two
+        # rules is multiplied in that order, which fixes its last bit.
+        constraints = self._config.constraints
+        scores = dict(raw_scores)
+        if context.business_priority == _CRITICAL:
+            scores[_HQ] *= constraints.critical.high_quality
+            scores[_ESCALATE] *= constraints.critical.escalation
+            scores[_FALLBACK] *= constraints.critical.fallback
+        if context.execution_deadline is not None:
+            remaining = (context.execution_deadline - now).total_seconds()
+            if remaining < constraints.deadline_seconds:
+                scores[_SQ] *= constraints.deadline.standard_quality
+                scores[_RETRY] *= constraints.deadline.retry
+        if context.cost_constraints.get("max_cost", math.inf) < constraints.low_budget_max_cost:
+            scores[_HQ] *= constraints.low_budget.high_quality
+            scores[_FALLBACK] *= constraints.low_budget.fallback
+        return scores
+
+    def _viable(self, decision: RoutingDecision, context: RoutingContext) -> bool:
+        thresholds = self._config.thresholds
+        q = context.quality_score
+        p = context.performance_score
+        e = context.error_rate
+        if decision is _HQ:
+            return _passes(thresholds.high_quality, q, p, e)
+        if decision is _SQ:
+            return _passes(thresholds.standard_quality, q, p, e)
+        if decision is _BREAKER:
+            gate = thresholds.circuit_breaker
+            return e >= gate.error_rate or p <= gate.performance
+        return True
+
+
+def _passes(gate: QualityGate, quality: float, performance: float, error_rate: float) -> bool:
+    return (
+        quality >= gate.quality
+        and performance >= gate.performance
+        and error_rate <= gate.error_rate
+    )

@@ -1,0 +1,198 @@
+"""The work the loop's nodes hand out, and the seam through which they hand it out.
+
+Nodes decide; they do not do the heavy lifting themselves. Each node sends a request
+of one *kind* — analysis, update, monitoring, decision — through a :class:`Dispatch`
+and gets a plain-JSON reply. In production the dispatch is actors/'s ``ask`` over Redis
+streams (so the work can run in other processes or hosts, behind circuit breakers);
+in tests and demos it is :class:`LocalDispatch`, which calls :class:`WorkHandlers`
+in-process. Both sides speak the same JSON payloads, so the handlers below are also
+what the actors run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+from graph.analysis import AnalysisRequest, Analyzer, heuristic_analyzer
+from graph.errors import WorkflowError
+from graph.features import terms
+from graph.research import ResearchDomain, research_task, run_research
+from graph.routing import RoutingConfig, RoutingContext, RoutingEngine
+from graph.state import JSON, integrity_hash
+
+__all__ = [
+    "Dispatch",
+    "DispatchHealth",
+    "LocalDispatch",
+    "WorkHandlers",
+    "WorkKind",
+]
+
+
+class WorkKind(StrEnum):
+    """The four actor kinds; each has its own mailbox stream ``ctxd:actor:{kind}``."""
+
+    ANALYSIS = "analysis"
+    UPDATE = "update"
+    MONITORING = "monitoring"
+    DECISION = "decision"
+
+
+@dataclass(frozen=True)
+class DispatchHealth:
+    """What the routing context needs to know about the workers.
+
+    Attributes:
+        breaker_states: breaker state per kind (``closed|open|half_open|forced_open``).
+        error_rate: failed asks over recent asks, all kinds, in [0, 1].
+        performance_score: 1.0 when asks are fast, falling towards 0 as they approach
+            their timeout or are refused by open breakers, in [0, 1].
+    """
+
+    breaker_states: Mapping[str, str] = field(default_factory=dict)
+    error_rate: float = 0.0
+    performance_score: float = 1.0
+
+    @property
+    def open_breakers(self) -> tuple[str, ...]:
+        """Kinds whose breaker does not let calls through."""
+        return tuple(
+            sorted(k for k, s in self.breaker_states.items() if s in ("open", "forced_open"))
+        )
+
+
+class Dispatch(Protocol):
+    """Sends one request of a kind and returns its reply (both plain JSON)."""
+
+    async def __call__(self, kind: WorkKind, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+        """Do the work of ``kind`` for ``payload``; raise on failure or timeout."""
+        ...
+
+    def health(self) -> DispatchHealth:
+        """Breaker states and error figures, for the routing context."""
+        ...
+
+
+class WorkHandlers:
+    """The work itself, one handler per kind, on plain-JSON payloads.
+
+    Args:
+        analyzer: the analysis plug-in (the deterministic heuristic by default).
+        routing: the decision engine's configuration (the seed's numbers by default).
+    """
+
+    def __init__(
+        self, analyzer: Analyzer = heuristic_analyzer, routing: RoutingConfig | None = None
+    ) -> None:
+        self._analyzer = analyzer
+        self._engine = RoutingEngine(routing)
+
+    async def handle(self, kind: WorkKind, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+        """Run the handler of ``kind``."""
+        if kind is WorkKind.ANALYSIS:
+            if payload.get("op") == "research":
+                return await self._research(payload)
+            return await self._analyze(payload)
+        if kind is WorkKind.UPDATE:
+            return self._summarize(payload)
+        if kind is WorkKind.MONITORING:
+            return self._check_health(payload)
+        if kind is WorkKind.DECISION:
+            return self._decide(payload)
+        raise WorkflowError(f"unknown work kind {kind!r}")
+
+    async def _analyze(self, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+        request = AnalysisRequest(
+            workflow_id=str(payload["workflow_id"]),
+            window=tuple(str(t) for t in payload["window"]),
+            previous_analysis=str(payload.get("previous_analysis", "")),
+            pass_number=int(payload.get("pass_number", 0)),
+            research={str(k): str(v) for k, v in dict(payload.get("research") or {}).items()},
+        )
+        result = await self._analyzer(request)
+        return {"analysis": result.analysis, "fields": dict(result.fields)}
+
+    async def _research(self, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+        domain = ResearchDomain(str(payload["domain"]))
+        task = research_task(domain, str(payload["task_id"]))
+        findings = await run_research(task, str(payload["text"]))
+        return {"domain": domain.value, "findings": findings}
+
+    def _summarize(self, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+        window = [str(t) for t in payload["window"]]
+        top = [term for term, _ in terms(" ".join(window)).most_common(8)]
+        first = window[0].split(".")[0][:160] if window else ""
+        summary = f"{len(window)} event(s) about {', '.join(top) or 'nothing'}; began: {first}"
+        return {"summary": summary}
+
+    def _check_health(self, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+        # The seed's _monitor_state_health, with its defect fixed: the hash is compared
+        # against the one the graph stored, never recomputed before the check.
+        values = dict(payload["values"])
+        stored = str(payload.get("stored_hash") or "")
+        integrity_valid = not stored or integrity_hash(values) == stored
+        iterations = max(int(payload.get("iterations", 1)), 1)
+        error_rate = len(list(payload.get("errors") or [])) / iterations
+        duration = float(payload.get("duration", 0.0))
+        breakers = dict(payload.get("breakers") or {})
+        actions: list[str] = []
+        if error_rate > 0.3 or any(s in ("open", "forced_open") for s in breakers.values()):
+            actions.append("enable_circuit_breaker")
+        if not integrity_valid:
+            actions.append("initiate_state_recovery")
+        if duration > 1800:
+            actions.append("create_checkpoint")
+        return {
+            "state_integrity": "valid" if integrity_valid else "corrupted",
+            "error_rate": error_rate,
+            "execution_duration": duration,
+            "worker_health": breakers,
+            "recovery_actions": actions,
+        }
+
+    def _decide(self, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+        ctx = dict(payload["context"])
+        deadline = ctx.get("execution_deadline")
+        cost = dict(ctx.get("cost_constraints") or {})
+        context = RoutingContext(
+            quality_score=float(ctx["quality_score"]),
+            performance_score=float(ctx["performance_score"]),
+            error_rate=float(ctx["error_rate"]),
+            resource_utilization=float(ctx["resource_utilization"]),
+            business_priority=str(ctx["business_priority"]),
+            execution_deadline=datetime.fromisoformat(str(deadline)) if deadline else None,
+            cost_constraints={str(k): float(v) for k, v in cost.items()},
+        )
+        now = payload.get("now")
+        outcome = self._engine.decide(
+            context,
+            iteration_count=int(payload.get("iteration_count", 0)),
+            now=datetime.fromisoformat(str(now)) if now else None,
+        )
+        return {
+            "decision": outcome.decision.value,
+            "scores": {d.value: s for d, s in outcome.scores.items()},
+            "raw_scores": {d.value: s for d, s in outcome.raw_scores.items()},
+            "viable": [d.value for d in outcome.viable],
+            "reason": outcome.reason,
+            "margin": outcome.margin,
+        }
+
+
+class LocalDispatch:
+    """In-process dispatch: calls the handlers directly (tests, demos, one process)."""
+
+    def __init__(self, handlers: WorkHandlers | None = None) -> None:
+        self._handlers = handlers or WorkHandlers()
+
+    async def __call__(self, kind: WorkKind, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+        """Run the handler of ``kind`` in this process."""
+        return await self._handlers.handle(kind, payload)
+
+    def health(self) -> DispatchHealth:
+        """Local calls have no breakers: all closed, no errors."""
+        return DispatchHealth(breaker_states={k.value: "closed" for k in WorkKind})

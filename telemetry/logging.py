@@ -1,0 +1,199 @@
+"""structlog set-up: JSON lines off a terminal, a readable console on one.
+
+Every line, from structlog or from the standard library's ``logging``, goes through the
+same processors:
+
+* values bound with ``structlog.contextvars.bind_contextvars`` (``workflow_id``…);
+* ``trace_id``, ``span_id`` and ``trace_flags`` (lowercase hex) whenever the current
+  span context is valid, sampled or not. structlog's documented OpenTelemetry processor
+  checks ``is_recording()`` and would drop the ids of unsampled traces, which are
+  exactly the ones a log line is needed to find;
+* level, ISO-8601 UTC timestamp, stack info, and a cap on very long string values.
+
+JSON output turns exceptions into structured ``exception`` lists (``dict_tracebacks``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Final, TextIO
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import structlog
+from opentelemetry import trace
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from telemetry.settings import TelemetryConfigError
+
+__all__ = ["add_trace_context", "configure_logging", "redact_url"]
+
+_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+_UNCAPPED_KEYS: Final = frozenset({"exception", "stack"})
+_SECRET_QUERY_KEYS: Final = frozenset({"password", "username", "user"})
+_MASK: Final = "***"
+
+
+def add_trace_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: add the current span's ids as lowercase hex.
+
+    Adds ``trace_id`` (32 digits), ``span_id`` (16) and ``trace_flags`` (2) whenever the
+    current span context is valid, whether or not it is sampled. Values the caller set
+    explicitly are kept.
+    """
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        event_dict.setdefault("trace_id", format(span_context.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(span_context.span_id, "016x"))
+        event_dict.setdefault("trace_flags", format(span_context.trace_flags, "02x"))
+    return event_dict
+
+
+class _CapLongValues:
+    """structlog processor: shorten string values longer than ``limit`` characters."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        for key, value in event_dict.items():
+            if key in _UNCAPPED_KEYS:
+                continue
+            if isinstance(value, str) and len(value) > self._limit:
+                cut = len(value) - self._limit
+                event_dict[key] = f"{value[: self._limit]}…[{cut} more characters]"
+        return event_dict
+
+
+class _CtxdHandler(logging.StreamHandler[TextIO]):
+    """The root handler configure_logging installs; marked so a later call replaces it."""
+
+
+def _min_level(level: str | int) -> int:
+    if isinstance(level, int):
+        return level
+    name = level.strip().lower()
+    if name not in _LEVELS:
+        raise TelemetryConfigError(
+            f"log level {level!r} is not supported; use one of {', '.join(_LEVELS)}"
+        )
+    return logging.getLevelNamesMapping()[name.upper()]
+
+
+def _wants_json(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return not (callable(isatty) and isatty())
+    except ValueError:  # a closed stream
+        return True
+
+
+def configure_logging(
+    *,
+    level: str | int = "info",
+    json: bool | None = None,
+    stream: TextIO | None = None,
+    max_value_length: int = 4096,
+    cache_logger_on_first_use: bool = True,
+) -> None:
+    """Configure structlog and route the standard library's logging through it.
+
+    Safe to call again (tests do): structlog is reset first and the root handler
+    installed by an earlier call is replaced; other handlers are left alone. Loggers
+    already *used* under ``cache_logger_on_first_use=True`` keep the configuration they
+    were first used with, so tests that reconfigure should create their loggers after
+    configuring (``structlog.get_logger()`` in the test) or pass ``False``.
+
+    Args:
+        level: the minimum level, ``debug`` to ``critical`` (or a ``logging`` number).
+        json: JSON lines if true, the console renderer if false; by default JSON unless
+            ``stream`` is a terminal.
+        stream: where lines go; ``sys.stdout`` (looked up at call time) by default.
+        max_value_length: string values longer than this are cut, with a marker.
+        cache_logger_on_first_use: structlog's speed-up; see above.
+
+    Raises:
+        TelemetryConfigError: ``level`` is not a level name.
+    """
+    min_level = _min_level(level)
+    out = sys.stdout if stream is None else stream
+    use_json = _wants_json(out) if json is None else json
+
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        add_trace_context,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    renderer: list[Processor]
+    if use_json:
+        renderer = [
+            structlog.processors.dict_tracebacks,
+            _CapLongValues(max_value_length),
+            structlog.processors.JSONRenderer(),
+        ]
+    else:
+        renderer = [
+            _CapLongValues(max_value_length),
+            structlog.dev.ConsoleRenderer(),
+        ]
+
+    structlog.reset_defaults()
+    structlog.configure(
+        processors=[*shared, *renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(min_level),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=cache_logger_on_first_use,
+    )
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            *shared,
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.ExtraAdder(),
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+    )
+    handler = _CtxdHandler(out)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _CtxdHandler)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(min_level)
+
+
+def redact_url(url: str) -> str:
+    """Hide credentials in a connection URL so it can be logged.
+
+    The user-info part (``user:password@``) becomes ``***@``, and ``password``/
+    ``username`` query parameters (which redis-py also accepts) become ``***``.
+    ``redis://alice:s3cret@db:6379/0`` → ``redis://***@db:6379/0``.
+
+    Args:
+        url: a URL such as ``redis://``, ``rediss://`` or ``unix://``.
+
+    Returns:
+        The URL without secrets; ``"<unparseable url>"`` if it cannot be parsed.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    # Edit the original string rather than re-joining the parts: urlunsplit would turn
+    # unix:///path into unix:/path.
+    redacted = url
+    if "@" in parts.netloc:
+        host = parts.netloc.rpartition("@")[2]
+        redacted = redacted.replace(parts.netloc, f"{_MASK}@{host}", 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(key.lower() in _SECRET_QUERY_KEYS for key, _ in pairs):
+            query = urlencode(
+                [(k, _MASK if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs],
+                safe="*",
+            )
+            redacted = redacted.replace(f"?{parts.query}", f"?{query}", 1)
+    return redacted

@@ -1,0 +1,106 @@
+"""Helpers the tests import: wait for stream entries, drive `ctxd` subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from redis import Redis
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def read_outputs(
+    redis: Redis, stream: str, count: int, *, timeout_ms: int = 30000
+) -> list[tuple[str, dict[str, str]]]:
+    """Block until ``stream`` holds at least ``count`` entries (or the timeout), return all.
+
+    Waits on XREAD BLOCK, i.e. on Redis telling us an entry arrived, not on a sleep.
+    """
+    deadline = time.monotonic() + timeout_ms / 1000
+    entries: list[tuple[str, dict[str, str]]] = list(redis.xrange(stream))
+    last = entries[-1][0] if entries else "0-0"
+    while len(entries) < count:
+        remaining = int((deadline - time.monotonic()) * 1000)
+        if remaining <= 0:
+            break
+        reply = redis.xread({stream: last}, block=remaining, count=1000)
+        for _, new in reply or []:
+            entries.extend(new)
+            last = new[-1][0]
+    return entries
+
+
+class ServiceProcess:
+    """``ctxd run`` (or another ctxd command) as a real subprocess, with its log lines.
+
+    Args:
+        args: ctxd arguments, e.g. ``["run"]``.
+        env: extra environment (CTXD_*, OTEL_*).
+    """
+
+    def __init__(self, args: list[str], env: Mapping[str, str]) -> None:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXD_", "OTEL_"))}
+        full_env.update(env)
+        full_env.setdefault("CTXD_LOG_FORMAT", "json")
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "actors.cli", *args],
+            cwd=REPO,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                with self._cond:
+                    self.lines.append(line.rstrip("\n"))
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for_line(self, predicate: Callable[[str], bool], timeout: float = 60.0) -> str:
+        """Wait until a log line satisfies ``predicate``; fail with the log otherwise."""
+        with self._cond:
+            found = self._cond.wait_for(
+                lambda: any(predicate(x) for x in self.lines) or self.proc.poll() is not None,
+                timeout=timeout,
+            )
+            matches = [x for x in self.lines if predicate(x)]
+        if not found or not matches:
+            raise AssertionError("expected log line not seen; log:\n" + "\n".join(self.lines[-40:]))
+        return matches[0]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait for the service's "ctxd is running" line."""
+        self.wait_for_line(lambda x: "ctxd is running" in x, timeout)
+
+    def signal(self, signum: signal.Signals) -> None:
+        """Send a real signal to the process (by pid)."""
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Wait for exit; return the exit code."""
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return code
+
+    def stop(self) -> None:
+        """Make sure the process is gone (SIGKILL by pid if still running)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._reader.join(timeout=5)
