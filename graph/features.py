@@ -195,7 +195,8 @@ class AnalyzerFeatures:
         drift: :func:`context_drift` of the event's content against the context window.
         passes: deepening passes (``adaptive_processor`` runs) done for this event.
         iteration: analyzer visits for this event so far, 1 on the first visit.
-        errors: errors recorded for this event.
+        errors: errors recorded for this event (reported with the route; the
+            routing itself goes by ``error_rate``).
         error_rate: recent failure rate of the actors doing the work.
         open_breakers: actor kinds (``analysis``, ``update``…) whose breaker is open.
         segment_rotated: ``context_updater`` already ran for this event.

@@ -167,7 +167,7 @@ class ContextualNodes:
             passes=int(view.get("passes") or 0),
             iteration=iteration,
             errors=len(errors),
-            error_rate=max(len(errors) / max(iteration, 1), health.error_rate),
+            error_rate=min(1.0, max(len(errors) / max(iteration, 1), health.error_rate)),
             open_breakers=health.open_breakers,
             segment_rotated=bool(view.get("segment_rotated")),
             monitored=bool(view.get("monitored")),

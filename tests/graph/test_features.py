@@ -26,6 +26,8 @@ from graph.features import (
     terms,
 )
 
+T = TypeVar("T")
+
 # --- text features ------------------------------------------------------------------
 
 
@@ -407,7 +409,6 @@ _policies = st.builds(
     iteration_budget=st.integers(min_value=2, max_value=40),
     monitor_error_rate=_fractions,
 )
-T = TypeVar("T")
 _breakers = st.lists(st.sampled_from(["analysis", "update", "monitoring", "decision"]), unique=True)
 # Arbitrary text, and text over a small vocabulary so that drift takes every value.
 _texts = st.one_of(
@@ -509,7 +510,7 @@ def test_loop_ends_within_the_iteration_budget(data: st.DataObject, policy: Anal
     assert last.budget_exhausted == (visits == policy.iteration_budget)
 
 
-@settings(max_examples=300)
+@settings(max_examples=500)
 @given(data=st.data(), max_passes=st.integers(min_value=0, max_value=6))
 def test_loop_ends_on_its_own_within_the_documented_bound(
     data: st.DataObject, max_passes: int
