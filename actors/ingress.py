@@ -25,11 +25,12 @@ from opentelemetry import trace
 from redis.asyncio import Redis
 
 from actors.config import Settings
+from actors.parking import WorkflowRunner
 from actors.redis_io import autoclaim, read_group
 from actors.streams import CommitItem, OutputCommitter, dead_letter, ensure_group, output_fields
 from actors.validation import Event, decode_fields, parse_event
 from graph.errors import InvalidEntryError
-from graph.workflow import ContextualGraph, run_events
+from graph.workflow import ContextualGraph
 from telemetry.propagation import extract_context
 from telemetry.spans import process_span
 
@@ -81,6 +82,7 @@ class Ingress:
         self._redis = redis
         self._settings = settings
         self._graph = graph
+        self._runner = WorkflowRunner(redis, settings, graph)
         self._consumer = f"{settings.instance}:ingress"
         self._committer = OutputCommitter(
             redis,
@@ -341,17 +343,20 @@ class Ingress:
         fresh = [p for p, dup in zip(batch, flags, strict=True) if not dup]
         results: Mapping[str, Mapping[str, object]] = {}
         checkpoint_id = ""
+        handled: frozenset[str] = frozenset()
         if fresh:
             timeout = self._settings.event_timeout * max(1, math.ceil(len(fresh) / 4))
             with anyio.fail_after(timeout):
-                run = await run_events(
-                    self._graph,
+                # actors/parking.py: control entries, parking while paused, replays.
+                run = await self._runner.run(
                     workflow_id,
-                    [p.event.as_state() for p in fresh],
-                    base_checkpoint_id=self._last_checkpoint.get(workflow_id),
-                    durability=self._settings.durability,  # type: ignore[arg-type]
+                    [(p.event, p.fields) for p in fresh],
+                    {
+                        p.event.source_id: format(s.get_span_context().trace_id, "032x")
+                        for p, s in zip(batch, spans, strict=True)
+                    },
                 )
-            results = run.results
+            results, handled = run.results, run.handled
             checkpoint_id = run.checkpoint_id or ""
             if run.checkpoint_id:
                 self._last_checkpoint[workflow_id] = run.checkpoint_id
@@ -375,6 +380,8 @@ class Ingress:
         for pending, out_id in zip(batch, ids, strict=True):
             if out_id:
                 self._counts["processed"] += 1
+            elif pending.event.source_id in handled:  # parked or committed by the runner
+                continue
             else:
                 self._counts["duplicates"] += 1
                 _log.info(

@@ -40,6 +40,9 @@ class Event:
         max_cost: the cost budget, or None.
         metadata: the producer's JSON object.
         carrier: ``traceparent``/``tracestate`` as sent.
+        control: ``resume`` or ``rollback`` for a control entry, None for an event.
+        value: a resume's answer (parsed JSON).
+        checkpoint_id: a rollback's target checkpoint.
     """
 
     source_id: str
@@ -51,6 +54,10 @@ class Event:
     max_cost: float | None = None
     metadata: Mapping[str, object] = field(default_factory=dict)
     carrier: Mapping[str, str] = field(default_factory=dict)
+    # A control entry (``ctxd resume`` / ``ctxd rollback``) instead of an event:
+    control: str | None = None
+    value: object = None
+    checkpoint_id: str | None = None
 
     def as_state(self) -> dict[str, object]:
         """A plain-JSON form for the workflow state (no datetimes, no custom types)."""
@@ -175,7 +182,10 @@ def parse_event(
             f"workflow_id {workflow_id[:60]!r} is invalid: use 1-200 characters of "
             "letters, digits and _ . : -",
         )
+    control = _control(fields)
     content = _text(fields, "content", max_content_bytes)
+    if control is not None:
+        content = content or f"ctxd {control.control}"
     if content is None or not content.strip():
         raise InvalidEntryError("missing_content", "entry has no content: send the event's text")
     event_id = _text(fields, "event_id", _EVENT_ID_MAX * 4)
@@ -207,4 +217,42 @@ def parse_event(
         max_cost=_max_cost(max_cost) if max_cost is not None else None,
         metadata=_metadata(metadata) if metadata is not None else {},
         carrier=carrier,
+        control=control.control if control else None,
+        value=control.value if control else None,
+        checkpoint_id=control.checkpoint_id if control else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Control:
+    control: str
+    value: object = None
+    checkpoint_id: str | None = None
+
+
+def _control(fields: Mapping[str, str | bytes]) -> _Control | None:
+    """The optional control fields: ``control=resume`` (+ ``value``, JSON) or
+    ``control=rollback`` (+ ``checkpoint_id``)."""
+    control = _text(fields, "control", _OTHER_FIELD_MAX)
+    if control is None:
+        return None
+    if control == "resume":
+        raw = _text(fields, "value", _METADATA_MAX)
+        try:
+            value = json.loads(raw) if raw is not None else None
+        except json.JSONDecodeError as exc:
+            raise InvalidEntryError(
+                "invalid_value", f"resume value is not valid JSON ({exc.msg} at {exc.pos})"
+            ) from None
+        return _Control(control, value=value)
+    if control == "rollback":
+        checkpoint_id = _text(fields, "checkpoint_id", _OTHER_FIELD_MAX)
+        if not checkpoint_id:
+            raise InvalidEntryError(
+                "missing_checkpoint_id",
+                "a rollback needs checkpoint_id: see `ctxd state WORKFLOW_ID --history`",
+            )
+        return _Control(control, checkpoint_id=checkpoint_id)
+    raise InvalidEntryError(
+        "invalid_control", f"control {control[:60]!r} is not one of resume, rollback"
     )

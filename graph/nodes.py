@@ -26,6 +26,7 @@ from graph.features import (
 )
 from graph.quality import quality_score
 from graph.research import needs_research
+from graph.routing import RoutingDecision
 from graph.state import INTEGRITY_FIELDS, JSON, ContextState, integrity_hash
 from graph.work import Dispatch, WorkKind
 from telemetry.spans import record_route
@@ -48,15 +49,67 @@ _tracer = trace.get_tracer("ctxd.graph")
 _State = Mapping[str, JSON]
 
 
-def event_status(decision: str | None, errors: int, budget_exhausted: bool) -> str:
-    """The output ``status`` for a finished event."""
+def _resealed(before: ContextState, changes: dict[str, JSON]) -> dict[str, JSON]:
+    """Seal a node's changes to the integrity fields with a fresh hash.
+
+    Only a state that still matches its stored hash is resealed: when something outside
+    the graph changed the integrity fields, the stale hash stays so that
+    ``continuous_monitor`` sees the breach (the seed recomputed the hash before checking
+    it, which hid every change).
+    """
+    if not any(name in changes for name in INTEGRITY_FIELDS):
+        return changes
+    old = cast(Mapping[str, JSON], before)
+    stored = old.get("integrity_hash")
+    if stored and integrity_hash(old) != stored:
+        return changes
+    changes["integrity_hash"] = integrity_hash(ChainMap(changes, dict(old)))
+    return changes
+
+
+def event_status(
+    decision: str | None,
+    errors: int,
+    budget_exhausted: bool,
+    *,
+    resolved: bool = False,
+    integrity: str = "valid",
+) -> str:
+    """The output ``status`` for a finished event.
+
+    Args:
+        decision: the decision engine's last decision, if any.
+        errors: errors recorded for the event.
+        budget_exhausted: the iteration budget ended the event.
+        resolved: a person resumed the escalation (its decision stands resolved).
+        integrity: the monitor's ``state_integrity``; ``corrupted`` makes it an error.
+    """
+    if integrity == "corrupted":
+        return "error"
     if decision == "escalation_required":
-        return "escalated"
+        return "ok" if resolved else "escalated"
     if decision in ("fallback_processing", "circuit_breaker_mode"):
         return "fallback"
     if decision is None and (budget_exhausted or errors):
         return "error"
     return "ok"
+
+
+def _resolved(record: Mapping[str, JSON], answer: JSON) -> dict[str, JSON]:
+    """The escalated decision after a person answered.
+
+    An answer that is an object naming one of the six decisions (``{"decision":
+    "standard_quality_path"}``) overrides the decision; any other answer resolves the
+    escalation as it stands. ``control_event_id`` names the resume entry, which makes
+    a redelivered resume recognisable.
+    """
+    resolved = {**record, "resolution": answer}
+    if isinstance(answer, dict):
+        value = answer.get("value")
+        override = value.get("decision") if isinstance(value, dict) else None
+        if override in {str(d) for d in RoutingDecision}:
+            resolved.update(decision=override, reason="human")
+    return resolved
 
 
 class ContextualNodes:
@@ -80,6 +133,9 @@ class ContextualNodes:
 
     async def context_analyzer(self, state: ContextState) -> dict[str, JSON]:
         """Take the next event if needed, refresh the analysis, choose the next node."""
+        return _resealed(state, await self._context_analyzer(state))
+
+    async def _context_analyzer(self, state: ContextState) -> dict[str, JSON]:
         changes: dict[str, JSON] = {}
         view: ChainMap[str, JSON] = ChainMap(changes, cast(dict[str, JSON], state))
         outbox: dict[str, JSON] = dict(view.get("outbox") or {})
@@ -134,7 +190,6 @@ class ContextualNodes:
             errors=[],
             decision=None,
         )
-        changes["integrity_hash"] = integrity_hash(ChainMap(changes, dict(view)))
 
     async def _analyze(
         self, view: _State, changes: MutableMapping[str, JSON], *, pass_number: int
@@ -155,7 +210,6 @@ class ContextualNodes:
         analysis = str(reply.get("analysis", ""))
         changes["analysis"] = analysis
         changes["quality"] = quality_score(analysis)
-        changes["integrity_hash"] = integrity_hash(ChainMap(dict(changes), dict(view)))
 
     def _features(self, view: _State) -> AnalyzerFeatures:
         health = self._dispatch.health()
@@ -202,11 +256,21 @@ class ContextualNodes:
         decision = view.get("decision") or {}
         name = decision.get("decision") if decision else None
         errors = list(view.get("errors") or [])
+        health = (view.get("health") or {}) if view.get("monitored") else {}
+        integrity = str(health.get("state_integrity") or "valid")
+        status = event_status(
+            name,
+            len(errors),
+            budget_exhausted,
+            resolved=bool(decision and "resolution" in decision),
+            integrity=integrity,
+        )
         return {
             "workflow_id": view.get("workflow_id", ""),
             "event_id": event["event_id"],
             "source_id": event.get("source_id", ""),
-            "status": event_status(name, len(errors), budget_exhausted),
+            "status": status,
+            "state_integrity": integrity,
             "decision": name or "",
             "route": [*view.get("route", [])],
             "quality_score": round(float(view.get("quality") or 0.0), 6),
@@ -236,7 +300,7 @@ class ContextualNodes:
         changes.update(passes=passes, retry_requested=False)
         changes["route"] = [*view.get("route", []), "adaptive_processor"]
         await self._analyze(view, changes, pass_number=passes)
-        return changes
+        return _resealed(state, changes)
 
     def fan_out(self, state: ContextState) -> list[Send] | str:
         """The orchestrator-worker step: research workers for domains the event calls for."""
@@ -296,8 +360,7 @@ class ContextualNodes:
             analysis_stale=True,
             route=[*view.get("route", []), "context_updater"],
         )
-        changes["integrity_hash"] = integrity_hash(ChainMap(dict(changes), dict(view)))
-        return changes
+        return _resealed(state, changes)
 
     # -- continuous_monitor -----------------------------------------------------------
 
@@ -382,6 +445,15 @@ class ContextualNodes:
             route=[*view.get("route", []), "decision_engine"],
         )
         if decision == "escalation_required" and self._escalation_pauses:
-            answer = interrupt({"event_id": event.get("event_id"), "decision": record})
-            changes["decision"] = {**record, "resolution": answer}
+            # The pause's own result travels with the interrupt, so the escalated event
+            # gets its output (status=escalated) while the workflow waits. On resume
+            # LangGraph runs this node again from its start and interrupt() returns
+            # the person's answer.
+            paused = self._result(view, budget_exhausted=False)
+            answer = interrupt({"event_id": event.get("event_id"), "result": paused})
+            resolved = _resolved(record, answer)
+            changes["decision"] = resolved
+            changes["decisions"] = [*(view.get("decisions") or [])[:-1], resolved]
+            retry = resolved["decision"] == "retry_with_improvements"
+            changes.update(decided=not retry, retry_requested=retry)
         return changes

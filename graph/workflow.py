@@ -24,15 +24,24 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Durability
+from langgraph.types import Command, Durability, Interrupt
 
 from graph.errors import WorkflowError
 from graph.features import AnalyzerPolicy, AnalyzerRoute
+from graph.history import fork_checkpoint, last_good_checkpoint, latest_checkpoint_id, thread_config
 from graph.nodes import RESEARCH_WORKERS, ContextualNodes
 from graph.state import JSON, ContextState
 from graph.work import Dispatch
 
-__all__ = ["ContextualGraph", "RunResult", "build_contextual_workflow", "thread_config"]
+__all__ = [
+    "ContextualGraph",
+    "RunResult",
+    "build_contextual_workflow",
+    "paused_event_id",
+    "resume_workflow",
+    "run_events",
+    "thread_config",
+]
 
 _ROUTES: dict[Hashable, str] = {
     AnalyzerRoute.DEEP_ANALYSIS_NEEDED.value: "adaptive_processor",
@@ -43,14 +52,6 @@ _ROUTES: dict[Hashable, str] = {
 }
 
 ContextualGraph = CompiledStateGraph[ContextState, None, ContextState, ContextState]
-
-
-def thread_config(workflow_id: str, checkpoint_id: str | None = None) -> RunnableConfig:
-    """The LangGraph config addressing one workflow (optionally one of its checkpoints)."""
-    configurable: dict[str, str] = {"thread_id": workflow_id}
-    if checkpoint_id:
-        configurable["checkpoint_id"] = checkpoint_id
-    return {"configurable": configurable}
 
 
 def build_contextual_workflow(
@@ -98,14 +99,86 @@ class RunResult:
     """The outcome of one run.
 
     Attributes:
-        results: the result of every event of the run, by event id.
-        checkpoint_id: the checkpoint that holds them (None without a checkpointer).
+        results: the result of every event of the run, by event id. An event that
+            paused the workflow (an escalation) has its result with ``status=escalated``.
+        checkpoint_id: the workflow's current checkpoint after the run (None without a
+            checkpointer): the one that holds the results, or the recovery fork.
         interrupted: the run stopped at an interrupt (a paused escalation).
+        paused_event_id: the event that paused the workflow, when interrupted.
+        recovered_to: the last good checkpoint the workflow was rolled back to, when the
+            monitor found the state changed outside the graph.
     """
 
     results: Mapping[str, Mapping[str, JSON]]
     checkpoint_id: str | None
     interrupted: bool
+    paused_event_id: str | None = None
+    recovered_to: str | None = None
+
+
+def _recursion_limit(events: int, iteration_budget: int) -> int:
+    # Every analyzer visit costs at most two super-steps (node + research workers).
+    return max(25, events * (iteration_budget * 2 + 4))
+
+
+async def _stream(
+    graph: ContextualGraph,
+    run_input: ContextState | Command[None],
+    config: RunnableConfig,
+    durability: Durability,
+) -> tuple[dict[str, JSON], str | None, dict[str, JSON] | None]:
+    """Run the graph; the last values, the final checkpoint id and an interrupt's value."""
+    last_values: dict[str, JSON] = {}
+    checkpoint_id: str | None = None
+    paused: dict[str, JSON] | None = None
+    async for mode, chunk in graph.astream(
+        run_input,
+        config,
+        stream_mode=["values", "checkpoints", "updates"],
+        durability=durability,
+    ):
+        if mode == "values":
+            last_values = cast(dict[str, JSON], chunk)
+        elif mode == "checkpoints":
+            checkpoint_id = cast(dict[str, JSON], chunk)["config"]["configurable"].get(
+                "checkpoint_id"
+            )
+        elif mode == "updates" and "__interrupt__" in cast(dict[str, JSON], chunk):
+            interrupts = cast(tuple[Interrupt, ...], cast(dict[str, JSON], chunk)["__interrupt__"])
+            paused = dict(interrupts[0].value) if interrupts else {}
+    return last_values, checkpoint_id, paused
+
+
+async def _finish(
+    graph: ContextualGraph,
+    workflow_id: str,
+    wanted: Sequence[str],
+    streamed: tuple[dict[str, JSON], str | None, dict[str, JSON] | None],
+) -> RunResult:
+    last_values, checkpoint_id, paused = streamed
+    outbox = cast(dict[str, dict[str, JSON]], last_values.get("outbox") or {})
+    results = {event_id: outbox[event_id] for event_id in wanted if event_id in outbox}
+    paused_event_id: str | None = None
+    if paused is not None:
+        paused_event_id = str(paused.get("event_id"))
+        result = paused.get("result")
+        if isinstance(result, dict) and paused_event_id in wanted:
+            results[paused_event_id] = result
+    recovered_to: str | None = None
+    if paused is None and any(r.get("state_integrity") == "corrupted" for r in results.values()):
+        recovered_to = await last_good_checkpoint(graph, workflow_id)
+        if recovered_to is not None:
+            checkpoint_id = await fork_checkpoint(graph, workflow_id, recovered_to)
+    if paused is None and len(results) != len(wanted):
+        missing = sorted(set(wanted) - set(results))
+        raise WorkflowError(f"workflow {workflow_id!r}: run ended without results for {missing}")
+    return RunResult(
+        results=results,
+        checkpoint_id=checkpoint_id,
+        interrupted=paused is not None,
+        paused_event_id=paused_event_id,
+        recovered_to=recovered_to,
+    )
 
 
 async def run_events(
@@ -119,45 +192,67 @@ async def run_events(
 ) -> RunResult:
     """Run the loop over ``events`` (one workflow, in order) and return their results.
 
+    When the monitor finds that the state was changed outside the graph (its integrity
+    hash no longer matches), the workflow is rolled back to its last good checkpoint
+    after the run (a fork; the history keeps the corrupted checkpoints).
+
     Args:
         graph: the compiled workflow.
         workflow_id: the thread id.
         events: events as :meth:`actors.validation.Event.as_state` gives them.
-        base_checkpoint_id: the checkpoint the run starts from, recorded as rollback point.
+        base_checkpoint_id: the rollback point recorded when a segment closes; by
+            default the workflow's current checkpoint, read at the start of the run.
         durability: LangGraph's durability mode; the caller acknowledges inputs only after
             this function returns, so ``exit`` keeps every guarantee.
         iteration_budget: per-event analyzer visits, to size LangGraph's recursion limit.
     """
     config = thread_config(workflow_id)
-    # Every analyzer visit costs at most two super-steps (node + research workers).
-    config["recursion_limit"] = max(25, len(events) * (iteration_budget * 2 + 4))
+    config["recursion_limit"] = _recursion_limit(len(events), iteration_budget)
+    if base_checkpoint_id is None and graph.checkpointer:
+        base_checkpoint_id = await latest_checkpoint_id(graph, workflow_id)
     run_input: dict[str, JSON] = {
         "workflow_id": workflow_id,
         "inbox": [dict(e) for e in events],
         "event": None,
         "base_checkpoint_id": base_checkpoint_id,
     }
-    last_values: dict[str, JSON] = {}
-    checkpoint_id: str | None = None
-    interrupted = False
-    async for mode, chunk in graph.astream(
-        cast(ContextState, run_input),
-        config,
-        stream_mode=["values", "checkpoints", "updates"],
-        durability=durability,
-    ):
-        if mode == "values":
-            last_values = cast(dict[str, JSON], chunk)
-        elif mode == "checkpoints":
-            checkpoint_id = cast(dict[str, JSON], chunk)["config"]["configurable"].get(
-                "checkpoint_id"
-            )
-        elif mode == "updates" and "__interrupt__" in cast(dict[str, JSON], chunk):
-            interrupted = True
-    outbox = cast(dict[str, dict[str, JSON]], last_values.get("outbox") or {})
-    wanted = [str(e["event_id"]) for e in events]
-    results = {event_id: outbox[event_id] for event_id in wanted if event_id in outbox}
-    if not interrupted and len(results) != len(wanted):
-        missing = sorted(set(wanted) - set(results))
-        raise WorkflowError(f"workflow {workflow_id!r}: run ended without results for {missing}")
-    return RunResult(results=results, checkpoint_id=checkpoint_id, interrupted=interrupted)
+    streamed = await _stream(graph, cast(ContextState, run_input), config, durability)
+    return await _finish(graph, workflow_id, [str(e["event_id"]) for e in events], streamed)
+
+
+async def paused_event_id(graph: ContextualGraph, workflow_id: str) -> str | None:
+    """The event a paused workflow waits on (an escalation), or None when not paused."""
+    snapshot = await graph.aget_state(thread_config(workflow_id))
+    for pending in snapshot.interrupts:
+        value = pending.value
+        if isinstance(value, dict) and value.get("event_id") is not None:
+            return str(value["event_id"])
+    return None
+
+
+async def resume_workflow(
+    graph: ContextualGraph,
+    workflow_id: str,
+    value: JSON,
+    *,
+    control_event_id: str,
+    durability: Durability = "exit",
+    iteration_budget: int = 12,
+) -> RunResult:
+    """Continue a paused workflow with a person's answer.
+
+    The interrupted ``decision_engine`` runs again and ``interrupt()`` returns
+    ``{"value": value, "control_event_id": control_event_id}``; the paused event then
+    finishes, and its result is in :attr:`RunResult.results` under its own event id.
+
+    Raises:
+        WorkflowError: the workflow is not paused.
+    """
+    event_id = await paused_event_id(graph, workflow_id)
+    if event_id is None:
+        raise WorkflowError(f"workflow {workflow_id!r} is not paused: there is nothing to resume")
+    config = thread_config(workflow_id)
+    config["recursion_limit"] = _recursion_limit(1, iteration_budget)
+    answer = {"value": value, "control_event_id": control_event_id}
+    streamed = await _stream(graph, Command(resume=answer), config, durability)
+    return await _finish(graph, workflow_id, [event_id], streamed)

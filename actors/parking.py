@@ -1,0 +1,390 @@
+"""One workflow's batch through the graph: events, control entries, and parking.
+
+The ingress hands every batch of one workflow to :class:`WorkflowRunner`, which keeps
+the workflow's order across three kinds of input:
+
+- an **event** runs through the contextual workflow, unless the workflow is *paused*
+  (an escalation waits for a person): then it is **parked**, moved in one ``MULTI`` to
+  the stream ``{prefix}:parked:{workflow_id}`` and acknowledged on ``ctxd:in``, so it
+  is neither lost (SIGKILL at any moment leaves it pending or parked, never neither)
+  nor reclaimed and counted as a failed delivery while the workflow waits;
+- a **resume** control entry (``ctxd resume``) answers the escalation: the paused
+  event finishes, and the control entry's output carries the resumed decision;
+- a **rollback** control entry (``ctxd rollback``) forks the workflow from an older
+  checkpoint.
+
+Whenever the workflow is not paused, parked events are replayed first, oldest first,
+each committed with its output and removed from the parked stream in one script. The
+replay also runs at the start of every batch, so a service killed in the middle of a
+replay finishes it before anything newer, after its restart. Results of earlier
+entries of the same batch are committed before a replay, so outputs keep input order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import structlog
+from redis.asyncio import Redis
+
+from actors.config import Settings
+from actors.streams import CommitItem, OutputCommitter, output_fields
+from actors.validation import Event, decode_fields, parse_event
+from graph.errors import CtxdError, WorkflowError
+from graph.features import AnalyzerPolicy
+from graph.history import fork_checkpoint, latest_checkpoint_id
+from graph.state import JSON
+from graph.workflow import (
+    ContextualGraph,
+    RunResult,
+    paused_event_id,
+    resume_workflow,
+    run_events,
+    thread_config,
+)
+
+__all__ = ["BatchRun", "WorkflowRunner", "parked_stream", "resume_fields", "rollback_fields"]
+
+_log = structlog.get_logger("ctxd.parking")
+
+Fields = Mapping[str, str | bytes]
+
+# KEYS: out, parked, done. ARGV: parked entry id, ttl, then field/value pairs.
+_REPLAY_COMMIT_LUA = """
+local id = ''
+if #ARGV > 2 and redis.call('SET', KEYS[3], 'pending', 'NX', 'EX', tonumber(ARGV[2])) then
+  local fields = {}
+  for j = 3, #ARGV do fields[j - 2] = ARGV[j] end
+  id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+  redis.call('SET', KEYS[3], id, 'EX', tonumber(ARGV[2]))
+end
+redis.call('XDEL', KEYS[2], ARGV[1])
+return id
+"""
+
+
+def parked_stream(settings: Settings, workflow_id: str) -> str:
+    """Where a paused workflow's events wait: ``{prefix}:parked:{workflow_id}``."""
+    return settings.key("parked", workflow_id)
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """What the runner did with a batch.
+
+    Attributes:
+        results: results to commit, by event id (events and control entries).
+        checkpoint_id: the workflow's checkpoint after the batch.
+        handled: source ids the runner acknowledged itself (parked, or committed
+            before a replay): the ingress has nothing left to count for them.
+    """
+
+    results: Mapping[str, Mapping[str, JSON]]
+    checkpoint_id: str | None
+    handled: frozenset[str]
+
+
+class WorkflowRunner:
+    """Runs one workflow's batches in order, parking events while it is paused.
+
+    Args:
+        redis: the client.
+        settings: validated settings (streams, durability, dedupe window).
+        graph: the compiled contextual workflow.
+    """
+
+    def __init__(self, redis: Redis, settings: Settings, graph: ContextualGraph) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._graph = graph
+        self._budget = AnalyzerPolicy.from_mapping(settings.analyzer_policy).iteration_budget
+        self._committer = OutputCommitter(
+            redis,
+            input_stream=settings.input_stream,
+            output_stream=settings.output_stream,
+            group=settings.group,
+            dedupe_ttl=settings.dedupe_ttl,
+        )
+        self._replay_commit = redis.register_script(_REPLAY_COMMIT_LUA)
+
+    async def run(
+        self,
+        workflow_id: str,
+        batch: Sequence[tuple[Event, Fields]],
+        trace_ids: Mapping[str, str] | None = None,
+    ) -> BatchRun:
+        """Process ``batch`` (one workflow's entries, in order).
+
+        Args:
+            workflow_id: the workflow.
+            batch: the entries, with their raw fields (parking keeps them as they came).
+            trace_ids: trace id per source id, for outputs committed here.
+        """
+        run = _Run(self, workflow_id, dict(trace_ids or {}))
+        await run.start()
+        for event, fields in batch:
+            await run.take(event, fields)
+        await run.flush()
+        return BatchRun(
+            results=run.results,
+            checkpoint_id=run.checkpoint_id,
+            handled=frozenset(run.handled),
+        )
+
+
+class _Run:
+    """The state of one batch: pending events, results not yet committed, pause."""
+
+    def __init__(self, runner: WorkflowRunner, workflow_id: str, trace_ids: dict[str, str]):
+        self.r = runner
+        self.workflow_id = workflow_id
+        self.trace_ids = trace_ids
+        self.results: dict[str, Mapping[str, JSON]] = {}
+        self.held: list[Event] = []  # entries whose results the ingress will commit
+        self.handled: set[str] = set()
+        self.checkpoint_id: str | None = None
+        self.segment: list[Event] = []
+        self.paused = False
+
+    @property
+    def graph(self) -> ContextualGraph:
+        return self.r._graph
+
+    async def start(self) -> None:
+        self.checkpoint_id = await latest_checkpoint_id(self.graph, self.workflow_id)
+        self.paused = await paused_event_id(self.graph, self.workflow_id) is not None
+        if not self.paused:
+            await self._replay_parked()
+
+    async def take(self, event: Event, fields: Fields) -> None:
+        if event.control is None:
+            if self.paused:
+                await self._park(event, fields)
+            else:
+                self.segment.append(event)
+                if self.r._settings.escalation_pauses:
+                    await self.flush()  # one event per run: the pause point is exact
+            return
+        await self.flush()
+        if event.control == "resume":
+            result = await self._resume(event)
+        else:
+            result = await self._rollback(event)
+        self._hold(event, result)
+        if not self.paused:
+            await self._replay_parked()
+
+    async def flush(self) -> None:
+        if not self.segment:
+            return
+        events, self.segment = self.segment, []
+        run = await run_events(
+            self.graph,
+            self.workflow_id,
+            [e.as_state() for e in events],
+            durability=self.r._settings.durability,  # type: ignore[arg-type]
+            iteration_budget=self.r._budget,
+        )
+        self._absorb(run)
+        missing = [e.event_id for e in events if e.event_id not in run.results]
+        if missing:  # pragma: no cover - with pauses on, every run carries one event
+            raise WorkflowError(
+                f"workflow {self.workflow_id!r} paused before {missing}; they stay pending"
+            )
+        for event in events:
+            self._hold(event, run.results[event.event_id])
+
+    def _absorb(self, run: RunResult) -> None:
+        self.checkpoint_id = run.checkpoint_id or self.checkpoint_id
+        if run.interrupted:
+            self.paused = True
+            _log.info(
+                "workflow paused for a person",
+                workflow_id=self.workflow_id,
+                event_id=run.paused_event_id,
+            )
+        if run.recovered_to:
+            _log.warning(
+                "state changed outside the graph; rolled back to the last good checkpoint",
+                workflow_id=self.workflow_id,
+                checkpoint_id=run.recovered_to,
+            )
+
+    def _hold(self, event: Event, result: Mapping[str, JSON]) -> None:
+        self.results[event.event_id] = result
+        self.held.append(event)
+
+    # -- control entries ------------------------------------------------------------
+
+    def _control_result(
+        self, event: Event, status: str, base: Mapping[str, JSON] | None = None
+    ) -> dict[str, JSON]:
+        result: dict[str, JSON] = {
+            "workflow_id": self.workflow_id,
+            "decision": "",
+            "route": [str(event.control)],
+            "quality_score": 0.0,
+            "scores": {},
+            **(base or {}),
+        }
+        result.update(event_id=event.event_id, source_id=event.source_id, status=status)
+        return result
+
+    async def _resume(self, event: Event) -> dict[str, JSON]:
+        earlier = await self._earlier_resume(event)
+        if earlier is not None:  # a redelivered resume: the same answer again
+            return earlier
+        if not self.paused:
+            _log.warning("resume for a workflow that is not paused", workflow_id=self.workflow_id)
+            return self._control_result(event, "error")
+        run = await resume_workflow(
+            self.graph,
+            self.workflow_id,
+            event.value,
+            control_event_id=event.event_id,
+            durability=self.r._settings.durability,  # type: ignore[arg-type]
+            iteration_budget=self.r._budget,
+        )
+        self.paused = False
+        self._absorb(run)
+        resumed = next(iter(run.results.values()), {})
+        return self._control_result(event, str(resumed.get("status", "ok")), resumed)
+
+    async def _earlier_resume(self, event: Event) -> dict[str, JSON] | None:
+        snapshot = await self.graph.aget_state(thread_config(self.workflow_id))
+        values: Mapping[str, JSON] = snapshot.values or {}
+        for record in reversed(list(values.get("decisions") or [])):
+            resolution = record.get("resolution")
+            if isinstance(resolution, dict) and (
+                resolution.get("control_event_id") == event.event_id
+            ):
+                outbox = values.get("outbox") or {}
+                resumed = outbox.get(str(record.get("event_id")), {})
+                return self._control_result(event, str(resumed.get("status", "ok")), resumed)
+        return None
+
+    async def _rollback(self, event: Event) -> dict[str, JSON]:
+        try:
+            forked = await fork_checkpoint(self.graph, self.workflow_id, str(event.checkpoint_id))
+        except CtxdError as exc:
+            _log.warning("rollback refused", workflow_id=self.workflow_id, error=str(exc))
+            return self._control_result(event, "error")
+        self.checkpoint_id = forked
+        self.paused = await paused_event_id(self.graph, self.workflow_id) is not None
+        _log.info(
+            "workflow rolled back",
+            workflow_id=self.workflow_id,
+            to=event.checkpoint_id,
+            checkpoint_id=forked,
+        )
+        return self._control_result(event, "ok")
+
+    # -- parking ----------------------------------------------------------------------
+
+    async def _park(self, event: Event, fields: Fields) -> None:
+        settings = self.r._settings
+        async with self.r._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                parked_stream(settings, self.workflow_id),
+                {**fields, "source_id": event.source_id},  # type: ignore[dict-item]
+            )
+            pipe.xack(settings.input_stream, settings.group, event.source_id)
+            await pipe.execute()
+        self.handled.add(event.source_id)
+        _log.info(
+            "event parked while the workflow is paused",
+            workflow_id=self.workflow_id,
+            event_id=event.event_id,
+            source_id=event.source_id,
+        )
+
+    async def _commit_held(self) -> None:
+        """Commit the results held for the ingress now, so a replay comes after them."""
+        if not self.held:
+            return
+        items = [
+            CommitItem(
+                source_id=e.source_id,
+                done_key=self.r._settings.key("done", e.event_id),
+                fields=(
+                    output_fields(
+                        self.results[e.event_id],
+                        trace_id=self.trace_ids.get(e.source_id, ""),
+                        checkpoint_id=self.checkpoint_id or "",
+                    )
+                    if e.event_id in self.results
+                    else {}
+                ),
+            )
+            for e in self.held
+        ]
+        await self.r._committer.commit(items)
+        self.handled.update(e.source_id for e in self.held)
+        self.held = []
+
+    async def _replay_parked(self) -> None:
+        settings = self.r._settings
+        stream = parked_stream(settings, self.workflow_id)
+        while not self.paused:
+            entries = await self.r._redis.xrange(stream, count=1)
+            if not entries:
+                return
+            await self._commit_held()
+            entry_id, raw = entries[0]
+            parked_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            fields = decode_fields(cast(dict[bytes, bytes], raw or {}))
+            source_id = str(fields.pop("source_id", parked_id))
+            event = parse_event(
+                source_id,
+                fields,
+                max_content_bytes=settings.max_content_bytes,
+                max_fields=settings.max_fields,
+            )
+            run = await run_events(
+                self.graph,
+                self.workflow_id,
+                [event.as_state()],
+                durability=settings.durability,  # type: ignore[arg-type]
+                iteration_budget=self.r._budget,
+            )
+            self._absorb(run)
+            result = run.results.get(event.event_id)
+            out = (
+                output_fields(result, trace_id="", checkpoint_id=self.checkpoint_id or "")
+                if result is not None
+                else {}
+            )
+            args: list[str | int] = [parked_id, settings.dedupe_ttl]
+            for name, value in out.items():
+                args += [name, value]
+            await self.r._replay_commit(
+                keys=[settings.output_stream, stream, settings.key("done", event.event_id)],
+                args=args,
+            )
+            _log.info(
+                "parked event replayed",
+                workflow_id=self.workflow_id,
+                event_id=event.event_id,
+                status=(result or {}).get("status"),
+            )
+
+
+def resume_fields(workflow_id: str, value: JSON, *, event_id: str | None = None) -> dict[str, str]:
+    """The ``ctxd:in`` fields of a resume control entry (``ctxd resume``)."""
+    fields = {"workflow_id": workflow_id, "control": "resume", "value": json.dumps(value)}
+    if event_id:
+        fields["event_id"] = event_id
+    return fields
+
+
+def rollback_fields(
+    workflow_id: str, checkpoint_id: str, *, event_id: str | None = None
+) -> dict[str, str]:
+    """The ``ctxd:in`` fields of a rollback control entry (``ctxd rollback``)."""
+    fields = {"workflow_id": workflow_id, "control": "rollback", "checkpoint_id": checkpoint_id}
+    if event_id:
+        fields["event_id"] = event_id
+    return fields
