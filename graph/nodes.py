@@ -209,6 +209,7 @@ class ContextualNodes:
             return
         analysis = str(reply.get("analysis", ""))
         changes["analysis"] = analysis
+        changes["analysis_fields"] = dict(reply.get("fields") or {})
         changes["quality"] = quality_score(analysis)
 
     def _features(self, view: _State) -> AnalyzerFeatures:

@@ -54,6 +54,7 @@ class ContextState(TypedDict, total=False):
         segment: the current segment's number.
         segments: closed segments: number, summary, rollback checkpoint id (bounded).
         analysis: the current analysis of the window.
+        analysis_fields: the analyzer plug-in's structured fields for it.
         quality: quality score of ``analysis`` (the seed's formula).
         events_processed: events integrated so far.
         error_count: errors recorded so far, over all events.
@@ -82,6 +83,7 @@ class ContextState(TypedDict, total=False):
     segment: int
     segments: list[dict[str, JSON]]
     analysis: str
+    analysis_fields: dict[str, JSON]
     quality: float
     events_processed: int
     error_count: int

@@ -1,0 +1,222 @@
+"""``ctxd state``, ``ctxd resume`` and ``ctxd rollback``: a workflow's state and time travel.
+
+``state`` reads the checkpointer directly (read only). ``resume`` and ``rollback``
+change a workflow, so they do not touch the checkpointer themselves: they append a
+*control entry* to ``ctxd:in``, and the service applies it in the workflow's order
+(actors/parking.py) and writes its result to ``ctxd:out``, which the command waits for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Mapping
+from typing import cast
+
+import anyio
+
+from actors.cli_common import Subcommands, client_redis, redis_url_for_client
+from actors.config import Settings
+from actors.parking import parked_stream, resume_fields, rollback_fields
+from actors.redis_io import xread_text, xrevrange_text
+from graph.checkpointer import open_checkpointer
+from graph.errors import ConfigError, CtxdError
+from graph.history import CheckpointInfo, checkpoint_history, is_intact, thread_config
+from graph.state import JSON
+from graph.work import LocalDispatch
+from graph.workflow import build_contextual_workflow
+
+__all__ = ["format_state", "register"]
+
+
+def register(commands: Subcommands) -> None:
+    """Add ``state``, ``resume`` and ``rollback`` to the command line."""
+    state = commands.add_parser(
+        "state",
+        help="show a workflow's state (and its checkpoints)",
+        description="Show a workflow's current context, segments and last decisions.",
+    )
+    state.add_argument("workflow_id", metavar="WORKFLOW_ID")
+    state.add_argument("--history", action="store_true", help="also list its checkpoints")
+    state.add_argument("--limit", type=int, default=20, help="checkpoints to list (default 20)")
+    state.add_argument("--json", action="store_true", help="print raw values as JSON")
+    state.set_defaults(handler=_state)
+
+    resume = commands.add_parser(
+        "resume",
+        help="continue a workflow paused for a person (escalation)",
+        description="Answer a paused escalation; the service applies it in the workflow's "
+        'order. VALUE is JSON; {"decision": "standard_quality_path"} overrides the decision.',
+    )
+    resume.add_argument("workflow_id", metavar="WORKFLOW_ID")
+    resume.add_argument("--value", default="null", help="the answer, as JSON (default null)")
+    resume.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the result")
+    resume.set_defaults(handler=_resume)
+
+    rollback = commands.add_parser(
+        "rollback",
+        help="make an older checkpoint current (a fork; history is kept)",
+        description="Roll a workflow back to CHECKPOINT_ID (see `ctxd state --history`).",
+    )
+    rollback.add_argument("workflow_id", metavar="WORKFLOW_ID")
+    rollback.add_argument("--to", required=True, metavar="CHECKPOINT_ID", dest="checkpoint_id")
+    rollback.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the result")
+    rollback.set_defaults(handler=_rollback)
+
+
+# -- reading the checkpointer -----------------------------------------------------------
+
+
+async def _read_state(
+    settings: Settings, workflow_id: str, *, history_limit: int | None
+) -> tuple[Mapping[str, JSON], str | None, bool, list[CheckpointInfo]]:
+    if settings.checkpointer == "memory":
+        raise ConfigError(
+            "CTXD_CHECKPOINTER=memory keeps state inside the running service only: "
+            "use redis or postgres to inspect workflows from the command line"
+        )
+    redis_url = redis_url_for_client(settings) if settings.checkpointer == "redis" else None
+    async with open_checkpointer(
+        settings.checkpointer, redis_url=redis_url, postgres_url=settings.postgres_url
+    ) as saver:
+        graph = build_contextual_workflow(LocalDispatch(), saver)
+        snapshot = await graph.aget_state(thread_config(workflow_id))
+        checkpoint_id = snapshot.config.get("configurable", {}).get("checkpoint_id")
+        history = (
+            await checkpoint_history(graph, workflow_id, limit=history_limit)
+            if history_limit is not None
+            else []
+        )
+        values = cast(Mapping[str, JSON], snapshot.values or {})
+        return values, checkpoint_id, bool(snapshot.interrupts), history
+
+
+def _state(settings: Settings, args: argparse.Namespace) -> int:
+    limit = max(args.limit, 1) if args.history else None
+    values, checkpoint_id, paused, history = anyio.run(
+        lambda: _read_state(settings, args.workflow_id, history_limit=limit)
+    )
+    if not values:
+        raise CtxdError(f"workflow {args.workflow_id!r} has no state yet: send it an event first")
+    with client_redis(settings) as redis:
+        parked = int(redis.xlen(parked_stream(settings, args.workflow_id)))
+    if args.json:
+        document: dict[str, JSON] = {
+            "workflow_id": args.workflow_id,
+            "checkpoint_id": checkpoint_id,
+            "paused": paused,
+            "parked": parked,
+            "values": dict(values),
+        }
+        if args.history:
+            document["history"] = [
+                {k: v for k, v in vars(info).items() if k != "values"} for info in history
+            ]
+        print(json.dumps(document, indent=2, sort_keys=True, default=str))
+        return 0
+    print(format_state(args.workflow_id, values, checkpoint_id, paused=paused, parked=parked))
+    if args.history:
+        print("\ncheckpoints (newest first):")
+        for info in history:
+            print(_format_checkpoint(info, current=info.checkpoint_id == checkpoint_id))
+    return 0
+
+
+def _short(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def format_state(
+    workflow_id: str,
+    values: Mapping[str, JSON],
+    checkpoint_id: str | None,
+    *,
+    paused: bool = False,
+    parked: int = 0,
+) -> str:
+    """A workflow's state as a person reads it: key values, segments, last decisions."""
+    health = values.get("health") or {}
+    lines = [
+        f"workflow {workflow_id}",
+        f"  checkpoint       {checkpoint_id or '-'}",
+        f"  status           {'PAUSED (waiting for `ctxd resume`)' if paused else 'active'}"
+        + (f", {parked} event(s) parked" if parked else ""),
+        f"  events processed {int(values.get('events_processed') or 0)}",
+        f"  quality          {float(values.get('quality') or 0.0):.3f}",
+        f"  integrity        {'intact' if is_intact(values) else 'CHANGED OUTSIDE THE GRAPH'}"
+        f" (last check: {health.get('state_integrity', '-')})",
+        f"  errors           {int(values.get('error_count') or 0)}",
+        f"  analysis         {_short(str(values.get('analysis') or '-'), 100)}",
+        f"  segment          #{int(values.get('segment') or 0)}, "
+        f"{len(values.get('window') or [])} event(s) in the window",
+    ]
+    segments = list(values.get("segments") or [])
+    if segments:
+        lines.append("closed segments:")
+        for seg in segments[-5:]:
+            lines.append(
+                f"  #{seg.get('segment')} {seg.get('events')} event(s), rollback point "
+                f"{seg.get('checkpoint_id') or '-'}: {_short(str(seg.get('summary', '')), 80)}"
+            )
+    decisions = list(values.get("decisions") or [])
+    if decisions:
+        lines.append("last decisions:")
+        for record in decisions[-5:]:
+            name = str(record.get("decision", "?"))
+            score = (record.get("scores") or {}).get(name)
+            shown = f" score={float(score):.3f}" if isinstance(score, int | float) else ""
+            resolved = " (resolved by a person)" if "resolution" in record else ""
+            lines.append(f"  event {record.get('event_id')}: {name}{shown}{resolved}")
+    return "\n".join(lines)
+
+
+def _format_checkpoint(info: CheckpointInfo, *, current: bool) -> str:
+    flags = [f for f, on in (("paused", info.paused), ("CHANGED", not info.intact)) if on]
+    return (
+        f"{'*' if current else ' '} {info.checkpoint_id}  {info.created_at or '-':32}  "
+        f"{info.source:6} step={info.step:<4} events={info.events_processed:<5} "
+        f"{' '.join(flags)}"
+    ).rstrip()
+
+
+# -- control entries ----------------------------------------------------------------
+
+
+def _append_and_wait(settings: Settings, fields: dict[str, str], wait: float) -> int:
+    with client_redis(settings) as redis:
+        recent = xrevrange_text(redis, settings.output_stream, 1)
+        last_id = recent[0][0] if recent else "0-0"
+        entry_id = str(redis.xadd(settings.input_stream, fields))  # type: ignore[arg-type]
+        print(f"queued {fields['control']} as {entry_id}")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            block = max(1, int(min(1.0, deadline - time.monotonic()) * 1000))
+            for out_id, out in xread_text(redis, settings.output_stream, last_id, block=block):
+                last_id = out_id
+                if out.get("source_id") == entry_id:
+                    print(
+                        f"{fields['control']}: status={out.get('status')} "
+                        f"decision={out.get('decision') or '-'} "
+                        f"checkpoint={out.get('checkpoint_id') or '-'}"
+                    )
+                    return 0 if out.get("status") != "error" else 1
+    print("no result yet: the service applies it when it reads the entry (see `ctxd tail`)")
+    return 0
+
+
+def _resume(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        value = json.loads(args.value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"--value {args.value!r} is not JSON ({exc.msg}): quote strings"
+        ) from None
+    return _append_and_wait(settings, resume_fields(args.workflow_id, value), args.wait)
+
+
+def _rollback(settings: Settings, args: argparse.Namespace) -> int:
+    return _append_and_wait(
+        settings, rollback_fields(args.workflow_id, args.checkpoint_id), args.wait
+    )
