@@ -34,6 +34,25 @@ def strict_serializer(
     return kind(pickle_fallback=False, allowed_msgpack_modules=None, allowed_json_modules=None)
 
 
+def _strict_redis_serializer_class() -> type[JsonPlusSerializer]:
+    from langgraph.checkpoint.redis.jsonplus_redis import JsonPlusRedisSerializer
+
+    class StrictRedisSerializer(JsonPlusRedisSerializer):
+        """The Redis saver's JSON serializer without its own object revival.
+
+        ``JsonPlusRedisSerializer`` imports the module named in any JSON constructor
+        envelope and calls dataclass constructors itself, around the allowlist. Here no
+        envelope is resolved that way: envelopes go to LangGraph's allowlist-checked
+        reviver, which revives only its safe types and returns anything else inert.
+        LangGraph's own markers (interrupts, sends) are not envelopes and still load.
+        """
+
+        def _constructor_class(self, obj: dict[str, object]) -> type[object]:
+            raise ValueError(f"constructor envelope {obj.get('id')!r} is not revived")
+
+    return StrictRedisSerializer
+
+
 async def check_redis_modules(client: Redis) -> None:
     """Raise :class:`RedisModulesMissingError` unless RedisJSON and RediSearch are loaded."""
     try:
@@ -78,7 +97,6 @@ async def open_checkpointer(
         if not redis_url:
             raise ConfigError("the redis checkpointer needs a Redis URL")
         from langgraph.checkpoint.redis.aio import AsyncRedisSaver
-        from langgraph.checkpoint.redis.jsonplus_redis import JsonPlusRedisSerializer
 
         probe = Redis.from_url(redis_url)
         try:
@@ -86,7 +104,7 @@ async def open_checkpointer(
         finally:
             await probe.aclose()
         async with AsyncRedisSaver(redis_url) as saver:
-            saver.serde = strict_serializer(JsonPlusRedisSerializer)
+            saver.serde = strict_serializer(_strict_redis_serializer_class())
             yield saver
     elif kind == "postgres":
         if not postgres_url:

@@ -180,7 +180,8 @@ async def test_escalation_pauses_and_resume_continues_with_the_answer() -> None:
     run = await run_events(
         graph, "w", [{"event_id": "e1", "content": "ok", "priority": "critical"}]
     )
-    assert run.interrupted and run.paused_event_id == "e1"
+    assert run.interrupted
+    assert run.paused_event_id == "e1"
     assert run.results["e1"]["status"] == "escalated"
     assert run.results["e1"]["decision"] == "escalation_required"
     resumed = await resume_workflow(
