@@ -173,9 +173,10 @@ class _Run:
             result = await self._resume(event)
         else:
             result = await self._rollback(event)
-        self._hold(event, result)
         if not self.paused:
+            # Parked events arrived before this control entry: their outputs go first.
             await self._replay_parked()
+        self._hold(event, result)
 
     async def flush(self) -> None:
         if not self.segment:
