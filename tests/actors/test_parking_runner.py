@@ -1,0 +1,125 @@
+"""The workflow runner in process: control entries, redelivery, replay after a crash.
+
+Real Redis (streams, done keys, the replay script), in-memory checkpointer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+from langgraph.checkpoint.memory import InMemorySaver
+from redis.asyncio import Redis
+
+from actors.config import Settings
+from actors.parking import WorkflowRunner, parked_stream, resume_fields, rollback_fields
+from actors.streams import ensure_group
+from actors.validation import Event, parse_event
+from graph.checkpointer import strict_serializer
+from graph.errors import InvalidEntryError
+from graph.work import LocalDispatch
+from graph.workflow import ContextualGraph, build_contextual_workflow, paused_event_id
+
+TECH = "The API latency of the database cluster rose after the deploy; pods restart."
+
+
+@pytest.fixture
+async def aredis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def paused_settings(settings: Settings) -> Settings:
+    return replace(settings, escalation_pauses=True)
+
+
+def _graph() -> ContextualGraph:
+    return build_contextual_workflow(
+        LocalDispatch(), InMemorySaver(serde=strict_serializer()), escalation_pauses=True
+    )
+
+
+async def _entry(
+    aredis: Redis, settings: Settings, fields: dict[str, str]
+) -> tuple[Event, dict[str, str]]:
+    """XADD to ctxd:in and read it through the group, as the ingress does."""
+    await ensure_group(aredis, settings.input_stream, settings.group)
+    entry_id = (await aredis.xadd(settings.input_stream, fields)).decode()  # type: ignore[arg-type]
+    await aredis.xreadgroup(settings.group, "test", {settings.input_stream: ">"}, count=100)
+    return parse_event(entry_id, fields), fields
+
+
+def _event(workflow_id: str, event_id: str, content: str, **extra: str) -> dict[str, str]:
+    return {"workflow_id": workflow_id, "event_id": event_id, "content": content, **extra}
+
+
+def test_control_fields_are_validated() -> None:
+    event = parse_event("1-0", resume_fields("w", {"decision": "fallback_processing"}))
+    assert event.control == "resume"
+    assert event.value == {"decision": "fallback_processing"}
+    event = parse_event("1-1", rollback_fields("w", "1f0abc"))
+    assert (event.control, event.checkpoint_id) == ("rollback", "1f0abc")
+    with pytest.raises(InvalidEntryError, match="not one of resume, rollback"):
+        parse_event("1-2", {"workflow_id": "w", "control": "delete"})
+    with pytest.raises(InvalidEntryError, match="needs checkpoint_id"):
+        parse_event("1-3", {"workflow_id": "w", "control": "rollback"})
+    with pytest.raises(InvalidEntryError, match="not valid JSON"):
+        parse_event("1-4", {"workflow_id": "w", "control": "resume", "value": "{"})
+
+
+async def test_resume_of_a_workflow_that_is_not_paused_is_an_error_output(
+    aredis: Redis, paused_settings: Settings, prefix: str
+) -> None:
+    runner = WorkflowRunner(aredis, paused_settings, _graph())
+    resume = await _entry(aredis, paused_settings, resume_fields(f"{prefix}-w", None))
+    run = await runner.run(f"{prefix}-w", [resume])
+    assert run.results[resume[0].event_id]["status"] == "error"
+
+
+async def test_a_redelivered_resume_gives_the_same_answer_once(
+    aredis: Redis, paused_settings: Settings, prefix: str
+) -> None:
+    """Killed after the resume was durable but before its output: the redelivered
+    resume reports the resumed decision again and resumes nothing else."""
+    graph = _graph()
+    workflow_id = f"{prefix}-w"
+    runner = WorkflowRunner(aredis, paused_settings, graph)
+    first = await _entry(
+        aredis, paused_settings, _event(workflow_id, "e1", "ok", priority="critical")
+    )
+    run = await runner.run(workflow_id, [first])
+    assert run.results["e1"]["status"] == "escalated"
+    assert await paused_event_id(graph, workflow_id) == "e1"
+    resume = await _entry(aredis, paused_settings, resume_fields(workflow_id, "yes"))
+    done = await runner.run(workflow_id, [resume])
+    again = await runner.run(workflow_id, [resume])
+    rid = resume[0].event_id
+    assert done.results[rid]["status"] == again.results[rid]["status"] == "ok"
+    assert done.results[rid]["decision"] == again.results[rid]["decision"]
+    values = (await graph.aget_state({"configurable": {"thread_id": workflow_id}})).values
+    resolved = [d for d in values["decisions"] if "resolution" in d]
+    assert len(resolved) == 1
+
+
+async def test_parked_events_left_by_a_crash_are_replayed_before_newer_ones(
+    aredis: Redis, paused_settings: Settings, prefix: str
+) -> None:
+    """Parked entries of a workflow that is no longer paused (a replay cut short by
+    SIGKILL) run first, oldest first, each committed with its output."""
+    workflow_id = f"{prefix}-w"
+    stream = parked_stream(paused_settings, workflow_id)
+    for event_id in ("p1", "p2"):
+        await aredis.xadd(
+            stream, {**_event(workflow_id, event_id, TECH), "source_id": f"0-{event_id[1]}"}
+        )
+    runner = WorkflowRunner(aredis, paused_settings, _graph())
+    newer = await _entry(aredis, paused_settings, _event(workflow_id, "n1", TECH))
+    run = await runner.run(workflow_id, [newer])
+    outputs = await aredis.xrange(paused_settings.output_stream)
+    assert [f[b"event_id"] for _, f in outputs] == [b"p1", b"p2"]
+    assert await aredis.xlen(stream) == 0
+    assert "n1" in run.results  # the ingress commits it, after the replayed ones
+    assert await aredis.get(paused_settings.key("done", "p1"))
