@@ -35,7 +35,7 @@ from actors.streams import CommitItem, OutputCommitter, output_fields
 from actors.validation import Event, decode_fields, parse_event
 from graph.errors import CtxdError, WorkflowError
 from graph.features import AnalyzerPolicy
-from graph.history import fork_checkpoint, latest_checkpoint_id
+from graph.history import fork_checkpoint
 from graph.state import JSON
 from graph.workflow import (
     ContextualGraph,
@@ -154,8 +154,10 @@ class _Run:
         return self.r._graph
 
     async def start(self) -> None:
-        self.checkpoint_id = await latest_checkpoint_id(self.graph, self.workflow_id)
-        self.paused = await paused_event_id(self.graph, self.workflow_id) is not None
+        # One read gives both the rollback point and whether a person is awaited.
+        snapshot = await self.graph.aget_state(thread_config(self.workflow_id))
+        self.checkpoint_id = snapshot.config.get("configurable", {}).get("checkpoint_id")
+        self.paused = bool(snapshot.interrupts)
         if not self.paused:
             await self._replay_parked()
 
@@ -186,6 +188,7 @@ class _Run:
             self.graph,
             self.workflow_id,
             [e.as_state() for e in events],
+            base_checkpoint_id=self.checkpoint_id,
             durability=self.r._settings.durability,  # type: ignore[arg-type]
             iteration_budget=self.r._budget,
         )
@@ -348,6 +351,7 @@ class _Run:
                 self.graph,
                 self.workflow_id,
                 [event.as_state()],
+                base_checkpoint_id=self.checkpoint_id,
                 durability=settings.durability,  # type: ignore[arg-type]
                 iteration_budget=self.r._budget,
             )
