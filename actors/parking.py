@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from actors.config import Settings
 from actors.streams import CommitItem, OutputCommitter, output_fields
 from actors.validation import Event, decode_fields, parse_event
-from graph.errors import CtxdError, WorkflowError
+from graph.errors import CtxdError
 from graph.features import AnalyzerPolicy
 from graph.history import fork_checkpoint
 from graph.state import JSON
@@ -146,7 +146,7 @@ class _Run:
         self.held: list[Event] = []  # entries whose results the ingress will commit
         self.handled: set[str] = set()
         self.checkpoint_id: str | None = None
-        self.segment: list[Event] = []
+        self.segment: list[tuple[Event, Fields]] = []
         self.paused = False
 
     @property
@@ -166,9 +166,7 @@ class _Run:
             if self.paused:
                 await self._park(event, fields)
             else:
-                self.segment.append(event)
-                if self.r._settings.escalation_pauses:
-                    await self.flush()  # one event per run: the pause point is exact
+                self.segment.append((event, fields))
             return
         await self.flush()
         if event.control == "resume":
@@ -183,23 +181,24 @@ class _Run:
     async def flush(self) -> None:
         if not self.segment:
             return
-        events, self.segment = self.segment, []
+        segment, self.segment = self.segment, []
         run = await run_events(
             self.graph,
             self.workflow_id,
-            [e.as_state() for e in events],
+            [e.as_state() for e, _ in segment],
             base_checkpoint_id=self.checkpoint_id,
             durability=self.r._settings.durability,  # type: ignore[arg-type]
             iteration_budget=self.r._budget,
         )
         self._absorb(run)
-        missing = [e.event_id for e in events if e.event_id not in run.results]
-        if missing:  # pragma: no cover - with pauses on, every run carries one event
-            raise WorkflowError(
-                f"workflow {self.workflow_id!r} paused before {missing}; they stay pending"
-            )
-        for event in events:
-            self._hold(event, run.results[event.event_id])
+        for event, fields in segment:
+            if event.event_id in run.results:
+                self._hold(event, run.results[event.event_id])
+            else:
+                # After the pause point: the paused checkpoint's inbox still holds the
+                # event (the resume run finishes it), and it is parked like any event
+                # arriving while paused; its replay then finds its durable result.
+                await self._park(event, fields)
 
     def _absorb(self, run: RunResult) -> None:
         self.checkpoint_id = run.checkpoint_id or self.checkpoint_id

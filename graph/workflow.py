@@ -244,6 +244,8 @@ async def resume_workflow(
     The interrupted ``decision_engine`` runs again and ``interrupt()`` returns
     ``{"value": value, "control_event_id": control_event_id}``; the paused event then
     finishes, and its result is in :attr:`RunResult.results` under its own event id.
+    Events that were queued behind it in the same run (still in the state's inbox) are
+    processed too; their results land in the state's outbox.
 
     Raises:
         WorkflowError: the workflow is not paused.
@@ -252,7 +254,9 @@ async def resume_workflow(
     if event_id is None:
         raise WorkflowError(f"workflow {workflow_id!r} is not paused: there is nothing to resume")
     config = thread_config(workflow_id)
-    config["recursion_limit"] = _recursion_limit(1, iteration_budget)
+    # The run goes on with the events still in the paused run's inbox.
+    waiting = (await graph.aget_state(config)).values.get("inbox") or []
+    config["recursion_limit"] = _recursion_limit(1 + len(waiting), iteration_budget)
     answer = {"value": value, "control_event_id": control_event_id}
     streamed = await _stream(graph, Command(resume=answer), config, durability)
     return await _finish(graph, workflow_id, [event_id], streamed)

@@ -123,3 +123,35 @@ async def test_parked_events_left_by_a_crash_are_replayed_before_newer_ones(
     assert await aredis.xlen(stream) == 0
     assert "n1" in run.results  # the ingress commits it, after the replayed ones
     assert await aredis.get(paused_settings.key("done", "p1"))
+
+
+async def test_events_behind_the_pause_in_one_batch_are_parked_and_replayed_in_order(
+    aredis: Redis, paused_settings: Settings, prefix: str
+) -> None:
+    """One batch [escalating, e2, e3]: e1 escalates, e2 and e3 are parked; the resume
+    replays them (their outputs first), then the resume's own result."""
+    graph = _graph()
+    workflow_id = f"{prefix}-w"
+    runner = WorkflowRunner(aredis, paused_settings, graph)
+    batch = [
+        await _entry(aredis, paused_settings, _event(workflow_id, "e1", "ok", priority="critical")),
+        await _entry(aredis, paused_settings, _event(workflow_id, "e2", TECH)),
+        await _entry(aredis, paused_settings, _event(workflow_id, "e3", TECH + " More.")),
+    ]
+    run = await runner.run(workflow_id, batch)
+    assert run.results["e1"]["status"] == "escalated"
+    assert set(run.results) == {"e1"}
+    assert run.handled == {batch[1][0].source_id, batch[2][0].source_id}
+    stream = parked_stream(paused_settings, workflow_id)
+    assert [f[b"event_id"] for _, f in await aredis.xrange(stream)] == [b"e2", b"e3"]
+    pending = await aredis.xpending(paused_settings.input_stream, paused_settings.group)
+    assert pending["pending"] == 3 - 2  # e1 waits for the ingress's commit
+
+    resume = await _entry(aredis, paused_settings, resume_fields(workflow_id, None))
+    done = await runner.run(workflow_id, [resume])
+    assert done.results[resume[0].event_id]["status"] == "ok"
+    outputs = await aredis.xrange(paused_settings.output_stream)
+    assert [f[b"event_id"] for _, f in outputs] == [b"e2", b"e3"]
+    assert await aredis.xlen(stream) == 0
+    values = (await graph.aget_state({"configurable": {"thread_id": workflow_id}})).values
+    assert values["events_processed"] == 3  # e2 and e3 ran once, in the resume run
