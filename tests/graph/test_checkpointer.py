@@ -19,6 +19,7 @@ from langgraph.checkpoint.serde.jsonplus import (
     EXT_CONSTRUCTOR_SINGLE_ARG,
     JsonPlusSerializer,
 )
+from redis import Redis
 
 from graph.checkpointer import open_checkpointer, strict_serializer
 from graph.errors import WorkflowError
@@ -276,3 +277,24 @@ async def test_postgres_saver_persists_history_forks_and_resumes() -> None:
                 await saver.adelete_thread(workflow_id)
         for workflow_id in threads:
             assert await saver.aget_tuple(thread_config(workflow_id)) is None
+
+
+async def test_a_rewritten_stored_checkpoint_is_detected_and_rolled_back(
+    redis_saver: BaseCheckpointSaver[str], redis: Redis
+) -> None:
+    """Rewriting the stored JSON of the latest checkpoint in Redis (no LangGraph call):
+    the next event reports corrupted and the workflow goes back to the one before."""
+    graph = _graph(redis_saver)
+    workflow_id = _wf()
+    first = await run_events(graph, workflow_id, [{"event_id": "e1", "content": TECH}])
+    second = await run_events(graph, workflow_id, [{"event_id": "e2", "content": TECH}])
+    key = f"checkpoint:{workflow_id}:__empty__:{second.checkpoint_id}"
+    assert redis.json().get(key, "$.checkpoint.channel_values.events_processed") == [2]
+    redis.json().set(key, "$.checkpoint.channel_values.window", ["forged"])
+
+    run = await run_events(graph, workflow_id, [{"event_id": "e3", "content": TECH}])
+    assert run.results["e3"]["state_integrity"] == "corrupted"
+    assert run.recovered_to == first.checkpoint_id
+    current = await graph.aget_state(thread_config(workflow_id))
+    assert current.values["events_processed"] == 1
+    assert "forged" not in current.values["window"]
