@@ -1,0 +1,44 @@
+"""Helpers for the actor tests: an in-process actor system on the real Redis."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import anyio
+from redis.asyncio import Redis
+
+from actors.config import Settings
+from actors.tree import ActorSystem
+from graph.work import WorkHandlers
+
+
+def actor_settings(settings: Settings, **changes: object) -> Settings:
+    """Small, fast settings for actor tests."""
+    base = {"actor_workers": 2, "ask_timeout": 5.0, "restart_backoff": 0.0}
+    base.update(changes)
+    return replace(settings, **base)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running(system: ActorSystem) -> AsyncIterator[ActorSystem]:
+    """Run ``system`` for the duration of the block."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(system.run)
+        yield system
+        tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def open_redis(settings: Settings) -> AsyncIterator[Redis]:
+    """An async bytes client on the test Redis."""
+    assert settings.redis_url is not None
+    client = Redis.from_url(settings.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+__all__ = ["WorkHandlers", "actor_settings", "open_redis", "running"]
