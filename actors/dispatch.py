@@ -149,8 +149,10 @@ class ActorDispatch:
             breaker.add_listener(listener)
             if instruments is not None:
                 instruments.record_breaker_state(breaker.name, breaker.state.value)
-        # (succeeded, seconds or None when rejected)
-        self._recent: deque[tuple[bool, float | None]] = deque(maxlen=_RECENT)
+        # Per kind: (succeeded, seconds or None when rejected).
+        self._recent: dict[str, deque[tuple[bool, float | None]]] = {
+            kind.value: deque(maxlen=_RECENT) for kind in WorkKind
+        }
 
     async def __call__(self, kind: WorkKind, payload: Mapping[str, JSON]) -> dict[str, JSON]:
         """Ask ``kind`` for ``payload``'s answer through its breaker.
@@ -161,6 +163,7 @@ class ActorDispatch:
             ActorError: the actor answered with an error.
         """
         breaker = self.breakers[kind.value]
+        recent = self._recent[kind.value]
         async with self._limit:
             started = time.monotonic()
             try:
@@ -168,12 +171,12 @@ class ActorDispatch:
                     lambda: self._mailbox.ask(kind.value, payload, self._timeout)
                 )
             except CallNotPermittedError:
-                self._recent.append((False, None))
+                recent.append((False, None))
                 raise
             except Exception:
-                self._recent.append((False, time.monotonic() - started))
+                recent.append((False, time.monotonic() - started))
                 raise
-            self._recent.append((True, time.monotonic() - started))
+            recent.append((True, time.monotonic() - started))
             return reply
 
     def reading_allowed(self) -> bool:
@@ -181,18 +184,27 @@ class ActorDispatch:
         return not any(b.state in _REJECTING for b in self.breakers.values())
 
     def health(self) -> DispatchHealth:
-        """Breaker states, error rate and performance over the last asks."""
+        """Breaker states, and error rate and performance over each kind's last asks.
+
+        The loop needs every kind, so the worst kind speaks for all: ``error_rate`` is
+        the highest per-kind share of failed or rejected asks, ``performance_score``
+        the lowest per-kind mean of ``1 - latency/timeout`` (0 for a failed or
+        rejected ask).
+        """
         states = {kind: b.state.value for kind, b in self.breakers.items()}
-        recent = list(self._recent)
-        if not recent:
-            return DispatchHealth(breaker_states=states)
-        failed = sum(1 for ok, _ in recent if not ok)
-        score = 0.0
-        for ok, seconds in recent:
-            if ok and seconds is not None:
-                score += max(0.0, 1.0 - seconds / self._timeout)
+        error_rate, performance = 0.0, 1.0
+        for recent in self._recent.values():
+            if not recent:
+                continue
+            failed = 0
+            score = 0.0
+            for ok, seconds in recent:
+                if not ok:
+                    failed += 1
+                elif seconds is not None:
+                    score += max(0.0, 1.0 - seconds / self._timeout)
+            error_rate = max(error_rate, failed / len(recent))
+            performance = min(performance, score / len(recent))
         return DispatchHealth(
-            breaker_states=states,
-            error_rate=failed / len(recent),
-            performance_score=score / len(recent),
+            breaker_states=states, error_rate=error_rate, performance_score=performance
         )

@@ -94,13 +94,15 @@ class ActorSystem:
             backoff_initial=settings.restart_backoff,
             backoff_max=max(settings.restart_backoff, 10.0),
         )
+        self.supervisors = {
+            kind: pool.supervisor(kind_config, on_restart=self._restarted, clock=clock)
+            for kind, pool in self.pools.items()
+        }
+        """The one_for_one supervisor of each kind served here."""
         children: list[ChildSpec | Supervisor] = []
         if self.mailbox is not None:
             children.append(ChildSpec("replies", self._reply_reader))
-        children += [
-            pool.supervisor(kind_config, on_restart=self._restarted, clock=clock)
-            for pool in self.pools.values()
-        ]
+        children += self.supervisors.values()
         self.root = Supervisor(
             "ctxd",
             children,

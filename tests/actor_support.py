@@ -11,7 +11,6 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.tree import ActorSystem
-from graph.work import WorkHandlers
 
 
 def actor_settings(settings: Settings, **changes: object) -> Settings:
@@ -41,4 +40,23 @@ async def open_redis(settings: Settings) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
-__all__ = ["WorkHandlers", "actor_settings", "open_redis", "running"]
+async def read_stream(
+    redis: Redis, stream: str, count: int, *, within: float = 60.0
+) -> list[tuple[str, dict[str, str]]]:
+    """Wait until ``stream`` holds ``count`` entries (or ``within`` seconds pass).
+
+    XREAD BLOCK on the async client, so the event loop keeps running; entries decoded.
+    """
+
+    def decoded(raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[str, dict[str, str]]]:
+        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in raw]
+
+    entries = decoded(await redis.xrange(stream))
+    last = entries[-1][0] if entries else "0-0"
+    with anyio.move_on_after(within):
+        while len(entries) < count:
+            reply = await redis.xread({stream: last}, block=1000, count=1000)
+            for _, new in reply or []:
+                entries.extend(decoded(new))
+                last = entries[-1][0]
+    return entries

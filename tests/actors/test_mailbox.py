@@ -7,10 +7,10 @@ from collections.abc import Mapping
 
 import anyio
 import pytest
+from actor_support import actor_settings, open_redis, running
 from opentelemetry.trace import SpanKind
 from redis import Redis as SyncRedis
 
-from actor_support import actor_settings, open_redis, running
 from actors.config import Settings
 from actors.mailbox import ActorError, ActorReply, ActorRequest, Mailbox, mailbox_stream
 from actors.tree import ActorSystem
@@ -47,9 +47,7 @@ async def test_ask_returns_the_handlers_answer_from_a_named_consumer(settings: S
         system = ActorSystem(redis, settings, WorkHandlers())
         async with running(system):
             assert system.mailbox is not None
-            replies = [
-                await system.mailbox.ask_reply("decision", DECIDE, 5.0) for _ in range(3)
-            ]
+            replies = [await system.mailbox.ask_reply("decision", DECIDE, 5.0) for _ in range(3)]
             answer = await system.mailbox.ask("decision", DECIDE, 5.0)
         groups = await redis.xinfo_groups(mailbox_stream(settings, "decision"))
     assert answer["decision"] in json.loads(replies[0].body)["scores"]
