@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 _log = structlog.get_logger("ctxd.mailbox")
-_REPLY_MAXLEN = 10_000  # a safety cap; the reader trims what it has read
+_TRIM_EVERY = 256  # replies read between two trims of the reply stream
 
 
 def mailbox_stream(settings: Settings, kind: str) -> str:
@@ -216,6 +216,7 @@ class Mailbox:
             await self._redis.delete(self._reply_stream)
             self._ready.set()
         last = "0-0"
+        read_since_trim = 0
         task_status.started()
         block = self._settings.block_ms
         while True:
@@ -230,8 +231,11 @@ class Mailbox:
                 fields = {text(k): text(v) for k, v in raw.items()}
                 self._deliver(ActorReply.from_fields(fields))
                 last = text(entry_id)
-            # Read replies are nobody's business any more: keep the stream short.
-            await self._redis.xtrim(self._reply_stream, minid=last)
+            read_since_trim += len(entries)
+            if read_since_trim >= _TRIM_EVERY:
+                # Read replies are nobody's business any more: keep the stream short.
+                await self._redis.xtrim(self._reply_stream, minid=last)
+                read_since_trim = 0
 
     def _deliver(self, reply: ActorReply) -> None:
         self._replies += 1

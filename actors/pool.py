@@ -43,6 +43,29 @@ __all__ = ["ActorPool", "FaultHook", "FaultPoint"]
 _log = structlog.get_logger("ctxd.actors")
 _REPLY_MAXLEN = 10_000
 
+# KEYS: the mailbox, then one reply stream per item (the mailbox again when none).
+# ARGV: group, maxlen, n, then per item: entry id, nfields, field/value pairs.
+# Answers, acknowledges and deletes every item atomically, in one round trip.
+_FINISH_LUA = """
+local group, maxlen, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local pos = 4
+for i = 1, n do
+  local entry_id, nfields = ARGV[pos], tonumber(ARGV[pos + 1])
+  if nfields > 0 then
+    local fields = {}
+    for j = 1, nfields * 2 do fields[j] = ARGV[pos + 1 + j] end
+    redis.call('XADD', KEYS[1 + i], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  end
+  pos = pos + 2 + nfields * 2
+  redis.call('XACK', KEYS[1], group, entry_id)
+  redis.call('XDEL', KEYS[1], entry_id)
+end
+return n
+"""
+
+_Done = tuple[str, str, "ActorReply | None"]
+"""A handled entry: its id, the stream to answer on ("" for none), the answer."""
+
 FaultPoint = Literal["received", "handled"]
 """Where a :data:`FaultHook` is called: before the handler runs, or before the reply."""
 
@@ -79,6 +102,7 @@ class ActorPool:
         self._tracer = tracer or trace.get_tracer("ctxd.actors")
         self._fault = fault
         self._stream = mailbox_stream(settings, kind.value)
+        self._finish_script = redis.register_script(_FINISH_LUA)
         self.handled = 0
         """Requests answered by this pool since start."""
 
@@ -145,13 +169,18 @@ class ActorPool:
     async def _serve_batch(
         self, consumer: str, entries: list[Entry], deliveries: Mapping[str, int]
     ) -> None:
+        """Handle a batch concurrently, then answer and acknowledge it in one script."""
+        done: list[_Done] = []
         if len(entries) == 1:
             entry_id, raw = entries[0]
-            await self._serve(consumer, entry_id, raw, deliveries.get(entry_id, 1))
-            return
-        async with anyio.create_task_group() as tg:
-            for entry_id, raw in entries:
-                tg.start_soon(self._serve, consumer, entry_id, raw, deliveries.get(entry_id, 1))
+            await self._serve(consumer, entry_id, raw, deliveries.get(entry_id, 1), done)
+        else:
+            async with anyio.create_task_group() as tg:
+                for entry_id, raw in entries:
+                    count = deliveries.get(entry_id, 1)
+                    tg.start_soon(self._serve, consumer, entry_id, raw, count, done)
+        await self._finish(done)
+        self.handled += len(done)
 
     async def _reclaim(self, task_status: TaskStatus[None]) -> None:
         """Take over entries of dead consumers: idle longer than twice the ask timeout."""
@@ -190,10 +219,15 @@ class ActorPool:
         }
 
     async def _serve(
-        self, consumer: str, entry_id: str, raw: dict[bytes, bytes] | None, deliveries: int
+        self,
+        consumer: str,
+        entry_id: str,
+        raw: dict[bytes, bytes] | None,
+        deliveries: int,
+        done: list[_Done],
     ) -> None:
         if raw is None:  # deleted while pending: nothing to answer
-            await self._finish(entry_id, "", None)
+            done.append((entry_id, "", None))
             return
         fields = {text(k): text(v) for k, v in raw.items()}
         try:
@@ -211,12 +245,13 @@ class ActorPool:
                 f" {self._settings.max_deliveries}); see the workers' logs for the crash"
             )
             await self._dead_letter(entry_id, fields, "poison", error, deliveries)
-            reply = ActorReply(request.id, False, error, consumer)
-            await self._finish(entry_id, request.reply_to, reply)
+            done.append(
+                (entry_id, request.reply_to, ActorReply(request.id, False, error, consumer))
+            )
             return
         if request.reply_to and request.deadline < time.time():
             _log.info("request expired before it was handled", kind=self._kind.value, id=request.id)
-            await self._finish(entry_id, "", None)
+            done.append((entry_id, "", None))
             return
         with process_span(
             self._tracer,
@@ -243,26 +278,26 @@ class ActorPool:
                 reply = ActorReply(request.id, False, f"{type(exc).__name__}: {exc}", consumer)
             if self._fault is not None:
                 await self._fault("handled", request)
-            await self._finish(entry_id, request.reply_to, reply)
-        self.handled += 1
+        done.append((entry_id, request.reply_to, reply))
 
-    async def _finish(self, entry_id: str, reply_to: str, reply: ActorReply | None) -> None:
-        """Answer (if anyone asked) and acknowledge + delete the entry, in one MULTI."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            if reply_to and reply is not None:
-                pipe.xadd(
-                    reply_to,
-                    reply.to_fields(),  # type: ignore[arg-type]
-                    maxlen=_REPLY_MAXLEN,
-                    approximate=True,
-                )
-            pipe.xack(self._stream, self._settings.group, entry_id)
-            pipe.xdel(self._stream, entry_id)
-            if reply_to and reply is not None:
-                with send_span(self._tracer, stream=reply_to):
-                    await pipe.execute()
-            else:
-                await pipe.execute()
+    async def _finish(self, done: list[_Done]) -> None:
+        """Answer (where anyone asked), acknowledge and delete, atomically."""
+        if not done:
+            return
+        keys = [self._stream]
+        args: list[str | int] = [self._settings.group, _REPLY_MAXLEN, len(done)]
+        for entry_id, reply_to, reply in done:
+            answer = reply.to_fields() if reply_to and reply is not None else {}
+            keys.append(reply_to if answer else self._stream)
+            args += [entry_id, len(answer)]
+            for name, value in answer.items():
+                args += [name, value]
+        streams = sorted({k for k in keys[1:] if k != self._stream})
+        if streams:
+            with send_span(self._tracer, stream=streams[0]):
+                await self._finish_script(keys=keys, args=args)
+        else:
+            await self._finish_script(keys=keys, args=args)
 
     async def _dead_letter(
         self, entry_id: str, fields: dict[str, str], reason: str, error: str, attempts: int
