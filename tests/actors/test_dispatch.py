@@ -20,7 +20,7 @@ from actors.tree import ActorSystem
 from graph.analysis import AnalysisRequest, AnalysisResult, heuristic_analyzer
 from graph.checkpointer import open_checkpointer
 from graph.state import JSON
-from graph.work import WorkHandlers, WorkKind
+from graph.work import LocalDispatch, WorkHandlers, WorkKind
 from graph.workflow import build_contextual_workflow
 from telemetry.testing import capture_metrics, capture_spans
 
@@ -254,3 +254,76 @@ async def test_outage_drives_fallback_decisions_pauses_reading_and_loses_nothing
     assert redis.xlen(settings.dlq_stream) == 0
     assert redis.xpending(settings.input_stream, settings.group)["pending"] == 0
     assert json.loads(outputs[-1][1]["route"])[0] == "context_analyzer"
+
+
+class RefusingGraph:
+    """The real graph, except that its first run is refused by an open breaker."""
+
+    def __init__(self, real: object, refused: anyio.Event, gate: list[bool]) -> None:
+        self._real = real
+        self._refused = refused
+        self._gate = gate
+
+    def astream(self, *args: object, **kwargs: object) -> object:
+        if not self._refused.is_set():
+            self._gate[0] = False  # the breaker is open now
+            self._refused.set()
+            raise CallNotPermittedError(
+                "test breaker open", breaker="actor.analysis", state=BreakerState.OPEN,
+                next_probe_at=None, retry_after=None,
+            )  # fmt: skip
+        return self._real.astream(*args, **kwargs)  # type: ignore[attr-defined]
+
+
+async def test_batch_refused_by_a_breaker_stays_pending_and_is_retried_not_dead_lettered(
+    settings: Settings, redis: SyncRedis
+) -> None:
+    refused, gate = anyio.Event(), [True]
+    redis.xadd(settings.input_stream, {"workflow_id": "wf", "content": "alpha beta"})
+    async with open_redis(settings) as client, open_checkpointer("memory") as saver:
+        graph = RefusingGraph(build_contextual_workflow(LocalDispatch(), saver), refused, gate)
+        ingress = Ingress(client, settings, graph, reading_allowed=lambda: gate[0])  # type: ignore[arg-type]
+        async with anyio.create_task_group() as tg:
+            await tg.start(ingress.run)
+            with anyio.fail_after(30):
+                await refused.wait()
+            assert redis.xlen(settings.output_stream) == 0
+            assert redis.xpending(settings.input_stream, settings.group)["pending"] == 1
+            gate[0] = True  # the breaker lets calls through again
+            outputs = await read_stream(client, settings.output_stream, 1)
+            ingress.stop()
+    stats = ingress.statistics()
+    assert len(outputs) == 1
+    assert (stats.failed_runs, stats.dead_lettered, stats.processed) == (0, 0, 1)
+    assert redis.xlen(settings.dlq_stream) == 0
+    assert redis.xpending(settings.input_stream, settings.group)["pending"] == 0
+
+
+def test_breaker_and_actor_settings_come_from_env_and_toml(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from actors.config import load_settings
+    from actors.dispatch import breaker_config
+    from graph.errors import ConfigError
+
+    env = {"CTXD_BREAKER_WINDOW": "8", "CTXD_BREAKER_MINIMUM_CALLS": "4",
+           "CTXD_BREAKER_FAILURE_RATE": "0.25", "CTXD_DISPATCH": "local"}  # fmt: skip
+    settings = load_settings(env)
+    config = breaker_config(settings)
+    assert (config.window_size, config.minimum_calls, config.failure_rate_threshold) == (8, 4, 0.25)
+    assert settings.dispatch == "local"
+    toml = Path(str(tmp_path)) / "ctxd.toml"
+    toml.write_text("[ctxd]\nbreaker_open_wait = 2.5\nask_timeout = 0.5\nactor_workers = 3\n")
+    from_file = load_settings({}, config_file=toml)
+    assert (from_file.breaker_open_wait, from_file.ask_timeout, from_file.actor_workers) == (
+        2.5,
+        0.5,
+        3,
+    )
+    assert breaker_config(from_file).open_wait == 2.5
+    with pytest.raises(ConfigError, match=r"CTXD_BREAKER_FAILURE_RATE='1\.5'"):
+        load_settings({"CTXD_BREAKER_FAILURE_RATE": "1.5"})
+    with pytest.raises(ConfigError, match="CTXD_DISPATCH='remote'"):
+        load_settings({"CTXD_DISPATCH": "remote"})
+    with pytest.raises(ConfigError, match="exceeds CTXD_BREAKER_WINDOW"):
+        load_settings({"CTXD_BREAKER_WINDOW": "5"})

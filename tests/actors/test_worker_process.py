@@ -149,3 +149,15 @@ def test_memory_stays_bounded_under_a_ten_times_burst(
     assert peak - warm < 16 * 1024, f"peak RSS grew by {(peak - warm) / 1024:.1f} MiB"
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
+
+
+def test_local_dispatch_stays_selectable_and_uses_no_actor_streams(
+    start_service: Callable[..., ServiceProcess], redis: Redis, prefix: str
+) -> None:
+    service = start_service("run", env={"CTXD_DISPATCH": "local"})
+    service.wait_ready()
+    redis.xadd(f"{prefix}:in", {"workflow_id": "wf", "content": "alpha beta gamma"})
+    assert len(read_outputs(redis, f"{prefix}:out", 1)) == 1
+    assert redis.keys(f"{prefix}:actor:*") == []
+    service.signal(signal.SIGTERM)
+    assert service.wait() == 0
