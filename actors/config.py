@@ -67,7 +67,7 @@ class Settings:
     log_format: str = "auto"
     dispatch: str = "actors"
     ask_timeout: float = 10.0
-    actor_workers: int = 4
+    actor_workers: int = 2
     actor_read_count: int = 16
     max_asks_in_flight: int = 256
     breaker_window: int = 50

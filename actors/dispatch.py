@@ -149,10 +149,7 @@ class ActorDispatch:
             breaker.add_listener(listener)
             if instruments is not None:
                 instruments.record_breaker_state(breaker.name, breaker.state.value)
-        # Per kind: (succeeded, seconds or None when rejected).
-        self._recent: dict[str, deque[tuple[bool, float | None]]] = {
-            kind.value: deque(maxlen=_RECENT) for kind in WorkKind
-        }
+        self._recent = {kind.value: _Recent(self._timeout) for kind in WorkKind}
 
     async def __call__(self, kind: WorkKind, payload: Mapping[str, JSON]) -> dict[str, JSON]:
         """Ask ``kind`` for ``payload``'s answer through its breaker.
@@ -171,12 +168,12 @@ class ActorDispatch:
                     lambda: self._mailbox.ask(kind.value, payload, self._timeout)
                 )
             except CallNotPermittedError:
-                recent.append((False, None))
+                recent.add(ok=False, seconds=None)
                 raise
             except Exception:
-                recent.append((False, time.monotonic() - started))
+                recent.add(ok=False, seconds=time.monotonic() - started)
                 raise
-            recent.append((True, time.monotonic() - started))
+            recent.add(ok=True, seconds=time.monotonic() - started)
             return reply
 
     def reading_allowed(self) -> bool:
@@ -194,17 +191,33 @@ class ActorDispatch:
         states = {kind: b.state.value for kind, b in self.breakers.items()}
         error_rate, performance = 0.0, 1.0
         for recent in self._recent.values():
-            if not recent:
-                continue
-            failed = 0
-            score = 0.0
-            for ok, seconds in recent:
-                if not ok:
-                    failed += 1
-                elif seconds is not None:
-                    score += max(0.0, 1.0 - seconds / self._timeout)
-            error_rate = max(error_rate, failed / len(recent))
-            performance = min(performance, score / len(recent))
+            if recent.count:
+                error_rate = max(error_rate, min(1.0, recent.failed / recent.count))
+                performance = min(performance, max(0.0, recent.score / recent.count))
         return DispatchHealth(
             breaker_states=states, error_rate=error_rate, performance_score=performance
         )
+
+
+class _Recent:
+    """The last asks of one kind, with running totals (health() runs per node)."""
+
+    __slots__ = ("count", "failed", "outcomes", "score", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.outcomes: deque[tuple[bool, float]] = deque()  # (failed, score)
+        self.count = 0
+        self.failed = 0
+        self.score = 0.0
+
+    def add(self, *, ok: bool, seconds: float | None) -> None:
+        score = max(0.0, 1.0 - seconds / self.timeout) if ok and seconds is not None else 0.0
+        if len(self.outcomes) == _RECENT:
+            old_failed, old_score = self.outcomes.popleft()
+            self.failed -= old_failed
+            self.score -= old_score
+        self.outcomes.append((not ok, score))
+        self.failed += not ok
+        self.score += score
+        self.count = len(self.outcomes)

@@ -161,3 +161,38 @@ def test_local_dispatch_stays_selectable_and_uses_no_actor_streams(
     assert redis.keys(f"{prefix}:actor:*") == []
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
+
+
+def test_ctxd_run_rides_out_an_analysis_outage_with_fallbacks_and_no_dead_letters(
+    start_service: Callable[..., ServiceProcess], redis: Redis, prefix: str
+) -> None:
+    """The daemon's wiring: breaker opens, fallbacks come out, it recovers, nothing lost."""
+    env = {"CTXD_ANALYZER": PLUGIN, "CTXD_BREAKER_WINDOW": "4", "CTXD_BREAKER_MINIMUM_CALLS": "4",
+           "CTXD_BREAKER_OPEN_WAIT": "1", "CTXD_BREAKER_HALF_OPEN_CALLS": "2",
+           "CTXD_CONCURRENCY": "2", "CTXD_BATCH_SIZE": "1"}  # fmt: skip
+    redis.set(f"{prefix}:test:analyzer", "fail")
+    service = start_service("run", env=env)
+    service.wait_ready()
+    total = 16
+    for i in range(total):
+        content = f"event {i}: checkout latency rose after the deploy, payment API errors"
+        redis.xadd(f"{prefix}:in", {"workflow_id": f"wf-{i % 4}", "content": content})
+    service.wait_for_line(lambda line: "circuit breaker opened" in line)
+    redis.delete(f"{prefix}:test:analyzer")
+    outputs = read_outputs(redis, f"{prefix}:out", total, timeout_ms=90000)
+    service.wait_for_line(lambda line: '"to_state": "closed"' in line)
+    service.signal(signal.SIGTERM)
+    assert service.wait() == 0
+    moves = [
+        (e["from_state"], e["to_state"])
+        for e in _json_lines(service)
+        if e.get("event") in ("circuit breaker opened", "circuit breaker transition")
+        and e.get("breaker") == "actor.analysis"
+    ]
+    assert moves[0] == ("closed", "open")
+    assert ("open", "half_open") in moves
+    assert moves[-1] == ("half_open", "closed")
+    assert len(outputs) == total
+    assert {f["decision"] for _, f in outputs} & {"fallback_processing", "circuit_breaker_mode"}
+    assert redis.xlen(f"{prefix}:dlq") == 0
+    assert redis.xpending(f"{prefix}:in", "ctxd")["pending"] == 0
