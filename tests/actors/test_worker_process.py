@@ -29,14 +29,18 @@ def _json_lines(process: ServiceProcess) -> list[dict[str, object]]:
     return [json.loads(line) for line in process.lines if line.startswith("{")]
 
 
-def test_actor_crashing_on_every_start_makes_ctxd_run_exit_non_zero(
-    start_service: Callable[..., ServiceProcess], redis: Redis, prefix: str
+@pytest.mark.parametrize("command", [("run",), ("worker", "--kinds", "analysis")])
+def test_actor_crashing_on_every_start_makes_the_process_exit_non_zero(
+    start_service: Callable[..., ServiceProcess],
+    redis: Redis,
+    prefix: str,
+    command: tuple[str, ...],
 ) -> None:
     """Bounded restarts with backoff, escalation to the root, then a non-zero exit."""
     redis.set(f"{prefix}:actor:analysis", "not a stream")  # XGROUP CREATE fails every start
     intensity = 2
     service = start_service(
-        "run",
+        *command,
         env={"CTXD_RESTART_INTENSITY": str(intensity), "CTXD_RESTART_BACKOFF": "0.01"},
     )
     code = service.wait(timeout=60)
