@@ -55,6 +55,8 @@ for i = 1, n do
     local fields = {}
     for j = 1, nfields * 2 do fields[j] = ARGV[pos + 1 + j] end
     redis.call('XADD', KEYS[1 + i], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+    -- The reply stream of an asker that died goes away a day after its last reply.
+    redis.call('EXPIRE', KEYS[1 + i], 86400)
   end
   pos = pos + 2 + nfields * 2
   redis.call('XACK', KEYS[1], group, entry_id)
