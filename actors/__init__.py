@@ -1,7 +1,8 @@
 """actors/: who does the work and keeps it alive.
 
-The ingress consumer, stream operations with their delivery guarantees, supervisors,
-circuit breakers, the embedded Redis, configuration, the daemon and the command line.
+The ingress consumer, stream operations with their delivery guarantees, actor
+mailboxes and worker pools, supervisors, circuit breakers, the embedded Redis,
+configuration, the daemon and the command line.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from actors.breaker import (
     CircuitBreaker,
 )
 from actors.config import Settings, load_settings
+from actors.dispatch import ActorDispatch
+from actors.mailbox import ActorError, ActorReply, ActorRequest, Mailbox
+from actors.pool import ActorPool
 from actors.supervisor import (
     ChildSpec,
     RestartEvent,
@@ -22,9 +26,16 @@ from actors.supervisor import (
     SupervisorConfig,
     SupervisorEscalation,
 )
+from actors.tree import ActorSystem
 from actors.validation import Event, parse_event
 
 __all__ = [
+    "ActorDispatch",
+    "ActorError",
+    "ActorPool",
+    "ActorReply",
+    "ActorRequest",
+    "ActorSystem",
     "BreakerConfig",
     "BreakerState",
     "BreakerStatistics",
@@ -33,6 +44,7 @@ __all__ = [
     "ChildSpec",
     "CircuitBreaker",
     "Event",
+    "Mailbox",
     "RestartEvent",
     "Settings",
     "Supervisor",

@@ -8,7 +8,7 @@ async callable with all three steps.
 States and transitions::
 
     closed ──failure or slow-call rate ≥ threshold──► open ──wait elapsed──► half_open
-    half_open ──probes succeed──► closed          half_open ──probes fail / stuck──► open
+    half_open ──all probes succeed──► closed      half_open ──a probe fails / stuck──► open
     any ──force_open()──► forced_open              any ──reset()──► closed
 
 * **closed** records every outcome in a count-based sliding window (the last
@@ -17,14 +17,13 @@ States and transitions::
 * **open** rejects calls. After the open wait (``open_wait``, doubled for every
   consecutive re-open up to ``max_open_wait``, with jitter) it moves to half-open.
 * **half_open** lets exactly ``half_open_permitted_calls`` probe calls through and
-  rejects the rest. When all probes have finished, rates below both thresholds close
-  the breaker (resetting the window and the open-wait doubling); otherwise it opens
-  again with a longer wait. *Early re-open:* a probe outcome that makes the failure (or
-  slow-call) rate over all probes reach the threshold whatever the outstanding probes
-  return re-opens at once rather than waiting for them. With the defaults (3 probes,
-  50 %), one failing probe out of three still closes the breaker and the second re-opens
-  it. A half-open state that does not settle within ``max_half_open_wait`` (probes that
-  never report) re-opens too.
+  rejects the rest. When all probes have succeeded (and the slow-call rate over them
+  stays below its threshold) the breaker closes, resetting the window and the
+  open-wait doubling. Any failed probe re-opens it at once with a longer wait, without
+  waiting for the outstanding probes; so does a slow-call rate over all probes that
+  has reached its threshold whatever the outstanding probes return. A half-open state
+  that does not settle within ``max_half_open_wait`` (probes that never report)
+  re-opens too.
 * **forced_open** rejects everything until :meth:`CircuitBreaker.reset`.
 
 There is no background task: time-based transitions (open → half_open, the half-open
@@ -603,12 +602,10 @@ class CircuitBreaker:
     def _evaluate_half_open(self, now: float) -> None:
         cfg = self._config
         probes = cfg.half_open_permitted_calls
-        # The rates over all probes can only grow from failed/probes and slow/probes:
-        # once either reaches its threshold the outcome is settled, so re-open now.
-        if (
-            self._probes.failed / probes >= cfg.failure_rate_threshold
-            or self._probes.slow / probes >= cfg.slow_call_rate_threshold
-        ):
+        # DESIGN: half-open closes only when the permitted probes succeed, so any failed
+        # probe re-opens at once; slow probes re-open once their rate over all probes is
+        # settled at or above the threshold.
+        if self._probes.failed > 0 or self._probes.slow / probes >= cfg.slow_call_rate_threshold:
             self._open(now, "probe_failed", self._probes)
         elif self._probes.calls >= probes:
             self._window.clear()

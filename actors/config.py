@@ -65,6 +65,19 @@ class Settings:
     escalation_pauses: bool = False
     log_level: str = "info"
     log_format: str = "auto"
+    dispatch: str = "actors"
+    ask_timeout: float = 10.0
+    actor_workers: int = 2
+    actor_read_count: int = 16
+    max_asks_in_flight: int = 256
+    breaker_window: int = 50
+    breaker_minimum_calls: int = 20
+    breaker_failure_rate: float = 0.5
+    breaker_open_wait: float = 30.0
+    breaker_half_open_calls: int = 3
+    restart_intensity: int = 5
+    restart_period: float = 30.0
+    restart_backoff: float = 0.2
     routing: Mapping[str, object] = field(default_factory=dict)
     analyzer_policy: Mapping[str, object] = field(default_factory=dict)
 
@@ -117,6 +130,13 @@ def _parse_float(minimum: float) -> Callable[[str, object], float]:
         return value
 
     return parse
+
+
+def _parse_fraction(name: str, raw: object) -> float:
+    value = _parse_float(0.0)(name, raw)
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name}={raw!r} is out of range: expected a number in (0, 1]")
+    return value
 
 
 def _parse_choice(*choices: str) -> Callable[[str, object], str]:
@@ -203,6 +223,19 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "escalation_pauses": _parse_bool,
     "log_level": _parse_choice("debug", "info", "warning", "error"),
     "log_format": _parse_choice("auto", "json", "console"),
+    "dispatch": _parse_choice("actors", "local"),
+    "ask_timeout": _parse_float(0.05),
+    "actor_workers": _parse_int(1, 256),
+    "actor_read_count": _parse_int(1, 1000),
+    "max_asks_in_flight": _parse_int(1, 65536),
+    "breaker_window": _parse_int(1, 10000),
+    "breaker_minimum_calls": _parse_int(1, 10000),
+    "breaker_failure_rate": _parse_fraction,
+    "breaker_open_wait": _parse_float(0.001),
+    "breaker_half_open_calls": _parse_int(1, 1000),
+    "restart_intensity": _parse_int(0, 1000),
+    "restart_period": _parse_float(0.001),
+    "restart_backoff": _parse_float(0.0),
 }
 
 
@@ -276,6 +309,11 @@ def load_settings(
     if settings.checkpointer == "postgres" and not settings.postgres_url:
         raise ConfigError(
             "CTXD_CHECKPOINTER=postgres needs CTXD_POSTGRES_URL (postgresql://user@host/db)"
+        )
+    if settings.breaker_minimum_calls > settings.breaker_window:
+        raise ConfigError(
+            f"CTXD_BREAKER_MINIMUM_CALLS={settings.breaker_minimum_calls} exceeds "
+            f"CTXD_BREAKER_WINDOW={settings.breaker_window}: the window must hold that many calls"
         )
     return settings
 

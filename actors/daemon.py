@@ -8,8 +8,9 @@ command line turns it into a non-zero exit so systemd or Docker restarts the ser
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -18,6 +19,8 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.ingress import Ingress
+from actors.supervisor import SupervisorEscalation
+from actors.tree import ActorSystem
 from graph.analysis import load_analyzer
 from graph.checkpointer import open_checkpointer
 from graph.features import AnalyzerPolicy
@@ -62,14 +65,25 @@ async def serve(
         async with open_checkpointer(
             settings.checkpointer, redis_url=redis_url, postgres_url=settings.postgres_url
         ) as saver:
+            actors = (
+                ActorSystem(redis, settings, handlers) if settings.dispatch == "actors" else None
+            )
+            dispatch = actors.dispatch if actors is not None else None
             graph = build_contextual_workflow(
-                LocalDispatch(handlers),
+                dispatch or LocalDispatch(handlers),
                 saver,
                 policy=policy,
                 escalation_pauses=settings.escalation_pauses,
             )
-            ingress = Ingress(redis, settings, graph)
-            async with anyio.create_task_group() as tg:
+            ingress = Ingress(
+                redis,
+                settings,
+                graph,
+                reading_allowed=dispatch.reading_allowed if dispatch is not None else None,
+            )
+            async with _escalations_unwrapped(), anyio.create_task_group() as tg:
+                if actors is not None:
+                    await tg.start(actors.run)
                 await tg.start(_stop_on_signal, ingress, tg.cancel_scope, drain_budget)
                 await tg.start(ingress.run)
                 _log.info(
@@ -88,6 +102,22 @@ async def serve(
             _log.info("ctxd stopped", processed=stats.processed, dead_lettered=stats.dead_lettered)
     finally:
         await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _escalations_unwrapped() -> AsyncIterator[None]:
+    """Let the root supervisor's escalation out of the task group as itself."""
+    try:
+        yield
+    except ExceptionGroup as group:
+        matched, _ = group.split(SupervisorEscalation)
+        if matched is None:
+            raise
+        escalation = matched.exceptions[0]
+        while isinstance(escalation, ExceptionGroup):
+            escalation = escalation.exceptions[0]
+        _log.error("the supervision tree gave up; exiting", error=str(escalation))
+        raise escalation from None
 
 
 async def _wait_for_ingress_end(ingress: Ingress) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import anyio
@@ -24,6 +24,7 @@ import structlog
 from opentelemetry import trace
 from redis.asyncio import Redis
 
+from actors.breaker import CallNotPermittedError
 from actors.config import Settings
 from actors.parking import WorkflowRunner
 from actors.redis_io import autoclaim, read_group
@@ -61,6 +62,12 @@ class IngressStatistics:
     active_workflows: int
 
 
+def _refused_by_breaker(exc: Exception) -> bool:
+    if isinstance(exc, ExceptionGroup):
+        return exc.subgroup(CallNotPermittedError) is not None
+    return isinstance(exc, CallNotPermittedError)
+
+
 @dataclass
 class _Pending:
     event: Event
@@ -76,9 +83,19 @@ class Ingress:
         redis: the client (shared with the checkpointer's process, not its connection).
         settings: validated settings.
         graph: the compiled contextual workflow.
+        reading_allowed: asked before each read and reclaim; while it says False (a
+            circuit breaker is open) nothing new is read or reclaimed.
     """
 
-    def __init__(self, redis: Redis, settings: Settings, graph: ContextualGraph) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        graph: ContextualGraph,
+        *,
+        reading_allowed: Callable[[], bool] | None = None,
+    ) -> None:
+        self._reading_allowed = reading_allowed or (lambda: True)
         self._redis = redis
         self._settings = settings
         self._graph = graph
@@ -142,6 +159,9 @@ class Ingress:
         cursor = "0"  # this consumer's own pending entries first, then new ones
         stream = self._settings.input_stream
         while not self._stopping.is_set():
+            if not self._reading_allowed():
+                await self._paused()
+                continue
             room = self._max_in_flight - len(self._in_flight_ids)
             if room <= 0:
                 await self._wait_for_room()
@@ -163,6 +183,11 @@ class Ingress:
                 cursor = entries[-1][0]
             for entry_id, raw in entries:
                 await self._accept(tg, entry_id, raw, deliveries=1)
+
+    async def _paused(self) -> None:
+        """Backpressure: wait a little while the breakers reject work."""
+        with anyio.move_on_after(self._settings.block_ms / 1000):
+            await self._stopping.wait()
 
     async def _wait_for_room(self) -> None:
         self._room = anyio.Event()
@@ -245,6 +270,8 @@ class Ingress:
                 await self._stopping.wait()
             if self._stopping.is_set():
                 return
+            if not self._reading_allowed():
+                continue  # reclaiming now would only count deliveries the breaker refuses
             cursor = "0-0"
             while True:
                 cursor, claimed = await autoclaim(
@@ -286,14 +313,21 @@ class Ingress:
                 batch = queue[: self._settings.batch_size]
                 del queue[: len(batch)]
                 try:
-                    await self._process(workflow_id, batch)
+                    # A batch refused by a breaker stays pending and in flight: retried
+                    # here once reading is allowed again, never redelivered or DLQ'd.
+                    while not await self._process(workflow_id, batch):
+                        while not self._reading_allowed() and not self._stopping.is_set():
+                            await self._paused()
+                        if self._stopping.is_set():
+                            break
                 finally:
                     for item in batch:
                         self._in_flight_ids.discard(item.event.source_id)
                     self._room.set()
             del self._queues[workflow_id]
 
-    async def _process(self, workflow_id: str, batch: list[_Pending]) -> None:
+    async def _process(self, workflow_id: str, batch: list[_Pending]) -> bool:
+        """Run and commit one batch; False if a circuit breaker refused it."""
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
             spans = [
@@ -314,6 +348,11 @@ class Ingress:
             try:
                 await self._run_and_commit(workflow_id, batch, spans)
             except Exception as exc:  # noqa: BLE001 - the entries stay pending and are retried
+                if _refused_by_breaker(exc):
+                    _log.warning(
+                        "circuit breaker open; batch stays pending", workflow_id=workflow_id
+                    )
+                    return False
                 self._counts["failed_runs"] += 1
                 _log.error(
                     "workflow run failed; entries stay pending for redelivery",
@@ -327,6 +366,7 @@ class Ingress:
             events=len(batch),
             seconds=time.monotonic() - started,
         )
+        return True
 
     async def _run_and_commit(
         self, workflow_id: str, batch: list[_Pending], spans: list[trace.Span]

@@ -1,0 +1,99 @@
+"""``ctxd worker``: a process that serves actors only (no ingress), to scale out."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+
+import anyio
+import structlog
+
+from actors.cli_common import Subcommands, redis_url_for_client
+from actors.config import Settings
+from graph.errors import ConfigError
+from graph.work import WorkKind
+
+__all__ = ["register"]
+
+_log = structlog.get_logger("ctxd.worker")
+
+
+def register(commands: Subcommands) -> None:
+    """Add ``worker`` to the command line."""
+    worker = commands.add_parser(
+        "worker",
+        help="serve actor kinds only (joins the same consumer groups as `ctxd run`)",
+        description="Run actor workers for the given kinds on the mailbox streams "
+        "ctxd:actor:{kind}, sharing the work with every other ctxd process of the same "
+        "prefix and group. Stops on SIGTERM/SIGINT; exits non-zero when its supervision "
+        "tree gives up.",
+    )
+    worker.add_argument(
+        "--kinds",
+        default=",".join(k.value for k in WorkKind),
+        help="comma-separated actor kinds to serve (default: all of "
+        f"{', '.join(k.value for k in WorkKind)})",
+    )
+    worker.set_defaults(handler=_worker)
+
+
+def parse_kinds(raw: str) -> tuple[WorkKind, ...]:
+    """``analysis,decision`` → the kinds; a clear error for unknown names."""
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    known = {k.value: k for k in WorkKind}
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise ConfigError(
+            f"--kinds {raw!r}: unknown or no actor kinds {unknown}; use any of {', '.join(known)}"
+        )
+    return tuple(dict.fromkeys(known[n] for n in names))
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from telemetry.logging import configure_logging
+
+    configure_logging(
+        level=settings.log_level,
+        json=None if settings.log_format == "auto" else settings.log_format == "json",
+    )
+    kinds = parse_kinds(args.kinds)
+    url = redis_url_for_client(settings)
+    anyio.run(_serve, settings, url, kinds)
+    return 0
+
+
+async def _serve(settings: Settings, redis_url: str, kinds: tuple[WorkKind, ...]) -> None:
+    from redis.asyncio import Redis
+
+    from actors.daemon import build_handlers
+    from actors.tree import ActorSystem
+
+    redis = Redis.from_url(redis_url)
+    try:
+        system = ActorSystem(redis, settings, build_handlers(settings), serve=kinds, ask=False)
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await tg.start(system.run)
+                _log.info(
+                    "ctxd is running",
+                    role="worker",
+                    kinds=[k.value for k in kinds],
+                    instance=settings.instance,
+                )
+                async for signum in signals:
+                    _log.info("stopping the workers", signal=signum.name)
+                    break
+                tg.cancel_scope.cancel()
+    except ExceptionGroup as group:
+        from actors.supervisor import SupervisorEscalation
+
+        matched, _ = group.split(SupervisorEscalation)
+        if matched is None:
+            raise
+        first: BaseException = matched
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        _log.error("the supervision tree gave up; exiting", error=str(first))
+        raise first from None
+    finally:
+        await redis.aclose()

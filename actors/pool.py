@@ -1,0 +1,320 @@
+"""A pool of workers for one actor kind, reading its mailbox through a consumer group.
+
+Each worker is a consumer named ``{instance}:{kind}:{slot}``: on (re)start it reads its
+own pending entries first (``0``), then new ones (``>``), ``COUNT``-bounded and
+``BLOCK``-bounded, and handles each batch concurrently with the kind's
+:class:`~graph.work.WorkHandlers`. A request is answered and acknowledged together
+(reply ``XADD`` + ``XACK`` + ``XDEL`` in one ``MULTI``), so a worker that crashes
+mid-message leaves it pending and its restarted self handles it. A handler that
+raises is not a crash: the asker gets an error reply.
+
+A reclaimer per pool (consumer ``{instance}:{kind}:reclaim``) takes over entries idle
+longer than twice the ask timeout with ``XAUTOCLAIM`` (never ``JUSTID``: the delivery
+counter must count) — the pending messages of a worker process that died. An entry
+delivered more than ``max_deliveries`` times goes to the DLQ (``ctxd:dlq`` with its
+``kind``) and its asker gets an error reply.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Literal
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+from redis.asyncio import Redis
+
+from actors.config import Settings
+from actors.mailbox import ActorReply, ActorRequest, mailbox_stream
+from actors.redis_io import Entry, autoclaim, read_group, text
+from actors.streams import dead_letter, ensure_group
+from actors.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
+from graph.work import WorkHandlers, WorkKind
+from telemetry.propagation import extract_context
+from telemetry.spans import process_span, record_error, send_span
+
+__all__ = ["ActorPool", "FaultHook", "FaultPoint"]
+
+_log = structlog.get_logger("ctxd.actors")
+_REPLY_MAXLEN = 10_000
+
+# KEYS: the mailbox, then one reply stream per item (the mailbox again when none).
+# ARGV: group, maxlen, n, then per item: entry id, nfields, field/value pairs.
+# Answers, acknowledges and deletes every item atomically, in one round trip.
+_FINISH_LUA = """
+local group, maxlen, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local pos = 4
+for i = 1, n do
+  local entry_id, nfields = ARGV[pos], tonumber(ARGV[pos + 1])
+  if nfields > 0 then
+    local fields = {}
+    for j = 1, nfields * 2 do fields[j] = ARGV[pos + 1 + j] end
+    redis.call('XADD', KEYS[1 + i], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+    -- The reply stream of an asker that died goes away a day after its last reply.
+    redis.call('EXPIRE', KEYS[1 + i], 86400)
+  end
+  pos = pos + 2 + nfields * 2
+  redis.call('XACK', KEYS[1], group, entry_id)
+  redis.call('XDEL', KEYS[1], entry_id)
+end
+return n
+"""
+
+_Done = tuple[str, str, "ActorReply | None"]
+"""A handled entry: its id, the stream to answer on ("" for none), the answer."""
+
+FaultPoint = Literal["received", "handled"]
+"""Where a :data:`FaultHook` is called: before the handler runs, or before the reply."""
+
+FaultHook = Callable[[FaultPoint, ActorRequest], Awaitable[None]]
+"""Test seam: awaited at each :data:`FaultPoint`; raising there crashes the worker."""
+
+
+class ActorPool:
+    """The workers and the reclaimer of one actor kind, under a one_for_one supervisor.
+
+    Args:
+        redis: the client (bytes replies).
+        settings: group, instance, worker count, read count, ask timeout, deliveries.
+        kind: the actor kind served.
+        handlers: the work itself.
+        tracer: for the ``process`` and reply ``send`` spans.
+        fault: test seam, see :data:`FaultHook`.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        kind: WorkKind,
+        handlers: WorkHandlers,
+        *,
+        tracer: Tracer | None = None,
+        fault: FaultHook | None = None,
+    ) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._kind = kind
+        self._handlers = handlers
+        self._tracer = tracer or trace.get_tracer("ctxd.actors")
+        self._fault = fault
+        self._stream = mailbox_stream(settings, kind.value)
+        self._finish_script = redis.register_script(_FINISH_LUA)
+        self.handled = 0
+        """Requests answered by this pool since start."""
+
+    @property
+    def stream(self) -> str:
+        """The mailbox stream this pool reads."""
+        return self._stream
+
+    def consumer(self, slot: int | str) -> str:
+        """The consumer name of a worker slot (or ``reclaim``)."""
+        return f"{self._settings.instance}:{self._kind.value}:{slot}"
+
+    def supervisor(
+        self,
+        config: SupervisorConfig,
+        *,
+        on_restart: Callable[[RestartEvent], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Supervisor:
+        """A one_for_one supervisor over this pool's workers and its reclaimer."""
+        children = [
+            ChildSpec(f"{self._kind.value}.{slot}", self._worker_start(slot))
+            for slot in range(self._settings.actor_workers)
+        ]
+        children.append(ChildSpec(f"{self._kind.value}.reclaim", self._reclaim))
+        return Supervisor(
+            f"actor.{self._kind.value}", children, config, clock=clock, on_restart=on_restart
+        )
+
+    def _worker_start(self, slot: int) -> Callable[[TaskStatus[None]], Awaitable[None]]:
+        async def start(task_status: TaskStatus[None]) -> None:
+            await self.run_worker(slot, task_status=task_status)
+
+        return start
+
+    async def run_worker(
+        self, slot: int, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """One worker: own pending entries first, then new ones, until cancelled."""
+        consumer = self.consumer(slot)
+        group = self._settings.group
+        await ensure_group(self._redis, self._stream, group)
+        task_status.started()
+        cursor = "0"
+        while True:
+            entries = await read_group(
+                self._redis,
+                group=group,
+                consumer=consumer,
+                stream=self._stream,
+                cursor=cursor,
+                count=self._settings.actor_read_count,
+                block=None if cursor != ">" else self._settings.block_ms,
+            )
+            deliveries: Mapping[str, int] = {}
+            if cursor != ">":
+                if not entries:
+                    cursor = ">"
+                    continue
+                cursor = entries[-1][0]
+                deliveries = await self._delivery_counts([eid for eid, _ in entries])
+            await self._serve_batch(consumer, entries, deliveries)
+
+    async def _serve_batch(
+        self, consumer: str, entries: list[Entry], deliveries: Mapping[str, int]
+    ) -> None:
+        """Handle a batch concurrently, then answer and acknowledge it in one script."""
+        done: list[_Done] = []
+        if len(entries) == 1:
+            entry_id, raw = entries[0]
+            await self._serve(consumer, entry_id, raw, deliveries.get(entry_id, 1), done)
+        else:
+            async with anyio.create_task_group() as tg:
+                for entry_id, raw in entries:
+                    count = deliveries.get(entry_id, 1)
+                    tg.start_soon(self._serve, consumer, entry_id, raw, count, done)
+        await self._finish(done)
+        self.handled += len(done)
+
+    async def _reclaim(self, task_status: TaskStatus[None]) -> None:
+        """Take over entries of dead consumers: idle longer than twice the ask timeout."""
+        consumer = self.consumer("reclaim")
+        min_idle_ms = int(self._settings.ask_timeout * 2000)
+        await ensure_group(self._redis, self._stream, self._settings.group)
+        task_status.started()
+        while True:
+            await anyio.sleep(self._settings.ask_timeout)
+            cursor = "0-0"
+            while True:
+                cursor, claimed = await autoclaim(
+                    self._redis,
+                    stream=self._stream,
+                    group=self._settings.group,
+                    consumer=consumer,
+                    min_idle_ms=min_idle_ms,
+                    cursor=cursor,
+                )
+                if claimed:
+                    _log.info("reclaimed idle requests", kind=self._kind.value, count=len(claimed))
+                    counts = await self._delivery_counts([eid for eid, _ in claimed])
+                    await self._serve_batch(consumer, claimed, counts)
+                if cursor == "0-0":
+                    break
+
+    async def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for eid in entry_ids:
+                pipe.xpending_range(self._stream, self._settings.group, min=eid, max=eid, count=1)
+            replies = await pipe.execute()
+        return {
+            eid: int(reply[0]["times_delivered"])
+            for eid, reply in zip(entry_ids, replies, strict=True)
+            if reply
+        }
+
+    async def _serve(
+        self,
+        consumer: str,
+        entry_id: str,
+        raw: dict[bytes, bytes] | None,
+        deliveries: int,
+        done: list[_Done],
+    ) -> None:
+        if raw is None:  # deleted while pending: nothing to answer
+            done.append((entry_id, "", None))
+            return
+        fields = {text(k): text(v) for k, v in raw.items()}
+        try:
+            request = ActorRequest.from_fields(fields)
+        except (KeyError, ValueError) as exc:
+            await self._dead_letter(entry_id, fields, "invalid_request", repr(exc), deliveries)
+            return
+        if request.kind != self._kind.value:
+            problem = f"kind {request.kind!r} sent to the {self._kind.value} mailbox"
+            await self._dead_letter(entry_id, fields, "invalid_request", problem, deliveries)
+            return
+        if deliveries > self._settings.max_deliveries:
+            error = (
+                f"delivered {deliveries} times without an answer (limit"
+                f" {self._settings.max_deliveries}); see the workers' logs for the crash"
+            )
+            await self._dead_letter(entry_id, fields, "poison", error, deliveries)
+            done.append(
+                (entry_id, request.reply_to, ActorReply(request.id, False, error, consumer))
+            )
+            return
+        if request.reply_to and request.deadline < time.time():
+            _log.info("request expired before it was handled", kind=self._kind.value, id=request.id)
+            done.append((entry_id, "", None))
+            return
+        with process_span(
+            self._tracer,
+            stream=self._stream,
+            group=self._settings.group,
+            consumer=consumer,
+            message_id=entry_id,
+            workflow_id=None,
+            delivery_count=deliveries,
+            parent=extract_context(fields),
+        ) as span:
+            if self._fault is not None:
+                await self._fault("received", request)
+            try:
+                result = await self._handlers.handle(self._kind, json.loads(request.payload))
+                reply = ActorReply(request.id, True, json.dumps(result), consumer)
+            except Exception as exc:  # noqa: BLE001 - the asker gets the error, not a crash
+                record_error(span, exc)
+                _log.warning(
+                    "actor handler failed",
+                    kind=self._kind.value,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                reply = ActorReply(request.id, False, f"{type(exc).__name__}: {exc}", consumer)
+            if self._fault is not None:
+                await self._fault("handled", request)
+        done.append((entry_id, request.reply_to, reply))
+
+    async def _finish(self, done: list[_Done]) -> None:
+        """Answer (where anyone asked), acknowledge and delete, atomically."""
+        if not done:
+            return
+        keys = [self._stream]
+        args: list[str | int] = [self._settings.group, _REPLY_MAXLEN, len(done)]
+        for entry_id, reply_to, reply in done:
+            answer = reply.to_fields() if reply_to and reply is not None else {}
+            keys.append(reply_to if answer else self._stream)
+            args += [entry_id, len(answer)]
+            for name, value in answer.items():
+                args += [name, value]
+        streams = sorted({k for k in keys[1:] if k != self._stream})
+        if streams:
+            with send_span(self._tracer, stream=streams[0]):
+                await self._finish_script(keys=keys, args=args)
+        else:
+            await self._finish_script(keys=keys, args=args)
+
+    async def _dead_letter(
+        self, entry_id: str, fields: dict[str, str], reason: str, error: str, attempts: int
+    ) -> None:
+        await dead_letter(
+            self._redis,
+            dlq_stream=self._settings.dlq_stream,
+            input_stream=self._stream,
+            group=self._settings.group,
+            source_id=entry_id,
+            fields={**fields, "kind": self._kind.value},
+            reason=reason,
+            error=error,
+            attempts=attempts,
+        )
+        _log.error(
+            "actor request dead-lettered", kind=self._kind.value, source_id=entry_id, reason=reason
+        )

@@ -1,0 +1,143 @@
+"""The supervision tree of one process: the root, a supervisor per actor kind, workers.
+
+::
+
+    ctxd (root, one_for_one, intensity 3/period)
+    ├── replies                      the mailbox's reply reader (when this process asks)
+    ├── actor.analysis (one_for_one, intensity 5/period)
+    │   ├── analysis.0 … analysis.N-1   workers (consumers instance:analysis:slot)
+    │   └── analysis.reclaim            XAUTOCLAIM of dead consumers' requests
+    ├── actor.update …
+    ├── actor.monitoring …
+    └── actor.decision …
+
+A kind's supervisor that exceeds its intensity escalates: the root restarts it; a root
+that exceeds its own raises :class:`~actors.supervisor.SupervisorEscalation` out of
+:meth:`ActorSystem.run`, and ``ctxd run``/``ctxd worker`` exit non-zero.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+from redis.asyncio import Redis
+
+from actors.config import Settings
+from actors.dispatch import ActorDispatch
+from actors.mailbox import Mailbox
+from actors.pool import ActorPool, FaultHook
+from actors.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
+from graph.work import WorkHandlers, WorkKind
+from telemetry.metrics import Instruments
+
+__all__ = ["ROOT_INTENSITY", "ActorSystem"]
+
+ROOT_INTENSITY = 3
+"""Restarts of kind supervisors the root allows within the restart period."""
+
+_log = structlog.get_logger("ctxd.supervision")
+
+
+class ActorSystem:
+    """The actors this process runs, and (optionally) the dispatch that asks them.
+
+    Args:
+        redis: the client (bytes replies).
+        settings: worker counts, timeouts, restart and breaker settings.
+        handlers: the work the workers run.
+        serve: the kinds whose workers run here (all by default; none for a pure asker).
+        ask: whether this process asks (a mailbox reply reader and an
+            :class:`~actors.dispatch.ActorDispatch`).
+        clock: monotonic clock of breakers and supervisors (inject one in tests).
+        tracer: for spans; the global one by default.
+        instruments: metrics (``ctxd.actor.restarts``, breaker state), if any.
+        fault: test seam passed to every pool.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        handlers: WorkHandlers,
+        *,
+        serve: Iterable[WorkKind] = tuple(WorkKind),
+        ask: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        tracer: Tracer | None = None,
+        instruments: Instruments | None = None,
+        fault: FaultHook | None = None,
+    ) -> None:
+        tracer = tracer or trace.get_tracer("ctxd.actors")
+        self._instruments = instruments
+        self.mailbox = Mailbox(redis, settings, tracer=tracer) if ask else None
+        self.dispatch = (
+            ActorDispatch(
+                self.mailbox, settings, clock=clock, tracer=tracer, instruments=instruments
+            )
+            if self.mailbox is not None
+            else None
+        )
+        self.pools = {
+            kind: ActorPool(redis, settings, kind, handlers, tracer=tracer, fault=fault)
+            for kind in serve
+        }
+        kind_config = SupervisorConfig(
+            strategy="one_for_one",
+            intensity=settings.restart_intensity,
+            period=settings.restart_period,
+            backoff_initial=settings.restart_backoff,
+            backoff_max=max(settings.restart_backoff, 10.0),
+        )
+        self.supervisors = {
+            kind: pool.supervisor(kind_config, on_restart=self._restarted, clock=clock)
+            for kind, pool in self.pools.items()
+        }
+        """The one_for_one supervisor of each kind served here."""
+        children: list[ChildSpec | Supervisor] = []
+        if self.mailbox is not None:
+            children.append(ChildSpec("replies", self._reply_reader))
+        children += self.supervisors.values()
+        self.root = Supervisor(
+            "ctxd",
+            children,
+            SupervisorConfig(
+                strategy="one_for_one",
+                intensity=ROOT_INTENSITY,
+                period=settings.restart_period,
+                backoff_initial=settings.restart_backoff,
+                backoff_max=max(settings.restart_backoff, 10.0),
+            ),
+            clock=clock,
+            on_restart=self._restarted,
+        )
+
+    async def _reply_reader(self, task_status: TaskStatus[None]) -> None:
+        assert self.mailbox is not None
+        await self.mailbox.run(task_status=task_status)
+
+    def _restarted(self, event: RestartEvent) -> None:
+        _log.warning(
+            "actor restarted",
+            supervisor=event.supervisor,
+            child=event.child,
+            error_type=event.error_type,
+            restarts=event.restart_count,
+            backoff=round(event.backoff, 3),
+        )
+        if self._instruments is not None:
+            kind = event.child.removeprefix("actor.").split(".")[0]
+            self._instruments.actor_restarts.add(1, {"ctxd.actor.kind": kind})
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the tree, then supervise it until cancelled.
+
+        Raises:
+            SupervisorEscalation: the root gave up (restart intensity exceeded).
+        """
+        await self.root.run(task_status=task_status)

@@ -1,0 +1,62 @@
+"""Helpers for the actor tests: an in-process actor system on the real Redis."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import anyio
+from redis.asyncio import Redis
+
+from actors.config import Settings
+from actors.tree import ActorSystem
+
+
+def actor_settings(settings: Settings, **changes: object) -> Settings:
+    """Small, fast settings for actor tests."""
+    base = {"actor_workers": 2, "ask_timeout": 5.0, "restart_backoff": 0.0}
+    base.update(changes)
+    return replace(settings, **base)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running(system: ActorSystem) -> AsyncIterator[ActorSystem]:
+    """Run ``system`` for the duration of the block."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(system.run)
+        yield system
+        tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def open_redis(settings: Settings) -> AsyncIterator[Redis]:
+    """An async bytes client on the test Redis."""
+    assert settings.redis_url is not None
+    client = Redis.from_url(settings.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def read_stream(
+    redis: Redis, stream: str, count: int, *, within: float = 60.0
+) -> list[tuple[str, dict[str, str]]]:
+    """Wait until ``stream`` holds ``count`` entries (or ``within`` seconds pass).
+
+    XREAD BLOCK on the async client, so the event loop keeps running; entries decoded.
+    """
+
+    def decoded(raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[str, dict[str, str]]]:
+        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in raw]
+
+    entries = decoded(await redis.xrange(stream))
+    last = entries[-1][0] if entries else "0-0"
+    with anyio.move_on_after(within):
+        while len(entries) < count:
+            reply = await redis.xread({stream: last}, block=1000, count=1000)
+            for _, new in reply or []:
+                entries.extend(decoded(new))
+                last = entries[-1][0]
+    return entries
