@@ -265,6 +265,9 @@ class RefusingGraph:
         self._refused = refused
         self._gate = gate
 
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)  # state reads etc. go to the real graph
+
     def astream(self, *args: object, **kwargs: object) -> object:
         if not self._refused.is_set():
             self._gate[0] = False  # the breaker is open now
