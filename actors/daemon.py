@@ -18,16 +18,21 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.ingress import Ingress
+from actors.stream_metrics import poll_stream_gauges
 from graph.analysis import load_analyzer
 from graph.checkpointer import open_checkpointer
 from graph.features import AnalyzerPolicy
 from graph.routing import RoutingConfig
+from graph.tracing import GraphTelemetry
 from graph.work import LocalDispatch, WorkHandlers
 from graph.workflow import build_contextual_workflow
 from telemetry.logging import redact_url
+from telemetry.settings import TelemetrySettings
+from telemetry.setup import Telemetry
 
 __all__ = ["DRAIN_BUDGET", "serve"]
 
+_KINDS = ("analysis", "update", "monitoring", "decision")  # mailboxes ctxd:actor:{kind}
 DRAIN_BUDGET = 20.0  # seconds; deploy/ctxd.service's TimeoutStopSec leaves room above it
 
 _log = structlog.get_logger("ctxd.daemon")
@@ -46,6 +51,7 @@ async def serve(
     *,
     on_ready: Callable[[], Coroutine[Any, Any, None]] | None = None,
     drain_budget: float = DRAIN_BUDGET,
+    telemetry: Telemetry | None = None,
 ) -> None:
     """Run the service until SIGTERM/SIGINT.
 
@@ -54,7 +60,14 @@ async def serve(
         redis_url: the Redis to use (configured, or the embedded one).
         on_ready: awaited once the ingress reads (the demo feeds events from here).
         drain_budget: seconds in-flight work gets to finish after a stop signal.
+        telemetry: tracer, meter and instruments (the caller opens and closes them);
+            the global tracer and no metrics if None.
     """
+    graph_telemetry = (
+        GraphTelemetry(telemetry.tracer, telemetry.instruments)
+        if telemetry is not None
+        else GraphTelemetry.from_global()
+    )
     handlers = build_handlers(settings)
     policy = AnalyzerPolicy.from_mapping(settings.analyzer_policy)
     redis = Redis.from_url(redis_url)
@@ -67,11 +80,18 @@ async def serve(
                 saver,
                 policy=policy,
                 escalation_pauses=settings.escalation_pauses,
+                telemetry=graph_telemetry,
             )
-            ingress = Ingress(redis, settings, graph)
+            ingress = Ingress(redis, settings, graph, instruments=graph_telemetry.instruments)
             async with anyio.create_task_group() as tg:
                 await tg.start(_stop_on_signal, ingress, tg.cancel_scope, drain_budget)
                 await tg.start(ingress.run)
+                if telemetry is not None and _exports_metrics(telemetry.settings):
+                    interval = min(max(telemetry.settings.metric_export_interval, 0.2), 15.0)
+                    streams = [settings.input_stream, *(settings.key("actor", k) for k in _KINDS)]
+                    await tg.start(
+                        poll_stream_gauges, redis, streams, telemetry.instruments, interval
+                    )
                 _log.info(
                     "ctxd is running",
                     redis=redact_url(redis_url),
@@ -88,6 +108,10 @@ async def serve(
             _log.info("ctxd stopped", processed=stats.processed, dead_lettered=stats.dead_lettered)
     finally:
         await redis.aclose()
+
+
+def _exports_metrics(settings: TelemetrySettings) -> bool:
+    return not settings.disabled and settings.metrics.exporter != "none"
 
 
 async def _wait_for_ingress_end(ingress: Ingress) -> None:

@@ -16,7 +16,7 @@ and the checkpoint written at the end of the run holds them durably.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -30,6 +30,7 @@ from graph.errors import WorkflowError
 from graph.features import AnalyzerPolicy, AnalyzerRoute
 from graph.nodes import RESEARCH_WORKERS, ContextualNodes
 from graph.state import JSON, ContextState
+from graph.tracing import GraphTelemetry, run_scope, traced_node
 from graph.work import Dispatch
 
 __all__ = ["ContextualGraph", "RunResult", "build_contextual_workflow", "thread_config"]
@@ -59,6 +60,7 @@ def build_contextual_workflow(
     *,
     policy: AnalyzerPolicy | None = None,
     escalation_pauses: bool = False,
+    telemetry: GraphTelemetry | None = None,
 ) -> ContextualGraph:
     """Build and compile the contextual workflow.
 
@@ -67,18 +69,25 @@ def build_contextual_workflow(
         checkpointer: the durable store (AsyncRedisSaver by default); None for no memory.
         policy: the analyzer's thresholds and iteration budget.
         escalation_pauses: interrupt on ``escalation_required`` until resumed.
+        telemetry: tracer and instruments for node spans (graph/tracing.py); the
+            global tracer and no metrics if None.
     """
+    tel = telemetry or GraphTelemetry.from_global()
     nodes = ContextualNodes(
         dispatch, policy or AnalyzerPolicy(), escalation_pauses=escalation_pauses
     )
     builder = StateGraph(ContextState)
-    builder.add_node("context_analyzer", nodes.context_analyzer)
-    builder.add_node("adaptive_processor", nodes.adaptive_processor)
-    builder.add_node("context_updater", nodes.context_updater)
-    builder.add_node("continuous_monitor", nodes.continuous_monitor)
-    builder.add_node("decision_engine", nodes.decision_engine)
+
+    def add(name: str, fn: Callable[[ContextState], Awaitable[dict[str, JSON]]]) -> None:
+        builder.add_node(name, traced_node(name, fn, tel))  # a span per node run
+
+    add("context_analyzer", nodes.context_analyzer)
+    add("adaptive_processor", nodes.adaptive_processor)
+    add("context_updater", nodes.context_updater)
+    add("continuous_monitor", nodes.continuous_monitor)
+    add("decision_engine", nodes.decision_engine)
     for worker in RESEARCH_WORKERS.values():
-        builder.add_node(worker, nodes.research_worker)  # type: ignore[arg-type]
+        builder.add_node(worker, traced_node(worker, nodes.research_worker, tel))  # type: ignore[type-var]
         builder.add_edge(worker, "context_analyzer")
     builder.add_edge(START, "context_analyzer")
     builder.add_conditional_edges("context_analyzer", nodes.next_route, _ROUTES)
@@ -140,20 +149,21 @@ async def run_events(
     last_values: dict[str, JSON] = {}
     checkpoint_id: str | None = None
     interrupted = False
-    async for mode, chunk in graph.astream(
-        cast(ContextState, run_input),
-        config,
-        stream_mode=["values", "checkpoints", "updates"],
-        durability=durability,
-    ):
-        if mode == "values":
-            last_values = cast(dict[str, JSON], chunk)
-        elif mode == "checkpoints":
-            checkpoint_id = cast(dict[str, JSON], chunk)["config"]["configurable"].get(
-                "checkpoint_id"
-            )
-        elif mode == "updates" and "__interrupt__" in cast(dict[str, JSON], chunk):
-            interrupted = True
+    with run_scope(workflow_id):  # one invoke_workflow span per event (graph/tracing.py)
+        async for mode, chunk in graph.astream(
+            cast(ContextState, run_input),
+            config,
+            stream_mode=["values", "checkpoints", "updates"],
+            durability=durability,
+        ):
+            if mode == "values":
+                last_values = cast(dict[str, JSON], chunk)
+            elif mode == "checkpoints":
+                checkpoint_id = cast(dict[str, JSON], chunk)["config"]["configurable"].get(
+                    "checkpoint_id"
+                )
+            elif mode == "updates" and "__interrupt__" in cast(dict[str, JSON], chunk):
+                interrupted = True
     outbox = cast(dict[str, dict[str, JSON]], last_values.get("outbox") or {})
     wanted = [str(e["event_id"]) for e in events]
     results = {event_id: outbox[event_id] for event_id in wanted if event_id in outbox}
