@@ -3,7 +3,8 @@
 Runs N events through :func:`graph.workflow.run_events` twice per round: once with
 ``OTEL_SDK_DISABLED=true`` (no-op tracer and meter), once with the real SDK (parent-based
 sampler, ``BatchSpanProcessor`` + OTLP gRPC exporter to an in-process
-:class:`~telemetry.testing.OtlpReceiver`, metrics on a periodic reader). Each event also
+:class:`~telemetry.testing.OtlpReceiver` in a child process, metrics on a periodic
+reader). Each event also
 gets a ``process`` span, as the ingress would give it. The best round of each wins, to
 keep a shared machine's noise out; the ratio is on/off throughput. Throughput is given
 twice: per wall-clock second, and per CPU second of this process (all its threads,
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -38,7 +40,6 @@ from graph.workflow import ContextualGraph, build_contextual_workflow, run_event
 from telemetry.logging import configure_logging
 from telemetry.settings import TelemetrySettings
 from telemetry.setup import Telemetry, open_telemetry
-from telemetry.testing import OtlpReceiver
 
 _TEXTS = (
     "Checkout latency rose after the deploy; the API and the database look slow.",
@@ -121,16 +122,73 @@ async def _drive(
     )
 
 
+_RECEIVER = """
+import sys
+from telemetry.testing import OtlpReceiver
+with OtlpReceiver() as receiver:
+    print(receiver.grpc_endpoint, flush=True)
+    sys.stdin.readline()
+    print(len(receiver.spans()), flush=True)
+"""
+
+
+class _Receiver:
+    """An OtlpReceiver in a child process, so its work is not charged to the service."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self._proc = proc
+        self.endpoint = proc.stdout.readline().strip()
+
+    def span_count(self) -> int:
+        assert self._proc.stdin is not None
+        assert self._proc.stdout is not None
+        self._proc.stdin.write("count\n")
+        self._proc.stdin.flush()
+        return int(self._proc.stdout.readline())
+
+
+@contextlib.contextmanager
+def _receiver_process() -> Iterator[_Receiver]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RECEIVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield _Receiver(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # by pid: the child this function started
+        proc.wait(timeout=10)
+
+
 async def measure(
-    events: int = 200, batch: int = 8, rounds: int = 3, redis_url: str | None = None
+    events: int = 200,
+    batch: int = 8,
+    rounds: int = 3,
+    redis_url: str | None = None,
+    sample_ratio: float | None = None,
 ) -> Measurement:
-    """Measure throughput off and on (best of ``rounds``), interleaved."""
+    """Measure throughput off and on (best of ``rounds``), interleaved.
+
+    Args:
+        events: events per run.
+        batch: events per graph run (the ingress batches one workflow's events).
+        rounds: runs of each; the best counts.
+        redis_url: checkpoint to this Redis rather than to memory.
+        sample_ratio: with tracing on, sample this share of traces
+            (``parentbased_traceidratio``); all of them if None.
+    """
     best_off = best_on = best_off_cpu = best_on_cpu = 0.0
     uid = uuid.uuid4().hex[:8]
-    with OtlpReceiver() as receiver:
-        on_settings = TelemetrySettings.from_env(
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint}
-        )
+    with _receiver_process() as receiver:
+        on_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+        if sample_ratio is not None:
+            on_env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+            on_env["OTEL_TRACES_SAMPLER_ARG"] = str(sample_ratio)
+        on_settings = TelemetrySettings.from_env(on_env)
         off_settings = TelemetrySettings.from_env({"OTEL_SDK_DISABLED": "true"})
         for r in range(rounds):
             with open_telemetry(off_settings, set_global=False) as off:
@@ -139,7 +197,7 @@ async def measure(
             with open_telemetry(on_settings, set_global=False) as on:
                 wall, cpu = await _run(on, events, batch, f"on{r}-{uid}", redis_url)
                 best_on, best_on_cpu = max(best_on, wall), max(best_on_cpu, cpu)
-        spans = len(receiver.spans())
+        spans = receiver.span_count()
     return Measurement(
         events=events,
         off=best_off,
