@@ -82,7 +82,13 @@ async def serve(
                 escalation_pauses=settings.escalation_pauses,
                 telemetry=graph_telemetry,
             )
-            ingress = Ingress(redis, settings, graph, instruments=graph_telemetry.instruments)
+            ingress = Ingress(
+                redis,
+                settings,
+                graph,
+                instruments=graph_telemetry.instruments,
+                tracer=graph_telemetry.tracer,
+            )
             async with anyio.create_task_group() as tg:
                 await tg.start(_stop_on_signal, ingress, tg.cancel_scope, drain_budget)
                 await tg.start(ingress.run)
