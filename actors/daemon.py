@@ -19,15 +19,19 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.ingress import Ingress
+from actors.stream_metrics import poll_stream_gauges
 from actors.supervisor import SupervisorEscalation
 from actors.tree import ActorSystem
 from graph.analysis import load_analyzer
 from graph.checkpointer import open_checkpointer
 from graph.features import AnalyzerPolicy
 from graph.routing import RoutingConfig
-from graph.work import LocalDispatch, WorkHandlers
+from graph.tracing import GraphTelemetry
+from graph.work import LocalDispatch, WorkHandlers, WorkKind
 from graph.workflow import build_contextual_workflow
 from telemetry.logging import redact_url
+from telemetry.settings import TelemetrySettings
+from telemetry.setup import Telemetry
 
 __all__ = ["DRAIN_BUDGET", "serve"]
 
@@ -49,6 +53,7 @@ async def serve(
     *,
     on_ready: Callable[[], Coroutine[Any, Any, None]] | None = None,
     drain_budget: float = DRAIN_BUDGET,
+    telemetry: Telemetry | None = None,
 ) -> None:
     """Run the service until SIGTERM/SIGINT.
 
@@ -57,7 +62,14 @@ async def serve(
         redis_url: the Redis to use (configured, or the embedded one).
         on_ready: awaited once the ingress reads (the demo feeds events from here).
         drain_budget: seconds in-flight work gets to finish after a stop signal.
+        telemetry: tracer, meter and instruments (the caller opens and closes them);
+            the global tracer and no metrics if None.
     """
+    graph_telemetry = (
+        GraphTelemetry(telemetry.tracer, telemetry.instruments)
+        if telemetry is not None
+        else GraphTelemetry.from_global()
+    )
     handlers = build_handlers(settings)
     policy = AnalyzerPolicy.from_mapping(settings.analyzer_policy)
     redis = Redis.from_url(redis_url)
@@ -66,7 +78,15 @@ async def serve(
             settings.checkpointer, redis_url=redis_url, postgres_url=settings.postgres_url
         ) as saver:
             actors = (
-                ActorSystem(redis, settings, handlers) if settings.dispatch == "actors" else None
+                ActorSystem(
+                    redis,
+                    settings,
+                    handlers,
+                    tracer=graph_telemetry.tracer,
+                    instruments=graph_telemetry.instruments,
+                )
+                if settings.dispatch == "actors"
+                else None
             )
             dispatch = actors.dispatch if actors is not None else None
             graph = build_contextual_workflow(
@@ -74,18 +94,30 @@ async def serve(
                 saver,
                 policy=policy,
                 escalation_pauses=settings.escalation_pauses,
+                telemetry=graph_telemetry,
             )
             ingress = Ingress(
                 redis,
                 settings,
                 graph,
                 reading_allowed=dispatch.reading_allowed if dispatch is not None else None,
+                instruments=graph_telemetry.instruments,
+                tracer=graph_telemetry.tracer,
             )
             async with _escalations_unwrapped(), anyio.create_task_group() as tg:
                 if actors is not None:
                     await tg.start(actors.run)
                 await tg.start(_stop_on_signal, ingress, tg.cancel_scope, drain_budget)
                 await tg.start(ingress.run)
+                if telemetry is not None and _exports_metrics(telemetry.settings):
+                    interval = min(max(telemetry.settings.metric_export_interval, 0.2), 15.0)
+                    streams = [
+                        settings.input_stream,
+                        *(settings.key("actor", kind.value) for kind in WorkKind),
+                    ]
+                    await tg.start(
+                        poll_stream_gauges, redis, streams, telemetry.instruments, interval
+                    )
                 _log.info(
                     "ctxd is running",
                     redis=redact_url(redis_url),
@@ -118,6 +150,10 @@ async def _escalations_unwrapped() -> AsyncIterator[None]:
             escalation = escalation.exceptions[0]
         _log.error("the supervision tree gave up; exiting", error=str(escalation))
         raise escalation from None
+
+
+def _exports_metrics(settings: TelemetrySettings) -> bool:
+    return not settings.disabled and settings.metrics.exporter != "none"
 
 
 async def _wait_for_ingress_end(ingress: Ingress) -> None:

@@ -31,7 +31,9 @@ from actors.redis_io import autoclaim, read_group
 from actors.streams import CommitItem, OutputCommitter, dead_letter, ensure_group, output_fields
 from actors.validation import Event, decode_fields, parse_event
 from graph.errors import InvalidEntryError
+from graph.tracing import event_trace_fields
 from graph.workflow import ContextualGraph
+from telemetry.metrics import Instruments
 from telemetry.propagation import extract_context
 from telemetry.spans import process_span
 
@@ -85,6 +87,8 @@ class Ingress:
         graph: the compiled contextual workflow.
         reading_allowed: asked before each read and reclaim; while it says False (a
             circuit breaker is open) nothing new is read or reclaimed.
+        instruments: where the messaging metrics go; none recorded if None.
+        tracer: for the ``process`` spans; the global tracer if None.
     """
 
     def __init__(
@@ -94,9 +98,18 @@ class Ingress:
         graph: ContextualGraph,
         *,
         reading_allowed: Callable[[], bool] | None = None,
+        instruments: Instruments | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._reading_allowed = reading_allowed or (lambda: True)
         self._redis = redis
+        self._instruments = instruments
+        self._tracer = tracer or _tracer
+        self._metric_attributes = {
+            "messaging.system": "redis",
+            "messaging.destination.name": settings.input_stream,
+            "messaging.consumer.group.name": settings.group,
+        }
         self._settings = settings
         self._graph = graph
         self._runner = WorkflowRunner(redis, settings, graph)
@@ -113,7 +126,6 @@ class Ingress:
         self._slots = anyio.CapacityLimiter(settings.concurrency)
         self._room = anyio.Event()
         self._max_in_flight = settings.concurrency * settings.batch_size
-        self._last_checkpoint: dict[str, str] = {}
         self._stopping = anyio.Event()
         self.stopped = anyio.Event()
         """Set when :meth:`run` has returned: nothing is in flight any more."""
@@ -204,6 +216,8 @@ class Ingress:
     ) -> None:
         if entry_id in self._in_flight_ids:
             return
+        if self._instruments is not None:
+            self._instruments.consumed_messages.add(1, self._metric_attributes)
         if raw is None:  # the entry was trimmed or deleted while pending: nothing to redo
             _log.error("pending entry has no payload; acknowledging", source_id=entry_id)
             await self._redis.xack(self._settings.input_stream, self._settings.group, entry_id)
@@ -307,6 +321,7 @@ class Ingress:
     # -- processing -------------------------------------------------------------------
 
     async def _drain(self, workflow_id: str) -> None:
+        structlog.contextvars.bind_contextvars(workflow_id=workflow_id)  # this task's lines
         async with self._slots:
             queue = self._queues[workflow_id]
             while queue:
@@ -333,7 +348,7 @@ class Ingress:
             spans = [
                 stack.enter_context(
                     process_span(
-                        _tracer,
+                        self._tracer,
                         stream=self._settings.input_stream,
                         group=self._settings.group,
                         consumer=self._consumer,
@@ -353,6 +368,7 @@ class Ingress:
                         "circuit breaker open; batch stays pending", workflow_id=workflow_id
                     )
                     return False
+                self._record_failed(len(batch), exc, time.monotonic() - started)
                 self._counts["failed_runs"] += 1
                 _log.error(
                     "workflow run failed; entries stay pending for redelivery",
@@ -371,6 +387,7 @@ class Ingress:
     async def _run_and_commit(
         self, workflow_id: str, batch: list[_Pending], spans: list[trace.Span]
     ) -> None:
+        started = time.monotonic()
         done_keys = [self._settings.key("done", p.event.event_id) for p in batch]
         already = await self._redis.exists(*done_keys) if len(batch) == 1 else None
         if already is None:
@@ -381,6 +398,8 @@ class Ingress:
         else:
             flags = [bool(already)]
         fresh = [p for p, dup in zip(batch, flags, strict=True) if not dup]
+        # Each event carries its process span's context: its node spans join its trace.
+        carriers = {id(p): event_trace_fields(s) for p, s in zip(batch, spans, strict=True)}
         results: Mapping[str, Mapping[str, object]] = {}
         checkpoint_id = ""
         handled: frozenset[str] = frozenset()
@@ -395,11 +414,10 @@ class Ingress:
                         p.event.source_id: format(s.get_span_context().trace_id, "032x")
                         for p, s in zip(batch, spans, strict=True)
                     },
+                    {p.event.source_id: carriers[id(p)] for p in fresh},
                 )
             results, handled = run.results, run.handled
             checkpoint_id = run.checkpoint_id or ""
-            if run.checkpoint_id:
-                self._last_checkpoint[workflow_id] = run.checkpoint_id
         items: list[CommitItem] = []
         for pending, span, dup in zip(batch, spans, flags, strict=True):
             trace_id = format(span.get_span_context().trace_id, "032x")
@@ -417,6 +435,7 @@ class Ingress:
                 )
             )
         ids = await self._committer.commit(items)
+        self._record_processed(items, ids, time.monotonic() - started)
         for pending, out_id in zip(batch, ids, strict=True):
             if out_id:
                 self._counts["processed"] += 1
@@ -430,3 +449,28 @@ class Ingress:
                     event_id=pending.event.event_id,
                     source_id=pending.event.source_id,
                 )
+
+    # -- metrics ----------------------------------------------------------------------
+
+    def _record_processed(self, items: list[CommitItem], ids: list[str], seconds: float) -> None:
+        if self._instruments is None:
+            return
+        for item, out_id in zip(items, ids, strict=True):
+            attributes = {
+                **self._metric_attributes,
+                "ctxd.outcome": "processed" if out_id else "duplicate",
+                "ctxd.status": item.fields.get("status", ""),
+                "ctxd.decision": item.fields.get("decision", ""),
+            }
+            self._instruments.process_duration.record(seconds, attributes)
+
+    def _record_failed(self, count: int, error: Exception, seconds: float) -> None:
+        if self._instruments is None:
+            return
+        attributes = {
+            **self._metric_attributes,
+            "ctxd.outcome": "failed",
+            "error.type": type(error).__name__,
+        }
+        for _ in range(count):
+            self._instruments.process_duration.record(seconds, attributes)

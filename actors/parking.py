@@ -115,6 +115,7 @@ class WorkflowRunner:
         workflow_id: str,
         batch: Sequence[tuple[Event, Fields]],
         trace_ids: Mapping[str, str] | None = None,
+        carriers: Mapping[str, Mapping[str, str]] | None = None,
     ) -> BatchRun:
         """Process ``batch`` (one workflow's entries, in order).
 
@@ -122,8 +123,10 @@ class WorkflowRunner:
             workflow_id: the workflow.
             batch: the entries, with their raw fields (parking keeps them as they came).
             trace_ids: trace id per source id, for outputs committed here.
+            carriers: per source id, the ``traceparent`` of the event's process span, so
+                its node spans join its trace.
         """
-        run = _Run(self, workflow_id, dict(trace_ids or {}))
+        run = _Run(self, workflow_id, dict(trace_ids or {}), dict(carriers or {}))
         await run.start()
         for event, fields in batch:
             await run.take(event, fields)
@@ -138,10 +141,17 @@ class WorkflowRunner:
 class _Run:
     """The state of one batch: pending events, results not yet committed, pause."""
 
-    def __init__(self, runner: WorkflowRunner, workflow_id: str, trace_ids: dict[str, str]):
+    def __init__(
+        self,
+        runner: WorkflowRunner,
+        workflow_id: str,
+        trace_ids: dict[str, str],
+        carriers: dict[str, Mapping[str, str]],
+    ):
         self.r = runner
         self.workflow_id = workflow_id
         self.trace_ids = trace_ids
+        self.carriers = carriers
         self.results: dict[str, Mapping[str, JSON]] = {}
         self.held: list[Event] = []  # entries whose results the ingress will commit
         self.handled: set[str] = set()
@@ -152,6 +162,10 @@ class _Run:
     @property
     def graph(self) -> ContextualGraph:
         return self.r._graph
+
+    def state_of(self, event: Event) -> dict[str, JSON]:
+        """The event as the graph takes it, with its trace context when traced."""
+        return {**event.as_state(), **self.carriers.get(event.source_id, {})}
 
     async def start(self) -> None:
         # One read gives both the rollback point and whether a person is awaited.
@@ -185,7 +199,7 @@ class _Run:
         run = await run_events(
             self.graph,
             self.workflow_id,
-            [e.as_state() for e, _ in segment],
+            [self.state_of(e) for e, _ in segment],
             base_checkpoint_id=self.checkpoint_id,
             durability=self.r._settings.durability,  # type: ignore[arg-type]
             iteration_budget=self.r._budget,
@@ -349,7 +363,7 @@ class _Run:
             run = await run_events(
                 self.graph,
                 self.workflow_id,
-                [event.as_state()],
+                [self.state_of(event)],
                 base_checkpoint_id=self.checkpoint_id,
                 durability=settings.durability,  # type: ignore[arg-type]
                 iteration_budget=self.r._budget,

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import cast
 
 from langgraph.types import Send, interrupt
-from opentelemetry import trace
 
 from graph.features import (
     AnalyzerFeatures,
@@ -28,8 +27,8 @@ from graph.quality import quality_score
 from graph.research import needs_research
 from graph.routing import RoutingDecision
 from graph.state import INTEGRITY_FIELDS, JSON, ContextState, integrity_hash
+from graph.tracing import begin_event, record_route
 from graph.work import Dispatch, WorkKind
-from telemetry.spans import record_route
 
 __all__ = ["RESEARCH_WORKERS", "ContextualNodes", "event_status"]
 
@@ -43,8 +42,6 @@ _WINDOW_CHARS = 4096
 _SEGMENTS_KEPT = 20
 _DECISIONS_KEPT = 20
 _OUTBOX_KEPT = 128
-
-_tracer = trace.get_tracer("ctxd.graph")
 
 _State = Mapping[str, JSON]
 
@@ -149,6 +146,7 @@ class ContextualNodes:
                 changes["inbox"] = inbox
                 if str(event["event_id"]) in outbox:
                     continue  # a redelivered event whose result is already durable
+                begin_event(event)  # node spans from here on belong to this event's trace
                 self._take_event(event, view, changes)
             if view.get("analysis_stale"):
                 await self._analyze(view, changes, pass_number=0)
@@ -233,7 +231,6 @@ class ContextualNodes:
     def _trace_route(self, view: _State, target: str, reason: str) -> None:
         features = self._features(view)
         record_route(
-            _tracer,
             policy="context_analyzer",
             factors={
                 "quality": features.quality,
@@ -425,7 +422,6 @@ class ContextualNodes:
                 "margin": 0.0,
             }
         record_route(
-            _tracer,
             policy="enterprise_routing",
             factors={k: v for k, v in context.items() if isinstance(v, int | float | str)},
             scores=dict(outcome.get("scores") or {}),

@@ -16,7 +16,7 @@ and the checkpoint written at the end of the run holds them durably.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -31,6 +31,7 @@ from graph.features import AnalyzerPolicy, AnalyzerRoute
 from graph.history import fork_checkpoint, last_good_checkpoint, latest_checkpoint_id, thread_config
 from graph.nodes import RESEARCH_WORKERS, ContextualNodes
 from graph.state import JSON, ContextState
+from graph.tracing import GraphTelemetry, run_scope, traced_node
 from graph.work import Dispatch
 
 __all__ = [
@@ -60,6 +61,7 @@ def build_contextual_workflow(
     *,
     policy: AnalyzerPolicy | None = None,
     escalation_pauses: bool = False,
+    telemetry: GraphTelemetry | None = None,
 ) -> ContextualGraph:
     """Build and compile the contextual workflow.
 
@@ -68,18 +70,25 @@ def build_contextual_workflow(
         checkpointer: the durable store (AsyncRedisSaver by default); None for no memory.
         policy: the analyzer's thresholds and iteration budget.
         escalation_pauses: interrupt on ``escalation_required`` until resumed.
+        telemetry: tracer and instruments for node spans (graph/tracing.py); the
+            global tracer and no metrics if None.
     """
+    tel = telemetry or GraphTelemetry.from_global()
     nodes = ContextualNodes(
         dispatch, policy or AnalyzerPolicy(), escalation_pauses=escalation_pauses
     )
     builder = StateGraph(ContextState)
-    builder.add_node("context_analyzer", nodes.context_analyzer)
-    builder.add_node("adaptive_processor", nodes.adaptive_processor)
-    builder.add_node("context_updater", nodes.context_updater)
-    builder.add_node("continuous_monitor", nodes.continuous_monitor)
-    builder.add_node("decision_engine", nodes.decision_engine)
+
+    def add(name: str, fn: Callable[[ContextState], Awaitable[dict[str, JSON]]]) -> None:
+        builder.add_node(name, traced_node(name, fn, tel))  # a span per node run
+
+    add("context_analyzer", nodes.context_analyzer)
+    add("adaptive_processor", nodes.adaptive_processor)
+    add("context_updater", nodes.context_updater)
+    add("continuous_monitor", nodes.continuous_monitor)
+    add("decision_engine", nodes.decision_engine)
     for worker in RESEARCH_WORKERS.values():
-        builder.add_node(worker, nodes.research_worker)  # type: ignore[arg-type]
+        builder.add_node(worker, traced_node(worker, nodes.research_worker, tel))  # type: ignore[type-var]
         builder.add_edge(worker, "context_analyzer")
     builder.add_edge(START, "context_analyzer")
     builder.add_conditional_edges("context_analyzer", nodes.next_route, _ROUTES)
@@ -216,7 +225,8 @@ async def run_events(
         "event": None,
         "base_checkpoint_id": base_checkpoint_id,
     }
-    streamed = await _stream(graph, cast(ContextState, run_input), config, durability)
+    with run_scope(workflow_id):  # one invoke_workflow span per event (graph/tracing.py)
+        streamed = await _stream(graph, cast(ContextState, run_input), config, durability)
     return await _finish(graph, workflow_id, [str(e["event_id"]) for e in events], streamed)
 
 
@@ -258,5 +268,6 @@ async def resume_workflow(
     waiting = (await graph.aget_state(config)).values.get("inbox") or []
     config["recursion_limit"] = _recursion_limit(1 + len(waiting), iteration_budget)
     answer = {"value": value, "control_event_id": control_event_id}
-    streamed = await _stream(graph, Command(resume=answer), config, durability)
+    with run_scope(workflow_id):
+        streamed = await _stream(graph, Command(resume=answer), config, durability)
     return await _finish(graph, workflow_id, [event_id], streamed)

@@ -26,12 +26,15 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from telemetry.settings import TelemetryConfigError
 
-__all__ = ["add_trace_context", "configure_logging", "redact_url"]
+__all__ = ["QUIET_LOGGERS", "add_trace_context", "configure_logging", "redact_url"]
 
 _LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 _UNCAPPED_KEYS: Final = frozenset({"exception", "stack"})
 _SECRET_QUERY_KEYS: Final = frozenset({"password", "username", "user"})
 _MASK: Final = "***"
+QUIET_LOGGERS: Final[tuple[str, ...]] = ("redisvl", "langgraph")
+"""Third-party loggers whose INFO lines are routine ("Index already exists", "Redis
+client is a standalone client"); :func:`configure_logging` caps them at WARNING."""
 
 
 def add_trace_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
@@ -95,6 +98,7 @@ def configure_logging(
     stream: TextIO | None = None,
     max_value_length: int = 4096,
     cache_logger_on_first_use: bool = True,
+    quiet: tuple[str, ...] = QUIET_LOGGERS,
 ) -> None:
     """Configure structlog and route the standard library's logging through it.
 
@@ -111,6 +115,8 @@ def configure_logging(
         stream: where lines go; ``sys.stdout`` (looked up at call time) by default.
         max_value_length: string values longer than this are cut, with a marker.
         cache_logger_on_first_use: structlog's speed-up; see above.
+        quiet: standard-library loggers set to WARNING (unless ``level`` is higher):
+            chatty libraries whose INFO lines say nothing to an operator.
 
     Raises:
         TelemetryConfigError: ``level`` is not a level name.
@@ -163,6 +169,8 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(min_level)
+    for name in quiet:
+        logging.getLogger(name).setLevel(max(min_level, logging.WARNING))
 
 
 def redact_url(url: str) -> str:

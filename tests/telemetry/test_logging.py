@@ -177,3 +177,18 @@ def test_bad_level_is_a_clear_error() -> None:
 def test_redact_url_hides_credentials(url: str, redacted: str) -> None:
     assert redact_url(url) == redacted
     assert "s3cret" not in redact_url(url)
+
+
+def test_chatty_third_party_info_lines_are_quieted() -> None:
+    stream = io.StringIO()
+    levels = {name: logging.getLogger(name).level for name in ("redisvl", "langgraph")}
+    try:
+        configure_logging(stream=stream, json=True, level="debug")
+        logging.getLogger("redisvl.index.index").info("Index already exists, not overwriting.")
+        logging.getLogger("langgraph.checkpoint.redis.aio").info("Redis client is a standalone")
+        logging.getLogger("langgraph.checkpoint.redis.aio").warning("a real problem")
+        logging.getLogger("ctxd.x").debug("ours")
+        assert [line["event"] for line in _lines(stream)] == ["a real problem", "ours"]
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
