@@ -9,7 +9,7 @@ error rate over recent asks, and a performance score from latency against the as
 timeout and rejections. :meth:`~ActorDispatch.reading_allowed` is the ingress's
 backpressure hook: no new input is read while a breaker is open.
 
-:func:`breaker_telemetry` is the transition listener every breaker gets: a
+:func:`actors.telemetry_hooks.breaker_transitions` is the transition listener every breaker gets: a
 ``circuit_breaker.transition`` span per transition (child of the current span, or a
 linked root for the timer-driven ones), an error log line when a breaker opens, and
 the ``ctxd.circuit_breaker.state`` gauge.
@@ -23,29 +23,26 @@ from collections.abc import Callable, Mapping
 
 import anyio
 import structlog
-from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanContext, Tracer
+from opentelemetry.trace import Tracer
 
 from actors.breaker import (
     BreakerConfig,
     BreakerState,
-    BreakerTransition,
     CallNotPermittedError,
     CircuitBreaker,
 )
 from actors.config import Settings
 from actors.mailbox import Mailbox
+from actors.telemetry_hooks import breaker_calls, breaker_transitions
 from graph.state import JSON
 from graph.work import DispatchHealth, WorkKind
 from telemetry.metrics import Instruments
-from telemetry.spans import record_breaker_transition
 
-__all__ = ["ActorDispatch", "breaker_config", "breaker_telemetry"]
+__all__ = ["ActorDispatch", "breaker_config"]
 
 _log = structlog.get_logger("ctxd.breaker")
 _RECENT = 100  # asks behind error_rate and performance_score
-_TIMER_TRIGGERS = ("break_elapsed", "half_open_timeout")
 _REJECTING = (BreakerState.OPEN, BreakerState.FORCED_OPEN)
 
 
@@ -61,59 +58,6 @@ def breaker_config(settings: Settings) -> BreakerConfig:
         half_open_permitted_calls=settings.breaker_half_open_calls,
         max_half_open_wait=max(60.0, settings.ask_timeout * 4),
     )
-
-
-def breaker_telemetry(
-    tracer: Tracer, instruments: Instruments | None = None
-) -> Callable[[BreakerTransition], None]:
-    """A transition listener recording spans, log lines and the state gauge."""
-    last_span: dict[str, SpanContext] = {}
-
-    def on_transition(change: BreakerTransition) -> None:
-        token = None
-        if change.trigger in _TIMER_TRIGGERS:
-            # Time moved the breaker, not the call that happened to notice: a root span.
-            token = otel_context.attach(otel_context.Context())
-        try:
-            last_span[change.name] = record_breaker_transition(
-                tracer,
-                name=change.name,
-                from_state=change.from_state.value,
-                to_state=change.to_state.value,
-                trigger=change.trigger,
-                failure_rate=change.failure_rate if change.failure_rate >= 0 else None,
-                window_calls=change.window_calls or None,
-                error_type=change.error_type,
-                link=last_span.get(change.name),
-            )
-        finally:
-            if token is not None:
-                otel_context.detach(token)
-        if instruments is not None:
-            instruments.record_breaker_state(change.name, change.to_state.value)
-            instruments.breaker_transitions.add(
-                1,
-                {
-                    "ctxd.circuit_breaker.name": change.name,
-                    "ctxd.circuit_breaker.state.from": change.from_state.value,
-                    "ctxd.circuit_breaker.state.to": change.to_state.value,
-                    "ctxd.circuit_breaker.trigger": change.trigger,
-                },
-            )
-        fields = {
-            "breaker": change.name,
-            "from_state": change.from_state.value,
-            "to_state": change.to_state.value,
-            "trigger": change.trigger,
-            "failure_rate": change.failure_rate,
-            "error_type": change.error_type,
-        }
-        if change.to_state in _REJECTING:
-            _log.error("circuit breaker opened", **fields)
-        else:
-            _log.info("circuit breaker transition", **fields)
-
-    return on_transition
 
 
 class ActorDispatch:
@@ -140,7 +84,7 @@ class ActorDispatch:
         self._timeout = settings.ask_timeout
         self._limit = anyio.Semaphore(settings.max_asks_in_flight)
         config = breaker_config(settings)
-        listener = breaker_telemetry(tracer or trace.get_tracer("ctxd.actors"), instruments)
+        listener = breaker_transitions(tracer or trace.get_tracer("ctxd.actors"), instruments)
         self.breakers: Mapping[str, CircuitBreaker] = {
             kind.value: CircuitBreaker(f"actor.{kind.value}", config, clock=clock)
             for kind in WorkKind
@@ -148,6 +92,7 @@ class ActorDispatch:
         for breaker in self.breakers.values():
             breaker.add_listener(listener)
             if instruments is not None:
+                breaker.add_call_listener(breaker_calls(instruments))
                 instruments.record_breaker_state(breaker.name, breaker.state.value)
         self._recent = {kind.value: _Recent(self._timeout) for kind in WorkKind}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanContext, Tracer
 
 from actors.breaker import BreakerCall, BreakerState, BreakerTransition
@@ -27,6 +28,8 @@ from telemetry.spans import record_breaker_transition
 __all__ = ["actor_restarts", "breaker_calls", "breaker_transitions"]
 
 _log = structlog.get_logger("ctxd.breaker")
+_TIMER_TRIGGERS = ("break_elapsed", "half_open_timeout")
+_REJECTING = (BreakerState.OPEN, BreakerState.FORCED_OPEN)
 
 
 def breaker_transitions(
@@ -45,17 +48,28 @@ def breaker_transitions(
 
     def on_transition(event: BreakerTransition) -> None:
         failure_rate = event.failure_rate if event.failure_rate >= 0 else None
-        previous[event.name] = record_breaker_transition(
-            tracer,
-            name=event.name,
-            from_state=event.from_state.value,
-            to_state=event.to_state.value,
-            trigger=event.trigger,
-            failure_rate=failure_rate,
-            window_calls=event.window_calls,
-            error_type=event.error_type,
-            link=previous.get(event.name),
+        # Time moved the breaker, not the call that happened to notice: a root span
+        # (linked to the previous transition), not a child of that call.
+        token = (
+            otel_context.attach(otel_context.Context())
+            if event.trigger in _TIMER_TRIGGERS
+            else None
         )
+        try:
+            previous[event.name] = record_breaker_transition(
+                tracer,
+                name=event.name,
+                from_state=event.from_state.value,
+                to_state=event.to_state.value,
+                trigger=event.trigger,
+                failure_rate=failure_rate,
+                window_calls=event.window_calls,
+                error_type=event.error_type,
+                link=previous.get(event.name),
+            )
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         if instruments is not None:
             instruments.breaker_transitions.add(
                 1,
@@ -67,10 +81,11 @@ def breaker_transitions(
                 },
             )
             instruments.record_breaker_state(event.name, event.to_state.value)
-        log = _log.error if event.to_state is BreakerState.OPEN else _log.info
-        log(
-            f"circuit breaker {event.to_state.value}",
+        opened = event.to_state in _REJECTING
+        (_log.error if opened else _log.info)(
+            "circuit breaker opened" if opened else "circuit breaker transition",
             breaker=event.name,
+            to_state=event.to_state.value,
             from_state=event.from_state.value,
             trigger=event.trigger,
             failure_rate=failure_rate,
@@ -114,7 +129,8 @@ def actor_restarts(instruments: Instruments) -> Callable[[RestartEvent], None]:
     """
 
     def on_restart(event: RestartEvent) -> None:
-        attributes = {"ctxd.actor.kind": event.supervisor}
+        # Pool supervisors are named actor.{kind}; the kind is the useful label.
+        attributes = {"ctxd.actor.kind": event.supervisor.removeprefix("actor.")}
         if event.error_type is not None:
             attributes["error.type"] = event.error_type
         instruments.actor_restarts.add(1, attributes)

@@ -33,6 +33,7 @@ from actors.dispatch import ActorDispatch
 from actors.mailbox import Mailbox
 from actors.pool import ActorPool, FaultHook
 from actors.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
+from actors.telemetry_hooks import actor_restarts
 from graph.work import WorkHandlers, WorkKind
 from telemetry.metrics import Instruments
 
@@ -74,7 +75,7 @@ class ActorSystem:
         fault: FaultHook | None = None,
     ) -> None:
         tracer = tracer or trace.get_tracer("ctxd.actors")
-        self._instruments = instruments
+        self._count_restart = actor_restarts(instruments) if instruments is not None else None
         self.mailbox = Mailbox(redis, settings, tracer=tracer) if ask else None
         self.dispatch = (
             ActorDispatch(
@@ -130,9 +131,8 @@ class ActorSystem:
             restarts=event.restart_count,
             backoff=round(event.backoff, 3),
         )
-        if self._instruments is not None:
-            kind = event.child.removeprefix("actor.").split(".")[0]
-            self._instruments.actor_restarts.add(1, {"ctxd.actor.kind": kind})
+        if self._count_restart is not None:
+            self._count_restart(event)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start the tree, then supervise it until cancelled.

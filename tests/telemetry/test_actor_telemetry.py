@@ -81,7 +81,7 @@ def test_breaker_cycle_closed_open_half_open_closed(receiver: OtlpReceiver) -> N
     ]
     assert "ctxd.circuit_breaker.failure_rate" not in half_open.attributes
     assert closed.attributes["ctxd.circuit_breaker.failure_rate"] == pytest.approx(0.0)
-    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["circuit breaker open"]
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["circuit breaker opened"]
 
     metrics = receiver.wait_for_metrics(
         lambda m: (
