@@ -16,6 +16,21 @@ from redis import Redis
 REPO = Path(__file__).resolve().parent.parent
 
 
+def run_ctxd(
+    env: Mapping[str, str], *args: str, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """Run one ``ctxd`` command (``send``, ``state``…) to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "actors.cli", *args],
+        cwd=REPO,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+
+
 def read_outputs(
     redis: Redis, stream: str, count: int, *, timeout_ms: int = 30000
 ) -> list[tuple[str, dict[str, str]]]:

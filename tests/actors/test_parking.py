@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
 from redis import Redis
 
-from tests_support import REPO, ServiceProcess, read_outputs
+from tests_support import ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow
 
@@ -22,20 +20,8 @@ TECH = (
 )
 
 
-def _ctxd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "actors.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=90,
-    )
-
-
 def _send(env: dict[str, str], workflow_id: str, text: str, event_id: str, *extra: str) -> None:
-    sent = _ctxd(env, "send", workflow_id, text, "--event-id", event_id, *extra)
+    sent = run_ctxd(env, "send", workflow_id, text, "--event-id", event_id, *extra)
     assert sent.returncode == 0, sent.stderr
 
 
@@ -71,12 +57,13 @@ def test_paused_workflow_parks_events_in_order_across_sigkill_and_resumes(
     assert [f["event_id"] for _, f in read_outputs(redis, parked, 3)] == ["e2", "e3", "e4"]
     assert redis.xlen(out) == 1  # nothing ran while paused
 
-    state = _ctxd(env, "state", workflow_id)
+    state = run_ctxd(env, "state", workflow_id)
     assert state.returncode == 0, state.stderr
     assert "PAUSED" in state.stdout
     assert "3 event(s) parked" in state.stdout
 
-    resumed = _ctxd(env, "resume", workflow_id, "--value", '{"decision": "standard_quality_path"}')
+    answer = '{"decision": "standard_quality_path"}'
+    resumed = run_ctxd(env, "resume", workflow_id, "--value", answer)
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     assert "resume: status=ok decision=standard_quality_path" in resumed.stdout
     outputs = read_outputs(redis, out, 5)
@@ -87,7 +74,7 @@ def test_paused_workflow_parks_events_in_order_across_sigkill_and_resumes(
     assert redis.xlen(parked) == 0
     assert redis.xpending(f"{prefix}:in", "ctxd")["pending"] == 0
 
-    history = _ctxd(env, "state", workflow_id, "--history", "--limit", "100", "--json")
+    history = run_ctxd(env, "state", workflow_id, "--history", "--limit", "100", "--json")
     assert history.returncode == 0, history.stderr
     document = json.loads(history.stdout)
     assert document["paused"] is False
@@ -96,11 +83,11 @@ def test_paused_workflow_parks_events_in_order_across_sigkill_and_resumes(
     oldest = document["history"][-1]
     assert oldest["events_processed"] == 1
 
-    rolled = _ctxd(env, "rollback", workflow_id, "--to", oldest["checkpoint_id"])
+    rolled = run_ctxd(env, "rollback", workflow_id, "--to", oldest["checkpoint_id"])
     assert rolled.returncode == 0, rolled.stderr + rolled.stdout
     assert "rollback: status=ok" in rolled.stdout
     after = json.loads(
-        _ctxd(env, "state", workflow_id, "--history", "--limit", "100", "--json").stdout
+        run_ctxd(env, "state", workflow_id, "--history", "--limit", "100", "--json").stdout
     )
     assert after["values"]["events_processed"] == 1
     assert after["checkpoint_id"] != oldest["checkpoint_id"]  # a fork, not a rewrite
@@ -109,10 +96,10 @@ def test_paused_workflow_parks_events_in_order_across_sigkill_and_resumes(
     }  # history is kept
     assert len(read_outputs(redis, out, 6)) == 6
 
-    bad = _ctxd(env, "rollback", workflow_id, "--to", "no-such-checkpoint")
+    bad = run_ctxd(env, "rollback", workflow_id, "--to", "no-such-checkpoint")
     assert bad.returncode == 1
     assert "rollback: status=error" in bad.stdout
-    readable = _ctxd(env, "state", workflow_id, "--history")
+    readable = run_ctxd(env, "state", workflow_id, "--history")
     assert "checkpoints (newest first)" in readable.stdout
     assert "events processed 1" in readable.stdout
 
@@ -134,7 +121,7 @@ def test_service_runs_the_example_analyzer_plugin(
     text = "Outage after the deploy: errors and latency rose, rollback started. Incident open."
     _send(env, workflow_id, text, "k1")
     assert read_outputs(redis, f"{prefix}:out", 1)[0][1]["event_id"] == "k1"
-    shown = _ctxd(env, "state", workflow_id, "--json")
+    shown = run_ctxd(env, "state", workflow_id, "--json")
     assert shown.returncode == 0, shown.stderr
     values = json.loads(shown.stdout)["values"]
     assert values["analysis"].startswith("Analysis: ")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
@@ -15,21 +13,9 @@ from actors.config import Settings
 from graph.checkpointer import open_checkpointer
 from graph.work import LocalDispatch
 from graph.workflow import build_contextual_workflow, thread_config
-from tests_support import REPO, ServiceProcess, read_outputs
+from tests_support import ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow
-
-
-def _ctxd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "actors.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
 
 
 def test_sent_event_yields_exactly_one_output(
@@ -41,7 +27,7 @@ def test_sent_event_yields_exactly_one_output(
     """`ctxd send` → one ctxd:out entry with the event's workflow_id and event_id."""
     service = start_service("run")
     service.wait_ready()
-    sent = _ctxd(
+    sent = run_ctxd(
         service_env, "send", "orders-1", "Checkout latency rose after the deploy.",
         "--event-id", "ev-1", "--priority", "high",
     )  # fmt: skip
@@ -82,14 +68,14 @@ async def test_state_persists_and_acked_events_are_not_reprocessed(
     """After a restart the next event sees the earlier context, and nothing acked reruns."""
     first = start_service("run")
     first.wait_ready()
-    assert _ctxd(service_env, "send", "wf-persist", "alpha beta gamma delta").returncode == 0
+    assert run_ctxd(service_env, "send", "wf-persist", "alpha beta gamma delta").returncode == 0
     read_outputs(redis, f"{prefix}:out", 1)
     first.signal(signal.SIGINT)
     assert first.wait() == 0
 
     second = start_service("run")
     second.wait_ready()
-    assert _ctxd(service_env, "send", "wf-persist", "alpha beta epsilon").returncode == 0
+    assert run_ctxd(service_env, "send", "wf-persist", "alpha beta epsilon").returncode == 0
     outputs = read_outputs(redis, f"{prefix}:out", 2)
     second.signal(signal.SIGTERM)
     assert second.wait() == 0
@@ -107,6 +93,6 @@ def test_send_without_a_running_service_says_what_to_do(
 ) -> None:
     """With no Redis URL and no embedded Redis running, `send` explains how to start one."""
     env = {k: v for k, v in service_env.items() if k != "CTXD_REDIS_URL"}
-    result = _ctxd(env, "send", "wf", "text")
+    result = run_ctxd(env, "send", "wf", "text")
     assert result.returncode != 0
     assert "start `ctxd run` first, or set CTXD_REDIS_URL" in result.stderr
