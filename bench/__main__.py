@@ -60,10 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a small run for CI smoke tests (300 events, 10 workflows, 3 s steady)",
+        help="a small run for CI smoke tests (200 events, 10 workflows, 2 s steady)",
     )
     parser.add_argument(
         "--redis-url", help="use this Redis (needs RedisJSON + RediSearch), not the embedded one"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="attach py-spy (pip install py-spy) to the first process of every scenario "
+        "and print the top entries; figures of a profiled run are not comparable",
     )
     parser.add_argument("--output", type=Path, help="JSON path (bench/results/bench-<time>.json)")
     return parser
@@ -123,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit 0 when it ran (targets missed are reported, not fatal)."""
     args = _parser().parse_args(argv)
     if args.quick:
-        args.events, args.workflows, args.baseline_events = 300, 10, 60
-        args.rate, args.duration = 20.0, 3.0
+        args.events, args.workflows, args.baseline_events = 200, 10, 40
+        args.rate, args.duration = 20.0, 2.0
     scenarios = _scenarios(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results_dir = REPO / "bench" / "results"
@@ -155,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 otlp_endpoint=receiver.grpc_endpoint,
                 spans_received=lambda: len(receiver.spans()),
                 progress=lambda line: print(line, flush=True),
+                profile=args.profile,
             )
             results.append(result)
             print(

@@ -18,6 +18,7 @@ from typing import cast
 from redis import Redis
 
 from bench.procs import MeasuredProcess, cpu_seconds, peak_rss_mb
+from bench.profile import Profiler, top_entries
 from bench.workload import load, make_events
 
 __all__ = ["Scenario", "ScenarioResult", "percentile", "run_scenario"]
@@ -159,6 +160,7 @@ def run_scenario(
     otlp_endpoint: str | None = None,
     spans_received: Callable[[], int] | None = None,
     progress: Callable[[str], None] = print,
+    profile: bool = False,
 ) -> ScenarioResult:
     """Run one scenario and measure it.
 
@@ -172,6 +174,9 @@ def run_scenario(
     processes = _start(
         scenario, redis_url, prefix, workdir, otlp_endpoint if scenario.traced else None
     )
+    profiler = (
+        Profiler(processes[0].pid, workdir / f"{scenario.name}.pyspy.txt") if profile else None
+    )
     try:
         cpu_before = [cpu_seconds(p.pid) for p in processes]
         if scenario.workload == "drain":
@@ -184,6 +189,10 @@ def run_scenario(
     finally:
         for process in processes:
             process.stop()
+        if profiler is not None:
+            profiler.wait()
+    if profiler is not None and profiler.path.exists():
+        progress(top_entries(profiler.path))
     inputs = cast(list[tuple[str, dict[str, str]]], redis.xrange(in_stream, count=1))
     outputs = cast(list[tuple[str, dict[str, str]]], redis.xrange(out_stream))
     redis.close()
