@@ -58,9 +58,11 @@ class ContextState(TypedDict, total=False):
         events_processed: events integrated so far.
         error_count: errors recorded so far, over all events.
         integrity_hash: hash of the integrity fields as the graph last wrote them.
-        decisions: the latest decisions with their scores (bounded).
+        decisions: the latest decisions with their scores and reasons (bounded; the
+            full record of the current one is in ``decision``).
         health: the last health check (the seed's ``_monitor_state_health``).
-        outbox: results of recent events by event id (bounded), for effectively-once.
+        outbox: results of recent events by event id (bounded), for effectively-once;
+            each result is one compact JSON string (cheap to checkpoint).
 
     Per event (reset by each run's input and when the analyzer takes the next event):
         inbox: events still to process in this run.
@@ -88,7 +90,7 @@ class ContextState(TypedDict, total=False):
     integrity_hash: str
     decisions: list[dict[str, JSON]]
     health: dict[str, JSON]
-    outbox: dict[str, dict[str, JSON]]
+    outbox: dict[str, str]
 
     inbox: list[dict[str, JSON]]
     event: dict[str, JSON] | None

@@ -16,7 +16,8 @@ and the checkpoint written at the end of the run holds them durably.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import json
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -43,6 +44,25 @@ _ROUTES: dict[Hashable, str] = {
 }
 
 ContextualGraph = CompiledStateGraph[ContextState, None, ContextState, ContextState]
+
+_Route = Hashable | Sequence[Hashable]
+
+
+def _on_loop(
+    route: Callable[[ContextState], _Route],
+) -> Callable[[ContextState], Awaitable[_Route]]:
+    """A conditional edge as a coroutine function.
+
+    LangGraph runs a plain function edge in a thread pool under ``astream``; for an edge
+    that only reads a channel, the hand-off cost more than the whole rest of the step
+    (docs/performance.md). As a coroutine it runs on the event loop.
+    """
+
+    async def edge(state: ContextState) -> _Route:
+        return route(state)
+
+    edge.__name__ = getattr(route, "__name__", "edge")
+    return edge
 
 
 def thread_config(workflow_id: str, checkpoint_id: str | None = None) -> RunnableConfig:
@@ -81,10 +101,10 @@ def build_contextual_workflow(
         builder.add_node(worker, nodes.research_worker)  # type: ignore[arg-type]
         builder.add_edge(worker, "context_analyzer")
     builder.add_edge(START, "context_analyzer")
-    builder.add_conditional_edges("context_analyzer", nodes.next_route, _ROUTES)
+    builder.add_conditional_edges("context_analyzer", _on_loop(nodes.next_route), _ROUTES)
     builder.add_conditional_edges(
         "adaptive_processor",
-        nodes.fan_out,
+        _on_loop(nodes.fan_out),
         ["context_analyzer", *RESEARCH_WORKERS.values()],
     )
     for node in ("context_updater", "continuous_monitor", "decision_engine"):
@@ -154,10 +174,15 @@ async def run_events(
             )
         elif mode == "updates" and "__interrupt__" in cast(dict[str, JSON], chunk):
             interrupted = True
-    outbox = cast(dict[str, dict[str, JSON]], last_values.get("outbox") or {})
+    outbox = cast(dict[str, str | dict[str, JSON]], last_values.get("outbox") or {})
     wanted = [str(e["event_id"]) for e in events]
-    results = {event_id: outbox[event_id] for event_id in wanted if event_id in outbox}
+    results = {event_id: _decoded(outbox[event_id]) for event_id in wanted if event_id in outbox}
     if not interrupted and len(results) != len(wanted):
         missing = sorted(set(wanted) - set(results))
         raise WorkflowError(f"workflow {workflow_id!r}: run ended without results for {missing}")
     return RunResult(results=results, checkpoint_id=checkpoint_id, interrupted=interrupted)
+
+
+def _decoded(result: str | dict[str, JSON]) -> dict[str, JSON]:
+    """An outbox entry: a JSON string (or a dict, as older checkpoints hold them)."""
+    return cast(dict[str, JSON], json.loads(result)) if isinstance(result, str) else result
