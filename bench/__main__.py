@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from bench.procs import REPO
@@ -66,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         "--redis-url", help="use this Redis (needs RedisJSON + RediSearch), not the embedded one"
     )
     parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the ctxd processes, e.g. CTXD_CONCURRENCY=64 "
+        "(repeatable); recorded in the JSON",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="attach py-spy (pip install py-spy) to the first process of every scenario "
@@ -107,6 +116,10 @@ def _scenarios(args: argparse.Namespace) -> list[Scenario]:
             "ctxd-steady-2", "ctxd", "steady", 2, steady_events, args.workflows, rate=args.rate
         ),
     }
+    env = dict(item.split("=", 1) for item in args.env)
+    for name, scenario in known.items():
+        if scenario.pipeline == "ctxd":
+            known[name] = replace(scenario, env=env)
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -181,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "rate": args.rate,
             "duration": args.duration,
             "quick": args.quick,
+            "ctxd_env": dict(item.split("=", 1) for item in args.env),
         },
         "scenarios": {r.name: r.as_json() for r in results},
         "ratios": checks,

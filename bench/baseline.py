@@ -10,6 +10,7 @@ It runs until SIGTERM (the bench reads its CPU and peak RSS before stopping it).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import cast
 
@@ -60,6 +61,8 @@ async def _pipeline(redis_url: str, prefix: str) -> None:
                         cast(ContextState, run_input), config, durability="sync"
                     )
                     result = values["outbox"][event.event_id]
+                    if isinstance(result, str):  # the lean outbox keeps JSON strings
+                        result = json.loads(result)
                     fields = output_fields(result, trace_id="", checkpoint_id="")
                     await redis.xadd(output_stream, fields)  # type: ignore[arg-type]
                     await redis.xack(input_stream, group, entry_id)
