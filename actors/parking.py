@@ -36,7 +36,7 @@ from actors.validation import Event, decode_fields, parse_event
 from graph.errors import CtxdError
 from graph.features import AnalyzerPolicy
 from graph.history import fork_checkpoint
-from graph.state import JSON
+from graph.state import JSON, outbox_result
 from graph.workflow import (
     ContextualGraph,
     RunResult,
@@ -278,8 +278,7 @@ class _Run:
             if isinstance(resolution, dict) and (
                 resolution.get("control_event_id") == event.event_id
             ):
-                outbox = values.get("outbox") or {}
-                resumed = outbox.get(str(record.get("event_id")), {})
+                resumed = outbox_result(values.get("outbox"), str(record.get("event_id"))) or {}
                 return self._control_result(event, str(resumed.get("status", "ok")), resumed)
         return None
 

@@ -8,6 +8,7 @@ per-event features and chooses the next node; every other node loops back to it.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import ChainMap
 from collections.abc import Mapping, MutableMapping
@@ -62,6 +63,16 @@ def _resealed(before: ContextState, changes: dict[str, JSON]) -> dict[str, JSON]
         return changes
     changes["integrity_hash"] = integrity_hash(ChainMap(changes, dict(old)))
     return changes
+
+
+def _history_entry(record: Mapping[str, JSON]) -> dict[str, JSON]:
+    """A decision as kept in the bounded history: no raw scores, no copied context.
+
+    The current ``decision`` keeps the full record; the history is for people, resumes
+    and rollbacks, and a lean one keeps every checkpoint write cheap (docs/performance.md).
+    """
+    kept = ("event_id", "decision", "scores", "reason", "margin", "resolution")
+    return {k: record[k] for k in kept if k in record}
 
 
 def event_status(
@@ -158,7 +169,11 @@ class ContextualNodes:
             if choice.route is not AnalyzerRoute.PROCESSING_COMPLETE:
                 changes["next_route"] = choice.route.value
                 return changes
-            outbox[str(view["event"]["event_id"])] = self._result(view, choice.budget_exhausted)
+            # One JSON string per result: the checkpoint serializer walks every nested
+            # value, and the outbox was most of the state (docs/performance.md).
+            outbox[str(view["event"]["event_id"])] = json.dumps(
+                self._result(view, choice.budget_exhausted), separators=(",", ":")
+            )
             while len(outbox) > _OUTBOX_KEPT:
                 outbox.pop(next(iter(outbox)))
             changes["outbox"] = outbox
@@ -436,7 +451,7 @@ class ContextualNodes:
         retry = decision == "retry_with_improvements"
         changes.update(
             decision=record,
-            decisions=[*(view.get("decisions") or []), record][-_DECISIONS_KEPT:],
+            decisions=[*(view.get("decisions") or []), _history_entry(record)][-_DECISIONS_KEPT:],
             decided=not retry,
             retry_requested=retry,
             route=[*view.get("route", []), "decision_engine"],
@@ -450,7 +465,7 @@ class ContextualNodes:
             answer = interrupt({"event_id": event.get("event_id"), "result": paused})
             resolved = _resolved(record, answer)
             changes["decision"] = resolved
-            changes["decisions"] = [*(view.get("decisions") or [])[:-1], resolved]
+            changes["decisions"] = [*(view.get("decisions") or [])[:-1], _history_entry(resolved)]
             retry = resolved["decision"] == "retry_with_improvements"
             changes.update(decided=not retry, retry_requested=retry)
         return changes

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, TypedDict, cast
 
 __all__ = [
     "INTEGRITY_FIELDS",
@@ -23,6 +23,7 @@ __all__ = [
     "ContextState",
     "integrity_hash",
     "merge_dicts",
+    "outbox_result",
 ]
 
 JSON = Any  # a plain-JSON value; the precise recursive type adds nothing for readers here.
@@ -36,6 +37,14 @@ def merge_dicts(old: dict[str, JSON] | None, new: dict[str, JSON] | None) -> dic
     if not new:
         return {}
     return {**(old or {}), **new}
+
+
+def outbox_result(outbox: Mapping[str, JSON] | None, event_id: str) -> dict[str, JSON] | None:
+    """An event's result from the outbox: a JSON string (dicts in older checkpoints)."""
+    entry = (outbox or {}).get(event_id)
+    if entry is None:
+        return None
+    return cast(dict[str, JSON], json.loads(entry)) if isinstance(entry, str) else dict(entry)
 
 
 def integrity_hash(values: Mapping[str, JSON]) -> str:
@@ -59,9 +68,11 @@ class ContextState(TypedDict, total=False):
         events_processed: events integrated so far.
         error_count: errors recorded so far, over all events.
         integrity_hash: hash of the integrity fields as the graph last wrote them.
-        decisions: the latest decisions with their scores (bounded).
+        decisions: the latest decisions with their scores and reasons (bounded; the
+            full record of the current one is in ``decision``).
         health: the last health check (the seed's ``_monitor_state_health``).
-        outbox: results of recent events by event id (bounded), for effectively-once.
+        outbox: results of recent events by event id (bounded), for effectively-once;
+            each result is one compact JSON string (cheap to checkpoint).
 
     Per event (reset by each run's input and when the analyzer takes the next event):
         inbox: events still to process in this run.
@@ -90,7 +101,7 @@ class ContextState(TypedDict, total=False):
     integrity_hash: str
     decisions: list[dict[str, JSON]]
     health: dict[str, JSON]
-    outbox: dict[str, dict[str, JSON]]
+    outbox: dict[str, str]
 
     inbox: list[dict[str, JSON]]
     event: dict[str, JSON] | None

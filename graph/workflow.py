@@ -30,7 +30,7 @@ from graph.errors import WorkflowError
 from graph.features import AnalyzerPolicy, AnalyzerRoute
 from graph.history import fork_checkpoint, last_good_checkpoint, latest_checkpoint_id, thread_config
 from graph.nodes import RESEARCH_WORKERS, ContextualNodes
-from graph.state import JSON, ContextState
+from graph.state import JSON, ContextState, outbox_result
 from graph.tracing import GraphTelemetry, run_scope, traced_node
 from graph.work import Dispatch
 
@@ -53,6 +53,26 @@ _ROUTES: dict[Hashable, str] = {
 }
 
 ContextualGraph = CompiledStateGraph[ContextState, None, ContextState, ContextState]
+
+
+_Route = Hashable | Sequence[Hashable]
+
+
+def _on_loop(
+    route: Callable[[ContextState], _Route],
+) -> Callable[[ContextState], Awaitable[_Route]]:
+    """A conditional edge as a coroutine function.
+
+    LangGraph runs a plain function edge in a thread pool under ``astream``; for an edge
+    that only reads a channel, the hand-off cost more than the whole rest of the step
+    (docs/performance.md). As a coroutine it runs on the event loop.
+    """
+
+    async def edge(state: ContextState) -> _Route:
+        return route(state)
+
+    edge.__name__ = getattr(route, "__name__", "edge")
+    return edge
 
 
 def build_contextual_workflow(
@@ -91,10 +111,10 @@ def build_contextual_workflow(
         builder.add_node(worker, traced_node(worker, nodes.research_worker, tel))  # type: ignore[type-var]
         builder.add_edge(worker, "context_analyzer")
     builder.add_edge(START, "context_analyzer")
-    builder.add_conditional_edges("context_analyzer", nodes.next_route, _ROUTES)
+    builder.add_conditional_edges("context_analyzer", _on_loop(nodes.next_route), _ROUTES)
     builder.add_conditional_edges(
         "adaptive_processor",
-        nodes.fan_out,
+        _on_loop(nodes.fan_out),
         ["context_analyzer", *RESEARCH_WORKERS.values()],
     )
     for node in ("context_updater", "continuous_monitor", "decision_engine"):
@@ -165,8 +185,12 @@ async def _finish(
     streamed: tuple[dict[str, JSON], str | None, dict[str, JSON] | None],
 ) -> RunResult:
     last_values, checkpoint_id, paused = streamed
-    outbox = cast(dict[str, dict[str, JSON]], last_values.get("outbox") or {})
-    results = {event_id: outbox[event_id] for event_id in wanted if event_id in outbox}
+    outbox = cast(dict[str, JSON], last_values.get("outbox") or {})
+    results = {
+        event_id: result
+        for event_id in wanted
+        if (result := outbox_result(outbox, event_id)) is not None
+    }
     paused_event_id: str | None = None
     if paused is not None:
         paused_event_id = str(paused.get("event_id"))

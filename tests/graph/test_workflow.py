@@ -139,7 +139,9 @@ async def test_decision_engine_uses_event_constraints_and_live_health() -> None:
         "fallback_processing",
         "escalation_required",
     }
-    context = record["context"]
+    # The history keeps decision and scores; the current record also keeps its context.
+    assert values["decision"]["scores"] == record["scores"]
+    context = values["decision"]["context"]
     assert context["error_rate"] == 0.8
     assert context["performance_score"] == 0.2
     assert context["business_priority"] == "high"
