@@ -13,6 +13,7 @@ in every process, which is what lets a replayed checkpoint take the same path.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -65,13 +66,21 @@ def terms(text: str) -> Counter[str]:
         text: any text.
 
     Returns:
-        How often each remaining token occurs.
+        How often each remaining token occurs (a fresh counter the caller may change).
     """
-    return Counter(
+    return Counter(dict(_term_counts(text)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _term_counts(text: str) -> tuple[tuple[str, int], ...]:
+    # Every pass re-reads the same window texts (analysis, drift, summaries): the
+    # tokenizer was a tenth of the CPU per event before this cache (docs/performance.md).
+    counts = Counter(
         token
         for token in (match.group().lower() for match in _TOKEN.finditer(text))
         if len(token) >= 2 and token not in STOP_WORDS
     )
+    return tuple(counts.items())
 
 
 def split_sentences(text: str) -> tuple[str, ...]:
