@@ -15,9 +15,15 @@ from typing import Any
 import anyio
 import structlog
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.config import Settings
 from actors.ingress import Ingress
+from actors.lease import fence_checkpoints
 from graph.analysis import load_analyzer
 from graph.checkpointer import open_checkpointer
 from graph.features import AnalyzerPolicy
@@ -45,7 +51,7 @@ async def serve(
     redis_url: str,
     *,
     on_ready: Callable[[], Coroutine[Any, Any, None]] | None = None,
-    drain_budget: float = DRAIN_BUDGET,
+    drain_budget: float | None = None,
 ) -> None:
     """Run the service until SIGTERM/SIGINT.
 
@@ -53,22 +59,31 @@ async def serve(
         settings: validated settings.
         redis_url: the Redis to use (configured, or the embedded one).
         on_ready: awaited once the ingress reads (the demo feeds events from here).
-        drain_budget: seconds in-flight work gets to finish after a stop signal.
+        drain_budget: seconds in-flight work gets to finish after a stop signal
+            (default: ``CTXD_DRAIN_BUDGET``).
     """
+    drain_budget = settings.drain_budget if drain_budget is None else drain_budget
     handlers = build_handlers(settings)
     policy = AnalyzerPolicy.from_mapping(settings.analyzer_policy)
-    redis = Redis.from_url(redis_url)
+    redis = Redis.from_url(  # reconnects with backoff when Redis restarts
+        redis_url,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), 6),
+        retry_on_error=[BusyLoadingError, RedisConnectionError, RedisTimeoutError],
+        health_check_interval=10,
+    )
     try:
         async with open_checkpointer(
             settings.checkpointer, redis_url=redis_url, postgres_url=settings.postgres_url
         ) as saver:
+            fence = _Fence()
             graph = build_contextual_workflow(
                 LocalDispatch(handlers),
-                saver,
+                fence_checkpoints(saver, fence.check),
                 policy=policy,
                 escalation_pauses=settings.escalation_pauses,
             )
             ingress = Ingress(redis, settings, graph)
+            fence.ingress = ingress
             async with anyio.create_task_group() as tg:
                 await tg.start(_stop_on_signal, ingress, tg.cancel_scope, drain_budget)
                 await tg.start(ingress.run)
@@ -88,6 +103,16 @@ async def serve(
             _log.info("ctxd stopped", processed=stats.processed, dead_lettered=stats.dead_lettered)
     finally:
         await redis.aclose()
+
+
+class _Fence:
+    """Checkpoint writes go through the ingress's partition-lease check."""
+
+    ingress: Ingress | None = None
+
+    async def check(self, workflow_id: str) -> None:
+        if self.ingress is not None:
+            await self.ingress.check_fence(workflow_id)
 
 
 async def _wait_for_ingress_end(ingress: Ingress) -> None:

@@ -1,14 +1,21 @@
-"""The ingress actor: ``ctxd:in`` → the contextual workflow → ``ctxd:out``.
+"""The ingress actor: partitions of ``ctxd:in`` → the contextual workflow → ``ctxd:out``.
 
-One reader task pulls entries through the consumer group (its own pending entries
-first, then new ones), validates them (invalid → DLQ at once) and queues valid events
-per workflow. One drain task per active workflow takes the queued events of that
-workflow, in order, in batches, runs them through the graph in one run, and commits
-outputs + acknowledgements atomically (:class:`~actors.streams.OutputCommitter`).
+Every instance runs the same pieces (see docs/design.md, "Partitions and leases"):
+
+- a :class:`~actors.router.Router` candidate: the one instance holding the router lease
+  moves ``ctxd:in`` entries to partition streams (invalid ones to the DLQ);
+- the ownership loop: heartbeats, rendezvous assignment of partitions to the live
+  instances, acquiring / renewing / releasing partition leases (fencing tokens);
+- one reader per owned partition (the fixed consumer name ``owner``: pending entries of
+  a previous owner first, then new ones), feeding per-workflow queues;
+- one drain task per active workflow: the queued events of that workflow, in order, in
+  batches, one graph run per batch, then outputs + acknowledgements in one Lua script
+  fenced by the partition lease (:class:`~actors.streams.OutputCommitter`).
+
 Entries are acknowledged only after the run's checkpoint and the outputs are durable.
-
-Entries that stay pending too long (a crashed instance, a failed run) are reclaimed
-with ``XAUTOCLAIM``; one delivered ``max_deliveries`` times goes to the DLQ.
+A failed run is retried in place (keeping the workflow's order) with backoff; one that
+failed ``max_deliveries`` times goes to the DLQ. Events arriving for a busy workflow
+follow ``CTXD_MULTITASK`` (enqueue, reject, interrupt, rollback).
 """
 
 from __future__ import annotations
@@ -23,13 +30,24 @@ import anyio
 import structlog
 from opentelemetry import trace
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from actors.config import Settings
-from actors.redis_io import autoclaim, read_group
+from actors.heartbeat import Heartbeat
+from actors.lease import LeaseLostError, Leases
+from actors.partitions import (
+    OWNER_CONSUMER,
+    assignment,
+    lease_key,
+    partition_of,
+    partition_stream,
+)
+from actors.redis_io import read_group, text
+from actors.router import SOURCE_FIELD, TRANSIENT_ERRORS, Router
 from actors.streams import CommitItem, OutputCommitter, dead_letter, ensure_group, output_fields
 from actors.validation import Event, decode_fields, parse_event
 from graph.errors import InvalidEntryError
-from graph.workflow import ContextualGraph, run_events
+from graph.workflow import ContextualGraph, run_events, thread_config
 from telemetry.propagation import extract_context
 from telemetry.spans import process_span
 
@@ -47,9 +65,12 @@ class IngressStatistics:
         processed: events with an output written.
         duplicates: events suppressed because their event_id was done already.
         dead_lettered: entries sent to the DLQ.
-        failed_runs: graph runs that raised (their entries stay pending).
+        failed_runs: graph runs that raised (their events are retried).
         in_flight: entries read and not yet committed.
         active_workflows: workflows being processed now.
+        interrupted: events cancelled by the interrupt/rollback strategies.
+        partitions: partitions this instance owns.
+        router: whether this instance routes ctxd:in now.
     """
 
     processed: int
@@ -58,18 +79,31 @@ class IngressStatistics:
     failed_runs: int
     in_flight: int
     active_workflows: int
+    interrupted: int = 0
+    partitions: tuple[int, ...] = ()
+    router: bool = False
 
 
 @dataclass
 class _Pending:
     event: Event
+    entry_id: str
+    partition: int
     fields: Mapping[str, str | bytes]
     deliveries: int
     read_at: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Workflow:
+    queue: list[_Pending] = field(default_factory=list)
+    running: list[_Pending] = field(default_factory=list)
+    scope: anyio.CancelScope | None = None
+    cancelled: bool = False
+
+
 class Ingress:
-    """Consumes the input stream and drives the workflow, effectively once per event.
+    """Consumes the partitions this instance owns and drives the workflow, once per event.
 
     Args:
         redis: the client (shared with the checkpointer's process, not its connection).
@@ -81,7 +115,7 @@ class Ingress:
         self._redis = redis
         self._settings = settings
         self._graph = graph
-        self._consumer = f"{settings.instance}:ingress"
+        self._consumer = OWNER_CONSUMER
         self._committer = OutputCommitter(
             redis,
             input_stream=settings.input_stream,
@@ -89,8 +123,14 @@ class Ingress:
             group=settings.group,
             dedupe_ttl=settings.dedupe_ttl,
         )
-        self._queues: dict[str, list[_Pending]] = {}
-        self._in_flight_ids: set[str] = set()
+        self._leases = Leases(redis, settings.instance, settings.lease_ttl)
+        self._heartbeat = Heartbeat(redis, settings)
+        self._router = Router(redis, settings, self._leases)
+        self._owned: dict[int, str] = {}  # partition → lease value
+        self._readers: dict[int, anyio.CancelScope] = {}
+        self._releasing: set[int] = set()
+        self._workflows: dict[str, _Workflow] = {}
+        self._in_flight: dict[str, int] = {}  # entry id → partition
         self._slots = anyio.CapacityLimiter(settings.concurrency)
         self._room = anyio.Event()
         self._max_in_flight = settings.concurrency * settings.batch_size
@@ -98,69 +138,202 @@ class Ingress:
         self._stopping = anyio.Event()
         self.stopped = anyio.Event()
         """Set when :meth:`run` has returned: nothing is in flight any more."""
-        self._counts = {"processed": 0, "duplicates": 0, "dead_lettered": 0, "failed_runs": 0}
+        self._counts = {
+            "processed": 0,
+            "duplicates": 0,
+            "dead_lettered": 0,
+            "failed_runs": 0,
+            "interrupted": 0,
+        }
+        self.extra_stats: dict[str, object] = {}
+        """Published in the heartbeat as is (e.g. breaker states from the actor pools)."""
 
     @property
     def consumer(self) -> str:
-        """This instance's consumer name in the group."""
+        """This instance's consumer name on the partition streams."""
         return self._consumer
 
     def statistics(self) -> IngressStatistics:
         """A snapshot of the counters."""
         return IngressStatistics(
-            in_flight=len(self._in_flight_ids),
-            active_workflows=len(self._queues),
-            **self._counts,
+            in_flight=len(self._in_flight),
+            active_workflows=len(self._workflows),
+            partitions=tuple(sorted(self._owned)),
+            router=self._router.active,
+            dead_lettered=self._counts["dead_lettered"] + self._router.dead_lettered,
+            **{k: v for k, v in self._counts.items() if k != "dead_lettered"},
         )
 
     def stop(self) -> None:
         """Stop reading; in-flight workflows finish their current batch."""
         self._stopping.set()
         self._room.set()
+        for scope in self._readers.values():
+            scope.cancel()
+
+    async def check_fence(self, workflow_id: str) -> None:
+        """Raise :class:`LeaseLostError` unless this instance still owns the workflow."""
+        n = partition_of(workflow_id, self._settings.partitions)
+        value = self._owned.get(n)
+        key, _ = lease_key(self._settings, f"part:{n}")
+        current = await self._redis.get(key)
+        if value is None or current is None or text(current) != value:
+            raise LeaseLostError(f"partition {n} of workflow {workflow_id!r} is not ours")
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Read, process and commit until :meth:`stop` is called (or cancelled)."""
+        """Route, own, read, process and commit until :meth:`stop` is called."""
         await ensure_group(self._redis, self._settings.input_stream, self._settings.group)
         try:
             async with anyio.create_task_group() as tg:
                 task_status.started()
-                tg.start_soon(self._reclaim_loop, tg)
-                await self._read_loop(tg)
-                while self._queues:  # stopping: let in-flight workflows finish their batch
+                tg.start_soon(self._router.run, self._stopping)
+                tg.start_soon(self._ownership_loop, tg)
+                await self._stopping.wait()
+                while self._in_flight or self._workflows:  # let in-flight batches finish
                     await self._wait_for_room()
                 tg.cancel_scope.cancel()
         finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+                await self._leave()
             self.stopped.set()
+
+    async def _leave(self) -> None:
+        for n, value in list(self._owned.items()):
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                await self._leases.release(lease_key(self._settings, f"part:{n}")[0], value)
+        self._owned.clear()
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await self._heartbeat.remove()
+
+    # -- ownership ----------------------------------------------------------------------
+
+    async def _ownership_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        s = self._settings
+        period = s.lease_ttl / 3
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                await self._reconcile(tg)
+                backoff = 0.1
+                wait = period
+            except TRANSIENT_ERRORS as exc:
+                _log.warning("Redis unavailable, retrying", error=str(exc), backoff=backoff)
+                wait, backoff = backoff, min(backoff * 2, 5.0)
+            with anyio.move_on_after(wait):
+                await self._stopping.wait()
+
+    async def _reconcile(self, tg: anyio.abc.TaskGroup) -> None:
+        s = self._settings
+        stats = self.statistics()
+        live = await self._heartbeat.beat(
+            {
+                "partitions": list(stats.partitions),
+                "router": stats.router,
+                "processed": stats.processed,
+                "duplicates": stats.duplicates,
+                "dead_lettered": stats.dead_lettered,
+                "failed_runs": stats.failed_runs,
+                "interrupted": stats.interrupted,
+                "in_flight": stats.in_flight,
+                "active_workflows": stats.active_workflows,
+                "multitask": s.multitask,
+                **self.extra_stats,
+            }
+        )
+        wanted = {n for n, who in assignment(live, s.partitions).items() if who == s.instance}
+        for n, value in list(self._owned.items()):
+            key, _ = lease_key(s, f"part:{n}")
+            if n in self._releasing:
+                if not any(p == n for p in self._in_flight.values()):
+                    await self._leases.release(key, value)
+                    self._drop_partition(n)
+                    _log.info("partition handed over", partition=n)
+                continue
+            if not await self._leases.renew(key, value):
+                _log.warning("partition lease lost", partition=n)
+                self._drop_partition(n)
+            elif n not in wanted:
+                self._releasing.add(n)
+                scope = self._readers.pop(n, None)
+                if scope is not None:
+                    scope.cancel()
+        for n in sorted(wanted - set(self._owned)):
+            if self._stopping.is_set():
+                return
+            got = await self._leases.acquire(*lease_key(s, f"part:{n}"))
+            if got is not None:
+                self._owned[n] = got
+                _log.info("partition acquired", partition=n, lease=got)
+                await ensure_group(self._redis, partition_stream(s, n), s.group)
+                scope = anyio.CancelScope()
+                self._readers[n] = scope
+                tg.start_soon(self._read_partition, tg, n, scope)
+
+    def _drop_partition(self, n: int) -> None:
+        """Forget partition ``n``: stop its reader, drop its queued (not running) events."""
+        self._owned.pop(n, None)
+        self._releasing.discard(n)
+        scope = self._readers.pop(n, None)
+        if scope is not None:
+            scope.cancel()
+        for wf in self._workflows.values():
+            kept = [p for p in wf.queue if p.partition != n]
+            for p in wf.queue:
+                if p.partition == n:
+                    self._in_flight.pop(p.entry_id, None)
+            wf.queue[:] = kept
+        self._room.set()
 
     # -- reading ----------------------------------------------------------------------
 
-    async def _read_loop(self, tg: anyio.abc.TaskGroup) -> None:
-        cursor = "0"  # this consumer's own pending entries first, then new ones
-        stream = self._settings.input_stream
-        while not self._stopping.is_set():
-            room = self._max_in_flight - len(self._in_flight_ids)
-            if room <= 0:
-                await self._wait_for_room()
-                continue
-            block = None if cursor != ">" else self._settings.block_ms
-            entries = await read_group(
-                self._redis,
-                group=self._settings.group,
-                consumer=self._consumer,
-                stream=stream,
-                cursor=cursor,
-                count=min(room, self._settings.read_count),
-                block=block,
-            )
-            if cursor != ">":
-                if not entries:
-                    cursor = ">"
+    async def _read_partition(
+        self, tg: anyio.abc.TaskGroup, n: int, scope: anyio.CancelScope
+    ) -> None:
+        s = self._settings
+        stream = partition_stream(s, n)
+        cursor = "0"  # the previous owner's pending entries first, then new ones
+        backoff = 0.1
+        with scope:
+            while not self._stopping.is_set() and n in self._owned:
+                room = self._max_in_flight - len(self._in_flight)
+                if room <= 0:
+                    await self._wait_for_room()
                     continue
-                cursor = entries[-1][0]
-            for entry_id, raw in entries:
-                await self._accept(tg, entry_id, raw, deliveries=1)
+                try:
+                    entries = await read_group(
+                        self._redis,
+                        group=s.group,
+                        consumer=self._consumer,
+                        stream=stream,
+                        cursor=cursor,
+                        count=min(room, s.read_count),
+                        block=None if cursor != ">" else s.block_ms,
+                    )
+                    counts: dict[str, int] = {}
+                    if cursor != ">":
+                        if not entries:
+                            cursor = ">"
+                            continue
+                        cursor = entries[-1][0]
+                        counts = await self._delivery_counts(stream, [e for e, _ in entries])
+                    backoff = 0.1
+                except TRANSIENT_ERRORS as exc:
+                    _log.warning("partition read failed, retrying", partition=n, error=str(exc))
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    _log.error("consumer group gone; recreating it", stream=stream)
+                    await ensure_group(self._redis, stream, s.group)
+                    continue
+                for entry_id, raw in entries:
+                    if n not in self._owned:
+                        break
+                    await self._accept(tg, n, entry_id, raw, deliveries=counts.get(entry_id, 1))
 
     async def _wait_for_room(self) -> None:
         self._room = anyio.Event()
@@ -170,50 +343,75 @@ class Ingress:
     async def _accept(
         self,
         tg: anyio.abc.TaskGroup,
+        n: int,
         entry_id: str,
         raw: dict[bytes, bytes] | None,
         *,
         deliveries: int,
     ) -> None:
-        if entry_id in self._in_flight_ids:
+        s = self._settings
+        stream = partition_stream(s, n)
+        if entry_id in self._in_flight:
             return
         if raw is None:  # the entry was trimmed or deleted while pending: nothing to redo
-            _log.error("pending entry has no payload; acknowledging", source_id=entry_id)
-            await self._redis.xack(self._settings.input_stream, self._settings.group, entry_id)
+            _log.error("pending entry has no payload; acknowledging", entry_id=entry_id)
+            await self._redis.xack(stream, s.group, entry_id)
             return
         fields = decode_fields(raw)
+        source = fields.pop(SOURCE_FIELD, entry_id)
+        source_id = source.decode() if isinstance(source, bytes) else source
         try:
             event = parse_event(
-                entry_id,
-                fields,
-                max_content_bytes=self._settings.max_content_bytes,
-                max_fields=self._settings.max_fields,
+                source_id, fields, max_content_bytes=s.max_content_bytes, max_fields=s.max_fields
             )
         except InvalidEntryError as exc:
-            await self._dead_letter(entry_id, fields, exc.reason, str(exc), deliveries)
+            await self._dead_letter(n, entry_id, source_id, fields, exc.reason, str(exc), 1)
             return
-        if deliveries > self._settings.max_deliveries:
+        if deliveries > s.max_deliveries:
             await self._dead_letter(
+                n,
                 entry_id,
+                source_id,
                 fields,
                 "poison",
                 f"delivered {deliveries} times without completing (limit "
-                f"{self._settings.max_deliveries}); see the service log for its errors",
+                f"{s.max_deliveries}); see the service log for its errors",
                 deliveries,
             )
             return
-        self._in_flight_ids.add(entry_id)
-        queue = self._queues.get(event.workflow_id)
-        pending = _Pending(event=event, fields=fields, deliveries=deliveries)
-        if queue is None:
-            self._queues[event.workflow_id] = [pending]
-            tg.start_soon(self._drain, event.workflow_id)
-        else:
-            queue.append(pending)
+        wf = self._workflows.get(event.workflow_id)
+        busy = wf is not None and bool(wf.running or wf.queue)
+        if busy and s.multitask == "reject":
+            await self._dead_letter(
+                n,
+                entry_id,
+                source_id,
+                fields,
+                "workflow_busy",
+                f"workflow {event.workflow_id!r} was processing another event and "
+                "CTXD_MULTITASK=reject; send it again once that event's output is in "
+                f"{s.output_stream}, or use CTXD_MULTITASK=enqueue",
+                deliveries,
+            )
+            return
+        self._in_flight[entry_id] = n
+        pending = _Pending(
+            event=event, entry_id=entry_id, partition=n, fields=fields, deliveries=deliveries
+        )
+        if wf is None:
+            wf = self._workflows[event.workflow_id] = _Workflow(queue=[pending])
+            tg.start_soon(self._drain, event.workflow_id, wf)
+            return
+        wf.queue.append(pending)
+        if s.multitask in ("interrupt", "rollback") and wf.running and wf.scope is not None:
+            wf.cancelled = True
+            wf.scope.cancel()
 
     async def _dead_letter(
         self,
+        n: int,
         entry_id: str,
+        source_id: str,
         fields: Mapping[str, str | bytes],
         reason: str,
         error: str,
@@ -222,52 +420,23 @@ class Ingress:
         await dead_letter(
             self._redis,
             dlq_stream=self._settings.dlq_stream,
-            input_stream=self._settings.input_stream,
+            input_stream=partition_stream(self._settings, n),
             group=self._settings.group,
             source_id=entry_id,
-            fields=fields,
+            fields={**fields},
             reason=reason,
             error=error,
             attempts=attempts,
         )
         self._counts["dead_lettered"] += 1
-        _log.warning("entry dead-lettered", source_id=entry_id, reason=reason, error=error)
+        _log.warning("entry dead-lettered", source_id=source_id, reason=reason, error=error)
 
-    # -- reclaiming -------------------------------------------------------------------
-
-    async def _reclaim_loop(self, tg: anyio.abc.TaskGroup) -> None:
-        """Take over entries idle too long: a dead consumer's, or our own failed ones."""
-        min_idle_ms = int(self._settings.event_timeout * 2000)
-        while not self._stopping.is_set():
-            with anyio.move_on_after(self._settings.event_timeout):
-                await self._stopping.wait()
-            if self._stopping.is_set():
-                return
-            cursor = "0-0"
-            while True:
-                cursor, claimed = await autoclaim(
-                    self._redis,
-                    stream=self._settings.input_stream,
-                    group=self._settings.group,
-                    consumer=self._consumer,
-                    min_idle_ms=min_idle_ms,
-                    cursor=cursor,
-                )
-                fresh = [(eid, f) for eid, f in claimed if eid not in self._in_flight_ids]
-                counts = await self._delivery_counts([eid for eid, _ in fresh])
-                for entry_id, raw in fresh:
-                    await self._accept(tg, entry_id, raw, deliveries=counts.get(entry_id, 1))
-                if cursor == "0-0":
-                    break
-
-    async def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
+    async def _delivery_counts(self, stream: str, entry_ids: list[str]) -> dict[str, int]:
         if not entry_ids:
             return {}
         async with self._redis.pipeline(transaction=False) as pipe:
             for eid in entry_ids:
-                pipe.xpending_range(
-                    self._settings.input_stream, self._settings.group, min=eid, max=eid, count=1
-                )
+                pipe.xpending_range(stream, self._settings.group, min=eid, max=eid, count=1)
             replies = await pipe.execute()
         counts: dict[str, int] = {}
         for eid, reply in zip(entry_ids, replies, strict=True):
@@ -277,28 +446,65 @@ class Ingress:
 
     # -- processing -------------------------------------------------------------------
 
-    async def _drain(self, workflow_id: str) -> None:
+    async def _drain(self, workflow_id: str, wf: _Workflow) -> None:
+        failures = 0
         async with self._slots:
-            queue = self._queues[workflow_id]
-            while queue:
-                batch = queue[: self._settings.batch_size]
-                del queue[: len(batch)]
-                try:
-                    await self._process(workflow_id, batch)
-                finally:
-                    for item in batch:
-                        self._in_flight_ids.discard(item.event.source_id)
-                    self._room.set()
-            del self._queues[workflow_id]
+            while wf.queue:
+                batch = wf.queue[: self._settings.batch_size]
+                del wf.queue[: len(batch)]
+                if batch[0].partition not in self._owned:
+                    self._forget(batch)
+                    continue
+                outcome = await self._process(workflow_id, wf, batch)
+                if outcome == "retry":
+                    failures += 1
+                    for p in batch:
+                        p.deliveries += 1
+                    wf.queue[:0] = [p for p in batch if p.partition in self._owned]
+                    self._forget([p for p in batch if p.partition not in self._owned])
+                    with anyio.move_on_after(min(0.2 * 2 ** (failures - 1), 10.0)):
+                        await self._stopping.wait()
+                    if self._stopping.is_set():
+                        self._forget(wf.queue)
+                        wf.queue.clear()
+                    else:
+                        await self._redeliver_or_poison(wf)
+                else:
+                    failures = 0
+                    self._forget(batch)
+            del self._workflows[workflow_id]
+            self._room.set()
 
-    async def _process(self, workflow_id: str, batch: list[_Pending]) -> None:
+    def _forget(self, batch: list[_Pending]) -> None:
+        for item in batch:
+            self._in_flight.pop(item.entry_id, None)
+        self._room.set()
+
+    async def _redeliver_or_poison(self, wf: _Workflow) -> None:
+        limit = self._settings.max_deliveries
+        while wf.queue and wf.queue[0].deliveries > limit:
+            p = wf.queue.pop(0)
+            await self._dead_letter(
+                p.partition,
+                p.entry_id,
+                p.event.source_id,
+                p.fields,
+                "poison",
+                f"failed {p.deliveries - 1} times (limit {limit}); see the service log "
+                "for its errors",
+                p.deliveries - 1,
+            )
+            self._forget([p])
+
+    async def _process(self, workflow_id: str, wf: _Workflow, batch: list[_Pending]) -> str:
         started = time.monotonic()
+        outcome = "done"
         with contextlib.ExitStack() as stack:
             spans = [
                 stack.enter_context(
                     process_span(
                         _tracer,
-                        stream=self._settings.input_stream,
+                        stream=partition_stream(self._settings, p.partition),
                         group=self._settings.group,
                         consumer=self._consumer,
                         message_id=p.event.source_id,
@@ -310,11 +516,23 @@ class Ingress:
                 for p in batch
             ]
             try:
-                await self._run_and_commit(workflow_id, batch, spans)
-            except Exception as exc:  # noqa: BLE001 - the entries stay pending and are retried
+                await self._run_and_commit(workflow_id, wf, batch, spans)
+            except LeaseLostError:
+                _log.warning(
+                    "partition lease lost during a run; the new owner redoes it",
+                    workflow_id=workflow_id,
+                )
+                outcome = "lost"
+            except Exception as exc:  # noqa: BLE001 - the events are retried in order
+                if isinstance(exc, ResponseError) and "FENCED" in str(exc):
+                    _log.warning(
+                        "commit fenced: the partition has a new owner", workflow_id=workflow_id
+                    )
+                    return "lost"
                 self._counts["failed_runs"] += 1
+                outcome = "retry"
                 _log.error(
-                    "workflow run failed; entries stay pending for redelivery",
+                    "workflow run failed; its events are retried",
                     workflow_id=workflow_id,
                     events=len(batch),
                     error=f"{type(exc).__name__}: {exc}",
@@ -325,53 +543,75 @@ class Ingress:
             events=len(batch),
             seconds=time.monotonic() - started,
         )
+        return outcome
 
     async def _run_and_commit(
-        self, workflow_id: str, batch: list[_Pending], spans: list[trace.Span]
+        self, workflow_id: str, wf: _Workflow, batch: list[_Pending], spans: list[trace.Span]
     ) -> None:
-        done_keys = [self._settings.key("done", p.event.event_id) for p in batch]
-        already = await self._redis.exists(*done_keys) if len(batch) == 1 else None
-        if already is None:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key in done_keys:
-                    pipe.exists(key)
-                flags = [bool(x) for x in await pipe.execute()]
-        else:
-            flags = [bool(already)]
+        s = self._settings
+        done_keys = [s.key("done", p.event.event_id) for p in batch]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in done_keys:
+                pipe.exists(key)
+            flags = [bool(x) for x in await pipe.execute()]
         fresh = [p for p, dup in zip(batch, flags, strict=True) if not dup]
         results: Mapping[str, Mapping[str, object]] = {}
         checkpoint_id = ""
         if fresh:
-            timeout = self._settings.event_timeout * max(1, math.ceil(len(fresh) / 4))
-            with anyio.fail_after(timeout):
-                run = await run_events(
-                    self._graph,
-                    workflow_id,
-                    [p.event.as_state() for p in fresh],
-                    base_checkpoint_id=self._last_checkpoint.get(workflow_id),
-                    durability=self._settings.durability,  # type: ignore[arg-type]
-                )
-            results = run.results
-            checkpoint_id = run.checkpoint_id or ""
-            if run.checkpoint_id:
-                self._last_checkpoint[workflow_id] = run.checkpoint_id
+            base = self._last_checkpoint.get(workflow_id)
+            if s.multitask == "rollback":
+                state = await self._graph.aget_state(thread_config(workflow_id))
+                base = (state.config.get("configurable") or {}).get("checkpoint_id") or base
+            wf.running, wf.cancelled = fresh, False
+            timeout = s.event_timeout * max(1, math.ceil(len(fresh) / 4))
+            run = None
+            with anyio.CancelScope() as scope:
+                wf.scope = scope
+                with anyio.fail_after(timeout):
+                    run = await run_events(
+                        self._graph,
+                        workflow_id,
+                        [p.event.as_state() for p in fresh],
+                        base_checkpoint_id=base,
+                        durability=s.durability,  # type: ignore[arg-type]
+                    )
+            wf.scope, wf.running = None, []
+            if run is None:  # cancelled by a newer event (interrupt / rollback)
+                await self._after_interrupt(workflow_id, base)
+                results = {
+                    p.event.event_id: _interrupted_result(p.event, s.multitask) for p in fresh
+                }
+                self._counts["interrupted"] += len(fresh)
+            else:
+                results = run.results
+                checkpoint_id = run.checkpoint_id or ""
+                if run.checkpoint_id:
+                    self._last_checkpoint[workflow_id] = run.checkpoint_id
         items: list[CommitItem] = []
         for pending, span, dup in zip(batch, spans, flags, strict=True):
             trace_id = format(span.get_span_context().trace_id, "032x")
             result = results.get(pending.event.event_id) if not dup else None
-            fields = (
-                output_fields(result, trace_id=trace_id, checkpoint_id=checkpoint_id)
-                if result is not None
-                else {}
-            )
+            fields: dict[str, str] = {}
+            if result is not None:
+                fields = output_fields(result, trace_id=trace_id, checkpoint_id=checkpoint_id)
+                if result.get("error"):
+                    fields["error"] = str(result["error"])
             items.append(
                 CommitItem(
-                    source_id=pending.event.source_id,
-                    done_key=self._settings.key("done", pending.event.event_id),
+                    source_id=pending.entry_id,
+                    done_key=s.key("done", pending.event.event_id),
                     fields=fields,
                 )
             )
-        ids = await self._committer.commit(items)
+        n = batch[0].partition
+        value = self._owned.get(n)
+        if value is None:
+            raise LeaseLostError(f"partition {n} is not ours any more")
+        ids = await self._committer.commit(
+            items,
+            input_stream=partition_stream(s, n),
+            lease=(lease_key(s, f"part:{n}")[0], value),
+        )
         for pending, out_id in zip(batch, ids, strict=True):
             if out_id:
                 self._counts["processed"] += 1
@@ -383,3 +623,30 @@ class Ingress:
                     event_id=pending.event.event_id,
                     source_id=pending.event.source_id,
                 )
+
+    async def _after_interrupt(self, workflow_id: str, base: str | None) -> None:
+        """Rollback: make the checkpoint before the cancelled run the head again."""
+        self._last_checkpoint.pop(workflow_id, None)
+        if self._settings.multitask != "rollback" or base is None:
+            return
+        state = await self._graph.aget_state(thread_config(workflow_id))
+        head = (state.config.get("configurable") or {}).get("checkpoint_id")
+        if head != base:
+            await self._graph.aupdate_state(
+                thread_config(workflow_id, base), None, as_node="__copy__"
+            )
+            _log.info("workflow rolled back", workflow_id=workflow_id, checkpoint_id=base)
+
+
+def _interrupted_result(event: Event, strategy: str) -> dict[str, object]:
+    return {
+        "workflow_id": event.workflow_id,
+        "event_id": event.event_id,
+        "source_id": event.source_id,
+        "status": "error",
+        "decision": "",
+        "route": [],
+        "scores": {},
+        "quality_score": 0.0,
+        "error": f"interrupted by a newer event of the workflow (CTXD_MULTITASK={strategy})",
+    }

@@ -19,19 +19,30 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-__all__ = ["CommitItem", "OutputCommitter", "dead_letter", "ensure_group", "output_fields"]
+__all__ = [
+    "CommitItem",
+    "OutputCommitter",
+    "dead_letter",
+    "ensure_group",
+    "output_fields",
+    "trim_acknowledged",
+]
 
-# KEYS: out, in, done_1..done_n. ARGV: group, ttl, n, then per item: source_id, nfields,
-# field/value pairs. Returns, per item, the output entry id or "" for a duplicate.
+# KEYS: out, in, lease, done_1..done_n. ARGV: group, ttl, n, lease value ("" = unfenced),
+# then per item: source_id, nfields, field/value pairs. Returns, per item, the output
+# entry id or "" for a duplicate; an error FENCED when the lease is not ours any more.
 _COMMIT_LUA = """
 local group, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local pos, ids = 4, {}
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
+  return redis.error_reply('FENCED the partition lease was lost to another instance')
+end
+local pos, ids = 5, {}
 for i = 1, n do
   local source_id, nfields = ARGV[pos], tonumber(ARGV[pos + 1])
   local fields = {}
   for j = 1, nfields * 2 do fields[j] = ARGV[pos + 1 + j] end
   pos = pos + 2 + nfields * 2
-  local done = KEYS[2 + i]
+  local done = KEYS[3 + i]
   if nfields > 0 and redis.call('SET', done, 'pending', 'NX', 'EX', ttl) then
     local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
     redis.call('SET', done, id, 'EX', ttl)
@@ -89,12 +100,31 @@ class OutputCommitter:
         self._group = group
         self._ttl = dedupe_ttl
 
-    async def commit(self, items: Sequence[CommitItem]) -> list[str]:
-        """Commit ``items`` in one script; return output ids ("" where a duplicate)."""
+    async def commit(
+        self,
+        items: Sequence[CommitItem],
+        *,
+        input_stream: str | None = None,
+        lease: tuple[str, str] | None = None,
+    ) -> list[str]:
+        """Commit ``items`` in one script; return output ids ("" where a duplicate).
+
+        Args:
+            items: the events' outputs.
+            input_stream: the stream to acknowledge in (default: the committer's).
+            lease: ``(key, value)`` of the lease the write is fenced by; the script
+                refuses (``ResponseError`` "FENCED ...") when the key holds another value.
+        """
         if not items:
             return []
-        keys = [self._output, self._input, *(item.done_key for item in items)]
-        args: list[str | int] = [self._group, self._ttl, len(items)]
+        lease_key, lease_value = lease or (self._output, "")
+        keys = [
+            self._output,
+            input_stream or self._input,
+            lease_key,
+            *(item.done_key for item in items),
+        ]
+        args: list[str | int] = [self._group, self._ttl, len(items), lease_value]
         for item in items:
             args += [item.source_id, len(item.fields)]
             for name, value in item.fields.items():
@@ -143,3 +173,37 @@ def output_fields(
         "trace_id": trace_id,
         "checkpoint_id": checkpoint_id,
     }
+
+
+async def trim_acknowledged(redis: Redis, stream: str) -> int:
+    """Trim entries every group on ``stream`` has acknowledged; return how many went.
+
+    Redis 7.4 has no ``ACKED`` trimming (8.2+), so this trims with ``MINID`` below the
+    lowest id still pending in any group, and never past any group's last-delivered id
+    (entries not read yet are kept). A stream with no group is left alone.
+    """
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        return 0  # no such stream
+    if not groups:
+        return 0
+    bounds: list[tuple[int, int]] = []
+    for group in groups:
+        name = group["name"]
+        last = _id_tuple(group["last-delivered-id"])
+        bound = (last[0], last[1] + 1)  # everything up to and including last is delivered
+        if int(group["pending"]):
+            summary = await redis.xpending(stream, name)
+            bound = min(bound, _id_tuple(summary["min"]))
+        bounds.append(bound)
+    low = min(bounds)
+    if low <= (0, 0):
+        return 0
+    return int(await redis.xtrim(stream, minid=f"{low[0]}-{low[1]}", approximate=False))
+
+
+def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
