@@ -2,7 +2,7 @@
 
 Each instance keeps ``{prefix}:instance:{name}`` (JSON, TTL three heartbeat periods)
 and its name in the sorted set ``{prefix}:instances`` scored by the time of its last
-beat. Live instances are those that beat within the last ``2 * lease_ttl``; the set is
+beat. Live instances are those that beat within the last ``lease_ttl`` (three beats); the set is
 pruned of older names. ``ctxd status`` reads the same keys.
 """
 
@@ -46,7 +46,7 @@ class Heartbeat:
         """Publish ``info`` and return the live instance names (this one included)."""
         s = self._settings
         now_ms = int(time.time() * 1000)
-        window_ms = int(s.lease_ttl * 2000)
+        window_ms = int(s.lease_ttl * 1000)
         body = json.dumps(
             {"instance": s.instance, "started": self.started, "beat": now_ms / 1000, **info},
             default=str,

@@ -21,6 +21,7 @@ follow ``CTXD_MULTITASK`` (enqueue, reject, interrupt, rollback).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import time
 from collections.abc import Mapping
@@ -42,9 +43,16 @@ from actors.partitions import (
     partition_of,
     partition_stream,
 )
-from actors.redis_io import read_group, text
+from actors.redis_io import text
 from actors.router import SOURCE_FIELD, TRANSIENT_ERRORS, Router
-from actors.streams import CommitItem, OutputCommitter, dead_letter, ensure_group, output_fields
+from actors.streams import (
+    CommitItem,
+    FencedReader,
+    OutputCommitter,
+    dead_letter,
+    ensure_group,
+    output_fields,
+)
 from actors.validation import Event, decode_fields, parse_event
 from graph.errors import InvalidEntryError
 from graph.workflow import ContextualGraph, run_events, thread_config
@@ -84,11 +92,19 @@ class IngressStatistics:
     router: bool = False
 
 
+_TENURE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "ctxd_tenure", default=None
+)
+"""The partition lease (key, value) a graph run was started under; checkpoint writes
+are fenced by it, so a run from an earlier tenure of this instance is refused too."""
+
+
 @dataclass
 class _Pending:
     event: Event
     entry_id: str
     partition: int
+    lease: str
     fields: Mapping[str, str | bytes]
     deliveries: int
     read_at: float = field(default_factory=time.monotonic)
@@ -124,13 +140,14 @@ class Ingress:
             dedupe_ttl=settings.dedupe_ttl,
         )
         self._leases = Leases(redis, settings.instance, settings.lease_ttl)
+        self._reader = FencedReader(redis, group=settings.group, consumer=OWNER_CONSUMER)
         self._heartbeat = Heartbeat(redis, settings)
         self._router = Router(redis, settings, self._leases)
         self._owned: dict[int, str] = {}  # partition → lease value
         self._readers: dict[int, anyio.CancelScope] = {}
         self._releasing: set[int] = set()
         self._workflows: dict[str, _Workflow] = {}
-        self._in_flight: dict[str, int] = {}  # entry id → partition
+        self._in_flight: dict[str, tuple[int, str]] = {}  # entry id → (partition, lease)
         self._slots = anyio.CapacityLimiter(settings.concurrency)
         self._room = anyio.Event()
         self._max_in_flight = settings.concurrency * settings.batch_size
@@ -172,10 +189,11 @@ class Ingress:
             scope.cancel()
 
     async def check_fence(self, workflow_id: str) -> None:
-        """Raise :class:`LeaseLostError` unless this instance still owns the workflow."""
+        """Raise :class:`LeaseLostError` unless the run's lease tenure is still current."""
         n = partition_of(workflow_id, self._settings.partitions)
-        value = self._owned.get(n)
         key, _ = lease_key(self._settings, f"part:{n}")
+        tenure = _TENURE.get()
+        value = tenure[1] if tenure is not None and tenure[0] == key else self._owned.get(n)
         current = await self._redis.get(key)
         if value is None or current is None or text(current) != value:
             raise LeaseLostError(f"partition {n} of workflow {workflow_id!r} is not ours")
@@ -226,6 +244,14 @@ class Ingress:
 
     async def _reconcile(self, tg: anyio.abc.TaskGroup) -> None:
         s = self._settings
+        held = [(n, v) for n, v in self._owned.items() if n not in self._releasing]
+        renewed = await self._leases.renew_many(
+            [(lease_key(s, f"part:{n}")[0], v) for n, v in held]
+        )
+        for (n, _), ok in zip(held, renewed, strict=True):
+            if not ok and n in self._owned:
+                _log.warning("partition lease lost", partition=n)
+                self._drop_partition(n)
         stats = self.statistics()
         live = await self._heartbeat.beat(
             {
@@ -246,15 +272,12 @@ class Ingress:
         for n, value in list(self._owned.items()):
             key, _ = lease_key(s, f"part:{n}")
             if n in self._releasing:
-                if not any(p == n for p in self._in_flight.values()):
+                if not any(p == n for p, _ in self._in_flight.values()):
                     await self._leases.release(key, value)
                     self._drop_partition(n)
                     _log.info("partition handed over", partition=n)
                 continue
-            if not await self._leases.renew(key, value):
-                _log.warning("partition lease lost", partition=n)
-                self._drop_partition(n)
-            elif n not in wanted:
+            if n not in wanted:
                 self._releasing.add(n)
                 scope = self._readers.pop(n, None)
                 if scope is not None:
@@ -301,15 +324,15 @@ class Ingress:
                 if room <= 0:
                     await self._wait_for_room()
                     continue
+                value = self._owned.get(n)
+                if value is None:
+                    return
                 try:
-                    entries = await read_group(
-                        self._redis,
-                        group=s.group,
-                        consumer=self._consumer,
-                        stream=stream,
-                        cursor=cursor,
-                        count=min(room, s.read_count),
-                        block=None if cursor != ">" else s.block_ms,
+                    entries, last = await self._reader.read(
+                        stream,
+                        cursor,
+                        min(room, s.read_count),
+                        lease=(lease_key(s, f"part:{n}")[0], value),
                     )
                     counts: dict[str, int] = {}
                     if cursor != ">":
@@ -317,7 +340,10 @@ class Ingress:
                             cursor = ">"
                             continue
                         cursor = entries[-1][0]
-                        counts = await self._delivery_counts(stream, [e for e, _ in entries])
+                        counts = await self._attempts([e for e, _ in entries])
+                    elif not entries:
+                        await self._reader.wait(stream, last, s.block_ms)
+                        continue
                     backoff = 0.1
                 except TRANSIENT_ERRORS as exc:
                     _log.warning("partition read failed, retrying", partition=n, error=str(exc))
@@ -325,6 +351,10 @@ class Ingress:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 except ResponseError as exc:
+                    if "FENCED" in str(exc):
+                        _log.warning("partition lease lost; stop reading it", partition=n)
+                        self._drop_partition(n)
+                        return
                     if "NOGROUP" not in str(exc):
                         raise
                     _log.error("consumer group gone; recreating it", stream=stream)
@@ -333,7 +363,9 @@ class Ingress:
                 for entry_id, raw in entries:
                     if n not in self._owned:
                         break
-                    await self._accept(tg, n, entry_id, raw, deliveries=counts.get(entry_id, 1))
+                    await self._accept(
+                        tg, n, value, entry_id, raw, deliveries=counts.get(entry_id, 0) + 1
+                    )
 
     async def _wait_for_room(self) -> None:
         self._room = anyio.Event()
@@ -344,6 +376,7 @@ class Ingress:
         self,
         tg: anyio.abc.TaskGroup,
         n: int,
+        lease: str,
         entry_id: str,
         raw: dict[bytes, bytes] | None,
         *,
@@ -351,8 +384,8 @@ class Ingress:
     ) -> None:
         s = self._settings
         stream = partition_stream(s, n)
-        if entry_id in self._in_flight:
-            return
+        if self._in_flight.get(entry_id) == (n, lease):
+            return  # already queued or running in this tenure
         if raw is None:  # the entry was trimmed or deleted while pending: nothing to redo
             _log.error("pending entry has no payload; acknowledging", entry_id=entry_id)
             await self._redis.xack(stream, s.group, entry_id)
@@ -374,9 +407,9 @@ class Ingress:
                 source_id,
                 fields,
                 "poison",
-                f"delivered {deliveries} times without completing (limit "
+                f"started {deliveries - 1} times without completing (limit "
                 f"{s.max_deliveries}); see the service log for its errors",
-                deliveries,
+                deliveries - 1,
             )
             return
         wf = self._workflows.get(event.workflow_id)
@@ -394,9 +427,14 @@ class Ingress:
                 deliveries,
             )
             return
-        self._in_flight[entry_id] = n
+        self._in_flight[entry_id] = (n, lease)
         pending = _Pending(
-            event=event, entry_id=entry_id, partition=n, fields=fields, deliveries=deliveries
+            event=event,
+            entry_id=entry_id,
+            partition=n,
+            lease=lease,
+            fields=fields,
+            deliveries=deliveries,
         )
         if wf is None:
             wf = self._workflows[event.workflow_id] = _Workflow(queue=[pending])
@@ -431,18 +469,16 @@ class Ingress:
         self._counts["dead_lettered"] += 1
         _log.warning("entry dead-lettered", source_id=source_id, reason=reason, error=error)
 
-    async def _delivery_counts(self, stream: str, entry_ids: list[str]) -> dict[str, int]:
+    async def _attempts(self, entry_ids: list[str]) -> dict[str, int]:
+        """How often each entry's graph run was started (any instance, any tenure).
+
+        Counted in ``{prefix}:attempts`` when a run starts and cleared at commit: a
+        takeover that re-reads a pending entry does not count, a crash mid-run does.
+        """
         if not entry_ids:
             return {}
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for eid in entry_ids:
-                pipe.xpending_range(stream, self._settings.group, min=eid, max=eid, count=1)
-            replies = await pipe.execute()
-        counts: dict[str, int] = {}
-        for eid, reply in zip(entry_ids, replies, strict=True):
-            if reply:
-                counts[eid] = int(reply[0]["times_delivered"])
-        return counts
+        values = await self._redis.hmget(self._settings.key("attempts"), entry_ids)
+        return {e: int(v) for e, v in zip(entry_ids, values, strict=True) if v is not None}
 
     # -- processing -------------------------------------------------------------------
 
@@ -450,18 +486,28 @@ class Ingress:
         failures = 0
         async with self._slots:
             while wf.queue:
-                batch = wf.queue[: self._settings.batch_size]
+                head = wf.queue[0]
+                batch = [
+                    p
+                    for p in wf.queue[: self._settings.batch_size]
+                    if (p.partition, p.lease) == (head.partition, head.lease)
+                ]
                 del wf.queue[: len(batch)]
-                if batch[0].partition not in self._owned:
-                    self._forget(batch)
+                if self._owned.get(head.partition) != head.lease:
+                    self._forget(batch)  # an earlier tenure: the PEL has them for the next
                     continue
                 outcome = await self._process(workflow_id, wf, batch)
+                if outcome == "lost":  # not the events' fault: do not count the attempt
+                    with contextlib.suppress(*TRANSIENT_ERRORS):
+                        async with self._redis.pipeline(transaction=False) as pipe:
+                            for p in batch:
+                                pipe.hincrby(self._settings.key("attempts"), p.entry_id, -1)
+                            await pipe.execute()
                 if outcome == "retry":
                     failures += 1
                     for p in batch:
                         p.deliveries += 1
-                    wf.queue[:0] = [p for p in batch if p.partition in self._owned]
-                    self._forget([p for p in batch if p.partition not in self._owned])
+                    wf.queue[:0] = batch
                     with anyio.move_on_after(min(0.2 * 2 ** (failures - 1), 10.0)):
                         await self._stopping.wait()
                     if self._stopping.is_set():
@@ -477,7 +523,8 @@ class Ingress:
 
     def _forget(self, batch: list[_Pending]) -> None:
         for item in batch:
-            self._in_flight.pop(item.entry_id, None)
+            if self._in_flight.get(item.entry_id) == (item.partition, item.lease):
+                del self._in_flight[item.entry_id]
         self._room.set()
 
     async def _redeliver_or_poison(self, wf: _Workflow) -> None:
@@ -557,7 +604,16 @@ class Ingress:
         fresh = [p for p, dup in zip(batch, flags, strict=True) if not dup]
         results: Mapping[str, Mapping[str, object]] = {}
         checkpoint_id = ""
+        n, tenure = batch[0].partition, batch[0].lease
+        lease = (lease_key(s, f"part:{n}")[0], tenure)
+        _TENURE.set(lease)
         if fresh:
+            attempts = s.key("attempts")
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for p in fresh:
+                    pipe.hincrby(attempts, p.entry_id, 1)
+                pipe.expire(attempts, s.dedupe_ttl)
+                await pipe.execute()
             base = self._last_checkpoint.get(workflow_id)
             if s.multitask == "rollback":
                 state = await self._graph.aget_state(thread_config(workflow_id))
@@ -603,15 +659,8 @@ class Ingress:
                     fields=fields,
                 )
             )
-        n = batch[0].partition
-        value = self._owned.get(n)
-        if value is None:
-            raise LeaseLostError(f"partition {n} is not ours any more")
-        ids = await self._committer.commit(
-            items,
-            input_stream=partition_stream(s, n),
-            lease=(lease_key(s, f"part:{n}")[0], value),
-        )
+        ids = await self._committer.commit(items, input_stream=partition_stream(s, n), lease=lease)
+        await self._redis.hdel(s.key("attempts"), *(p.entry_id for p in batch))
         for pending, out_id in zip(batch, ids, strict=True):
             if out_id:
                 self._counts["processed"] += 1

@@ -59,6 +59,7 @@ class Leases:
     """
 
     def __init__(self, redis: Redis, owner: str, ttl: float) -> None:
+        self._redis = redis
         self._owner = owner
         self._ttl_ms = max(1, int(ttl * 1000))
         self._acquire = redis.register_script(_ACQUIRE)
@@ -75,6 +76,15 @@ class Leases:
     async def renew(self, key: str, value: str) -> bool:
         """Extend the lease if it still holds ``value``; False means it was lost."""
         return bool(await self._renew(keys=[key], args=[value, self._ttl_ms]))
+
+    async def renew_many(self, leases: list[tuple[str, str]]) -> list[bool]:
+        """Renew several leases in one round trip; False where one was lost."""
+        if not leases:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, value in leases:
+                await self._renew(keys=[key], args=[value, self._ttl_ms], client=pipe)
+            return [bool(x) for x in await pipe.execute()]
 
     async def release(self, key: str, value: str) -> bool:
         """Give the lease up (only if it still holds ``value``)."""

@@ -2,12 +2,14 @@
 
 Exactly one instance routes at a time: the holder of the router lease (with a fencing
 token). It reads ``ctxd:in`` through the consumer group under the fixed consumer name
-``router`` — a new router first reads the pending entries of the one before it, so the
-input order is kept across failovers — validates each entry and, in one Lua script that
-first checks the router lease, appends it to its partition stream (valid) or to the DLQ
-(invalid, with the reason) and acknowledges it in ``ctxd:in``. A crash before the script
-leaves the entry pending for the next router; a crash after it leaves nothing to redo;
-a router that lost its lease is refused by the script.
+``router``, so a new router first reads the pending entries of the one before it and
+the input order is kept across failovers. Reads are fenced by the lease too
+(:class:`~actors.streams.FencedReader`): a router that lost its lease cannot move
+entries into that pending list behind the new router's back. Each entry is validated
+and, in one Lua script that first checks the router lease, appended to its partition
+stream (valid) or to the DLQ (invalid, with the reason) and acknowledged in
+``ctxd:in``. A crash before the script leaves the entry pending for the next router; a
+crash after it leaves nothing to redo; a router that lost its lease is refused.
 
 The router also trims acknowledged entries from ``ctxd:in`` and the partition streams
 every ``CTXD_TRIM_INTERVAL`` seconds (:func:`actors.streams.trim_acknowledged`).
@@ -28,8 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from actors.config import Settings
 from actors.lease import LeaseLostError, Leases, fence_check_lua
 from actors.partitions import lease_key, partition_of, partition_stream
-from actors.redis_io import read_group
-from actors.streams import ensure_group, trim_acknowledged
+from actors.streams import FencedReader, ensure_group, trim_acknowledged
 from actors.validation import decode_fields, parse_event
 from graph.errors import InvalidEntryError
 
@@ -77,6 +78,7 @@ class Router:
         self._settings = settings
         self._leases = leases
         self._move = redis.register_script(_MOVE_LUA)
+        self._reader = FencedReader(redis, group=settings.group, consumer=ROUTER_CONSUMER)
         self._key, self._fence = lease_key(settings, "router")
         self.active = False
         """True while this instance holds the router lease."""
@@ -122,20 +124,21 @@ class Router:
                 if not await self._leases.renew(self._key, value):
                     raise LeaseLostError
                 renewed = time.monotonic()
-            entries = await read_group(
-                self._redis,
-                group=s.group,
-                consumer=ROUTER_CONSUMER,
-                stream=s.input_stream,
-                cursor=cursor,
-                count=s.read_count,
-                block=None if cursor != ">" else block,
-            )
+            try:
+                entries, last = await self._reader.read(
+                    s.input_stream, cursor, s.read_count, lease=(self._key, value)
+                )
+            except ResponseError as exc:
+                if "FENCED" in str(exc):
+                    raise LeaseLostError from exc
+                raise
             if cursor != ">":
                 if not entries:
                     cursor = ">"
                     continue
                 cursor = entries[-1][0]
+            elif not entries:
+                await self._reader.wait(s.input_stream, last, block)
             if entries:
                 await self._move_entries(value, entries)
             if s.trim_interval and time.monotonic() - self._last_trim >= s.trim_interval:

@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 
 __all__ = [
     "CommitItem",
+    "FencedReader",
     "OutputCommitter",
     "dead_letter",
     "ensure_group",
@@ -207,3 +208,70 @@ def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
     text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+# KEYS: lease, stream. ARGV: lease value, group, consumer, count, cursor.
+_FENCED_READ_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED the lease was lost to another instance')
+end
+local got = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
+                       'STREAMS', KEYS[2], ARGV[5])
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+return {got, last}
+"""
+
+
+class FencedReader:
+    """``XREADGROUP`` that only reads while the caller holds a lease.
+
+    A reader whose lease expired (a paused process, a "zombie") must not move new
+    entries into the group's pending list: the new lease holder has already read that
+    list and would never see them, and they would be lost or reordered. Checking the
+    lease and reading in one script closes that gap. Scripts cannot block, so when
+    nothing new is there the caller waits with a plain ``XREAD BLOCK`` (:meth:`wait`)
+    from the stream's last id.
+
+    Args:
+        redis: the client.
+        group: the consumer group.
+        consumer: the consumer name.
+    """
+
+    def __init__(self, redis: Redis, *, group: str, consumer: str) -> None:
+        self._redis = redis
+        self._script = redis.register_script(_FENCED_READ_LUA)
+        self._group = group
+        self._consumer = consumer
+
+    async def read(
+        self, stream: str, cursor: str, count: int, *, lease: tuple[str, str]
+    ) -> tuple[list[tuple[str, dict[bytes, bytes] | None]], str]:
+        """Read up to ``count`` entries after ``cursor`` (``>`` or a PEL id).
+
+        Returns:
+            The entries and the stream's last entry id ("0-0" when empty).
+
+        Raises:
+            ResponseError: "FENCED ..." when the lease no longer holds our value.
+        """
+        got, last = await self._script(
+            keys=[lease[0], stream], args=[lease[1], self._group, self._consumer, count, cursor]
+        )
+        entries: list[tuple[str, dict[bytes, bytes] | None]] = []
+        for _, stream_entries in got or []:
+            for entry_id, flat in stream_entries:
+                fields = None
+                if flat is not None:
+                    fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+                entries.append((_text(entry_id), fields))
+        last_id = _text(last[0][0]) if last else "0-0"
+        return entries, last_id
+
+    async def wait(self, stream: str, after: str, block_ms: int) -> None:
+        """Block until ``stream`` has an entry after ``after`` (or ``block_ms`` passed)."""
+        await self._redis.xread({stream: after}, count=1, block=block_ms)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
