@@ -601,6 +601,10 @@ class Ingress:
             for key in done_keys:
                 pipe.exists(key)
             flags = [bool(x) for x in await pipe.execute()]
+        seen: set[str] = set()
+        for i, p in enumerate(batch):  # a repeated event_id inside the batch is a duplicate
+            flags[i] = flags[i] or p.event.event_id in seen
+            seen.add(p.event.event_id)
         fresh = [p for p, dup in zip(batch, flags, strict=True) if not dup]
         results: Mapping[str, Mapping[str, object]] = {}
         checkpoint_id = ""
