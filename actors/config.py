@@ -66,6 +66,7 @@ class Settings:
     multitask: str = "enqueue"
     drain_budget: float = 20.0
     trim_interval: float = 60.0
+    wait_aof: bool = False
     analyzer: str = "graph.analysis:heuristic_analyzer"
     escalation_pauses: bool = False
     log_level: str = "info"
@@ -209,6 +210,7 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "multitask": _parse_choice("enqueue", "reject", "interrupt", "rollback"),
     "drain_budget": _parse_float(0.0),
     "trim_interval": _parse_float(0.0),
+    "wait_aof": _parse_bool,
     "analyzer": _parse_text,
     "escalation_pauses": _parse_bool,
     "log_level": _parse_choice("debug", "info", "warning", "error"),

@@ -665,6 +665,10 @@ class Ingress:
                 )
             )
         ids = await self._committer.commit(items, input_stream=partition_stream(s, n), lease=lease)
+        if s.wait_aof:  # outputs on disk before anyone is told: WAITAOF (Redis >= 7.2)
+            await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                "WAITAOF", 1, 0, int(s.event_timeout * 1000)
+            )
         await self._redis.hdel(s.key("attempts"), *(p.entry_id for p in batch))
         for pending, out_id in zip(batch, ids, strict=True):
             if out_id:
