@@ -349,6 +349,7 @@ class Ingress:
                     _log.warning("partition read failed, retrying", partition=n, error=str(exc))
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
+                    cursor = "0"  # the read may have happened: re-read our pending list
                     continue
                 except ResponseError as exc:
                     if "FENCED" in str(exc):
@@ -360,12 +361,18 @@ class Ingress:
                     _log.error("consumer group gone; recreating it", stream=stream)
                     await ensure_group(self._redis, stream, s.group)
                     continue
-                for entry_id, raw in entries:
-                    if n not in self._owned:
-                        break
-                    await self._accept(
-                        tg, n, value, entry_id, raw, deliveries=counts.get(entry_id, 0) + 1
-                    )
+                try:
+                    for entry_id, raw in entries:
+                        if n not in self._owned:
+                            break
+                        await self._accept(
+                            tg, n, value, entry_id, raw, deliveries=counts.get(entry_id, 0) + 1
+                        )
+                except TRANSIENT_ERRORS as exc:
+                    _log.warning("accepting entries failed, retrying", partition=n, error=str(exc))
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    cursor = "0"
 
     async def _wait_for_room(self) -> None:
         self._room = anyio.Event()
@@ -497,16 +504,17 @@ class Ingress:
                     self._forget(batch)  # an earlier tenure: the PEL has them for the next
                     continue
                 outcome = await self._process(workflow_id, wf, batch)
-                if outcome == "lost":  # not the events' fault: do not count the attempt
+                if outcome in ("lost", "transient"):  # not the events' fault: do not count
                     with contextlib.suppress(*TRANSIENT_ERRORS):
                         async with self._redis.pipeline(transaction=False) as pipe:
                             for p in batch:
                                 pipe.hincrby(self._settings.key("attempts"), p.entry_id, -1)
                             await pipe.execute()
-                if outcome == "retry":
+                if outcome in ("retry", "transient"):
                     failures += 1
-                    for p in batch:
-                        p.deliveries += 1
+                    if outcome == "retry":
+                        for p in batch:
+                            p.deliveries += 1
                     wf.queue[:0] = batch
                     with anyio.move_on_after(min(0.2 * 2 ** (failures - 1), 10.0)):
                         await self._stopping.wait()
@@ -577,7 +585,7 @@ class Ingress:
                     )
                     return "lost"
                 self._counts["failed_runs"] += 1
-                outcome = "retry"
+                outcome = "transient" if _is_transient(exc) else "retry"
                 _log.error(
                     "workflow run failed; its events are retried",
                     workflow_id=workflow_id,
@@ -694,6 +702,23 @@ class Ingress:
                 thread_config(workflow_id, base), None, as_node="__copy__"
             )
             _log.info("workflow rolled back", workflow_id=workflow_id, checkpoint_id=base)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A Redis outage (also wrapped by LangGraph or in an exception group)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, TRANSIENT_ERRORS):
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        stack += [current.__cause__, current.__context__]
+    return False
 
 
 def _interrupted_result(event: Event, strategy: str) -> dict[str, object]:

@@ -15,9 +15,9 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import pytest
+from history import check_history
 from redis import Redis
 
 from actors.config import Settings
@@ -31,44 +31,6 @@ WORKFLOWS = 50
 KILLS = 10
 PAUSES = 2
 LEASE_TTL = 1.5
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What the checker found."""
-
-    lost: list[str]
-    duplicated: list[str]
-    reordered: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not (self.lost or self.duplicated or self.reordered)
-
-
-def check_history(
-    inputs: Sequence[tuple[str, str]],
-    outputs: Sequence[tuple[str, str]],
-    dead: Sequence[str],
-) -> Verdict:
-    """``inputs``: (workflow_id, event_id) in input order; ``outputs``: (workflow_id,
-    event_id) in output-stream order; ``dead``: event ids in the DLQ."""
-    seen: dict[str, int] = defaultdict(int)
-    for _, event_id in outputs:
-        seen[event_id] += 1
-    for event_id in dead:
-        seen[event_id] += 1
-    position = {event_id: i for i, (_, event_id) in enumerate(inputs)}
-    lost = [e for _, e in inputs if seen[e] == 0]
-    duplicated = sorted(e for e, count in seen.items() if count > 1)
-    reordered: list[str] = []
-    last: dict[str, int] = {}
-    for workflow_id, event_id in outputs:
-        here = position.get(event_id, -1)
-        if here < last.get(workflow_id, -1):
-            reordered.append(event_id)
-        last[workflow_id] = max(here, last.get(workflow_id, -1))
-    return Verdict(lost=lost, duplicated=duplicated, reordered=reordered)
 
 
 def test_checker_reports_lost_duplicated_and_reordered() -> None:
