@@ -631,7 +631,11 @@ class Ingress:
                 state = await self._graph.aget_state(thread_config(workflow_id))
                 base = (state.config.get("configurable") or {}).get("checkpoint_id") or base
             wf.running, wf.cancelled = fresh, False
-            _log.debug("run started", workflow_id=workflow_id, events=len(fresh))
+            _log.debug(
+                "run started",
+                workflow_id=workflow_id,
+                event_ids=[p.event.event_id for p in fresh],
+            )
             timeout = s.event_timeout * max(1, math.ceil(len(fresh) / 4))
             run = None
             with anyio.CancelScope() as scope:

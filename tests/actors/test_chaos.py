@@ -106,7 +106,7 @@ async def test_sigkill_chaos_keeps_every_guarantee(
     inputs: list[tuple[str, str]] = []
     with redis.pipeline(transaction=False) as pipe:
         for i in range(EVENTS):
-            wf, event_id = f"wf-{i % WORKFLOWS:02d}", f"ev-{i:04d}"
+            wf, event_id = f"{prefix}-wf-{i % WORKFLOWS:02d}", f"ev-{i:04d}"
             inputs.append((wf, event_id))
             pipe.xadd(
                 f"{prefix}:in",
