@@ -182,8 +182,11 @@ class Ingress:
         )
 
     def stop(self) -> None:
-        """Stop reading; in-flight workflows finish their current batch."""
+        """Stop reading; running batches finish, queued events stay pending for others."""
         self._stopping.set()
+        for wf in self._workflows.values():
+            self._forget(wf.queue)
+            wf.queue.clear()
         self._room.set()
         for scope in self._readers.values():
             scope.cancel()
@@ -368,6 +371,10 @@ class Ingress:
                         await self._accept(
                             tg, n, value, entry_id, raw, deliveries=counts.get(entry_id, 0) + 1
                         )
+                except LeaseLostError:
+                    _log.warning("partition lease lost; stop reading it", partition=n)
+                    self._drop_partition(n)
+                    return
                 except TRANSIENT_ERRORS as exc:
                     _log.warning("accepting entries failed, retrying", partition=n, error=str(exc))
                     await anyio.sleep(backoff)
@@ -462,19 +469,43 @@ class Ingress:
         error: str,
         attempts: int,
     ) -> None:
+        value = self._owned.get(n)
+        if value is None:
+            raise LeaseLostError(f"partition {n} is not ours any more")
+        try:
+            await self._fenced_dead_letter(
+                n, value, entry_id, source_id, fields, reason, error, attempts
+            )
+        except ResponseError as exc:
+            if "FENCED" in str(exc):
+                raise LeaseLostError(f"partition {n} is not ours any more") from exc
+            raise
+        self._counts["dead_lettered"] += 1
+        _log.warning("entry dead-lettered", source_id=source_id, reason=reason, error=error)
+
+    async def _fenced_dead_letter(
+        self,
+        n: int,
+        value: str,
+        entry_id: str,
+        source_id: str,
+        fields: Mapping[str, str | bytes],
+        reason: str,
+        error: str,
+        attempts: int,
+    ) -> None:
         await dead_letter(
             self._redis,
             dlq_stream=self._settings.dlq_stream,
             input_stream=partition_stream(self._settings, n),
             group=self._settings.group,
             source_id=entry_id,
-            fields={**fields},
+            fields={**fields, SOURCE_FIELD: source_id},
             reason=reason,
             error=error,
             attempts=attempts,
+            lease=(lease_key(self._settings, f"part:{n}")[0], value),
         )
-        self._counts["dead_lettered"] += 1
-        _log.warning("entry dead-lettered", source_id=source_id, reason=reason, error=error)
 
     async def _attempts(self, entry_ids: list[str]) -> dict[str, int]:
         """How often each entry's graph run was started (any instance, any tenure).
@@ -522,7 +553,10 @@ class Ingress:
                         self._forget(wf.queue)
                         wf.queue.clear()
                     else:
-                        await self._redeliver_or_poison(wf)
+                        try:
+                            await self._redeliver_or_poison(wf)
+                        except (LeaseLostError, *TRANSIENT_ERRORS):
+                            pass  # left pending: the next owner (or the retry) decides
                 else:
                     failures = 0
                     self._forget(batch)
@@ -538,7 +572,7 @@ class Ingress:
     async def _redeliver_or_poison(self, wf: _Workflow) -> None:
         limit = self._settings.max_deliveries
         while wf.queue and wf.queue[0].deliveries > limit:
-            p = wf.queue.pop(0)
+            p = wf.queue[0]  # popped only once dead-lettered
             await self._dead_letter(
                 p.partition,
                 p.entry_id,
@@ -549,6 +583,7 @@ class Ingress:
                 "for its errors",
                 p.deliveries - 1,
             )
+            wf.queue.pop(0)
             self._forget([p])
 
     async def _process(self, workflow_id: str, wf: _Workflow, batch: list[_Pending]) -> str:

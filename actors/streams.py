@@ -134,6 +134,19 @@ class OutputCommitter:
         return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
 
 
+# KEYS: lease, dlq, in. ARGV: lease value, group, source id, then field/value pairs.
+_FENCED_DLQ_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED the lease was lost to another instance')
+end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
+return id
+"""
+
+
 async def dead_letter(
     redis: Redis,
     *,
@@ -145,16 +158,34 @@ async def dead_letter(
     reason: str,
     error: str,
     attempts: int,
+    lease: tuple[str, str] | None = None,
 ) -> str:
-    """Append the entry to the DLQ with why, and acknowledge it, in one MULTI."""
+    """Append the entry to the DLQ with why, and acknowledge it, atomically.
+
+    With ``lease`` (key, value) the write is fenced like a commit: refused with
+    "FENCED ..." unless the lease still holds the value.
+    """
     entry: dict[str | bytes, str | bytes] = {
         k: v for k, v in fields.items() if k not in ("reason", "error", "attempts", "source_id")
     }
-    entry.update(reason=reason, error=error[:1000], attempts=str(attempts), source_id=source_id)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.xadd(dlq_stream, entry)  # type: ignore[arg-type]
-        pipe.xack(input_stream, group, source_id)
-        dlq_id, _ = await pipe.execute()
+    original = entry.pop("ctxd_source_id", None)
+    entry.update(
+        reason=reason,
+        error=error[:1000],
+        attempts=str(attempts),
+        source_id=original if original is not None else source_id,
+    )
+    if lease is not None:
+        flat: list[str | bytes] = [lease[1], group, source_id]
+        for name, value in entry.items():
+            flat += [name, value]
+        script = redis.register_script(_FENCED_DLQ_LUA)
+        dlq_id = await script(keys=[lease[0], dlq_stream, input_stream], args=flat)
+    else:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(dlq_stream, entry)  # type: ignore[arg-type]
+            pipe.xack(input_stream, group, source_id)
+            dlq_id, _ = await pipe.execute()
     return dlq_id.decode() if isinstance(dlq_id, bytes) else str(dlq_id)
 
 
