@@ -31,7 +31,7 @@ import anyio
 import structlog
 from opentelemetry import trace
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from actors.config import Settings
 from actors.heartbeat import Heartbeat
@@ -525,9 +525,10 @@ class Ingress:
         async with self._slots:
             while wf.queue:
                 head = wf.queue[0]
+                size = 1 if failures else self._settings.batch_size  # isolate a poison event
                 batch = [
                     p
-                    for p in wf.queue[: self._settings.batch_size]
+                    for p in wf.queue[:size]
                     if (p.partition, p.lease) == (head.partition, head.lease)
                 ]
                 del wf.queue[: len(batch)]
@@ -555,8 +556,9 @@ class Ingress:
                     else:
                         try:
                             await self._redeliver_or_poison(wf)
-                        except (LeaseLostError, *TRANSIENT_ERRORS):
-                            pass  # left pending: the next owner (or the retry) decides
+                        except (LeaseLostError, *TRANSIENT_ERRORS) as exc:
+                            # left pending: the next owner (or the next retry) decides
+                            _log.warning("dead-lettering a poison event failed", error=repr(exc))
                 else:
                     failures = 0
                     self._forget(batch)
@@ -752,8 +754,10 @@ def _is_transient(exc: BaseException) -> bool:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, TRANSIENT_ERRORS):
-            return True
+        if isinstance(current, RedisError | ConnectionError) and not isinstance(
+            current, ResponseError
+        ):
+            return True  # not a bare TimeoutError/OSError: an event timeout is the event's
         if isinstance(current, BaseExceptionGroup):
             stack.extend(current.exceptions)
         stack += [current.__cause__, current.__context__]

@@ -80,3 +80,37 @@ def test_bad_entries_go_to_the_dlq_and_the_service_keeps_running(
         if isinstance(wf, str) and wf.startswith("bad-"):
             assert not list(redis.scan_iter(f"*{wf}*", count=1000)), wf
     assert list(redis.scan_iter("*good-2*", count=1000)), "control: good events checkpoint"
+
+
+def test_poison_event_goes_to_the_dlq_after_the_attempt_limit(
+    start_service: Callable[..., ServiceProcess], redis: Redis, prefix: str
+) -> None:
+    """An event whose run always fails is retried in place (its workflow waits, others
+    do not), then dead-lettered as poison after CTXD_MAX_DELIVERIES attempts; the next
+    event of its workflow runs after it, and the service keeps running."""
+    service = start_service(
+        "run",
+        env={
+            "CTXD_ANALYZER": "tests/actors/plugins/slow_analyzer.py:hang_on_boom",
+            "CTXD_MAX_DELIVERIES": "3",
+            "CTXD_EVENT_TIMEOUT": "1",
+        },
+    )
+    service.wait_ready()
+    stream = f"{prefix}:in"
+    wf = f"p-{prefix}"
+    redis.xadd(stream, {"workflow_id": wf, "event_id": "p1", "content": "fine first"})
+    boom = redis.xadd(stream, {"workflow_id": wf, "event_id": "p2", "content": "boom here"})
+    redis.xadd(stream, {"workflow_id": wf, "event_id": "p3", "content": "fine after"})
+    redis.xadd(stream, {"workflow_id": f"q-{prefix}", "event_id": "q1", "content": "other"})
+    service.wait_for_line(lambda line: "poison" in line)
+    dead = read_outputs(redis, f"{prefix}:dlq", 1)
+    outputs = read_outputs(redis, f"{prefix}:out", 3)
+    assert [(f["event_id"], f["reason"], f["attempts"], f["source_id"]) for _, f in dead] == [
+        ("p2", "poison", "3", boom)
+    ]
+    order = [f["event_id"] for _, f in outputs]
+    assert [e for e in order if e.startswith("p")] == ["p1", "p3"]
+    assert order.index("q1") < order.index("p3"), "another workflow waited for the poison"
+    assert service.proc.poll() is None
+    assert redis.xpending(stream, "ctxd")["pending"] == 0
