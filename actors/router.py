@@ -30,6 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from actors.config import Settings
 from actors.lease import LeaseLostError, Leases, fence_check_lua
 from actors.partitions import lease_key, partition_of, partition_stream
+from actors.redis_io import autoclaim
 from actors.streams import FencedReader, ensure_group, trim_acknowledged
 from actors.validation import decode_fields, parse_event
 from graph.errors import InvalidEntryError
@@ -117,6 +118,7 @@ class Router:
         s = self._settings
         renew_every = s.lease_ttl / 3
         renewed = time.monotonic()
+        await self._adopt_strays()
         cursor = "0"  # the previous router's pending entries first: input order is kept
         block = max(1, min(s.block_ms, int(renew_every * 1000)))
         while not stopping.is_set():
@@ -146,6 +148,26 @@ class Router:
                 streams = [s.input_stream] + [partition_stream(s, n) for n in range(s.partitions)]
                 for stream in streams:
                     await trim_acknowledged(self._redis, stream)
+
+    async def _adopt_strays(self) -> None:
+        """Claim ``ctxd:in`` entries pending for other consumer names (a deployment of
+        the single-stream ingress before partitions) into ``router``, so they are routed
+        too; only entries idle longer than twice the event timeout."""
+        s = self._settings
+        cursor = "0-0"
+        while True:
+            cursor, claimed = await autoclaim(
+                self._redis,
+                stream=s.input_stream,
+                group=s.group,
+                consumer=ROUTER_CONSUMER,
+                min_idle_ms=int(s.event_timeout * 2000),
+                cursor=cursor,
+            )
+            if claimed:
+                _log.info("adopted pending entries of other consumers", entries=len(claimed))
+            if cursor == "0-0":
+                return
 
     async def _move_entries(
         self, value: str, entries: list[tuple[str, dict[bytes, bytes] | None]]
