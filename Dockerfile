@@ -19,7 +19,12 @@ USER ctxd
 ENV CTXD_STATE_DIR=/var/lib/ctxd \
     CTXD_LOG_FORMAT=json \
     LANGGRAPH_STRICT_MSGPACK=true \
+    CTXD_DRAIN_BUDGET=20 \
     PYTHONUNBUFFERED=1
 
+# tini is PID 1: it forwards SIGTERM/SIGINT to ctxd (PID 1 itself would ignore signals
+# it has no handler for) and reaps zombies. Keep stop_grace_period / --stop-timeout
+# above CTXD_DRAIN_BUDGET (20 s by default).
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--", "ctxd"]
 CMD ["run"]

@@ -25,7 +25,13 @@ _EXIT_CONFIG = 2
 _EXIT_FATAL = 1
 
 # One module per group of commands; each has register(subcommands).
-_COMMAND_MODULES = ("actors.cmd_run", "actors.cmd_events", "actors.cmd_state", "actors.cmd_worker")
+_COMMAND_MODULES = (
+    "actors.cmd_run",
+    "actors.cmd_events",
+    "actors.cmd_state",
+    "actors.cmd_worker",
+    "actors.cmd_ops",
+)
 
 _DESCRIPTION = """\
 ctxd runs a contextual-processing feedback loop for every event that producers append

@@ -61,6 +61,12 @@ class Settings:
     max_content_bytes: int = 65536
     max_fields: int = 32
     dedupe_ttl: int = 7 * 24 * 3600
+    partitions: int = 16
+    lease_ttl: float = 10.0
+    multitask: str = "enqueue"
+    drain_budget: float = 20.0
+    trim_interval: float = 60.0
+    wait_aof: bool = False
     analyzer: str = "graph.analysis:heuristic_analyzer"
     escalation_pauses: bool = False
     log_level: str = "info"
@@ -219,6 +225,12 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "max_content_bytes": _parse_int(1, 512 * 1024 * 1024),
     "max_fields": _parse_int(8, 1000),
     "dedupe_ttl": _parse_int(60),
+    "partitions": _parse_int(1, 1024),
+    "lease_ttl": _parse_float(0.5),
+    "multitask": _parse_choice("enqueue", "reject", "interrupt", "rollback"),
+    "drain_budget": _parse_float(0.0),
+    "trim_interval": _parse_float(0.0),
+    "wait_aof": _parse_bool,
     "analyzer": _parse_text,
     "escalation_pauses": _parse_bool,
     "log_level": _parse_choice("debug", "info", "warning", "error"),

@@ -16,9 +16,15 @@ from typing import Any
 import anyio
 import structlog
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.config import Settings
 from actors.ingress import Ingress
+from actors.lease import fence_checkpoints
 from actors.stream_metrics import poll_stream_gauges
 from actors.supervisor import SupervisorEscalation
 from actors.tree import ActorSystem
@@ -52,7 +58,7 @@ async def serve(
     redis_url: str,
     *,
     on_ready: Callable[[], Coroutine[Any, Any, None]] | None = None,
-    drain_budget: float = DRAIN_BUDGET,
+    drain_budget: float | None = None,
     telemetry: Telemetry | None = None,
 ) -> None:
     """Run the service until SIGTERM/SIGINT.
@@ -61,10 +67,12 @@ async def serve(
         settings: validated settings.
         redis_url: the Redis to use (configured, or the embedded one).
         on_ready: awaited once the ingress reads (the demo feeds events from here).
-        drain_budget: seconds in-flight work gets to finish after a stop signal.
+        drain_budget: seconds in-flight work gets to finish after a stop signal
+            (default: ``CTXD_DRAIN_BUDGET``).
         telemetry: tracer, meter and instruments (the caller opens and closes them);
             the global tracer and no metrics if None.
     """
+    drain_budget = settings.drain_budget if drain_budget is None else drain_budget
     graph_telemetry = (
         GraphTelemetry(telemetry.tracer, telemetry.instruments)
         if telemetry is not None
@@ -72,11 +80,17 @@ async def serve(
     )
     handlers = build_handlers(settings)
     policy = AnalyzerPolicy.from_mapping(settings.analyzer_policy)
-    redis = Redis.from_url(redis_url)
+    redis = Redis.from_url(  # reconnects with backoff when Redis restarts
+        redis_url,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), 6),
+        retry_on_error=[BusyLoadingError, RedisConnectionError, RedisTimeoutError],
+        health_check_interval=10,
+    )
     try:
         async with open_checkpointer(
             settings.checkpointer, redis_url=redis_url, postgres_url=settings.postgres_url
         ) as saver:
+            fence = _Fence()
             actors = (
                 ActorSystem(
                     redis,
@@ -91,7 +105,7 @@ async def serve(
             dispatch = actors.dispatch if actors is not None else None
             graph = build_contextual_workflow(
                 dispatch or LocalDispatch(handlers),
-                saver,
+                fence_checkpoints(saver, fence.check),
                 policy=policy,
                 escalation_pauses=settings.escalation_pauses,
                 telemetry=graph_telemetry,
@@ -104,6 +118,9 @@ async def serve(
                 instruments=graph_telemetry.instruments,
                 tracer=graph_telemetry.tracer,
             )
+            fence.ingress = ingress
+            if actors is not None:
+                ingress.extra_stats = actors.status
             async with _escalations_unwrapped(), anyio.create_task_group() as tg:
                 if actors is not None:
                     await tg.start(actors.run)
@@ -154,6 +171,16 @@ async def _escalations_unwrapped() -> AsyncIterator[None]:
 
 def _exports_metrics(settings: TelemetrySettings) -> bool:
     return not settings.disabled and settings.metrics.exporter != "none"
+
+
+class _Fence:
+    """Checkpoint writes go through the ingress's partition-lease check."""
+
+    ingress: Ingress | None = None
+
+    async def check(self, workflow_id: str) -> None:
+        if self.ingress is not None:
+            await self.ingress.check_fence(workflow_id)
 
 
 async def _wait_for_ingress_end(ingress: Ingress) -> None:

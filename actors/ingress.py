@@ -1,19 +1,27 @@
-"""The ingress actor: ``ctxd:in`` → the contextual workflow → ``ctxd:out``.
+"""The ingress actor: partitions of ``ctxd:in`` → the contextual workflow → ``ctxd:out``.
 
-One reader task pulls entries through the consumer group (its own pending entries
-first, then new ones), validates them (invalid → DLQ at once) and queues valid events
-per workflow. One drain task per active workflow takes the queued events of that
-workflow, in order, in batches, runs them through the graph in one run, and commits
-outputs + acknowledgements atomically (:class:`~actors.streams.OutputCommitter`).
+Every instance runs the same pieces (see docs/design.md, "Partitions and leases"):
+
+- a :class:`~actors.router.Router` candidate: the one instance holding the router lease
+  moves ``ctxd:in`` entries to partition streams (invalid ones to the DLQ);
+- the ownership loop: heartbeats, rendezvous assignment of partitions to the live
+  instances, acquiring / renewing / releasing partition leases (fencing tokens);
+- one reader per owned partition (the fixed consumer name ``owner``: pending entries of
+  a previous owner first, then new ones), feeding per-workflow queues;
+- one drain task per active workflow: the queued events of that workflow, in order, in
+  batches, one graph run per batch, then outputs + acknowledgements in one Lua script
+  fenced by the partition lease (:class:`~actors.streams.OutputCommitter`).
+
 Entries are acknowledged only after the run's checkpoint and the outputs are durable.
-
-Entries that stay pending too long (a crashed instance, a failed run) are reclaimed
-with ``XAUTOCLAIM``; one delivered ``max_deliveries`` times goes to the DLQ.
+A failed run is retried in place (keeping the workflow's order) with backoff; one that
+failed ``max_deliveries`` times goes to the DLQ. Events arriving for a busy workflow
+follow ``CTXD_MULTITASK`` (enqueue, reject, interrupt, rollback).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -23,16 +31,34 @@ import anyio
 import structlog
 from opentelemetry import trace
 from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
 
 from actors.breaker import CallNotPermittedError
 from actors.config import Settings
-from actors.parking import WorkflowRunner
-from actors.redis_io import autoclaim, read_group
-from actors.streams import CommitItem, OutputCommitter, dead_letter, ensure_group, output_fields
+from actors.heartbeat import Heartbeat
+from actors.lease import LeaseLostError, Leases
+from actors.parking import AckTarget, WorkflowRunner
+from actors.partitions import (
+    OWNER_CONSUMER,
+    assignment,
+    lease_key,
+    partition_of,
+    partition_stream,
+)
+from actors.redis_io import text
+from actors.router import SOURCE_FIELD, TRANSIENT_ERRORS, Router
+from actors.streams import (
+    CommitItem,
+    FencedReader,
+    OutputCommitter,
+    dead_letter,
+    ensure_group,
+    output_fields,
+)
 from actors.validation import Event, decode_fields, parse_event
 from graph.errors import InvalidEntryError
 from graph.tracing import event_trace_fields
-from graph.workflow import ContextualGraph
+from graph.workflow import ContextualGraph, thread_config
 from telemetry.metrics import Instruments
 from telemetry.propagation import extract_context
 from telemetry.spans import process_span
@@ -51,9 +77,12 @@ class IngressStatistics:
         processed: events with an output written.
         duplicates: events suppressed because their event_id was done already.
         dead_lettered: entries sent to the DLQ.
-        failed_runs: graph runs that raised (their entries stay pending).
+        failed_runs: graph runs that raised (their events are retried).
         in_flight: entries read and not yet committed.
         active_workflows: workflows being processed now.
+        interrupted: events cancelled by the interrupt/rollback strategies.
+        partitions: partitions this instance owns.
+        router: whether this instance routes ctxd:in now.
     """
 
     processed: int
@@ -62,31 +91,46 @@ class IngressStatistics:
     failed_runs: int
     in_flight: int
     active_workflows: int
+    interrupted: int = 0
+    partitions: tuple[int, ...] = ()
+    router: bool = False
 
 
-def _refused_by_breaker(exc: Exception) -> bool:
-    if isinstance(exc, ExceptionGroup):
-        return exc.subgroup(CallNotPermittedError) is not None
-    return isinstance(exc, CallNotPermittedError)
+_TENURE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "ctxd_tenure", default=None
+)
+"""The partition lease (key, value) a graph run was started under; checkpoint writes
+are fenced by it, so a run from an earlier tenure of this instance is refused too."""
 
 
 @dataclass
 class _Pending:
     event: Event
+    entry_id: str
+    partition: int
+    lease: str
     fields: Mapping[str, str | bytes]
     deliveries: int
     read_at: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Workflow:
+    queue: list[_Pending] = field(default_factory=list)
+    running: list[_Pending] = field(default_factory=list)
+    scope: anyio.CancelScope | None = None
+    cancelled: bool = False
+
+
 class Ingress:
-    """Consumes the input stream and drives the workflow, effectively once per event.
+    """Consumes the partitions this instance owns and drives the workflow, once per event.
 
     Args:
         redis: the client (shared with the checkpointer's process, not its connection).
         settings: validated settings.
         graph: the compiled contextual workflow.
-        reading_allowed: asked before each read and reclaim; while it says False (a
-            circuit breaker is open) nothing new is read or reclaimed.
+        reading_allowed: asked before each read; while it says False (a circuit breaker
+            is open) nothing new is routed or read, and refused batches wait.
         instruments: where the messaging metrics go; none recorded if None.
         tracer: for the ``process`` spans; the global tracer if None.
     """
@@ -101,8 +145,10 @@ class Ingress:
         instruments: Instruments | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
-        self._reading_allowed = reading_allowed or (lambda: True)
         self._redis = redis
+        self._settings = settings
+        self._graph = graph
+        self._reading_allowed = reading_allowed or (lambda: True)
         self._instruments = instruments
         self._tracer = tracer or _tracer
         self._metric_attributes = {
@@ -110,10 +156,8 @@ class Ingress:
             "messaging.destination.name": settings.input_stream,
             "messaging.consumer.group.name": settings.group,
         }
-        self._settings = settings
-        self._graph = graph
         self._runner = WorkflowRunner(redis, settings, graph)
-        self._consumer = f"{settings.instance}:ingress"
+        self._consumer = OWNER_CONSUMER
         self._committer = OutputCommitter(
             redis,
             input_stream=settings.input_stream,
@@ -121,80 +165,250 @@ class Ingress:
             group=settings.group,
             dedupe_ttl=settings.dedupe_ttl,
         )
-        self._queues: dict[str, list[_Pending]] = {}
-        self._in_flight_ids: set[str] = set()
+        self._leases = Leases(redis, settings.instance, settings.lease_ttl)
+        self._reader = FencedReader(redis, group=settings.group, consumer=OWNER_CONSUMER)
+        self._heartbeat = Heartbeat(redis, settings)
+        self._router = Router(redis, settings, self._leases, self._reading_allowed)
+        self._owned: dict[int, str] = {}  # partition → lease value
+        self._readers: dict[int, anyio.CancelScope] = {}
+        self._releasing: set[int] = set()
+        self._workflows: dict[str, _Workflow] = {}
+        self._in_flight: dict[str, tuple[int, str]] = {}  # entry id → (partition, lease)
         self._slots = anyio.CapacityLimiter(settings.concurrency)
         self._room = anyio.Event()
         self._max_in_flight = settings.concurrency * settings.batch_size
         self._stopping = anyio.Event()
         self.stopped = anyio.Event()
         """Set when :meth:`run` has returned: nothing is in flight any more."""
-        self._counts = {"processed": 0, "duplicates": 0, "dead_lettered": 0, "failed_runs": 0}
+        self._counts = {
+            "processed": 0,
+            "duplicates": 0,
+            "dead_lettered": 0,
+            "failed_runs": 0,
+            "interrupted": 0,
+        }
+        self.extra_stats: Callable[[], Mapping[str, object]] = dict
+        """Called at each heartbeat; what it returns is published as is (the actor
+        pools' breaker states, say)."""
 
     @property
     def consumer(self) -> str:
-        """This instance's consumer name in the group."""
+        """This instance's consumer name on the partition streams."""
         return self._consumer
 
     def statistics(self) -> IngressStatistics:
         """A snapshot of the counters."""
         return IngressStatistics(
-            in_flight=len(self._in_flight_ids),
-            active_workflows=len(self._queues),
-            **self._counts,
+            in_flight=len(self._in_flight),
+            active_workflows=len(self._workflows),
+            partitions=tuple(sorted(self._owned)),
+            router=self._router.active,
+            dead_lettered=self._counts["dead_lettered"] + self._router.dead_lettered,
+            **{k: v for k, v in self._counts.items() if k != "dead_lettered"},
         )
 
     def stop(self) -> None:
-        """Stop reading; in-flight workflows finish their current batch."""
+        """Stop reading; running batches finish, queued events stay pending for others."""
         self._stopping.set()
+        for wf in self._workflows.values():
+            self._forget(wf.queue)
+            wf.queue.clear()
         self._room.set()
+        for scope in self._readers.values():
+            scope.cancel()
+
+    async def check_fence(self, workflow_id: str) -> None:
+        """Raise :class:`LeaseLostError` unless the run's lease tenure is still current."""
+        n = partition_of(workflow_id, self._settings.partitions)
+        key, _ = lease_key(self._settings, f"part:{n}")
+        tenure = _TENURE.get()
+        value = tenure[1] if tenure is not None and tenure[0] == key else self._owned.get(n)
+        current = await self._redis.get(key)
+        if value is None or current is None or text(current) != value:
+            raise LeaseLostError(f"partition {n} of workflow {workflow_id!r} is not ours")
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Read, process and commit until :meth:`stop` is called (or cancelled)."""
+        """Route, own, read, process and commit until :meth:`stop` is called."""
         await ensure_group(self._redis, self._settings.input_stream, self._settings.group)
         try:
             async with anyio.create_task_group() as tg:
                 task_status.started()
-                tg.start_soon(self._reclaim_loop, tg)
-                await self._read_loop(tg)
-                while self._queues:  # stopping: let in-flight workflows finish their batch
+                tg.start_soon(self._router.run, self._stopping)
+                tg.start_soon(self._ownership_loop, tg)
+                await self._stopping.wait()
+                while self._in_flight or self._workflows:  # let in-flight batches finish
                     await self._wait_for_room()
                 tg.cancel_scope.cancel()
         finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+                await self._leave()
             self.stopped.set()
+
+    async def _leave(self) -> None:
+        for n, value in list(self._owned.items()):
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                await self._leases.release(lease_key(self._settings, f"part:{n}")[0], value)
+        self._owned.clear()
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await self._heartbeat.remove()
+
+    # -- ownership ----------------------------------------------------------------------
+
+    async def _ownership_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        s = self._settings
+        period = s.lease_ttl / 3
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                await self._reconcile(tg)
+                backoff = 0.1
+                wait = period
+            except TRANSIENT_ERRORS as exc:
+                _log.warning("Redis unavailable, retrying", error=str(exc), backoff=backoff)
+                wait, backoff = backoff, min(backoff * 2, 5.0)
+            with anyio.move_on_after(wait):
+                await self._stopping.wait()
+
+    async def _reconcile(self, tg: anyio.abc.TaskGroup) -> None:
+        s = self._settings
+        held = [(n, v) for n, v in self._owned.items() if n not in self._releasing]
+        renewed = await self._leases.renew_many(
+            [(lease_key(s, f"part:{n}")[0], v) for n, v in held]
+        )
+        for (n, _), ok in zip(held, renewed, strict=True):
+            if not ok and n in self._owned:
+                _log.warning("partition lease lost", partition=n)
+                self._drop_partition(n)
+        stats = self.statistics()
+        live = await self._heartbeat.beat(
+            {
+                "partitions": list(stats.partitions),
+                "router": stats.router,
+                "processed": stats.processed,
+                "duplicates": stats.duplicates,
+                "dead_lettered": stats.dead_lettered,
+                "failed_runs": stats.failed_runs,
+                "interrupted": stats.interrupted,
+                "in_flight": stats.in_flight,
+                "active_workflows": stats.active_workflows,
+                "multitask": s.multitask,
+                **self.extra_stats(),
+            }
+        )
+        wanted = {n for n, who in assignment(live, s.partitions).items() if who == s.instance}
+        for n, value in list(self._owned.items()):
+            key, _ = lease_key(s, f"part:{n}")
+            if n in self._releasing:
+                if not any(p == n for p, _ in self._in_flight.values()):
+                    await self._leases.release(key, value)
+                    self._drop_partition(n)
+                    _log.info("partition handed over", partition=n)
+                continue
+            if n not in wanted:
+                self._releasing.add(n)
+                scope = self._readers.pop(n, None)
+                if scope is not None:
+                    scope.cancel()
+        for n in sorted(wanted - set(self._owned)):
+            if self._stopping.is_set():
+                return
+            got = await self._leases.acquire(*lease_key(s, f"part:{n}"))
+            if got is not None:
+                self._owned[n] = got
+                _log.info("partition acquired", partition=n, lease=got)
+                await ensure_group(self._redis, partition_stream(s, n), s.group)
+                scope = anyio.CancelScope()
+                self._readers[n] = scope
+                tg.start_soon(self._read_partition, tg, n, scope)
+
+    def _drop_partition(self, n: int) -> None:
+        """Forget partition ``n``: stop its reader, drop its queued (not running) events."""
+        self._owned.pop(n, None)
+        self._releasing.discard(n)
+        scope = self._readers.pop(n, None)
+        if scope is not None:
+            scope.cancel()
+        for wf in self._workflows.values():
+            kept = [p for p in wf.queue if p.partition != n]
+            for p in wf.queue:
+                if p.partition == n:
+                    self._in_flight.pop(p.entry_id, None)
+            wf.queue[:] = kept
+        self._room.set()
 
     # -- reading ----------------------------------------------------------------------
 
-    async def _read_loop(self, tg: anyio.abc.TaskGroup) -> None:
-        cursor = "0"  # this consumer's own pending entries first, then new ones
-        stream = self._settings.input_stream
-        while not self._stopping.is_set():
-            if not self._reading_allowed():
-                await self._paused()
-                continue
-            room = self._max_in_flight - len(self._in_flight_ids)
-            if room <= 0:
-                await self._wait_for_room()
-                continue
-            block = None if cursor != ">" else self._settings.block_ms
-            entries = await read_group(
-                self._redis,
-                group=self._settings.group,
-                consumer=self._consumer,
-                stream=stream,
-                cursor=cursor,
-                count=min(room, self._settings.read_count),
-                block=block,
-            )
-            if cursor != ">":
-                if not entries:
-                    cursor = ">"
+    async def _read_partition(
+        self, tg: anyio.abc.TaskGroup, n: int, scope: anyio.CancelScope
+    ) -> None:
+        s = self._settings
+        stream = partition_stream(s, n)
+        cursor = "0"  # the previous owner's pending entries first, then new ones
+        backoff = 0.1
+        with scope:
+            while not self._stopping.is_set() and n in self._owned:
+                if not self._reading_allowed():
+                    await self._paused()
                     continue
-                cursor = entries[-1][0]
-            for entry_id, raw in entries:
-                await self._accept(tg, entry_id, raw, deliveries=1)
+                room = self._max_in_flight - len(self._in_flight)
+                if room <= 0:
+                    await self._wait_for_room()
+                    continue
+                value = self._owned.get(n)
+                if value is None:
+                    return
+                try:
+                    entries, last = await self._reader.read(
+                        stream,
+                        cursor,
+                        min(room, s.read_count),
+                        lease=(lease_key(s, f"part:{n}")[0], value),
+                    )
+                    counts: dict[str, int] = {}
+                    if cursor != ">":
+                        if not entries:
+                            cursor = ">"
+                            continue
+                        cursor = entries[-1][0]
+                        counts = await self._attempts([e for e, _ in entries])
+                    elif not entries:
+                        await self._reader.wait(stream, last, s.block_ms)
+                        continue
+                    backoff = 0.1
+                except TRANSIENT_ERRORS as exc:
+                    _log.warning("partition read failed, retrying", partition=n, error=str(exc))
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    cursor = "0"  # the read may have happened: re-read our pending list
+                    continue
+                except ResponseError as exc:
+                    if "FENCED" in str(exc):
+                        _log.warning("partition lease lost; stop reading it", partition=n)
+                        self._drop_partition(n)
+                        return
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    _log.error("consumer group gone; recreating it", stream=stream)
+                    await ensure_group(self._redis, stream, s.group)
+                    continue
+                try:
+                    for entry_id, raw in entries:
+                        if n not in self._owned:
+                            break
+                        await self._accept(
+                            tg, n, value, entry_id, raw, deliveries=counts.get(entry_id, 0) + 1
+                        )
+                except LeaseLostError:
+                    _log.warning("partition lease lost; stop reading it", partition=n)
+                    self._drop_partition(n)
+                    return
+                except TRANSIENT_ERRORS as exc:
+                    _log.warning("accepting entries failed, retrying", partition=n, error=str(exc))
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    cursor = "0"
 
     async def _paused(self) -> None:
         """Backpressure: wait a little while the breakers reject work."""
@@ -209,52 +423,108 @@ class Ingress:
     async def _accept(
         self,
         tg: anyio.abc.TaskGroup,
+        n: int,
+        lease: str,
         entry_id: str,
         raw: dict[bytes, bytes] | None,
         *,
         deliveries: int,
     ) -> None:
-        if entry_id in self._in_flight_ids:
-            return
+        s = self._settings
+        stream = partition_stream(s, n)
+        if self._in_flight.get(entry_id) == (n, lease):
+            return  # already queued or running in this tenure
         if self._instruments is not None:
             self._instruments.consumed_messages.add(1, self._metric_attributes)
         if raw is None:  # the entry was trimmed or deleted while pending: nothing to redo
-            _log.error("pending entry has no payload; acknowledging", source_id=entry_id)
-            await self._redis.xack(self._settings.input_stream, self._settings.group, entry_id)
+            _log.error("pending entry has no payload; acknowledging", entry_id=entry_id)
+            await self._redis.xack(stream, s.group, entry_id)
             return
         fields = decode_fields(raw)
+        source = fields.pop(SOURCE_FIELD, entry_id)
+        source_id = source.decode() if isinstance(source, bytes) else source
         try:
             event = parse_event(
-                entry_id,
-                fields,
-                max_content_bytes=self._settings.max_content_bytes,
-                max_fields=self._settings.max_fields,
+                source_id, fields, max_content_bytes=s.max_content_bytes, max_fields=s.max_fields
             )
         except InvalidEntryError as exc:
-            await self._dead_letter(entry_id, fields, exc.reason, str(exc), deliveries)
+            await self._dead_letter(n, entry_id, source_id, fields, exc.reason, str(exc), 1)
             return
-        if deliveries > self._settings.max_deliveries:
+        if deliveries > s.max_deliveries:
             await self._dead_letter(
+                n,
                 entry_id,
+                source_id,
                 fields,
                 "poison",
-                f"delivered {deliveries} times without completing (limit "
-                f"{self._settings.max_deliveries}); see the service log for its errors",
+                f"started {deliveries - 1} times without completing (limit "
+                f"{s.max_deliveries}); see the service log for its errors",
+                deliveries - 1,
+            )
+            return
+        wf = self._workflows.get(event.workflow_id)
+        busy = wf is not None and bool(wf.running or wf.queue)
+        if busy and s.multitask == "reject":
+            await self._dead_letter(
+                n,
+                entry_id,
+                source_id,
+                fields,
+                "workflow_busy",
+                f"workflow {event.workflow_id!r} was processing another event and "
+                "CTXD_MULTITASK=reject; send it again once that event's output is in "
+                f"{s.output_stream}, or use CTXD_MULTITASK=enqueue",
                 deliveries,
             )
             return
-        self._in_flight_ids.add(entry_id)
-        queue = self._queues.get(event.workflow_id)
-        pending = _Pending(event=event, fields=fields, deliveries=deliveries)
-        if queue is None:
-            self._queues[event.workflow_id] = [pending]
-            tg.start_soon(self._drain, event.workflow_id)
-        else:
-            queue.append(pending)
+        self._in_flight[entry_id] = (n, lease)
+        pending = _Pending(
+            event=event,
+            entry_id=entry_id,
+            partition=n,
+            lease=lease,
+            fields=fields,
+            deliveries=deliveries,
+        )
+        if wf is None:
+            wf = self._workflows[event.workflow_id] = _Workflow(queue=[pending])
+            tg.start_soon(self._drain, event.workflow_id, wf)
+            return
+        wf.queue.append(pending)
+        if s.multitask in ("interrupt", "rollback") and wf.running and wf.scope is not None:
+            wf.cancelled = True
+            wf.scope.cancel()
 
     async def _dead_letter(
         self,
+        n: int,
         entry_id: str,
+        source_id: str,
+        fields: Mapping[str, str | bytes],
+        reason: str,
+        error: str,
+        attempts: int,
+    ) -> None:
+        value = self._owned.get(n)
+        if value is None:
+            raise LeaseLostError(f"partition {n} is not ours any more")
+        try:
+            await self._fenced_dead_letter(
+                n, value, entry_id, source_id, fields, reason, error, attempts
+            )
+        except ResponseError as exc:
+            if "FENCED" in str(exc):
+                raise LeaseLostError(f"partition {n} is not ours any more") from exc
+            raise
+        self._counts["dead_lettered"] += 1
+        _log.warning("entry dead-lettered", source_id=source_id, reason=reason, error=error)
+
+    async def _fenced_dead_letter(
+        self,
+        n: int,
+        value: str,
+        entry_id: str,
+        source_id: str,
         fields: Mapping[str, str | bytes],
         reason: str,
         error: str,
@@ -263,92 +533,116 @@ class Ingress:
         await dead_letter(
             self._redis,
             dlq_stream=self._settings.dlq_stream,
-            input_stream=self._settings.input_stream,
+            input_stream=partition_stream(self._settings, n),
             group=self._settings.group,
             source_id=entry_id,
-            fields=fields,
+            fields={**fields, SOURCE_FIELD: source_id},
             reason=reason,
             error=error,
             attempts=attempts,
+            lease=(lease_key(self._settings, f"part:{n}")[0], value),
         )
-        self._counts["dead_lettered"] += 1
-        _log.warning("entry dead-lettered", source_id=entry_id, reason=reason, error=error)
 
-    # -- reclaiming -------------------------------------------------------------------
+    async def _attempts(self, entry_ids: list[str]) -> dict[str, int]:
+        """How often each entry's graph run was started (any instance, any tenure).
 
-    async def _reclaim_loop(self, tg: anyio.abc.TaskGroup) -> None:
-        """Take over entries idle too long: a dead consumer's, or our own failed ones."""
-        min_idle_ms = int(self._settings.event_timeout * 2000)
-        while not self._stopping.is_set():
-            with anyio.move_on_after(self._settings.event_timeout):
-                await self._stopping.wait()
-            if self._stopping.is_set():
-                return
-            if not self._reading_allowed():
-                continue  # reclaiming now would only count deliveries the breaker refuses
-            cursor = "0-0"
-            while True:
-                cursor, claimed = await autoclaim(
-                    self._redis,
-                    stream=self._settings.input_stream,
-                    group=self._settings.group,
-                    consumer=self._consumer,
-                    min_idle_ms=min_idle_ms,
-                    cursor=cursor,
-                )
-                fresh = [(eid, f) for eid, f in claimed if eid not in self._in_flight_ids]
-                counts = await self._delivery_counts([eid for eid, _ in fresh])
-                for entry_id, raw in fresh:
-                    await self._accept(tg, entry_id, raw, deliveries=counts.get(entry_id, 1))
-                if cursor == "0-0":
-                    break
-
-    async def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
+        Counted in ``{prefix}:attempts`` when a run starts and cleared at commit: a
+        takeover that re-reads a pending entry does not count, a crash mid-run does.
+        """
         if not entry_ids:
             return {}
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for eid in entry_ids:
-                pipe.xpending_range(
-                    self._settings.input_stream, self._settings.group, min=eid, max=eid, count=1
-                )
-            replies = await pipe.execute()
-        counts: dict[str, int] = {}
-        for eid, reply in zip(entry_ids, replies, strict=True):
-            if reply:
-                counts[eid] = int(reply[0]["times_delivered"])
-        return counts
+        values = await self._redis.hmget(self._settings.key("attempts"), entry_ids)
+        return {e: int(v) for e, v in zip(entry_ids, values, strict=True) if v is not None}
 
     # -- processing -------------------------------------------------------------------
 
-    async def _drain(self, workflow_id: str) -> None:
+    async def _drain(self, workflow_id: str, wf: _Workflow) -> None:
         structlog.contextvars.bind_contextvars(workflow_id=workflow_id)  # this task's lines
+        failures = 0
         async with self._slots:
-            queue = self._queues[workflow_id]
-            while queue:
-                batch = queue[: self._settings.batch_size]
-                del queue[: len(batch)]
-                try:
-                    # A batch refused by a breaker stays pending and in flight: retried
-                    # here once reading is allowed again, never redelivered or DLQ'd.
-                    while not await self._process(workflow_id, batch):
-                        while not self._reading_allowed() and not self._stopping.is_set():
-                            await self._paused()
-                        if self._stopping.is_set():
-                            break
-                finally:
-                    for item in batch:
-                        self._in_flight_ids.discard(item.event.source_id)
-                    self._room.set()
-            del self._queues[workflow_id]
+            while wf.queue:
+                head = wf.queue[0]
+                size = 1 if failures else self._settings.batch_size  # isolate a poison event
+                batch = [
+                    p
+                    for p in wf.queue[:size]
+                    if (p.partition, p.lease) == (head.partition, head.lease)
+                ]
+                del wf.queue[: len(batch)]
+                if self._owned.get(head.partition) != head.lease:
+                    self._forget(batch)  # an earlier tenure: the PEL has them for the next
+                    continue
+                outcome = await self._process(workflow_id, wf, batch)
+                if outcome in ("lost", "transient", "refused"):  # not the events' fault
+                    with contextlib.suppress(*TRANSIENT_ERRORS):
+                        async with self._redis.pipeline(transaction=False) as pipe:
+                            for p in batch:
+                                pipe.hincrby(self._settings.key("attempts"), p.entry_id, -1)
+                            await pipe.execute()
+                if outcome == "refused":
+                    # An open breaker refused the batch: it waits (in order, in flight)
+                    # until reading is allowed again; never redelivered or dead-lettered.
+                    wf.queue[:0] = batch
+                    while not self._reading_allowed() and not self._stopping.is_set():
+                        await self._paused()
+                    if self._stopping.is_set():
+                        self._forget(wf.queue)
+                        wf.queue.clear()
+                elif outcome in ("retry", "transient"):
+                    failures += 1
+                    if outcome == "retry":
+                        for p in batch:
+                            p.deliveries += 1
+                    wf.queue[:0] = batch
+                    with anyio.move_on_after(min(0.2 * 2 ** (failures - 1), 10.0)):
+                        await self._stopping.wait()
+                    if self._stopping.is_set():
+                        self._forget(wf.queue)
+                        wf.queue.clear()
+                    else:
+                        try:
+                            await self._redeliver_or_poison(wf)
+                        except (LeaseLostError, *TRANSIENT_ERRORS) as exc:
+                            # left pending: the next owner (or the next retry) decides
+                            _log.warning("dead-lettering a poison event failed", error=repr(exc))
+                else:
+                    failures = 0
+                    self._forget(batch)
+            del self._workflows[workflow_id]
+            self._room.set()
 
-    async def _process(self, workflow_id: str, batch: list[_Pending]) -> bool:
-        """Run and commit one batch; False if a circuit breaker refused it."""
+    def _forget(self, batch: list[_Pending]) -> None:
+        for item in batch:
+            if self._in_flight.get(item.entry_id) == (item.partition, item.lease):
+                del self._in_flight[item.entry_id]
+        self._room.set()
+
+    async def _redeliver_or_poison(self, wf: _Workflow) -> None:
+        limit = self._settings.max_deliveries
+        while wf.queue and wf.queue[0].deliveries > limit:
+            p = wf.queue[0]  # popped only once dead-lettered
+            await self._dead_letter(
+                p.partition,
+                p.entry_id,
+                p.event.source_id,
+                p.fields,
+                "poison",
+                f"failed {p.deliveries - 1} times (limit {limit}); see the service log "
+                "for its errors",
+                p.deliveries - 1,
+            )
+            wf.queue.pop(0)
+            self._forget([p])
+
+    async def _process(self, workflow_id: str, wf: _Workflow, batch: list[_Pending]) -> str:
         started = time.monotonic()
+        outcome = "done"
         with contextlib.ExitStack() as stack:
             spans = [
                 stack.enter_context(
                     process_span(
                         self._tracer,
+                        # The contract's name (process ctxd:in); the partition is internal.
                         stream=self._settings.input_stream,
                         group=self._settings.group,
                         consumer=self._consumer,
@@ -361,17 +655,29 @@ class Ingress:
                 for p in batch
             ]
             try:
-                await self._run_and_commit(workflow_id, batch, spans)
-            except Exception as exc:  # noqa: BLE001 - the entries stay pending and are retried
+                await self._run_and_commit(workflow_id, wf, batch, spans)
+            except LeaseLostError:
+                _log.warning(
+                    "partition lease lost during a run; the new owner redoes it",
+                    workflow_id=workflow_id,
+                )
+                outcome = "lost"
+            except Exception as exc:  # noqa: BLE001 - the events are retried in order
+                if isinstance(exc, ResponseError) and "FENCED" in str(exc):
+                    _log.warning(
+                        "commit fenced: the partition has a new owner", workflow_id=workflow_id
+                    )
+                    return "lost"
                 if _refused_by_breaker(exc):
                     _log.warning(
                         "circuit breaker open; batch stays pending", workflow_id=workflow_id
                     )
-                    return False
+                    return "refused"
                 self._record_failed(len(batch), exc, time.monotonic() - started)
                 self._counts["failed_runs"] += 1
+                outcome = "transient" if _is_transient(exc) else "retry"
                 _log.error(
-                    "workflow run failed; entries stay pending for redelivery",
+                    "workflow run failed; its events are retried",
                     workflow_id=workflow_id,
                     events=len(batch),
                     error=f"{type(exc).__name__}: {exc}",
@@ -382,59 +688,101 @@ class Ingress:
             events=len(batch),
             seconds=time.monotonic() - started,
         )
-        return True
+        return outcome
 
     async def _run_and_commit(
-        self, workflow_id: str, batch: list[_Pending], spans: list[trace.Span]
+        self, workflow_id: str, wf: _Workflow, batch: list[_Pending], spans: list[trace.Span]
     ) -> None:
+        s = self._settings
         started = time.monotonic()
-        done_keys = [self._settings.key("done", p.event.event_id) for p in batch]
-        already = await self._redis.exists(*done_keys) if len(batch) == 1 else None
-        if already is None:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key in done_keys:
-                    pipe.exists(key)
-                flags = [bool(x) for x in await pipe.execute()]
-        else:
-            flags = [bool(already)]
+        done_keys = [s.key("done", p.event.event_id) for p in batch]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in done_keys:
+                pipe.exists(key)
+            flags = [bool(x) for x in await pipe.execute()]
+        seen: set[str] = set()
+        for i, p in enumerate(batch):  # a repeated event_id inside the batch is a duplicate
+            flags[i] = flags[i] or p.event.event_id in seen
+            seen.add(p.event.event_id)
         fresh = [p for p, dup in zip(batch, flags, strict=True) if not dup]
-        # Each event carries its process span's context: its node spans join its trace.
-        carriers = {id(p): event_trace_fields(s) for p, s in zip(batch, spans, strict=True)}
         results: Mapping[str, Mapping[str, object]] = {}
-        checkpoint_id = ""
         handled: frozenset[str] = frozenset()
+        checkpoint_id = ""
+        n, tenure = batch[0].partition, batch[0].lease
+        lease = (lease_key(s, f"part:{n}")[0], tenure)
+        _TENURE.set(lease)
         if fresh:
-            timeout = self._settings.event_timeout * max(1, math.ceil(len(fresh) / 4))
-            with anyio.fail_after(timeout):
-                # actors/parking.py: control entries, parking while paused, replays.
-                run = await self._runner.run(
-                    workflow_id,
-                    [(p.event, p.fields) for p in fresh],
-                    {
-                        p.event.source_id: format(s.get_span_context().trace_id, "032x")
-                        for p, s in zip(batch, spans, strict=True)
-                    },
-                    {p.event.source_id: carriers[id(p)] for p in fresh},
-                )
-            results, handled = run.results, run.handled
-            checkpoint_id = run.checkpoint_id or ""
+            attempts = s.key("attempts")
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for p in fresh:
+                    pipe.hincrby(attempts, p.entry_id, 1)
+                pipe.expire(attempts, s.dedupe_ttl)
+                await pipe.execute()
+            base: str | None = None  # where a rollback (CTXD_MULTITASK) returns to
+            if s.multitask == "rollback":
+                state = await self._graph.aget_state(thread_config(workflow_id))
+                base = (state.config.get("configurable") or {}).get("checkpoint_id")
+            wf.running, wf.cancelled = fresh, False
+            _log.debug(
+                "run started",
+                workflow_id=workflow_id,
+                event_ids=[p.event.event_id for p in fresh],
+            )
+            timeout = s.event_timeout * max(1, math.ceil(len(fresh) / 4))
+            run = None
+            with anyio.CancelScope() as scope:
+                wf.scope = scope
+                with anyio.fail_after(timeout):
+                    # actors/parking.py: control entries, parking while paused, replays.
+                    run = await self._runner.run(
+                        workflow_id,
+                        [(p.event, p.fields) for p in fresh],
+                        trace_ids={
+                            p.event.source_id: format(sp.get_span_context().trace_id, "032x")
+                            for p, sp in zip(batch, spans, strict=True)
+                        },
+                        carriers={
+                            p.event.source_id: event_trace_fields(sp)
+                            for p, sp in zip(batch, spans, strict=True)
+                        },
+                        ack=AckTarget(
+                            stream=partition_stream(s, n),
+                            entry_ids={p.event.source_id: p.entry_id for p in fresh},
+                            lease=lease,
+                        ),
+                    )
+            wf.scope, wf.running = None, []
+            if run is None:  # cancelled by a newer event (interrupt / rollback)
+                await self._after_interrupt(workflow_id, base)
+                results = {
+                    p.event.event_id: _interrupted_result(p.event, s.multitask) for p in fresh
+                }
+                self._counts["interrupted"] += len(fresh)
+            else:
+                results, handled = run.results, run.handled
+                checkpoint_id = run.checkpoint_id or ""
         items: list[CommitItem] = []
         for pending, span, dup in zip(batch, spans, flags, strict=True):
             trace_id = format(span.get_span_context().trace_id, "032x")
             result = results.get(pending.event.event_id) if not dup else None
-            fields = (
-                output_fields(result, trace_id=trace_id, checkpoint_id=checkpoint_id)
-                if result is not None
-                else {}
-            )
+            fields: dict[str, str] = {}
+            if result is not None:
+                fields = output_fields(result, trace_id=trace_id, checkpoint_id=checkpoint_id)
+                if result.get("error"):
+                    fields["error"] = str(result["error"])
             items.append(
                 CommitItem(
-                    source_id=pending.event.source_id,
-                    done_key=self._settings.key("done", pending.event.event_id),
+                    source_id=pending.entry_id,
+                    done_key=s.key("done", pending.event.event_id),
                     fields=fields,
                 )
             )
-        ids = await self._committer.commit(items)
+        ids = await self._committer.commit(items, input_stream=partition_stream(s, n), lease=lease)
+        if s.wait_aof:  # outputs on disk before anyone is told: WAITAOF (Redis >= 7.2)
+            await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                "WAITAOF", 1, 0, int(s.event_timeout * 1000)
+            )
+        await self._redis.hdel(s.key("attempts"), *(p.entry_id for p in batch))
         self._record_processed(items, ids, time.monotonic() - started)
         for pending, out_id in zip(batch, ids, strict=True):
             if out_id:
@@ -474,3 +822,54 @@ class Ingress:
         }
         for _ in range(count):
             self._instruments.process_duration.record(seconds, attributes)
+
+    async def _after_interrupt(self, workflow_id: str, base: str | None) -> None:
+        """Rollback: make the checkpoint before the cancelled run the head again."""
+        if self._settings.multitask != "rollback" or base is None:
+            return
+        state = await self._graph.aget_state(thread_config(workflow_id))
+        head = (state.config.get("configurable") or {}).get("checkpoint_id")
+        if head != base:
+            await self._graph.aupdate_state(
+                thread_config(workflow_id, base), None, as_node="__copy__"
+            )
+            _log.info("workflow rolled back", workflow_id=workflow_id, checkpoint_id=base)
+
+
+def _refused_by_breaker(exc: Exception) -> bool:
+    if isinstance(exc, ExceptionGroup):
+        return exc.subgroup(CallNotPermittedError) is not None
+    return isinstance(exc, CallNotPermittedError)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A Redis outage (also wrapped by LangGraph or in an exception group)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, RedisError | ConnectionError) and not isinstance(
+            current, ResponseError
+        ):
+            return True  # not a bare TimeoutError/OSError: an event timeout is the event's
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        stack += [current.__cause__, current.__context__]
+    return False
+
+
+def _interrupted_result(event: Event, strategy: str) -> dict[str, object]:
+    return {
+        "workflow_id": event.workflow_id,
+        "event_id": event.event_id,
+        "source_id": event.source_id,
+        "status": "error",
+        "decision": "",
+        "route": [],
+        "scores": {},
+        "quality_score": 0.0,
+        "error": f"interrupted by a newer event of the workflow (CTXD_MULTITASK={strategy})",
+    }

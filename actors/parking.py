@@ -46,7 +46,14 @@ from graph.workflow import (
     thread_config,
 )
 
-__all__ = ["BatchRun", "WorkflowRunner", "parked_stream", "resume_fields", "rollback_fields"]
+__all__ = [
+    "AckTarget",
+    "BatchRun",
+    "WorkflowRunner",
+    "parked_stream",
+    "resume_fields",
+    "rollback_fields",
+]
 
 _log = structlog.get_logger("ctxd.parking")
 
@@ -69,6 +76,21 @@ return id
 def parked_stream(settings: Settings, workflow_id: str) -> str:
     """Where a paused workflow's events wait: ``{prefix}:parked:{workflow_id}``."""
     return settings.key("parked", workflow_id)
+
+
+@dataclass(frozen=True)
+class AckTarget:
+    """Where a batch's entries are acknowledged: the stream they were read from.
+
+    Attributes:
+        stream: the stream (a partition stream; ``ctxd:in`` when None is given).
+        entry_ids: the entry id in that stream, by the event's source id.
+        lease: ``(key, value)`` of the lease the commits are fenced by, if any.
+    """
+
+    stream: str
+    entry_ids: Mapping[str, str]
+    lease: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +138,7 @@ class WorkflowRunner:
         batch: Sequence[tuple[Event, Fields]],
         trace_ids: Mapping[str, str] | None = None,
         carriers: Mapping[str, Mapping[str, str]] | None = None,
+        ack: AckTarget | None = None,
     ) -> BatchRun:
         """Process ``batch`` (one workflow's entries, in order).
 
@@ -125,8 +148,13 @@ class WorkflowRunner:
             trace_ids: trace id per source id, for outputs committed here.
             carriers: per source id, the ``traceparent`` of the event's process span, so
                 its node spans join its trace.
+            ack: where entries the runner settles itself are acknowledged (the
+                stream they were read from); ``ctxd:in`` by source id when None.
         """
-        run = _Run(self, workflow_id, dict(trace_ids or {}), dict(carriers or {}))
+        target = ack or AckTarget(
+            self._settings.input_stream, {e.source_id: e.source_id for e, _ in batch}
+        )
+        run = _Run(self, workflow_id, dict(trace_ids or {}), dict(carriers or {}), target)
         await run.start()
         for event, fields in batch:
             await run.take(event, fields)
@@ -147,11 +175,13 @@ class _Run:
         workflow_id: str,
         trace_ids: dict[str, str],
         carriers: dict[str, Mapping[str, str]],
+        ack: AckTarget,
     ):
         self.r = runner
         self.workflow_id = workflow_id
         self.trace_ids = trace_ids
         self.carriers = carriers
+        self.ack = ack
         self.results: dict[str, Mapping[str, JSON]] = {}
         self.held: list[Event] = []  # entries whose results the ingress will commit
         self.handled: set[str] = set()
@@ -307,7 +337,7 @@ class _Run:
                 parked_stream(settings, self.workflow_id),
                 {**fields, "source_id": event.source_id},  # type: ignore[dict-item]
             )
-            pipe.xack(settings.input_stream, settings.group, event.source_id)
+            pipe.xack(self.ack.stream, settings.group, self.ack.entry_ids[event.source_id])
             await pipe.execute()
         self.handled.add(event.source_id)
         _log.info(
@@ -323,7 +353,7 @@ class _Run:
             return
         items = [
             CommitItem(
-                source_id=e.source_id,
+                source_id=self.ack.entry_ids[e.source_id],
                 done_key=self.r._settings.key("done", e.event_id),
                 fields=(
                     output_fields(
@@ -337,7 +367,7 @@ class _Run:
             )
             for e in self.held
         ]
-        await self.r._committer.commit(items)
+        await self.r._committer.commit(items, input_stream=self.ack.stream, lease=self.ack.lease)
         self.handled.update(e.source_id for e in self.held)
         self.held = []
 

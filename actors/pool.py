@@ -268,7 +268,10 @@ class ActorPool:
             if self._fault is not None:
                 await self._fault("received", request)
             try:
-                result = await self._handlers.handle(self._kind, json.loads(request.payload))
+                # The asker gives up at the deadline; a handler that hangs past it would
+                # only hold a worker hostage, so it is cancelled there too.
+                with anyio.fail_after(max(request.deadline - time.time(), 0.0)):
+                    result = await self._handlers.handle(self._kind, json.loads(request.payload))
                 reply = ActorReply(request.id, True, json.dumps(result), consumer)
             except Exception as exc:  # noqa: BLE001 - the asker gets the error, not a crash
                 record_error(span, exc)

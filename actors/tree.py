@@ -118,6 +118,18 @@ class ActorSystem:
             on_restart=self._restarted,
         )
 
+    def status(self) -> dict[str, object]:
+        """Breaker states and pool supervision figures, for the heartbeat (``ctxd status``)."""
+        pools: dict[str, object] = {}
+        for kind, supervisor in self.supervisors.items():
+            stats = supervisor.statistics()
+            pools[str(kind)] = {
+                "running": len(stats.running),
+                "restarts": sum(stats.restarts.values()),
+            }
+        breakers = dict(self.dispatch.health().breaker_states) if self.dispatch is not None else {}
+        return {"breakers": breakers, "pools": pools}
+
     async def _reply_reader(self, task_status: TaskStatus[None]) -> None:
         assert self.mailbox is not None
         await self.mailbox.run(task_status=task_status)

@@ -45,7 +45,8 @@ def read_outputs(
         remaining = int((deadline - time.monotonic()) * 1000)
         if remaining <= 0:
             break
-        reply = redis.xread({stream: last}, block=remaining, count=1000)
+        # Short blocks: the test clients have a socket timeout (a hung Redis fails fast).
+        reply = redis.xread({stream: last}, block=min(remaining, 1000), count=1000)
         for _, new in reply or []:
             entries.extend(new)
             last = new[-1][0]

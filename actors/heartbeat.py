@@ -1,0 +1,68 @@
+"""Instance heartbeats: who is alive, and what each instance reports about itself.
+
+Each instance keeps ``{prefix}:instance:{name}`` (JSON, TTL three heartbeat periods)
+and its name in the sorted set ``{prefix}:instances`` scored by the time of its last
+beat. Live instances are those that beat within the last ``lease_ttl`` (three beats); the set is
+pruned of older names. ``ctxd status`` reads the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+
+from redis.asyncio import Redis
+
+from actors.config import Settings
+
+__all__ = ["Heartbeat", "instance_key", "instances_key"]
+
+
+def instances_key(settings: Settings) -> str:
+    """The sorted set of instance names by last beat (ms since the epoch)."""
+    return settings.key("instances")
+
+
+def instance_key(settings: Settings, name: str) -> str:
+    """The JSON heartbeat of one instance."""
+    return settings.key("instance", name)
+
+
+class Heartbeat:
+    """Publishes this instance's heartbeat and lists the live instances.
+
+    Args:
+        redis: the client.
+        settings: validated settings (instance name, lease TTL).
+    """
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._settings = settings
+        self.started = time.time()
+
+    async def beat(self, info: Mapping[str, object]) -> list[str]:
+        """Publish ``info`` and return the live instance names (this one included)."""
+        s = self._settings
+        now_ms = int(time.time() * 1000)
+        window_ms = int(s.lease_ttl * 1000)
+        body = json.dumps(
+            {"instance": s.instance, "started": self.started, "beat": now_ms / 1000, **info},
+            default=str,
+        )
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(instance_key(s, s.instance), body, px=window_ms * 3 // 2)
+            pipe.zadd(instances_key(s), {s.instance: now_ms})
+            pipe.zremrangebyscore(instances_key(s), 0, now_ms - window_ms)
+            pipe.zrange(instances_key(s), 0, -1)
+            *_, names = await pipe.execute()
+        return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+    async def remove(self) -> None:
+        """Leave: delete the heartbeat so peers rebalance at once."""
+        s = self._settings
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(instance_key(s, s.instance))
+            pipe.zrem(instances_key(s), s.instance)
+            await pipe.execute()
