@@ -52,6 +52,7 @@ from typing import Literal, TypeVar
 
 import anyio
 
+from actors.backoff import jittered_backoff
 from graph.errors import ConfigError, CtxdError, InvalidEntryError
 
 __all__ = [
@@ -328,19 +329,6 @@ class _Window:
         self.outcomes.clear()
         self.failed = 0
         self.slow = 0
-
-
-def _jittered(
-    base: float, multiplier: float, attempt: int, cap: float, jitter: float, rng: random.Random
-) -> float:
-    """``base·multiplier^attempt``, capped, spread by ±jitter, capped again."""
-    if multiplier > 1.0 and attempt * math.log(multiplier) >= math.log(cap / base):
-        wait = cap  # also keeps multiplier**attempt from overflowing
-    else:
-        wait = min(base * multiplier**attempt, cap)
-    if jitter:
-        wait *= 1.0 + rng.uniform(-jitter, jitter)
-    return min(wait, cap)
 
 
 class CircuitBreaker:
@@ -636,7 +624,7 @@ class CircuitBreaker:
         cfg = self._config
         self._consecutive_opens += 1
         attempt = self._consecutive_opens - 1
-        wait = _jittered(
+        wait = jittered_backoff(
             cfg.open_wait,
             cfg.open_wait_multiplier,
             attempt,

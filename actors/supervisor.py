@@ -53,6 +53,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from actors.backoff import jittered_backoff
 from graph.errors import ConfigError, CtxdError
 
 __all__ = [
@@ -224,21 +225,6 @@ class SupervisorEscalation(CtxdError):
         super().__init__(message)
         self.supervisor = supervisor
         self.child = child
-
-
-def _jittered(
-    base: float, multiplier: float, attempt: int, cap: float, jitter: float, rng: random.Random
-) -> float:
-    """``base·multiplier^attempt``, capped, spread by ±jitter, capped again."""
-    if base <= 0.0:
-        return 0.0
-    if multiplier > 1.0 and attempt * math.log(multiplier) >= math.log(cap / base):
-        wait = cap  # also keeps multiplier**attempt from overflowing
-    else:
-        wait = min(base * multiplier**attempt, cap)
-    if jitter:
-        wait *= 1.0 + rng.uniform(-jitter, jitter)
-    return min(wait, cap)
 
 
 class _Incarnation:
@@ -520,7 +506,7 @@ class Supervisor:
         if len(self._restart_times) >= cfg.intensity:
             raise self._escalation(child, error)
         recent = self._restart_times if cfg.strategy == "one_for_all" else child.restart_times
-        backoff = _jittered(
+        backoff = jittered_backoff(
             cfg.backoff_initial,
             cfg.backoff_multiplier,
             len(recent),

@@ -6,7 +6,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from redis import Redis
 
 from actors.redis_server import EmbeddedRedisError, discover_embedded_redis, open_embedded_redis
-from tests_support import REPO
+from tests_support import run_ctxd
 
 pytestmark = pytest.mark.slow
 
@@ -61,15 +60,7 @@ def test_a_redis_without_the_modules_stops_run_with_one_line(
     """`ctxd run` against Redis without JSON/Search exits 1 with one line saying what to do."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXD_", "OTEL_"))}
     env.update(CTXD_REDIS_URL=plain_redis, CTXD_STATE_DIR=str(tmp_path / "state"))
-    result = subprocess.run(
-        [sys.executable, "-m", "actors.cli", "run"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_ctxd(env, "run", timeout=60)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import pytest
 from redis import Redis
 
-from tests_support import REPO, ServiceProcess, read_outputs
+from tests_support import ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow
 
@@ -87,15 +85,7 @@ def test_drain_budget_exceeded_leaves_work_pending_and_exits_zero(
 def test_fatal_error_exits_non_zero_with_one_line(service_env: dict[str, str]) -> None:
     """Redis unreachable at start: a fatal error, exit code 1, one line on stderr."""
     env = {**service_env, "CTXD_REDIS_URL": "redis://127.0.0.1:1/0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "actors.cli", "run"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_ctxd(env, "run", timeout=60)
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines

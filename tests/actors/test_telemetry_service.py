@@ -24,7 +24,7 @@ from opentelemetry.trace import SpanKind
 from redis import Redis
 
 from telemetry.testing import OtlpReceiver, ReceivedMetric, ReceivedSpan
-from tests_support import REPO, ServiceProcess, read_outputs
+from tests_support import REPO, ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow
 
@@ -338,15 +338,7 @@ def test_bad_otel_variable_is_a_one_line_config_error(service_env: dict[str, str
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CTXD_", "OTEL_"))}
     env.update(service_env)
     env["OTEL_TRACES_SAMPLER"] = "sometimes"
-    done = subprocess.run(
-        [sys.executable, "-m", "actors.cli", "run"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_ctxd(env, "run", timeout=60)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1
