@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Callable, Iterator
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from redis import Redis as SyncRedis
 
 from actors.config import Settings
 from actors.redis_server import discover_embedded_redis
-from graph.errors import CtxdError
+from graph.errors import ConfigError, CtxdError
 
-__all__ = ["Handler", "Subcommands", "client_redis", "redis_url_for_client"]
+if TYPE_CHECKING:
+    from telemetry.setup import Telemetry
+
+__all__ = [
+    "Handler",
+    "Subcommands",
+    "client_redis",
+    "open_service_telemetry",
+    "redis_url_for_client",
+]
 
 Handler = Callable[[Settings, argparse.Namespace], int]
 """A command: settings and parsed arguments in, exit code out."""
@@ -42,3 +52,29 @@ def client_redis(settings: Settings) -> Iterator[SyncRedis]:
         yield client
     finally:
         client.close()
+
+
+@contextlib.contextmanager
+def open_service_telemetry(settings: Settings) -> Iterator[Telemetry]:
+    """Logging and OpenTelemetry (``OTEL_*``) for a long-running command.
+
+    Leaving the block flushes the batch span processor and the metric reader, so the
+    spans of the last event before SIGTERM are exported.
+
+    Raises:
+        ConfigError: an ``OTEL_*`` variable has a value ctxd cannot use.
+    """
+    from telemetry.logging import configure_logging
+    from telemetry.settings import TelemetryConfigError, TelemetrySettings
+    from telemetry.setup import open_telemetry
+
+    try:
+        telemetry_settings = TelemetrySettings.from_env(os.environ)
+    except TelemetryConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    configure_logging(
+        level=settings.log_level,
+        json=None if settings.log_format == "auto" else settings.log_format == "json",
+    )
+    with open_telemetry(telemetry_settings) as telemetry:
+        yield telemetry

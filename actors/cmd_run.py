@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 
 import anyio
 
-from actors.cli_common import Subcommands
+from actors.cli_common import Subcommands, open_service_telemetry
 from actors.config import Settings
 from actors.redis_server import open_embedded_redis
-from graph.errors import ConfigError
 
 __all__ = ["register"]
 
@@ -37,22 +35,11 @@ def register(commands: Subcommands) -> None:
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     from actors.daemon import serve
     from actors.demo import feed_demo
-    from telemetry.logging import configure_logging
-    from telemetry.settings import TelemetryConfigError, TelemetrySettings
-    from telemetry.setup import open_telemetry
 
-    try:
-        telemetry_settings = TelemetrySettings.from_env(os.environ)
-    except TelemetryConfigError as exc:
-        raise ConfigError(str(exc)) from None
-    configure_logging(
-        level=settings.log_level,
-        json=None if settings.log_format == "auto" else settings.log_format == "json",
-    )
     with contextlib.ExitStack() as stack:
         # Entered first, left last: after the service has drained (SIGTERM included),
         # leaving it flushes the batch span processor and the metric reader.
-        telemetry = stack.enter_context(open_telemetry(telemetry_settings))
+        telemetry = stack.enter_context(open_service_telemetry(settings))
         url = settings.redis_url
         if url is None:
             server = open_embedded_redis(settings.state_dir, port=settings.embedded_port or None)

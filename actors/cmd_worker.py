@@ -8,10 +8,11 @@ import signal
 import anyio
 import structlog
 
-from actors.cli_common import Subcommands, redis_url_for_client
+from actors.cli_common import Subcommands, open_service_telemetry, redis_url_for_client
 from actors.config import Settings
 from graph.errors import ConfigError
 from graph.work import WorkKind
+from telemetry.setup import Telemetry
 
 __all__ = ["register"]
 
@@ -50,19 +51,16 @@ def parse_kinds(raw: str) -> tuple[WorkKind, ...]:
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    from telemetry.logging import configure_logging
-
-    configure_logging(
-        level=settings.log_level,
-        json=None if settings.log_format == "auto" else settings.log_format == "json",
-    )
     kinds = parse_kinds(args.kinds)
     url = redis_url_for_client(settings)
-    anyio.run(_serve, settings, url, kinds)
+    with open_service_telemetry(settings) as telemetry:
+        anyio.run(_serve, settings, url, kinds, telemetry)
     return 0
 
 
-async def _serve(settings: Settings, redis_url: str, kinds: tuple[WorkKind, ...]) -> None:
+async def _serve(
+    settings: Settings, redis_url: str, kinds: tuple[WorkKind, ...], telemetry: Telemetry
+) -> None:
     from redis.asyncio import Redis
 
     from actors.daemon import build_handlers
@@ -70,7 +68,15 @@ async def _serve(settings: Settings, redis_url: str, kinds: tuple[WorkKind, ...]
 
     redis = Redis.from_url(redis_url)
     try:
-        system = ActorSystem(redis, settings, build_handlers(settings), serve=kinds, ask=False)
+        system = ActorSystem(
+            redis,
+            settings,
+            build_handlers(settings),
+            serve=kinds,
+            ask=False,
+            tracer=telemetry.tracer,
+            instruments=telemetry.instruments,
+        )
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 await tg.start(system.run)

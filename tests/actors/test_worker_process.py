@@ -200,3 +200,50 @@ def test_ctxd_run_rides_out_an_analysis_outage_with_fallbacks_and_no_dead_letter
     assert {f["decision"] for _, f in outputs} & {"fallback_processing", "circuit_breaker_mode"}
     assert redis.xlen(f"{prefix}:dlq") == 0
     assert redis.xpending(f"{prefix}:in", "ctxd")["pending"] == 0
+
+
+async def test_a_worker_processs_span_is_a_child_of_the_askers_send_span(
+    start_service: Callable[..., ServiceProcess], settings: Settings
+) -> None:
+    """Across processes: the trace context travels in the mailbox entry, and the
+    `ctxd worker` process exports its `process` span as a child of the asker's span."""
+    from opentelemetry.trace import SpanKind
+
+    from telemetry.testing import OtlpReceiver, capture_spans
+
+    with OtlpReceiver() as receiver:
+        worker = start_service(
+            "worker",
+            "--kinds",
+            "analysis",
+            env={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_endpoint,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_BSP_SCHEDULE_DELAY": "100",
+            },
+        )
+        worker.wait_ready()
+        asker_settings = actor_settings(settings, instance=f"{settings.stream_prefix}-asker")
+        stream = mailbox_stream(asker_settings, "analysis")
+        with capture_spans() as capture:
+            async with open_redis(asker_settings) as client:
+                system = ActorSystem(
+                    client, asker_settings, WorkHandlers(), serve=(), tracer=capture.tracer
+                )
+                async with running(system):
+                    assert system.mailbox is not None
+                    reply = await system.mailbox.ask_reply("analysis", WINDOW, 10.0)
+            send = capture.named(f"send {stream}")
+        assert reply.ok
+        assert f":{worker.proc.pid}:" in reply.consumer  # served by the worker process
+        trace_id = format(send.context.trace_id, "032x")
+        spans = receiver.wait_for_spans(
+            lambda got: any(s.name == f"process {stream}" and s.trace_id == trace_id for s in got),
+            timeout=30,
+        )
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0
+    served = [s for s in spans if s.name == f"process {stream}" and s.trace_id == trace_id]
+    assert len(served) == 1
+    assert served[0].kind is SpanKind.CONSUMER
+    assert served[0].parent_span_id == format(send.context.span_id, "016x")
