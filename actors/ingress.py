@@ -156,15 +156,9 @@ class Ingress:
             "messaging.destination.name": settings.input_stream,
             "messaging.consumer.group.name": settings.group,
         }
-        self._runner = WorkflowRunner(redis, settings, graph)
         self._consumer = OWNER_CONSUMER
-        self._committer = OutputCommitter(
-            redis,
-            input_stream=settings.input_stream,
-            output_stream=settings.output_stream,
-            group=settings.group,
-            dedupe_ttl=settings.dedupe_ttl,
-        )
+        self._committer = OutputCommitter.from_settings(redis, settings)
+        self._runner = WorkflowRunner(redis, settings, graph, committer=self._committer)
         self._leases = Leases(redis, settings.instance, settings.lease_ttl)
         self._reader = FencedReader(redis, group=settings.group, consumer=OWNER_CONSUMER)
         self._heartbeat = Heartbeat(redis, settings)
@@ -509,8 +503,17 @@ class Ingress:
         if value is None:
             raise LeaseLostError(f"partition {n} is not ours any more")
         try:
-            await self._fenced_dead_letter(
-                n, value, entry_id, source_id, fields, reason, error, attempts
+            await dead_letter(
+                self._redis,
+                dlq_stream=self._settings.dlq_stream,
+                input_stream=partition_stream(self._settings, n),
+                group=self._settings.group,
+                source_id=entry_id,
+                fields={**fields, SOURCE_FIELD: source_id},
+                reason=reason,
+                error=error,
+                attempts=attempts,
+                lease=(lease_key(self._settings, f"part:{n}")[0], value),
             )
         except ResponseError as exc:
             if "FENCED" in str(exc):
@@ -518,30 +521,6 @@ class Ingress:
             raise
         self._counts["dead_lettered"] += 1
         _log.warning("entry dead-lettered", source_id=source_id, reason=reason, error=error)
-
-    async def _fenced_dead_letter(
-        self,
-        n: int,
-        value: str,
-        entry_id: str,
-        source_id: str,
-        fields: Mapping[str, str | bytes],
-        reason: str,
-        error: str,
-        attempts: int,
-    ) -> None:
-        await dead_letter(
-            self._redis,
-            dlq_stream=self._settings.dlq_stream,
-            input_stream=partition_stream(self._settings, n),
-            group=self._settings.group,
-            source_id=entry_id,
-            fields={**fields, SOURCE_FIELD: source_id},
-            reason=reason,
-            error=error,
-            attempts=attempts,
-            lease=(lease_key(self._settings, f"part:{n}")[0], value),
-        )
 
     async def _attempts(self, entry_ids: list[str]) -> dict[str, int]:
         """How often each entry's graph run was started (any instance, any tenure).

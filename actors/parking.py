@@ -116,20 +116,22 @@ class WorkflowRunner:
         redis: the client.
         settings: validated settings (streams, durability, dedupe window).
         graph: the compiled contextual workflow.
+        committer: the ingress's output committer, shared (a new one if None).
     """
 
-    def __init__(self, redis: Redis, settings: Settings, graph: ContextualGraph) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        graph: ContextualGraph,
+        *,
+        committer: OutputCommitter | None = None,
+    ) -> None:
         self._redis = redis
         self._settings = settings
         self._graph = graph
         self._budget = AnalyzerPolicy.from_mapping(settings.analyzer_policy).iteration_budget
-        self._committer = OutputCommitter(
-            redis,
-            input_stream=settings.input_stream,
-            output_stream=settings.output_stream,
-            group=settings.group,
-            dedupe_ttl=settings.dedupe_ttl,
-        )
+        self._committer = committer or OutputCommitter.from_settings(redis, settings)
         self._replay_commit = redis.register_script(_REPLAY_COMMIT_LUA)
 
     async def run(

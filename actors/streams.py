@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from actors.config import Settings
+
 __all__ = [
     "CommitItem",
     "FencedReader",
@@ -100,6 +102,17 @@ class OutputCommitter:
         self._output = output_stream
         self._group = group
         self._ttl = dedupe_ttl
+
+    @classmethod
+    def from_settings(cls, redis: Redis, settings: Settings) -> OutputCommitter:
+        """The committer of ``ctxd:in`` → ``ctxd:out`` for these settings."""
+        return cls(
+            redis,
+            input_stream=settings.input_stream,
+            output_stream=settings.output_stream,
+            group=settings.group,
+            dedupe_ttl=settings.dedupe_ttl,
+        )
 
     async def commit(
         self,
