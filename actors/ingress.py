@@ -207,7 +207,7 @@ class Ingress:
         for wf in self._workflows.values():
             self._forget(wf.queue)
             wf.queue.clear()
-        self._room.set()
+        self._made_room()
         for scope in self._readers.values():
             scope.cancel()
 
@@ -330,7 +330,7 @@ class Ingress:
                 if p.partition == n:
                     self._in_flight.pop(p.entry_id, None)
             wf.queue[:] = kept
-        self._room.set()
+        self._made_room()
 
     # -- reading ----------------------------------------------------------------------
 
@@ -410,9 +410,16 @@ class Ingress:
             await self._stopping.wait()
 
     async def _wait_for_room(self) -> None:
-        self._room = anyio.Event()
+        # Every waiter (16 partition readers, say) waits on the same event; replacing it
+        # per waiter left all but the last to sleep out the whole second.
+        room = self._room
         with anyio.move_on_after(1.0):
-            await self._room.wait()
+            await room.wait()
+
+    def _made_room(self) -> None:
+        """Wake everyone waiting for room; later waiters wait for the next change."""
+        self._room.set()
+        self._room = anyio.Event()
 
     async def _accept(
         self,
@@ -588,13 +595,13 @@ class Ingress:
                     failures = 0
                     self._forget(batch)
             del self._workflows[workflow_id]
-            self._room.set()
+            self._made_room()
 
     def _forget(self, batch: list[_Pending]) -> None:
         for item in batch:
             if self._in_flight.get(item.entry_id) == (item.partition, item.lease):
                 del self._in_flight[item.entry_id]
-        self._room.set()
+        self._made_room()
 
     async def _redeliver_or_poison(self, wf: _Workflow) -> None:
         limit = self._settings.max_deliveries

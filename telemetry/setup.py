@@ -202,7 +202,8 @@ def open_telemetry(
 
     * Traces: an SDK ``TracerProvider`` with the configured sampler and resource, and a
       ``BatchSpanProcessor`` feeding the OTLP gRPC or HTTP exporter (or the console
-      one). With no exporter, spans are still created, so log lines carry trace ids.
+      one). With no exporter, spans are still created with valid ids, so log lines
+      and outputs carry trace ids, but they are not recorded (sampler ``always_off``).
     * Metrics: an SDK ``MeterProvider`` with a ``PeriodicExportingMetricReader`` when
       metrics are exported, and a view giving every histogram in seconds the bucket
       boundaries :data:`telemetry.DURATION_BUCKETS`. Temporality is the exporter's
@@ -241,14 +242,19 @@ def _sdk_providers(settings: TelemetrySettings) -> tuple[TracerProvider, MeterPr
     from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.sdk.trace import sampling
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     # Explicit attributes win over what Resource.create detects from os.environ.
     resource = Resource.create(
         {**settings.resource_attributes, SERVICE_NAME: settings.service_name}
     )
-    tracer_provider = SdkTracerProvider(sampler=_sampler(settings), resource=resource)
     span_exporter = _span_exporter(settings.traces)
+    # With nowhere to send spans, recording them is pure cost (~1 ms per event,
+    # docs/performance.md): spans still get valid ids, so log lines and outputs carry
+    # a trace_id and the context still travels to the actors, but nothing is recorded.
+    sampler = _sampler(settings) if span_exporter is not None else sampling.ALWAYS_OFF
+    tracer_provider = SdkTracerProvider(sampler=sampler, resource=resource)
     if span_exporter is not None:
         tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
 

@@ -215,12 +215,32 @@ def test_disabled_sdk_gives_working_no_ops() -> None:
 
 def test_non_global_telemetry_leaves_the_global_providers_alone() -> None:
     before = trace.get_tracer_provider(), metrics.get_meter_provider()
-    with open_telemetry(TelemetrySettings(), set_global=False) as telemetry:
+    with open_telemetry(_console_traces(), set_global=False) as telemetry:
         assert telemetry.is_global is False
         with telemetry.tracer.start_as_current_span("work") as span:
             assert span.is_recording()
             assert not isinstance(span, NonRecordingSpan)
     assert (trace.get_tracer_provider(), metrics.get_meter_provider()) == before
+
+
+def _console_traces() -> TelemetrySettings:
+    return TelemetrySettings.from_env({"OTEL_TRACES_EXPORTER": "console"})
+
+
+def test_spans_without_an_exporter_have_ids_but_are_not_recorded() -> None:
+    """Nothing would receive them: no recording cost, yet logs and outputs get trace ids."""
+    with open_telemetry(TelemetrySettings(), set_global=False) as unexported:
+        tracer = unexported.tracer
+        with (
+            tracer.start_as_current_span("work") as span,
+            tracer.start_as_current_span("in") as child,
+        ):
+            assert not span.is_recording()
+            assert span.get_span_context().is_valid
+            assert child.get_span_context().trace_id == span.get_span_context().trace_id
+    exported = open_telemetry(_console_traces(), set_global=False)
+    with exported, exported.tracer.start_as_current_span("work") as span:
+        assert span.is_recording()
 
 
 async def test_async_context_flushes_and_shutdown_is_idempotent() -> None:
@@ -243,7 +263,7 @@ def test_global_install_happens_once_per_process() -> None:
             assert metrics.get_meter_provider() is first.meter_provider
             tracer = trace.get_tracer("elsewhere")
             with tracer.start_as_current_span("global") as span:
-                assert span.is_recording()
+                assert span.get_span_context().is_valid
         with open_telemetry(TelemetrySettings()) as second:
             assert not second.is_global
             assert trace.get_tracer_provider() is first.tracer_provider
