@@ -366,7 +366,7 @@ class Ingress:
                             cursor = ">"
                             continue
                         cursor = entries[-1][0]
-                        counts = await self._attempts([e for e, _ in entries])
+                        counts = await self._attempts(n, [e for e, _ in entries])
                     elif not entries:
                         await self._reader.wait(stream, last, s.block_ms)
                         continue
@@ -529,7 +529,7 @@ class Ingress:
         self._counts["dead_lettered"] += 1
         _log.warning("entry dead-lettered", source_id=source_id, reason=reason, error=error)
 
-    async def _attempts(self, entry_ids: list[str]) -> dict[str, int]:
+    async def _attempts(self, n: int, entry_ids: list[str]) -> dict[str, int]:
         """How often each entry's graph run was started (any instance, any tenure).
 
         Counted in ``{prefix}:attempts`` when a run starts and cleared at commit: a
@@ -537,7 +537,8 @@ class Ingress:
         """
         if not entry_ids:
             return {}
-        values = await self._redis.hmget(self._settings.key("attempts"), entry_ids)
+        fields = [_attempt_field(n, e) for e in entry_ids]
+        values = await self._redis.hmget(self._settings.key("attempts"), fields)
         return {e: int(v) for e, v in zip(entry_ids, values, strict=True) if v is not None}
 
     # -- processing -------------------------------------------------------------------
@@ -563,7 +564,11 @@ class Ingress:
                     with contextlib.suppress(*TRANSIENT_ERRORS):
                         async with self._redis.pipeline(transaction=False) as pipe:
                             for p in batch:
-                                pipe.hincrby(self._settings.key("attempts"), p.entry_id, -1)
+                                pipe.hincrby(
+                                    self._settings.key("attempts"),
+                                    _attempt_field(p.partition, p.entry_id),
+                                    -1,
+                                )
                             await pipe.execute()
                 if outcome == "refused":
                     # An open breaker refused the batch: it waits (in order, in flight)
@@ -701,7 +706,7 @@ class Ingress:
             attempts = s.key("attempts")
             async with self._redis.pipeline(transaction=False) as pipe:
                 for p in fresh:
-                    pipe.hincrby(attempts, p.entry_id, 1)
+                    pipe.hincrby(attempts, _attempt_field(n, p.entry_id), 1)
                 pipe.expire(attempts, s.dedupe_ttl)
                 await pipe.execute()
             base: str | None = None  # where a rollback (CTXD_MULTITASK) returns to
@@ -768,7 +773,7 @@ class Ingress:
             await self._redis.execute_command(  # type: ignore[no-untyped-call]
                 "WAITAOF", 1, 0, int(s.event_timeout * 1000)
             )
-        await self._redis.hdel(s.key("attempts"), *(p.entry_id for p in batch))
+        await self._redis.hdel(s.key("attempts"), *(_attempt_field(n, p.entry_id) for p in batch))
         self._record_processed(items, ids, time.monotonic() - started)
         for pending, out_id in zip(batch, ids, strict=True):
             if out_id:
@@ -820,6 +825,13 @@ class Ingress:
                 thread_config(workflow_id, base), None, as_node="__copy__"
             )
             _log.info("workflow rolled back", workflow_id=workflow_id, checkpoint_id=base)
+
+
+def _attempt_field(partition: int, entry_id: str) -> str:
+    """An entry's field in ``{prefix}:attempts``: ids are unique per stream only, and the
+    router fills many partition streams in the same millisecond, so ``5-3`` of partition
+    1 and ``5-3`` of partition 8 are different entries."""
+    return f"{partition}/{entry_id}"
 
 
 def _refused_by_breaker(exc: Exception) -> bool:

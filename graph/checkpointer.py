@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
+import anyio
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from redis.asyncio import Redis
 
 from graph.errors import ConfigError, RedisModulesMissingError
+
+if TYPE_CHECKING:
+    from langgraph.checkpoint.redis.aio import AsyncRedisSaver
 
 __all__ = ["check_redis_modules", "open_checkpointer", "strict_serializer"]
 
@@ -76,6 +81,26 @@ async def check_redis_modules(client: Redis) -> None:
         )
 
 
+async def _create_indexes(saver: AsyncRedisSaver, attempts: int = 6) -> None:
+    """Create the saver's RediSearch indexes, also when other instances do it at once.
+
+    The saver checks that an index is missing and then creates it; two instances
+    starting together on a fresh Redis (``docker-compose up --scale``) both see it
+    missing, and the second ``FT.CREATE`` fails with "Index already exists". Trying
+    again finds the index there and goes on.
+    """
+    from redisvl.exceptions import RedisSearchError
+
+    for attempt in range(attempts):
+        try:
+            await saver.asetup()
+            return
+        except RedisSearchError as exc:
+            if "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
+            await anyio.sleep(0.02 * 2**attempt)
+
+
 @contextlib.asynccontextmanager
 async def open_checkpointer(
     kind: str, *, redis_url: str | None = None, postgres_url: str | None = None
@@ -103,7 +128,13 @@ async def open_checkpointer(
             await check_redis_modules(probe)
         finally:
             await probe.aclose()
-        async with AsyncRedisSaver(redis_url) as saver:
+        saver = AsyncRedisSaver(redis_url)
+        try:
+            await _create_indexes(saver)
+        except BaseException:
+            await saver.__aexit__(None, None, None)  # closes the client it opened
+            raise
+        async with saver:
             saver.serde = strict_serializer(_strict_redis_serializer_class())
             yield saver
     elif kind == "postgres":

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import ormsgpack
 import pytest
 from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
@@ -298,3 +299,22 @@ async def test_a_rewritten_stored_checkpoint_is_detected_and_rolled_back(
     current = await graph.aget_state(thread_config(workflow_id))
     assert current.values["events_processed"] == 1
     assert "forged" not in current.values["window"]
+
+
+async def test_instances_starting_together_on_a_fresh_redis_all_open_the_saver(
+    tmp_path: Path,
+) -> None:
+    """Each opener creates the search indexes; only one FT.CREATE can win the race."""
+    from actors.redis_server import open_embedded_redis
+
+    opened: list[str] = []
+
+    async def open_one(url: str) -> None:
+        async with open_checkpointer("redis", redis_url=url) as saver:
+            opened.append(type(saver).__name__)
+
+    with open_embedded_redis(tmp_path / "fresh") as server:
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(open_one, server.url)
+    assert opened == ["AsyncRedisSaver"] * 4
