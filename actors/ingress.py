@@ -267,7 +267,9 @@ class Ingress:
 
     async def _reconcile(self, tg: anyio.abc.TaskGroup) -> None:
         s = self._settings
-        held = [(n, v) for n, v in self._owned.items() if n not in self._releasing]
+        # Partitions being handed over are renewed too, until their running batches
+        # finish: a lapsed lease lets the next owner start on them while they still run.
+        held = list(self._owned.items())
         renewed = await self._leases.renew_many(
             [(lease_key(s, f"part:{n}")[0], v) for n, v in held]
         )
@@ -305,6 +307,7 @@ class Ingress:
                 scope = self._readers.pop(n, None)
                 if scope is not None:
                     scope.cancel()
+                self._unqueue(n)  # queued entries stay pending for the next owner
         for n in sorted(wanted - set(self._owned)):
             if self._stopping.is_set():
                 return
@@ -324,6 +327,10 @@ class Ingress:
         scope = self._readers.pop(n, None)
         if scope is not None:
             scope.cancel()
+        self._unqueue(n)
+
+    def _unqueue(self, n: int) -> None:
+        """Drop partition ``n``'s queued (not running) events; they stay in its PEL."""
         for wf in self._workflows.values():
             kept = [p for p in wf.queue if p.partition != n]
             for p in wf.queue:
