@@ -7,8 +7,9 @@ reader's ``XREAD``). This measures both in one process on the embedded Redis Sta
 ``--redis-url``):
 
 * **ask**: CPU microseconds per :class:`~actors.dispatch.ActorDispatch` call of the
-  decision kind (the cheapest handler, measured alone too), with 1 asker (an event
-  arriving alone) and with 16 concurrent askers (a drain), through a real
+  decision kind (the cheapest handler, measured alone too) and asks per wall-clock
+  second, with 1 asker (an event arriving alone: its round trip), 16 (a drain at the
+  default ``CTXD_CONCURRENCY``) and 64 concurrent askers, through a real
   :class:`~actors.tree.ActorSystem` in this process, as ``ctxd run`` has it;
 * **super-step**: CPU microseconds per super-step of a two-node LangGraph loop with
   trivial nodes and no checkpointer.
@@ -54,8 +55,8 @@ _DECISION: dict[str, JSON] = {
 }
 
 
-async def _asks(redis_url: str, askers: int, count: int) -> tuple[float, float]:
-    """CPU µs per ask with ``askers`` concurrent askers, and per handler call alone."""
+async def _asks(redis_url: str, askers: int, count: int) -> tuple[float, float, float]:
+    """CPU µs per ask with ``askers`` concurrent askers, per handler call alone, asks/s."""
     env = {**os.environ, "CTXD_REDIS_URL": redis_url, "CTXD_STREAM_PREFIX": _prefix()}
     settings = load_settings(env)
     redis = Redis.from_url(redis_url)
@@ -74,11 +75,12 @@ async def _asks(redis_url: str, askers: int, count: int) -> tuple[float, float]:
                 for _ in range(per_asker):
                     await dispatch(WorkKind.DECISION, _DECISION)
 
-            started = time.process_time()
+            started, wall = time.process_time(), time.perf_counter()
             async with anyio.create_task_group() as group:
                 for _ in range(askers):
                     group.start_soon(asker)
             ask_cpu = (time.process_time() - started) / (per_asker * askers)
+            rate = per_asker * askers / (time.perf_counter() - wall)
             started = time.process_time()
             for _ in range(per_asker * askers):
                 await handlers.handle(WorkKind.DECISION, _DECISION)
@@ -86,7 +88,7 @@ async def _asks(redis_url: str, askers: int, count: int) -> tuple[float, float]:
             tg.cancel_scope.cancel()
     finally:
         await redis.aclose()
-    return ask_cpu * 1e6, handler_cpu * 1e6
+    return ask_cpu * 1e6, handler_cpu * 1e6, rate
 
 
 class _Loop(TypedDict, total=False):
@@ -149,14 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", help="use this Redis, not the embedded one")
     args = parser.parse_args(argv)
     with _redis(args.redis_url) as url:
-        for askers in (1, 16):
-            best = min(
+        for askers in (1, 16, 64):
+            cpu, handler, rate = min(
                 (anyio.run(_asks, url, askers, args.asks) for _ in range(args.rounds)),
-                key=lambda pair: pair[0],
+                key=lambda figures: figures[0],
             )
             print(
-                f"ask, {askers:2d} asker(s): {best[0]:6.0f} us CPU per ask "
-                f"(handler alone {best[1]:.0f} us)",
+                f"ask, {askers:2d} asker(s): {cpu:5.0f} us CPU per ask (handler alone "
+                f"{handler:.0f} us), {rate:5.0f} asks/s ({1000 / rate * askers:.2f} ms each)",
                 flush=True,
             )
     step = min(anyio.run(_super_steps, 20, 500) for _ in range(args.rounds))
