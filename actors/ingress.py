@@ -65,6 +65,9 @@ from telemetry.spans import process_span
 
 __all__ = ["Ingress", "IngressStatistics"]
 
+_HANDOVER_POLL = 0.2
+"""Seconds between ownership checks while partitions move between instances."""
+
 _log = structlog.get_logger("ctxd.ingress")
 _tracer = trace.get_tracer("ctxd.ingress")
 
@@ -256,16 +259,19 @@ class Ingress:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                await self._reconcile(tg)
+                settled = await self._reconcile(tg)
                 backoff = 0.1
-                wait = period
+                # While partitions move (this instance hands some over or waits for some),
+                # look again soon: a partition is unowned from its release to its pickup.
+                wait = period if settled else min(period, _HANDOVER_POLL)
             except TRANSIENT_ERRORS as exc:
                 _log.warning("Redis unavailable, retrying", error=str(exc), backoff=backoff)
                 wait, backoff = backoff, min(backoff * 2, 5.0)
             with anyio.move_on_after(wait):
                 await self._stopping.wait()
 
-    async def _reconcile(self, tg: anyio.abc.TaskGroup) -> None:
+    async def _reconcile(self, tg: anyio.abc.TaskGroup) -> bool:
+        """Renew, beat, hand over and acquire; True when this instance owns what it should."""
         s = self._settings
         # Partitions being handed over are renewed too, until their running batches
         # finish: a lapsed lease lets the next owner start on them while they still run.
@@ -310,7 +316,7 @@ class Ingress:
                 self._unqueue(n)  # queued entries stay pending for the next owner
         for n in sorted(wanted - set(self._owned)):
             if self._stopping.is_set():
-                return
+                return True
             got = await self._leases.acquire(*lease_key(s, f"part:{n}"))
             if got is not None:
                 self._owned[n] = got
@@ -319,6 +325,7 @@ class Ingress:
                 scope = anyio.CancelScope()
                 self._readers[n] = scope
                 tg.start_soon(self._read_partition, tg, n, scope)
+        return not self._releasing and wanted <= set(self._owned)
 
     def _drop_partition(self, n: int) -> None:
         """Forget partition ``n``: stop its reader, drop its queued (not running) events."""
