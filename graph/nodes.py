@@ -174,7 +174,10 @@ class ContextualNodes:
             outbox[str(view["event"]["event_id"])] = json.dumps(
                 self._result(view, choice.budget_exhausted), separators=(",", ":")
             )
-            while len(outbox) > _OUTBOX_KEPT:
+            # Never evict a result the ingress has yet to read: this run's, and on a
+            # redelivery the previous run's (the newest 2 x run_size entries hold both).
+            kept = max(_OUTBOX_KEPT, 2 * int(view.get("run_size") or 0))
+            while len(outbox) > kept:
                 outbox.pop(next(iter(outbox)))
             changes["outbox"] = outbox
             changes["event"] = None

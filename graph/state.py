@@ -76,6 +76,8 @@ class ContextState(TypedDict, total=False):
 
     Per event (reset by each run's input and when the analyzer takes the next event):
         inbox: events still to process in this run.
+        run_size: how many events this run was given; the outbox keeps at least twice
+            as many results (this run's and, on a redelivery, the previous run's).
         event: the event in progress.
         iteration, passes, drift, monitored, decided, retry_requested,
         segment_rotated: the analyzer's features for the event in progress.
@@ -104,6 +106,7 @@ class ContextState(TypedDict, total=False):
     outbox: dict[str, str]
 
     inbox: list[dict[str, JSON]]
+    run_size: int
     event: dict[str, JSON] | None
     iteration: int
     passes: int

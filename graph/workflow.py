@@ -246,6 +246,7 @@ async def run_events(
     run_input: dict[str, JSON] = {
         "workflow_id": workflow_id,
         "inbox": [dict(e) for e in events],
+        "run_size": len(events),
         "event": None,
         "base_checkpoint_id": base_checkpoint_id,
     }

@@ -218,3 +218,19 @@ async def test_example_plugin_runs_in_the_workflow() -> None:
     assert values["analysis"].startswith("Analysis: ")
     assert "an incident is under way" in values["analysis"]
     assert values["analysis_fields"]["keywords"] >= 5
+
+
+async def test_a_run_larger_than_the_outbox_bound_returns_every_result() -> None:
+    """CTXD_BATCH_SIZE may exceed the outbox's usual bound (128 results): a run of 200
+    events must not evict its own results before the ingress reads them."""
+    graph = _graph()
+    events: list[Mapping[str, JSON]] = [
+        {"event_id": f"big-{i}", "content": f"checkout latency rose after deploy {i}"}
+        for i in range(200)
+    ]
+    run = await run_events(graph, "wf-big", events)
+    assert sorted(run.results) == sorted(f"big-{i}" for i in range(200))
+    again = await run_events(graph, "wf-big", [{"event_id": "big-200", "content": TECH}])
+    assert list(again.results) == ["big-200"]
+    outbox = (await _values(graph, "wf-big"))["outbox"]
+    assert 128 <= len(cast(dict[str, str], outbox)) <= 201
