@@ -53,7 +53,7 @@ class Settings:
     postgres_url: str | None = None
     durability: str = "exit"
     concurrency: int = 16
-    batch_size: int = 32
+    batch_size: int = 128
     read_count: int = 128
     block_ms: int = 1000
     event_timeout: float = 30.0
