@@ -168,7 +168,7 @@ class Ingress:
         self._router = Router(redis, settings, self._leases, self._reading_allowed)
         self._owned: dict[int, str] = {}  # partition → lease value
         self._readers: dict[int, anyio.CancelScope] = {}
-        self._releasing: set[int] = set()
+        self._releasing: dict[int, float] = {}  # partition → when its handover began
         self._workflows: dict[str, _Workflow] = {}
         self._in_flight: dict[str, tuple[int, str]] = {}  # entry id → (partition, lease)
         self._slots = anyio.CapacityLimiter(settings.concurrency)
@@ -273,9 +273,15 @@ class Ingress:
     async def _reconcile(self, tg: anyio.abc.TaskGroup) -> bool:
         """Renew, beat, hand over and acquire; True when this instance owns what it should."""
         s = self._settings
-        # Partitions being handed over are renewed too, until their running batches
-        # finish: a lapsed lease lets the next owner start on them while they still run.
-        held = list(self._owned.items())
+        # Partitions being handed over are renewed too while their running batches
+        # finish (a lapsed lease lets the next owner start on them while they still
+        # run), but only for one event timeout: a stuck run must not pin a partition.
+        now = time.monotonic()
+        held = [
+            (n, v)
+            for n, v in self._owned.items()
+            if now - self._releasing.get(n, now) < s.event_timeout
+        ]
         renewed = await self._leases.renew_many(
             [(lease_key(s, f"part:{n}")[0], v) for n, v in held]
         )
@@ -309,7 +315,7 @@ class Ingress:
                     _log.info("partition handed over", partition=n)
                 continue
             if n not in wanted:
-                self._releasing.add(n)
+                self._releasing.setdefault(n, time.monotonic())
                 scope = self._readers.pop(n, None)
                 if scope is not None:
                     scope.cancel()
@@ -330,7 +336,7 @@ class Ingress:
     def _drop_partition(self, n: int) -> None:
         """Forget partition ``n``: stop its reader, drop its queued (not running) events."""
         self._owned.pop(n, None)
-        self._releasing.discard(n)
+        self._releasing.pop(n, None)
         scope = self._readers.pop(n, None)
         if scope is not None:
             scope.cancel()
