@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 _log = structlog.get_logger("ctxd.parking")
+_TRACE_PREFIX = "ctxd_trace_"
+"""Parked entries keep their event's trace (``ctxd_trace_trace_id``, ``..._traceparent``)."""
 
 Fields = Mapping[str, str | bytes]
 
@@ -335,9 +337,17 @@ class _Run:
     async def _park(self, event: Event, fields: Fields) -> None:
         settings = self.r._settings
         async with self.r._redis.pipeline(transaction=True) as pipe:
+            trace = {
+                f"{_TRACE_PREFIX}{name}": value
+                for name, value in {
+                    "trace_id": self.trace_ids.get(event.source_id, ""),
+                    **self.carriers.get(event.source_id, {}),
+                }.items()
+                if value
+            }
             pipe.xadd(
                 parked_stream(settings, self.workflow_id),
-                {**fields, "source_id": event.source_id},  # type: ignore[dict-item]
+                {**fields, **trace, "source_id": event.source_id},  # type: ignore[dict-item]
             )
             pipe.xack(self.ack.stream, settings.group, self.ack.entry_ids[event.source_id])
             await pipe.execute()
@@ -385,6 +395,15 @@ class _Run:
             parked_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
             fields = decode_fields(cast(dict[bytes, bytes], raw or {}))
             source_id = str(fields.pop("source_id", parked_id))
+            # The parked event's own trace: its output and node spans stay in it.
+            trace = {
+                name.removeprefix(_TRACE_PREFIX): str(fields.pop(name))
+                for name in [n for n in fields if n.startswith(_TRACE_PREFIX)]
+            }
+            if "trace_id" in trace:
+                self.trace_ids[source_id] = trace.pop("trace_id")
+            if trace:
+                self.carriers[source_id] = trace
             event = parse_event(
                 source_id,
                 fields,
@@ -402,7 +421,11 @@ class _Run:
             self._absorb(run)
             result = run.results.get(event.event_id)
             out = (
-                output_fields(result, trace_id="", checkpoint_id=self.checkpoint_id or "")
+                output_fields(
+                    result,
+                    trace_id=self.trace_ids.get(source_id, ""),
+                    checkpoint_id=self.checkpoint_id or "",
+                )
                 if result is not None
                 else {}
             )

@@ -155,3 +155,32 @@ async def test_events_behind_the_pause_in_one_batch_are_parked_and_replayed_in_o
     assert await aredis.xlen(stream) == 0
     values = (await graph.aget_state({"configurable": {"thread_id": workflow_id}})).values
     assert values["events_processed"] == 3  # e2 and e3 ran once, in the resume run
+
+
+async def test_a_replayed_parked_event_keeps_its_own_trace(
+    aredis: Redis, paused_settings: Settings, prefix: str
+) -> None:
+    """The output of an event parked behind a pause carries the trace id of the event's
+    own process span, though it is written later, by the resume's run."""
+    graph = _graph()
+    workflow_id = f"{prefix}-t"
+    runner = WorkflowRunner(aredis, paused_settings, graph)
+    batch = [
+        await _entry(aredis, paused_settings, _event(workflow_id, "t1", "ok", priority="critical")),
+        await _entry(aredis, paused_settings, _event(workflow_id, "t2", TECH)),
+    ]
+    parked = batch[1][0].source_id
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    await runner.run(
+        workflow_id,
+        batch,
+        trace_ids={parked: trace_id},
+        carriers={parked: {"traceparent": traceparent}},
+    )
+    assert await aredis.xlen(parked_stream(paused_settings, workflow_id)) == 1
+
+    resume = await _entry(aredis, paused_settings, resume_fields(workflow_id, None))
+    await runner.run(workflow_id, [resume])
+    outputs = await aredis.xrange(paused_settings.output_stream)
+    assert [(f[b"event_id"], f[b"trace_id"]) for _, f in outputs] == [(b"t2", trace_id.encode())]
