@@ -68,14 +68,14 @@ def _in_trace(trace_id: str) -> Callable[[Sequence[ReceivedSpan]], list[Received
     return lambda spans: [s for s in spans if s.trace_id == trace_id]
 
 
-def _event_complete(trace_id: str) -> Callable[[Sequence[ReceivedSpan]], bool]:
+def _event_complete(trace_id: str, prefix: str) -> Callable[[Sequence[ReceivedSpan]], bool]:
+    """The event's own spans are all in: the ingress's ``process`` span ends last (after
+    the commit), later than the actors' ``process`` spans of the same trace."""
     select_trace = _in_trace(trace_id)
+    wanted = {"invoke_workflow contextual", "route enterprise_routing", f"process {prefix}:in"}
 
     def done(spans: Sequence[ReceivedSpan]) -> bool:
-        names = {s.name for s in select_trace(spans)}
-        return {"invoke_workflow contextual", "route enterprise_routing"} <= names and any(
-            n.startswith("process ") for n in names
-        )
+        return wanted <= {s.name for s in select_trace(spans)}
 
     return done
 
@@ -98,7 +98,8 @@ def test_one_trace_per_event_continues_the_producers_traceparent(
 
     outputs = read_outputs(redis, f"{prefix}:out", 1)
     assert outputs[0][1]["trace_id"] == trace_id
-    spans = _in_trace(trace_id)(receiver.wait_for_spans(_event_complete(trace_id), timeout=30))
+    received = receiver.wait_for_spans(_event_complete(trace_id, prefix), timeout=30)
+    spans = _in_trace(trace_id)(received)
     by_id = {s.span_id: s for s in spans}
 
     process = [s for s in spans if s.name == f"process {prefix}:in"]
@@ -159,7 +160,7 @@ def test_events_batched_in_one_run_keep_their_own_traces(
     assert [o[1]["trace_id"] for o in outputs] == [p[0] for p in producers]
 
     def all_complete(spans: Sequence[ReceivedSpan]) -> bool:
-        return all(_event_complete(p[0])(spans) for p in producers)
+        return all(_event_complete(p[0], prefix)(spans) for p in producers)
 
     received = receiver.wait_for_spans(all_complete, timeout=30)
     for trace_id, producer_span, _ in producers:
@@ -292,7 +293,7 @@ def test_sigterm_flushes_the_spans_of_the_last_event(
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
     spans = _in_trace(trace_id)(receiver.spans())
-    assert _event_complete(trace_id)(spans), [s.name for s in spans]
+    assert _event_complete(trace_id, prefix)(spans), [s.name for s in spans]
 
 
 def test_sdk_disabled_exports_nothing(
