@@ -9,8 +9,8 @@ Every instance runs the same pieces (see docs/design.md, "Partitions and leases"
 - one reader per owned partition (the fixed consumer name ``owner``: pending entries of
   a previous owner first, then new ones), feeding per-workflow queues;
 - one drain task per active workflow: the queued events of that workflow, in order, in
-  batches, one graph run per batch, then outputs + acknowledgements in one Lua script
-  fenced by the partition lease (:class:`~actors.streams.OutputCommitter`).
+  batches, each run and committed by :class:`~actors.batches.BatchProcessor` (one graph
+  run, then outputs + acknowledgements in one Lua script fenced by the partition lease).
 
 Entries are acknowledged only after the run's checkpoint and the outputs are durable.
 A failed run is retried in place (keeping the workflow's order) with backoff; one that
@@ -21,23 +21,26 @@ follow ``CTXD_MULTITASK`` (enqueue, reject, interrupt, rollback).
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 import structlog
 from opentelemetry import trace
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
-from actors.breaker import CallNotPermittedError
+from actors.batches import (
+    BatchProcessor,
+    PendingEntry,
+    WorkflowQueue,
+    attempt_field,
+    run_tenure,
+)
 from actors.config import Settings
 from actors.heartbeat import Heartbeat
 from actors.lease import LeaseLostError, Leases
-from actors.parking import AckTarget, WorkflowRunner
 from actors.partitions import (
     OWNER_CONSUMER,
     assignment,
@@ -48,20 +51,14 @@ from actors.partitions import (
 from actors.redis_io import text
 from actors.router import SOURCE_FIELD, TRANSIENT_ERRORS, Router
 from actors.streams import (
-    CommitItem,
     FencedReader,
-    OutputCommitter,
     dead_letter,
     ensure_group,
-    output_fields,
 )
-from actors.validation import Event, decode_fields, parse_event
+from actors.validation import decode_fields, parse_event
 from graph.errors import InvalidEntryError
-from graph.tracing import event_trace_fields
-from graph.workflow import ContextualGraph, thread_config
+from graph.workflow import ContextualGraph
 from telemetry.metrics import Instruments
-from telemetry.propagation import extract_context
-from telemetry.spans import process_span
 
 __all__ = ["Ingress", "IngressStatistics"]
 
@@ -99,32 +96,6 @@ class IngressStatistics:
     router: bool = False
 
 
-_TENURE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
-    "ctxd_tenure", default=None
-)
-"""The partition lease (key, value) a graph run was started under; checkpoint writes
-are fenced by it, so a run from an earlier tenure of this instance is refused too."""
-
-
-@dataclass
-class _Pending:
-    event: Event
-    entry_id: str
-    partition: int
-    lease: str
-    fields: Mapping[str, str | bytes]
-    deliveries: int
-    read_at: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _Workflow:
-    queue: list[_Pending] = field(default_factory=list)
-    running: list[_Pending] = field(default_factory=list)
-    scope: anyio.CancelScope | None = None
-    cancelled: bool = False
-
-
 class Ingress:
     """Consumes the partitions this instance owns and drives the workflow, once per event.
 
@@ -160,8 +131,6 @@ class Ingress:
             "messaging.consumer.group.name": settings.group,
         }
         self._consumer = OWNER_CONSUMER
-        self._committer = OutputCommitter.from_settings(redis, settings)
-        self._runner = WorkflowRunner(redis, settings, graph, committer=self._committer)
         self._leases = Leases(redis, settings.instance, settings.lease_ttl)
         self._reader = FencedReader(redis, group=settings.group, consumer=OWNER_CONSUMER)
         self._heartbeat = Heartbeat(redis, settings)
@@ -169,7 +138,7 @@ class Ingress:
         self._owned: dict[int, str] = {}  # partition → lease value
         self._readers: dict[int, anyio.CancelScope] = {}
         self._releasing: dict[int, float] = {}  # partition → when its handover began
-        self._workflows: dict[str, _Workflow] = {}
+        self._workflows: dict[str, WorkflowQueue] = {}
         self._in_flight: dict[str, tuple[int, str]] = {}  # entry id → (partition, lease)
         self._slots = anyio.CapacityLimiter(settings.concurrency)
         self._room = anyio.Event()
@@ -184,6 +153,16 @@ class Ingress:
             "failed_runs": 0,
             "interrupted": 0,
         }
+        self._batches = BatchProcessor(
+            redis,
+            settings,
+            graph,
+            consumer=self._consumer,
+            counts=self._counts,
+            instruments=instruments,
+            metric_attributes=self._metric_attributes,
+            tracer=self._tracer,
+        )
         self.extra_stats: Callable[[], Mapping[str, object]] = dict
         """Called at each heartbeat; what it returns is published as is (the actor
         pools' breaker states, say)."""
@@ -218,7 +197,7 @@ class Ingress:
         """Raise :class:`LeaseLostError` unless the run's lease tenure is still current."""
         n = partition_of(workflow_id, self._settings.partitions)
         key, _ = lease_key(self._settings, f"part:{n}")
-        tenure = _TENURE.get()
+        tenure = run_tenure()
         value = tenure[1] if tenure is not None and tenure[0] == key else self._owned.get(n)
         current = await self._redis.get(key)
         if value is None or current is None or text(current) != value:
@@ -499,7 +478,7 @@ class Ingress:
             )
             return
         self._in_flight[entry_id] = (n, lease)
-        pending = _Pending(
+        pending = PendingEntry(
             event=event,
             entry_id=entry_id,
             partition=n,
@@ -508,7 +487,7 @@ class Ingress:
             deliveries=deliveries,
         )
         if wf is None:
-            wf = self._workflows[event.workflow_id] = _Workflow(queue=[pending])
+            wf = self._workflows[event.workflow_id] = WorkflowQueue(queue=[pending])
             tg.start_soon(self._drain, event.workflow_id, wf)
             return
         wf.queue.append(pending)
@@ -557,13 +536,13 @@ class Ingress:
         """
         if not entry_ids:
             return {}
-        fields = [_attempt_field(n, e) for e in entry_ids]
+        fields = [attempt_field(n, e) for e in entry_ids]
         values = await self._redis.hmget(self._settings.key("attempts"), fields)
         return {e: int(v) for e, v in zip(entry_ids, values, strict=True) if v is not None}
 
     # -- processing -------------------------------------------------------------------
 
-    async def _drain(self, workflow_id: str, wf: _Workflow) -> None:
+    async def _drain(self, workflow_id: str, wf: WorkflowQueue) -> None:
         structlog.contextvars.bind_contextvars(workflow_id=workflow_id)  # this task's lines
         failures = 0
         async with self._slots:
@@ -579,14 +558,14 @@ class Ingress:
                 if self._owned.get(head.partition) != head.lease:
                     self._forget(batch)  # an earlier tenure: the PEL has them for the next
                     continue
-                outcome = await self._process(workflow_id, wf, batch)
+                outcome = await self._batches.process(workflow_id, wf, batch)
                 if outcome in ("lost", "transient", "refused"):  # not the events' fault
                     with contextlib.suppress(*TRANSIENT_ERRORS):
                         async with self._redis.pipeline(transaction=False) as pipe:
                             for p in batch:
                                 pipe.hincrby(
                                     self._settings.key("attempts"),
-                                    _attempt_field(p.partition, p.entry_id),
+                                    attempt_field(p.partition, p.entry_id),
                                     -1,
                                 )
                             await pipe.execute()
@@ -622,13 +601,13 @@ class Ingress:
             del self._workflows[workflow_id]
             self._made_room()
 
-    def _forget(self, batch: list[_Pending]) -> None:
+    def _forget(self, batch: list[PendingEntry]) -> None:
         for item in batch:
             if self._in_flight.get(item.entry_id) == (item.partition, item.lease):
                 del self._in_flight[item.entry_id]
         self._made_room()
 
-    async def _redeliver_or_poison(self, wf: _Workflow) -> None:
+    async def _redeliver_or_poison(self, wf: WorkflowQueue) -> None:
         limit = self._settings.max_deliveries
         while wf.queue and wf.queue[0].deliveries > limit:
             p = wf.queue[0]  # popped only once dead-lettered
@@ -644,250 +623,3 @@ class Ingress:
             )
             wf.queue.pop(0)
             self._forget([p])
-
-    async def _process(self, workflow_id: str, wf: _Workflow, batch: list[_Pending]) -> str:
-        started = time.monotonic()
-        outcome = "done"
-        with contextlib.ExitStack() as stack:
-            spans = [
-                stack.enter_context(
-                    process_span(
-                        self._tracer,
-                        # The contract's name (process ctxd:in); the partition is internal.
-                        stream=self._settings.input_stream,
-                        group=self._settings.group,
-                        consumer=self._consumer,
-                        message_id=p.event.source_id,
-                        workflow_id=workflow_id,
-                        delivery_count=p.deliveries,
-                        parent=extract_context(p.event.carrier) if p.event.carrier else None,
-                    )
-                )
-                for p in batch
-            ]
-            try:
-                await self._run_and_commit(workflow_id, wf, batch, spans)
-            except LeaseLostError:
-                _log.warning(
-                    "partition lease lost during a run; the new owner redoes it",
-                    workflow_id=workflow_id,
-                )
-                outcome = "lost"
-            except Exception as exc:  # noqa: BLE001 - the events are retried in order
-                if isinstance(exc, ResponseError) and "FENCED" in str(exc):
-                    _log.warning(
-                        "commit fenced: the partition has a new owner", workflow_id=workflow_id
-                    )
-                    return "lost"
-                if _refused_by_breaker(exc):
-                    _log.warning(
-                        "circuit breaker open; batch stays pending", workflow_id=workflow_id
-                    )
-                    return "refused"
-                self._record_failed(len(batch), exc, time.monotonic() - started)
-                self._counts["failed_runs"] += 1
-                outcome = "transient" if _is_transient(exc) else "retry"
-                _log.error(
-                    "workflow run failed; its events are retried",
-                    workflow_id=workflow_id,
-                    events=len(batch),
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-        _log.debug(
-            "batch done",
-            workflow_id=workflow_id,
-            events=len(batch),
-            seconds=time.monotonic() - started,
-        )
-        return outcome
-
-    async def _run_and_commit(
-        self, workflow_id: str, wf: _Workflow, batch: list[_Pending], spans: list[trace.Span]
-    ) -> None:
-        s = self._settings
-        started = time.monotonic()
-        done_keys = [s.key("done", p.event.event_id) for p in batch]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in done_keys:
-                pipe.exists(key)
-            flags = [bool(x) for x in await pipe.execute()]
-        seen: set[str] = set()
-        for i, p in enumerate(batch):  # a repeated event_id inside the batch is a duplicate
-            flags[i] = flags[i] or p.event.event_id in seen
-            seen.add(p.event.event_id)
-        fresh = [p for p, dup in zip(batch, flags, strict=True) if not dup]
-        results: Mapping[str, Mapping[str, object]] = {}
-        handled: frozenset[str] = frozenset()
-        checkpoint_id = ""
-        n, tenure = batch[0].partition, batch[0].lease
-        lease = (lease_key(s, f"part:{n}")[0], tenure)
-        _TENURE.set(lease)
-        if fresh:
-            attempts = s.key("attempts")
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for p in fresh:
-                    pipe.hincrby(attempts, _attempt_field(n, p.entry_id), 1)
-                pipe.expire(attempts, s.dedupe_ttl)
-                await pipe.execute()
-            base: str | None = None  # where a rollback (CTXD_MULTITASK) returns to
-            if s.multitask == "rollback":
-                state = await self._graph.aget_state(thread_config(workflow_id))
-                base = (state.config.get("configurable") or {}).get("checkpoint_id")
-            wf.running, wf.cancelled = fresh, False
-            _log.debug(
-                "run started",
-                workflow_id=workflow_id,
-                event_ids=[p.event.event_id for p in fresh],
-            )
-            timeout = s.event_timeout * max(1, math.ceil(len(fresh) / 4))
-            run = None
-            with anyio.CancelScope() as scope:
-                wf.scope = scope
-                with anyio.fail_after(timeout):
-                    # actors/parking.py: control entries, parking while paused, replays.
-                    run = await self._runner.run(
-                        workflow_id,
-                        [(p.event, p.fields) for p in fresh],
-                        trace_ids={
-                            p.event.source_id: format(sp.get_span_context().trace_id, "032x")
-                            for p, sp in zip(batch, spans, strict=True)
-                        },
-                        carriers={
-                            p.event.source_id: event_trace_fields(sp)
-                            for p, sp in zip(batch, spans, strict=True)
-                        },
-                        ack=AckTarget(
-                            stream=partition_stream(s, n),
-                            entry_ids={p.event.source_id: p.entry_id for p in fresh},
-                            lease=lease,
-                        ),
-                    )
-            wf.scope, wf.running = None, []
-            if run is None:  # cancelled by a newer event (interrupt / rollback)
-                await self._after_interrupt(workflow_id, base)
-                results = {
-                    p.event.event_id: _interrupted_result(p.event, s.multitask) for p in fresh
-                }
-                self._counts["interrupted"] += len(fresh)
-            else:
-                results, handled = run.results, run.handled
-                checkpoint_id = run.checkpoint_id or ""
-        items: list[CommitItem] = []
-        for pending, span, dup in zip(batch, spans, flags, strict=True):
-            trace_id = format(span.get_span_context().trace_id, "032x")
-            result = results.get(pending.event.event_id) if not dup else None
-            fields: dict[str, str] = {}
-            if result is not None:
-                fields = output_fields(result, trace_id=trace_id, checkpoint_id=checkpoint_id)
-                if result.get("error"):
-                    fields["error"] = str(result["error"])
-            items.append(
-                CommitItem(
-                    source_id=pending.entry_id,
-                    done_key=s.key("done", pending.event.event_id),
-                    fields=fields,
-                )
-            )
-        ids = await self._committer.commit(items, input_stream=partition_stream(s, n), lease=lease)
-        if s.wait_aof:  # outputs on disk before anyone is told: WAITAOF (Redis >= 7.2)
-            await self._redis.execute_command(  # type: ignore[no-untyped-call]
-                "WAITAOF", 1, 0, int(s.event_timeout * 1000)
-            )
-        await self._redis.hdel(s.key("attempts"), *(_attempt_field(n, p.entry_id) for p in batch))
-        self._record_processed(items, ids, time.monotonic() - started)
-        for pending, out_id in zip(batch, ids, strict=True):
-            if out_id:
-                self._counts["processed"] += 1
-            elif pending.event.source_id in handled:  # parked or committed by the runner
-                continue
-            else:
-                self._counts["duplicates"] += 1
-                _log.info(
-                    "duplicate event suppressed",
-                    workflow_id=workflow_id,
-                    event_id=pending.event.event_id,
-                    source_id=pending.event.source_id,
-                )
-
-    # -- metrics ----------------------------------------------------------------------
-
-    def _record_processed(self, items: list[CommitItem], ids: list[str], seconds: float) -> None:
-        if self._instruments is None:
-            return
-        for item, out_id in zip(items, ids, strict=True):
-            attributes = {
-                **self._metric_attributes,
-                "ctxd.outcome": "processed" if out_id else "duplicate",
-                "ctxd.status": item.fields.get("status", ""),
-                "ctxd.decision": item.fields.get("decision", ""),
-            }
-            self._instruments.process_duration.record(seconds, attributes)
-
-    def _record_failed(self, count: int, error: Exception, seconds: float) -> None:
-        if self._instruments is None:
-            return
-        attributes = {
-            **self._metric_attributes,
-            "ctxd.outcome": "failed",
-            "error.type": type(error).__name__,
-        }
-        for _ in range(count):
-            self._instruments.process_duration.record(seconds, attributes)
-
-    async def _after_interrupt(self, workflow_id: str, base: str | None) -> None:
-        """Rollback: make the checkpoint before the cancelled run the head again."""
-        if self._settings.multitask != "rollback" or base is None:
-            return
-        state = await self._graph.aget_state(thread_config(workflow_id))
-        head = (state.config.get("configurable") or {}).get("checkpoint_id")
-        if head != base:
-            await self._graph.aupdate_state(
-                thread_config(workflow_id, base), None, as_node="__copy__"
-            )
-            _log.info("workflow rolled back", workflow_id=workflow_id, checkpoint_id=base)
-
-
-def _attempt_field(partition: int, entry_id: str) -> str:
-    """An entry's field in ``{prefix}:attempts``: ids are unique per stream only, and the
-    router fills many partition streams in the same millisecond, so ``5-3`` of partition
-    1 and ``5-3`` of partition 8 are different entries."""
-    return f"{partition}/{entry_id}"
-
-
-def _refused_by_breaker(exc: Exception) -> bool:
-    if isinstance(exc, ExceptionGroup):
-        return exc.subgroup(CallNotPermittedError) is not None
-    return isinstance(exc, CallNotPermittedError)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """A Redis outage (also wrapped by LangGraph or in an exception group)."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, RedisError | ConnectionError) and not isinstance(
-            current, ResponseError
-        ):
-            return True  # not a bare TimeoutError/OSError: an event timeout is the event's
-        if isinstance(current, BaseExceptionGroup):
-            stack.extend(current.exceptions)
-        stack += [current.__cause__, current.__context__]
-    return False
-
-
-def _interrupted_result(event: Event, strategy: str) -> dict[str, object]:
-    return {
-        "workflow_id": event.workflow_id,
-        "event_id": event.event_id,
-        "source_id": event.source_id,
-        "status": "error",
-        "decision": "",
-        "route": [],
-        "scores": {},
-        "quality_score": 0.0,
-        "error": f"interrupted by a newer event of the workflow (CTXD_MULTITASK={strategy})",
-    }
