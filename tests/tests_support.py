@@ -15,6 +15,16 @@ from redis import Redis
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Sample event texts: one calls for technical research, the other for market research.
+TECH = (
+    "The API latency of the database cluster rose after the deploy; the kubernetes pods "
+    "restart and the cache misses grow. Engineers measured p99 latency of 800 ms."
+)
+MARKET = (
+    "Customers and the market demand pricing changes; revenue growth slowed while "
+    "competitors launched rival products and gained market share from our customers."
+)
+
 
 def run_ctxd(
     env: Mapping[str, str], *args: str, timeout: float = 90

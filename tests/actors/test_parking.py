@@ -10,14 +10,9 @@ from collections.abc import Callable
 import pytest
 from redis import Redis
 
-from tests_support import ServiceProcess, read_outputs, run_ctxd
+from tests_support import TECH, ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow
-
-TECH = (
-    "The API latency of the database cluster rose after the deploy; the kubernetes pods "
-    "restart and the cache misses grow. Engineers measured p99 latency of 800 ms."
-)
 
 
 def _send(env: dict[str, str], workflow_id: str, text: str, event_id: str, *extra: str) -> None:

@@ -34,16 +34,9 @@ from graph.workflow import (
     run_events,
     thread_config,
 )
+from tests_support import MARKET, TECH
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
-TECH = (
-    "The API latency of the database cluster rose after the deploy; the kubernetes pods "
-    "restart and the cache misses grow. Engineers measured p99 latency of 800 ms."
-)
-MARKET = (
-    "Customers and the market demand pricing changes; revenue growth slowed while "
-    "competitors launched rival products and gained market share from our customers."
-)
 
 REVIVED: list[str] = []
 
