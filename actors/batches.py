@@ -36,6 +36,7 @@ from actors.config import Settings
 from actors.lease import LeaseLostError
 from actors.parking import AckTarget, WorkflowRunner
 from actors.partitions import lease_key, partition_stream
+from actors.router import TRANSIENT_ERRORS
 from actors.streams import CommitItem, OutputCommitter, output_fields
 from actors.validation import Event
 from graph.tracing import event_trace_fields
@@ -134,7 +135,27 @@ class BatchProcessor:
     async def process(
         self, workflow_id: str, wf: WorkflowQueue, batch: list[PendingEntry]
     ) -> Outcome:
-        """Run and commit ``batch`` (one workflow's entries of one partition tenure)."""
+        """Run and commit ``batch`` (one workflow's entries of one partition tenure).
+
+        A run that ends ``lost``, ``transient`` or ``refused`` is not the events' fault:
+        its start is taken back from ``{prefix}:attempts``.
+        """
+        outcome = await self._process(workflow_id, wf, batch)
+        if outcome in ("lost", "transient", "refused"):
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for p in batch:
+                        pipe.hincrby(
+                            self._settings.key("attempts"),
+                            attempt_field(p.partition, p.entry_id),
+                            -1,
+                        )
+                    await pipe.execute()
+        return outcome
+
+    async def _process(
+        self, workflow_id: str, wf: WorkflowQueue, batch: list[PendingEntry]
+    ) -> Outcome:
         started = time.monotonic()
         outcome: Outcome = "done"
         with contextlib.ExitStack() as stack:

@@ -559,16 +559,6 @@ class Ingress:
                     self._forget(batch)  # an earlier tenure: the PEL has them for the next
                     continue
                 outcome = await self._batches.process(workflow_id, wf, batch)
-                if outcome in ("lost", "transient", "refused"):  # not the events' fault
-                    with contextlib.suppress(*TRANSIENT_ERRORS):
-                        async with self._redis.pipeline(transaction=False) as pipe:
-                            for p in batch:
-                                pipe.hincrby(
-                                    self._settings.key("attempts"),
-                                    attempt_field(p.partition, p.entry_id),
-                                    -1,
-                                )
-                            await pipe.execute()
                 if outcome == "refused":
                     # An open breaker refused the batch: it waits (in order, in flight)
                     # until reading is allowed again; never redelivered or dead-lettered.
