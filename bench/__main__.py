@@ -9,17 +9,15 @@ figures and each target ratio with PASS/MISS, and writes everything to
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from bench.procs import REPO
+from bench.procs import REPO, bench_redis
 from bench.report import ratios, render
 from bench.scenarios import Scenario, ScenarioResult, run_scenario
 
@@ -127,17 +125,6 @@ def _scenarios(args: argparse.Namespace) -> list[Scenario]:
     return [known[n] for n in names]
 
 
-@contextlib.contextmanager
-def _redis(url: str | None, state_dir: Path) -> Iterator[str]:
-    if url:
-        yield url
-        return
-    from actors.redis_server import open_embedded_redis
-
-    with open_embedded_redis(state_dir) as server:
-        yield server.url
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit 0 when it ran (targets missed are reported, not fatal)."""
     args = _parser().parse_args(argv)
@@ -161,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[ScenarioResult] = []
     with (
         tempfile.TemporaryDirectory(prefix="ctxd-bench-") as tmp,
-        _redis(args.redis_url, Path(tmp) / "redis") as redis_url,
+        bench_redis(args.redis_url, Path(tmp) / "redis") as redis_url,
         OtlpReceiver(accept_metrics=True) as receiver,
     ):
         for scenario in scenarios:

@@ -20,13 +20,11 @@ CPU time is this process's (``time.process_time``): Redis's own work is not incl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TypedDict
 
@@ -36,6 +34,7 @@ from redis.asyncio import Redis
 
 from actors.config import load_settings
 from actors.tree import ActorSystem
+from bench.procs import bench_redis
 from graph.state import JSON
 from graph.work import WorkHandlers, WorkKind
 
@@ -125,20 +124,6 @@ def _prefix() -> str:
     return f"asks{uuid.uuid4().hex[:8]}"
 
 
-@contextlib.contextmanager
-def _redis(url: str | None) -> Iterator[str]:
-    if url:
-        yield url
-        return
-    from actors.redis_server import open_embedded_redis
-
-    with (
-        tempfile.TemporaryDirectory(prefix="ctxd-asks-") as tmp,
-        open_embedded_redis(Path(tmp)) as server,
-    ):
-        yield server.url
-
-
 def main(argv: list[str] | None = None) -> int:
     """Print the per-ask and per-super-step CPU cost."""
     parser = argparse.ArgumentParser(
@@ -150,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the best is kept (3)")
     parser.add_argument("--redis-url", help="use this Redis, not the embedded one")
     args = parser.parse_args(argv)
-    with _redis(args.redis_url) as url:
+    with (
+        tempfile.TemporaryDirectory(prefix="ctxd-asks-") as tmp,
+        bench_redis(args.redis_url, Path(tmp)) as url,
+    ):
         for askers in (1, 16, 64):
             cpu, handler, rate = min(
                 (anyio.run(_asks, url, askers, args.asks) for _ in range(args.rounds)),

@@ -1,4 +1,4 @@
-"""Processes under measurement: ``ctxd run`` and the seed-style baseline.
+"""Processes under measurement: ``ctxd run`` and the seed-style baseline, and the Redis.
 
 CPU time comes from ``/proc/<pid>/stat`` (utime + stime), peak RSS from ``VmHWM`` in
 ``/proc/<pid>/status``: the kernel's own accounting of exactly that process.
@@ -6,18 +6,31 @@ CPU time comes from ``/proc/<pid>/stat`` (utime + stime), peak RSS from ``VmHWM`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["REPO", "MeasuredProcess", "cpu_seconds", "peak_rss_mb"]
+__all__ = ["REPO", "MeasuredProcess", "bench_redis", "cpu_seconds", "peak_rss_mb"]
 
 REPO = Path(__file__).resolve().parent.parent
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def bench_redis(url: str | None, state_dir: Path) -> Iterator[str]:
+    """``url`` if given, else the embedded Redis Stack with its data in ``state_dir``."""
+    if url:
+        yield url
+        return
+    from actors.redis_server import open_embedded_redis
+
+    with open_embedded_redis(state_dir) as server:
+        yield server.url
 
 
 def cpu_seconds(pid: int) -> float:
