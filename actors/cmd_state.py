@@ -78,7 +78,10 @@ async def _read_state(
         )
     redis_url = redis_url_for_client(settings) if settings.checkpointer == "redis" else None
     async with open_checkpointer(
-        settings.checkpointer, redis_url=redis_url, postgres_url=settings.postgres_url
+        settings.checkpointer,
+        namespace=settings.stream_prefix,
+        redis_url=redis_url,
+        postgres_url=settings.postgres_url,
     ) as saver:
         graph = build_contextual_workflow(LocalDispatch(), saver)
         snapshot = await graph.aget_state(thread_config(workflow_id))
