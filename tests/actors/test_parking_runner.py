@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.parking import WorkflowRunner, parked_stream, resume_fields, rollback_fields
-from actors.streams import ensure_group
+from actors.streams import done_key, ensure_group
 from actors.validation import Event, parse_event
 from graph.checkpointer import strict_serializer
 from graph.errors import InvalidEntryError
@@ -122,7 +122,7 @@ async def test_parked_events_left_by_a_crash_are_replayed_before_newer_ones(
     assert [f[b"event_id"] for _, f in outputs] == [b"p1", b"p2"]
     assert await aredis.xlen(stream) == 0
     assert "n1" in run.results  # the ingress commits it, after the replayed ones
-    assert await aredis.get(paused_settings.key("done", "p1"))
+    assert await aredis.get(done_key(paused_settings, workflow_id, "p1"))
 
 
 async def test_events_behind_the_pause_in_one_batch_are_parked_and_replayed_in_order(
