@@ -10,7 +10,8 @@ from collections.abc import Callable
 import pytest
 from redis import Redis
 
-from tests_support import ServiceProcess, read_outputs
+from actors.partitions import partition_of
+from tests_support import ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +198,10 @@ def test_every_malformed_entry_is_dead_lettered_once_and_the_service_keeps_runni
 
 
 def test_entries_too_large_or_odd_to_copy_reach_the_dlq_cut_without_failing_their_batch(
-    start_service: Callable[..., ServiceProcess], redis_url: str, prefix: str
+    start_service: Callable[..., ServiceProcess],
+    redis_url: str,
+    prefix: str,
+    service_env: dict[str, str],
 ) -> None:
     """Done-means 1(c) and 2: 10,000 fields (its whole copy overflowed Lua's unpack and
     failed the router's batch of 128), a 10 MB unknown field (refused by the entry size
@@ -240,6 +244,17 @@ def test_entries_too_large_or_odd_to_copy_reach_the_dlq_cut_without_failing_thei
     entry = by_source[binary]
     assert entry[b"reason"] == b"invalid_utf8"
     assert entry[b"content"] == b"\xfe" * 4096 + f"…[cut {10_000 - 4096} bytes]".encode()
+    # People can look at such entries; a cut copy is not replayed as if it were whole.
+    for args in (["dlq", "list"], ["dlq", "list", "--json"]):
+        shown = run_ctxd(service_env, *args)
+        assert shown.returncode == 0, shown.stderr
+        assert "invalid_utf8" in shown.stdout
+        assert "Traceback" not in shown.stderr
+    huge_id = next(i for i, f in dead if f[b"source_id"] == huge).decode()
+    replay = run_ctxd(service_env, "dlq", "replay", "--id", huge_id)
+    assert replay.returncode == 1
+    assert "cut" in replay.stdout
+    assert raw.xlen(f"{prefix}:dlq") == 3
     assert service.proc.poll() is None
     assert raw.xpending(stream, "ctxd")["pending"] == 0
     raw.close()
@@ -270,3 +285,37 @@ def test_event_id_is_an_idempotency_key_within_its_workflow(
     assert not redis.exists(f"{prefix}:done:same"), "the old global layout is not written"
     assert redis.xlen(f"{prefix}:dlq") == 0
     assert service.proc.poll() is None
+
+
+def test_hostile_entries_appended_straight_to_a_partition_are_contained_by_the_ingress(
+    start_service: Callable[..., ServiceProcess], redis_url: str, prefix: str
+) -> None:
+    """Producers may append to a partition stream directly (no router): the ingress
+    applies the same limits and containment; the partition's later events still run."""
+    raw = Redis.from_url(redis_url, socket_timeout=60)
+    part = f"{prefix}:part:{partition_of('ok-p', 16)}"
+    cases = [
+        ("(*) metadata 3,000 deep", _with(workflow_id="ok-p", metadata=_deep(3000)),
+         "invalid_metadata"),
+        ("(*) deadline past 9999", _with(workflow_id="ok-p", deadline="9999-12-31T23:59:59-01:00"),
+         "invalid_deadline"),
+        ("(*) 10,000 fields", _with(workflow_id="ok-p", **{f"x{i}": "v" for i in range(10_000)}),
+         "too_many_fields"),
+        ("a 1 MB field", _with(workflow_id="ok-p", blob="b" * (1 << 20)), "oversized_entry"),
+        ("binary source id", {**_with(workflow_id="ok-p", content=b"\xff"),
+                              "ctxd_source_id": b"\xff\xfe"}, "invalid_utf8"),
+    ]  # fmt: skip
+    ids = []
+    for i, (_, fields, _) in enumerate(cases):
+        ids.append(raw.xadd(part, fields))
+        raw.xadd(part, {"workflow_id": "ok-p", "content": f"fine {i}", "event_id": f"p{i}"})
+    service = start_service("run")
+    service.wait_ready()
+    outputs = read_outputs(raw, f"{prefix}:out", len(cases), timeout_ms=60_000)
+    dead = read_outputs(raw, f"{prefix}:dlq", len(cases), timeout_ms=20_000)
+    assert [f[b"event_id"] for _, f in outputs] == [f"p{i}".encode() for i in range(len(cases))]
+    assert [f[b"reason"].decode() for _, f in dead] == [reason for _, _, reason in cases]
+    assert all(len(f) <= 64 + 5 for _, f in dead)
+    assert service.proc.poll() is None
+    assert raw.xpending(part, "ctxd")["pending"] == 0
+    raw.close()
