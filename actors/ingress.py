@@ -441,8 +441,7 @@ class Ingress:
             return
         own = dict(raw)
         source = own.pop(SOURCE_FIELD.encode(), None)
-        # A producer appending straight to a partition has no source field (and any
-        # bytes there are not trusted to be text).
+        # (none when a producer appended straight to the partition; bytes not trusted)
         source_id = source.decode("utf-8", "replace")[:200] if source else entry_id
         try:
             event = parse_entry(source_id, own, s)
@@ -509,8 +508,6 @@ class Ingress:
         value = self._owned.get(n)
         if value is None:
             raise LeaseLostError(f"partition {n} is not ours any more")
-        copy: dict[str | bytes, str | bytes] = {k: v for k, v in fields.items()}  # noqa: C416
-        copy[SOURCE_FIELD] = source_id
         try:
             await dead_letter(
                 self._redis,
@@ -518,7 +515,8 @@ class Ingress:
                 input_stream=partition_stream(self._settings, n),
                 group=self._settings.group,
                 source_id=entry_id,
-                fields=copy,
+                fields=fields,
+                original_id=source_id,
                 reason=reason,
                 error=error,
                 attempts=attempts,

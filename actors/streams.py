@@ -190,7 +190,7 @@ DLQ_MIN_FIELDS = 64
 _DLQ_OWN_FIELDS = frozenset({"reason", "error", "attempts", "source_id", DLQ_CUT_FIELD})
 _DLQ_NAME_BYTES = 256
 _DLQ_ERROR_BYTES = 1000
-_SOURCE_FIELD = "ctxd_source_id"  # actors.router.SOURCE_FIELD (imported there from here)
+_SOURCE_FIELD = "ctxd_source_id"  # = actors.router.SOURCE_FIELD (the router imports us)
 
 
 def dlq_entry(
@@ -202,6 +202,7 @@ def dlq_entry(
     source_id: str,
     field_bytes: int = 4096,
     max_fields: int = DLQ_MIN_FIELDS,
+    original_id: str | None = None,
 ) -> dict[bytes, bytes]:
     """The DLQ copy of an entry: its fields, bounded, plus ``reason``, ``error``,
     ``attempts`` and ``source_id``.
@@ -212,6 +213,9 @@ def dlq_entry(
     ``…[cut N bytes]`` (cut on a UTF-8 character boundary); when anything was cut or
     left out, the field ``ctxd_cut`` says what. So no DLQ write can overflow Lua's
     ``unpack`` or hold a whole hostile payload. Values are copied as bytes.
+
+    The DLQ's ``source_id`` is ``original_id`` if given, else the entry's
+    ``ctxd_source_id`` field (a partition entry's ``ctxd:in`` id), else ``source_id``.
     """
     keep = max(max_fields, DLQ_MIN_FIELDS)
     entry: dict[bytes, bytes] = {}
@@ -236,6 +240,8 @@ def dlq_entry(
     entry[b"reason"] = reason.encode("utf-8", "replace")
     entry[b"error"] = _cut(_as_bytes(error), _DLQ_ERROR_BYTES)[0]
     entry[b"attempts"] = str(attempts).encode()
+    if original_id is not None:
+        original = original_id.encode("utf-8", "replace")
     entry[b"source_id"] = _cut(original, 200)[0] if original is not None else source_id.encode()
     if cut or dropped:
         notes = []
@@ -286,11 +292,12 @@ async def dead_letter(
     lease: tuple[str, str] | None = None,
     field_bytes: int = 4096,
     max_fields: int = DLQ_MIN_FIELDS,
+    original_id: str | None = None,
 ) -> str:
     """Append the entry to the DLQ with why, and acknowledge it, atomically.
 
-    The copy is bounded by :func:`dlq_entry` (``field_bytes``, ``max_fields``); the
-    original source id is taken from a ``ctxd_source_id`` field when there is one.
+    The copy is bounded by :func:`dlq_entry` (``field_bytes``, ``max_fields``), which
+    also says where the DLQ's ``source_id`` comes from (``original_id`` first).
     With ``lease`` (key, value) the write is fenced like a commit: refused with
     "FENCED ..." unless the lease still holds the value.
     """
@@ -302,6 +309,7 @@ async def dead_letter(
         source_id=source_id,
         field_bytes=field_bytes,
         max_fields=max_fields,
+        original_id=original_id,
     )
     if lease is not None:
         flat: list[str | bytes] = [lease[1], group, source_id]
