@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 from redis import Redis
 
+from actors.cmd_events import format_output
 from tests_support import TECH, ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow
@@ -181,3 +182,11 @@ def test_a_plugin_base_exception_restarts_only_its_actor(
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
     assert not any("ExceptionGroup" in line for line in service.lines)
+
+
+def test_tail_shows_an_outputs_error() -> None:
+    """``ctxd tail`` prints a failed step's error after the route; nothing when empty."""
+    fields = {"workflow_id": "w", "event_id": "e1", "status": "fallback", "route": "[]"}
+    failed = format_output("1700000000000-0", {**fields, "error": "TimeoutError: no reply"})
+    assert failed.endswith(" error: TimeoutError: no reply")
+    assert "error:" not in format_output("1700000000000-0", {**fields, "error": ""})
