@@ -20,6 +20,7 @@ delivered more than ``max_deliveries`` times goes to the DLQ (``ctxd:dlq`` with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,6 +32,7 @@ from anyio.abc import TaskStatus
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from actors.config import Settings
 from actors.mailbox import ActorReply, ActorRequest, mailbox_stream
@@ -318,11 +320,13 @@ class ActorPool:
 
     async def _remember_crash(self, entry_id: str, error: str) -> None:
         """Keep why a request crashed its worker, for its DLQ entry should it come to that
-        (the DLQ may be written by another process, after a restart)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self._crashes, entry_id, error[:_CRASH_CHARS])
-            pipe.expire(self._crashes, _CRASH_TTL)
-            await pipe.execute()
+        (the DLQ may be written by another process, after a restart). Best effort: the
+        crash itself must propagate, not a Redis error on the way."""
+        with contextlib.suppress(RedisError):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(self._crashes, entry_id, error[:_CRASH_CHARS])
+                pipe.expire(self._crashes, _CRASH_TTL)
+                await pipe.execute()
 
     async def _finish(self, done: list[_Done]) -> None:
         """Answer (where anyone asked), acknowledge and delete, atomically."""

@@ -59,6 +59,26 @@ def test_a_failed_analysis_is_not_ok_and_its_output_names_the_error(
     assert service.wait() == 0
 
 
+def test_an_ask_time_out_is_not_ok_and_its_output_names_it(
+    start_service: Callable[..., ServiceProcess], redis: Redis, prefix: str
+) -> None:
+    """A plug-in slower than CTXD_ASK_TIMEOUT: every analysis ask times out."""
+    env = {
+        "CTXD_ANALYZER": "tests/actors/plugins/slow_analyzer.py:analyze",
+        "SLOW_ANALYZER_SECONDS": "1",
+        "CTXD_ASK_TIMEOUT": "0.2",
+    }
+    service = start_service("run", env=env)
+    service.wait_ready()
+    redis.xadd(f"{prefix}:in", {"workflow_id": "wf-slow", "content": TECH})
+    output = read_outputs(redis, f"{prefix}:out", 1)[0][1]
+    assert output["status"] in ("fallback", "error"), output
+    assert output["error"].startswith("TimeoutError: "), output
+    assert float(output["quality_score"]) == 0.0
+    service.signal(signal.SIGTERM)
+    assert service.wait() == 0
+
+
 def test_failed_rollback_and_resume_print_why_and_exit_non_zero(
     start_service: Callable[..., ServiceProcess],
     service_env: dict[str, str],
