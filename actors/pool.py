@@ -180,7 +180,19 @@ class ActorPool:
     async def _serve_batch(
         self, consumer: str, entries: list[Entry], deliveries: Mapping[str, int]
     ) -> None:
-        """Handle a batch concurrently, then answer and acknowledge it in one script."""
+        """Handle a batch concurrently, then answer and acknowledge it in one script.
+
+        A batch holding a redelivered request (after a crash) is served one request at a
+        time, each answered at once, those that crashed a worker before last: a request
+        that crashes its worker again takes only itself down, not the requests read
+        with it.
+        """
+        if len(entries) > 1 and any(deliveries.get(eid, 1) > 1 for eid, _ in entries):
+            crashed = await self._redis.hmget(self._crashes, [eid for eid, _ in entries])
+            order = sorted(range(len(entries)), key=lambda i: crashed[i] is not None)
+            for i in order:
+                await self._serve_batch(consumer, [entries[i]], deliveries)
+            return
         done: list[_Done] = []
         if len(entries) == 1:
             entry_id, raw = entries[0]
@@ -255,10 +267,13 @@ class ActorPool:
             problem = f"kind {request.kind!r} sent to the {self._kind.value} mailbox"
             await self._dead_letter(entry_id, fields, "invalid_request", problem, deliveries)
             return
-        if deliveries > self._settings.max_deliveries:
-            crash = await self._redis.hget(self._crashes, entry_id)
+        crash = await self._redis.hget(self._crashes, entry_id) if deliveries > 1 else None
+        if crash is not None or deliveries > self._settings.max_deliveries:
+            # A request that crashed its worker with a PluginError does so again: one
+            # crash (one restart) per such request, not CTXD_MAX_DELIVERIES of them,
+            # which would spend the pool's restart intensity on a single bad event.
             why = (
-                f"last crash: {text(crash)}"
+                f"it crashed its worker: {text(crash)}; not handled again"
                 if crash is not None
                 else "each time the worker handling it stopped before answering (its "
                 "process was killed, or the handler outlived the ask timeout)"

@@ -180,9 +180,10 @@ def test_a_plugin_base_exception_restarts_only_its_actor(
     prefix: str,
 ) -> None:
     """``class Boom(BaseException)`` from the plug-in: the analysis worker crashes and is
-    restarted (log line, ``ctxd status``), ``ctxd run`` keeps running, the event's ask
-    fails as a time-out (its output says so) and other events get their outputs."""
-    env = {"CTXD_ANALYZER": f"{_PLUGINS}:base_exception_on_boom", "CTXD_ASK_TIMEOUT": "2"}
+    restarted (log line, ``ctxd status``), once per bad request: its redelivery is
+    dead-lettered with the crash, and the asker told. ``ctxd run`` keeps running, the
+    event's output names the PluginError, other events get their outputs."""
+    env = {"CTXD_ANALYZER": f"{_PLUGINS}:base_exception_on_boom"}
     service = start_service("run", env=env)
     service.wait_ready()
     redis.xadd(f"{prefix}:in", {"workflow_id": "wf-b", "content": "boom says the plug-in"})
@@ -195,10 +196,14 @@ def test_a_plugin_base_exception_restarts_only_its_actor(
     outputs = _by_workflow(read_outputs(redis, f"{prefix}:out", 3))
     assert set(outputs) == {"wf-b", "wf-c", "wf-d"}
     assert outputs["wf-b"]["status"] in ("fallback", "error")
-    assert "TimeoutError" in outputs["wf-b"]["error"]
+    assert "it crashed its worker: PluginError: " in outputs["wf-b"]["error"]
     assert outputs["wf-c"]["error"] == outputs["wf-d"]["error"] == ""
+    dead = [f for _, f in redis.xrange(f"{prefix}:dlq")]
+    assert [(f["kind"], f["reason"], f["attempts"]) for f in dead] == [("analysis", "poison", "2")]
+    assert "Boom: the plug-in blew up on boom" in dead[0]["error"]
     assert service.proc.poll() is None
-    assert _analysis_restarts(service_env) >= 1
+    assert _analysis_restarts(service_env) == 1
+    assert sum('"actor restarted"' in line for line in service.lines) == 1
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
     assert not any("ExceptionGroup" in line for line in service.lines)
