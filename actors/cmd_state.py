@@ -206,7 +206,7 @@ def _control_outcome(control: str, out: Mapping[str, str]) -> str:
     """One line for a control entry's output; a failure says why (the output's error)."""
     if out.get("status") == "error":
         why = " ".join((out.get("error") or "").split()) or (
-            "no reason recorded (a service older than this command?); see the service log"
+            "the output has no error field: the service predates it; upgrade the service"
         )
         return f"{control}: status=error: {why}"
     return (
