@@ -271,17 +271,27 @@ class _Run:
     # -- control entries ------------------------------------------------------------
 
     def _control_result(
-        self, event: Event, status: str, base: Mapping[str, JSON] | None = None
+        self,
+        event: Event,
+        status: str,
+        base: Mapping[str, JSON] | None = None,
+        *,
+        error: str | None = None,
     ) -> dict[str, JSON]:
+        """A control entry's output; ``error`` says why it failed (``ctxd rollback`` and
+        ``ctxd resume`` print it)."""
         result: dict[str, JSON] = {
             "workflow_id": self.workflow_id,
             "decision": "",
             "route": [str(event.control)],
             "quality_score": 0.0,
             "scores": {},
+            "error": "",
             **(base or {}),
         }
         result.update(event_id=event.event_id, source_id=event.source_id, status=status)
+        if error is not None:
+            result["error"] = error
         return result
 
     async def _resume(self, event: Event) -> dict[str, JSON]:
@@ -290,7 +300,13 @@ class _Run:
             return earlier
         if not self.paused:
             _log.warning("resume for a workflow that is not paused", workflow_id=self.workflow_id)
-            return self._control_result(event, "error")
+            return self._control_result(
+                event,
+                "error",
+                error=f"WorkflowError: workflow {self.workflow_id!r} is not paused: there is "
+                "nothing to resume (resume answers an escalated output while "
+                "CTXD_ESCALATION_PAUSES=true; see `ctxd state`)",
+            )
         run = await resume_workflow(
             self.graph,
             self.workflow_id,
@@ -321,7 +337,7 @@ class _Run:
             forked = await fork_checkpoint(self.graph, self.workflow_id, str(event.checkpoint_id))
         except CtxdError as exc:
             _log.warning("rollback refused", workflow_id=self.workflow_id, error=str(exc))
-            return self._control_result(event, "error")
+            return self._control_result(event, "error", error=f"{type(exc).__name__}: {exc}")
         self.checkpoint_id = forked
         self.paused = await paused_event_id(self.graph, self.workflow_id) is not None
         _log.info(
