@@ -313,8 +313,8 @@ class ActorPool:
                 reply = ActorReply(request.id, True, json.dumps(result), consumer)
             except PluginError as exc:
                 # Not a handler failure: the plug-in raised a BaseException. The worker
-                # crashes (its supervisor restarts it) and the request stays pending, to
-                # be delivered again and, past CTXD_MAX_DELIVERIES, dead-lettered.
+                # crashes (its supervisor restarts it) and the request stays pending; on
+                # its next delivery the recorded crash sends it to the DLQ (see _serve).
                 record_error(span, exc)
                 _log.error(
                     "analyzer plug-in crashed its worker", kind=self._kind.value, error=str(exc)
