@@ -260,9 +260,15 @@ def _classify(exc: BaseException, url: str | None) -> tuple[str, str]:
             "needs the server's TLS port, redis:// its plain port: check CTXD_REDIS_URL"
         )
     if any(_first(exc, kind) is not None for kind in (RedisTimeoutError, TimeoutError)):
+        tls_hint = (
+            " (with rediss:// a plain port never completes the TLS handshake: use the "
+            "server's tls-port)"
+            if (url or "").startswith("rediss://")
+            else ""
+        )
         return "timeout", (
             f"Redis at {where} did not answer in time (timeout); is it overloaded, stopped "
-            "or behind a firewall? check CTXD_REDIS_URL"
+            f"or behind a firewall? check CTXD_REDIS_URL{tls_hint}"
         )
     if isinstance(found, BusyLoadingError):
         return "loading", f"Redis at {where} is still loading its data set; try again shortly"

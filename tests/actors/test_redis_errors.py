@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import ssl
+from urllib.parse import quote
 
 import pytest
 from redis.exceptions import (
@@ -138,3 +140,27 @@ def test_url_secrets_include_raw_and_decoded_forms() -> None:
     secrets = url_secrets("redis://alice:p%23a@ss@db:6379/0?password=q%26z")
     assert {"p%23a@ss", "p#a@ss", "q&z"} <= set(secrets)
     assert url_secrets("redis://db:6379/0") == ()
+
+
+def test_an_unexpected_traceback_holds_no_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug's traceback is still printed, with the configured password masked."""
+    import actors.cli as cli
+
+    secret = "Zr8pQ#w@x:y/Vb2k"
+    encoded = quote(secret, safe="")
+    monkeypatch.setenv("CTXD_REDIS_URL", f"redis://u:{encoded}@db:6379/0")
+
+    def boom(settings: object, args: object) -> int:
+        raise RuntimeError(f"unexpected {secret} and {encoded}")
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    parser.set_defaults(handler=boom)
+    monkeypatch.setattr(cli, "_parser", lambda: parser)
+    assert cli.main([]) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: unexpected *** and ***" in err
+    assert secret not in err
+    assert encoded not in err

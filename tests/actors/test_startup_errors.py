@@ -230,6 +230,15 @@ def _self_signed(directory: Path) -> Path:
     return directory
 
 
+def test_tls_to_a_plain_port_is_a_timeout_that_says_so(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """The plain server waits for the end of a command line that the TLS client hello
+    never sends: a timeout, with the hint that the port is not a TLS port."""
+    url = redis_url.replace("redis://", "rediss://")
+    _one_line(run_ctxd(_env(url, prefix, tmp_path), "status"), "timeout", "tls-port")
+
+
 def test_tls_verification_failure_and_the_unverified_warning(
     start_service: Callable[..., ServiceProcess], tmp_path: Path, prefix: str
 ) -> None:
