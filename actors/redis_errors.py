@@ -106,9 +106,11 @@ def check_redis_url(name: str, url: str) -> str:
 
 
 def url_secrets(url: str | None) -> tuple[str, ...]:
-    """The password and user-name strings of ``url`` (raw and percent-decoded).
+    """The password strings of ``url`` (raw and percent-decoded), to scrub from output.
 
-    Used to scrub messages and log lines; empty when the URL has none.
+    The user information with its password, the password alone and a ``password=``
+    query value; a user name alone is not a secret (masking ``ctxd`` would mangle every
+    line). Empty when the URL has no password.
     """
     if not url:
         return ()
@@ -117,12 +119,12 @@ def url_secrets(url: str | None) -> tuple[str, ...]:
     if sep:
         # Everything up to the last "@" is user information, whatever it holds.
         userinfo = rest.rpartition("@")[0] if "@" in rest else ""
-        if userinfo:
-            user, colon, password = userinfo.partition(":")
-            found.update(x for x in (password if colon else user, userinfo) if x)
+        _, colon, password = userinfo.partition(":")
+        if colon and password:
+            found.update((password, userinfo))
         query = rest.partition("?")[2]
         for key, value in parse_qsl(query.partition("#")[0], keep_blank_values=True):
-            if key.lower() in ("password", "username", "user") and value:
+            if key.lower() == "password" and value:
                 found.add(value)
     found.update({unquote(s) for s in found})
     return tuple(sorted((s for s in found if s), key=len, reverse=True))
@@ -149,17 +151,13 @@ def _address(url: str | None) -> str:
 
 
 def _user(url: str | None) -> str:
+    """The ACL user the URL logs in as (``default`` when it names none)."""
     try:
-        user = urlsplit(url or "").username
+        parts = urlsplit(url or "")
+        user = parts.username or dict(parse_qsl(parts.query)).get("username")
     except ValueError:
         user = None
-    if user:
-        return repr(unquote(user))
-    if url:
-        for key, value in parse_qsl(urlsplit(url).query):
-            if key == "username":
-                return repr(value)
-    return "'default'"
+    return repr(unquote(user)) if user else "'default'"
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

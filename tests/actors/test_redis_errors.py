@@ -140,6 +140,7 @@ def test_url_secrets_include_raw_and_decoded_forms() -> None:
     secrets = url_secrets("redis://alice:p%23a@ss@db:6379/0?password=q%26z")
     assert {"p%23a@ss", "p#a@ss", "q&z"} <= set(secrets)
     assert url_secrets("redis://db:6379/0") == ()
+    assert url_secrets("redis://ctxd@db:6379/0") == ()  # a user name is not a secret
 
 
 def test_an_unexpected_traceback_holds_no_password(
