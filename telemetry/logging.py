@@ -11,6 +11,9 @@ same processors:
 * level, ISO-8601 UTC timestamp, stack info, and a cap on very long string values.
 
 JSON output turns exceptions into structured ``exception`` lists (``dict_tracebacks``).
+Secrets registered with :func:`register_secrets` (the passwords of the configured URLs)
+are masked in every finished line, tracebacks included; :func:`redact_url` makes a URL
+safe to log.
 """
 
 from __future__ import annotations
