@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TypeVar
 
+from actors.redis_errors import check_redis_url
 from graph.errors import ConfigError
 
 __all__ = ["Settings", "load_settings"]
@@ -197,6 +198,11 @@ def _parse_url(*schemes: str) -> Callable[[str, object], str | None]:
     return parse
 
 
+def _parse_redis_url(name: str, raw: object) -> str | None:
+    value = _parse_url("redis", "rediss", "unix")(name, raw)
+    return None if value is None else check_redis_url(name, value)
+
+
 def _parse_text(name: str, raw: object) -> str:
     value = str(raw).strip()
     if not value:
@@ -209,7 +215,7 @@ def _parse_path(name: str, raw: object) -> Path:
 
 
 _PARSERS: dict[str, Callable[[str, object], object]] = {
-    "redis_url": _parse_url("redis", "rediss", "unix"),
+    "redis_url": _parse_redis_url,
     "state_dir": _parse_path,
     "embedded_port": _parse_int(0, 65535),
     "stream_prefix": _parse_name,
