@@ -67,7 +67,7 @@ class StateRecovery:
             else "no good checkpoint left: started a fresh context segment"
         )
         return (
-            f"StateSchemaError: stored state of checkpoint {self.bad_checkpoint_id or '?'} "
+            f"stored state of checkpoint {self.bad_checkpoint_id or '?'} "
             f"did not fit the schema ({what}); {done}"
         )
 
