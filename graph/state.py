@@ -140,10 +140,10 @@ class ContextState(TypedDict, total=False):
 REQUIRED_FIELDS = ("workflow_id", "window", "events_processed", "integrity_hash")
 """Fields every state has once it integrated an event (the analyzer sets them together)."""
 
-_MAX_TEXT = 1 << 20  # characters in any one string
+_MAX_TEXT = 16 << 20  # characters in any one string (event content: CTXD_MAX_CONTENT_BYTES)
 _MAX_ITEMS = 10_000  # entries in any one list or object
 _MAX_WINDOW = 64
-_MAX_DEPTH = 32  # nesting of free-form JSON (plug-in fields, health, resolutions)
+_MAX_DEPTH = 100  # nesting of free-form JSON (plug-in fields, health, resolutions)
 _SHOWN = 60  # characters of an offending value shown in a problem
 
 
@@ -200,12 +200,12 @@ def _integer() -> _Spec:
     return check
 
 
-def _number(lo: float | None = None, hi: float | None = None) -> _Spec:
+def _number(lo: float | None = None, hi: float | None = None, *, finite: bool = True) -> _Spec:
     def check(path: str, value: object, out: _Problems) -> None:
         if not isinstance(value, int | float) or isinstance(value, bool):
             _mismatch(path, "number", value, out)
         elif (
-            not math.isfinite(value)
+            (finite and not math.isfinite(value))
             or (lo is not None and value < lo)
             or (hi is not None and value > hi)
         ):
@@ -300,8 +300,11 @@ def _mapping(item: _Spec) -> _Spec:
     return check
 
 
-def _record(fields: Mapping[str, _Spec], required: tuple[str, ...] = ()) -> _Spec:
-    """A JSON object whose named keys have types; other keys must be plain JSON."""
+def _record(
+    fields: Mapping[str, _Spec], required: tuple[str, ...] = (), *, free: bool = False
+) -> _Spec:
+    """A JSON object whose named keys have types; other keys must be plain JSON
+    (``free``: are not looked into, e.g. an event's metadata, validated on input)."""
 
     def check(path: str, value: object, out: _Problems) -> None:
         if not isinstance(value, dict):
@@ -310,12 +313,18 @@ def _record(fields: Mapping[str, _Spec], required: tuple[str, ...] = ()) -> _Spe
         for name in required:
             if name not in value:
                 out.add(f"{path}.{name}", "missing (required)")
-        _json_value(path, {k: v for k, v in value.items() if k not in fields}, out)
+        if not free:
+            _json_value(path, {k: v for k, v in value.items() if k not in fields}, out)
         for name, spec in fields.items():
             if name in value and not out.full:
                 spec(f"{path}.{name}", value[name], out)
 
     return check
+
+
+def _dict_only(path: str, value: object, out: _Problems) -> None:
+    if not isinstance(value, dict):
+        _mismatch(path, "dict", value, out)
 
 
 def _one_of(*specs: _Spec, expected: str) -> _Spec:
@@ -330,9 +339,20 @@ def _one_of(*specs: _Spec, expected: str) -> _Spec:
     return check
 
 
+# Events come validated from the input (content up to CTXD_MAX_CONTENT_BYTES); only
+# the fields the nodes read are typed. They are in the state only mid-run or paused.
 _EVENT = _record(
-    {"event_id": _text(), "content": _text(), "workflow_id": _text()},
+    {
+        "event_id": _text(),
+        "content": _text(1 << 40),
+        "priority": _optional(_text()),
+        "deadline": _optional(_text()),
+        "max_cost": _optional(_number(finite=False)),
+        "metadata": _optional(_dict_only),
+        "started_at": _number(finite=False),
+    },
     required=("event_id", "content"),
+    free=True,
 )
 _DECISION = _record(
     {

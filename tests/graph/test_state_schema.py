@@ -41,6 +41,29 @@ async def test_states_the_graph_writes_fit_the_schema() -> None:
     assert state_problems({"workflow_id": "wf", "inbox": [], "run_size": 0, "event": None}) == []
 
 
+async def test_a_paused_state_with_a_large_validated_event_fits() -> None:
+    """Mid-run and paused states hold events as validated on input: large content, deep
+    metadata and an infinite max_cost are not the schema's business."""
+    graph = build_contextual_workflow(
+        LocalDispatch(), InMemorySaver(serde=strict_serializer()), escalation_pauses=True
+    )
+    deep: object = "leaf"
+    for _ in range(150):
+        deep = {"d": deep}
+    event = {
+        "event_id": "e1",
+        "content": "ok " * 700_000,
+        "priority": "critical",
+        "max_cost": float("inf"),
+        "metadata": {"deep": deep},
+    }
+    run = await run_events(graph, "wf", [event, {"event_id": "e2", "content": "next"}])
+    assert run.interrupted
+    values = (await graph.aget_state(thread_config("wf"))).values
+    assert values["event"]["event_id"] == "e1"
+    assert state_problems(values) == []
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
