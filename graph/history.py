@@ -175,7 +175,10 @@ async def fork_checkpoint(graph: ContextualGraph, workflow_id: str, checkpoint_i
     Raises:
         WorkflowError: the workflow has no such checkpoint.
     """
-    snapshot = await graph.aget_state(thread_config(workflow_id, checkpoint_id))
+    config = thread_config(workflow_id, checkpoint_id)
+    # The memory saver hands the config back as given, and the fork's put needs the ns.
+    config["configurable"]["checkpoint_ns"] = ""
+    snapshot = await graph.aget_state(config)
     if (
         snapshot.created_at is None
         or _checkpoint_id(cast(Mapping[str, JSON], snapshot.config)) != checkpoint_id
@@ -270,8 +273,9 @@ async def checkpoint_ids(
     """The workflow's checkpoint ids, newest first, without decoding any checkpoint.
 
     Listing the history decodes every checkpoint, and one undecodable write fails the
-    whole listing; this reads ids only (the saver's search index, or the memory saver's
-    table), so the good checkpoints behind a bad one stay reachable.
+    whole listing; this reads ids only (the Redis saver's search index, the PostgreSQL
+    saver's table, the memory saver's dict), so the good checkpoints behind a bad one
+    stay reachable.
     """
     saver: Any = graph.checkpointer
     if isinstance(saver, InMemorySaver):
@@ -293,7 +297,15 @@ async def checkpoint_ids(
             for doc in found.docs
             if doc["checkpoint_ns"] in ("", "__empty__")
         ]
-    ids: list[str] = []
+    if type(saver).__module__.startswith("langgraph.checkpoint.postgres"):
+        async with saver._cursor() as cur:  # AsyncPostgresSaver: its own connection
+            await cur.execute(
+                "SELECT checkpoint_id FROM checkpoints WHERE thread_id = %s"
+                " AND checkpoint_ns = '' ORDER BY checkpoint_id DESC LIMIT %s",
+                (workflow_id, limit),
+            )
+            return [str(row["checkpoint_id"]) for row in await cur.fetchall()]
+    ids: list[str] = []  # another saver: its listing, as far as it decodes
     try:
         async for item in saver.alist(thread_config(workflow_id), limit=limit):
             ids.append(str(item.config["configurable"]["checkpoint_id"]))

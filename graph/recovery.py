@@ -28,7 +28,13 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import StateSnapshot
 
 from graph.errors import WorkflowError
-from graph.history import checkpoint_ids, inspect_checkpoint, last_good_checkpoint, thread_config
+from graph.history import (
+    checkpoint_ids,
+    fork_checkpoint,
+    inspect_checkpoint,
+    last_good_checkpoint,
+    thread_config,
+)
 from graph.state import JSON, integrity_hash
 
 if TYPE_CHECKING:
@@ -135,14 +141,13 @@ async def _recover(
 ) -> StateRecovery:
     good = await last_good_checkpoint(graph, workflow_id, skip=bad_id)
     if good is not None:
-        forked = await graph.aupdate_state(
-            thread_config(workflow_id, good), None, as_node="__copy__"
-        )
+        # The LangGraph fork, as `ctxd rollback` does: aupdate_state(..., "__copy__").
+        forked = await fork_checkpoint(graph, workflow_id, good)
         return StateRecovery(
             bad_checkpoint_id=bad_id,
             problems=tuple(problems),
             restored_from=good,
-            checkpoint_id=str(forked["configurable"]["checkpoint_id"]),
+            checkpoint_id=forked,
         )
     new_id = await _write_fresh_segment(graph, workflow_id, bad_id, bad)
     return StateRecovery(

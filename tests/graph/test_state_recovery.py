@@ -69,10 +69,25 @@ async def test_a_bad_stored_checkpoint_is_rolled_back_with_an_error_result(
     assert len(history) >= 5  # nothing was deleted: e1, e2 (bad), fork, e3, e4
 
 
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["redis", "memory", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def any_saver(
+    request: pytest.FixtureRequest, redis_url: str
+) -> AsyncIterator[BaseCheckpointSaver[str]]:
+    """Each checkpointer ctxd supports, with its strict serializer."""
+    async with open_checkpointer(
+        request.param, redis_url=redis_url, postgres_url=POSTGRES_URL
+    ) as opened:
+        yield opened
+
+
 async def test_an_undecodable_pickled_write_is_refused_and_rolled_back(
-    saver: BaseCheckpointSaver[str], tmp_path: Path
+    any_saver: BaseCheckpointSaver[str], tmp_path: Path
 ) -> None:
     """The strict serializer refuses the pickle (no code runs); the workflow goes on."""
+    saver = any_saver
     marker = tmp_path / "pwned"
     graph = _graph(saver)
     workflow_id = _wf()
@@ -91,6 +106,8 @@ async def test_an_undecodable_pickled_write_is_refused_and_rolled_back(
     assert [h.checkpoint_id for h in history if h.problems] == [bad.checkpoint_id]
     assert await last_good_checkpoint(graph, workflow_id) == after.checkpoint_id
     assert not marker.exists()
+    if hasattr(saver, "adelete_thread"):
+        await saver.adelete_thread(workflow_id)
 
 
 async def test_a_workflow_whose_only_checkpoint_is_bad_starts_a_fresh_segment(
