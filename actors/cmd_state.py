@@ -92,7 +92,10 @@ async def _read_state(settings: Settings, workflow_id: str, *, history_limit: in
         )
     redis_url = redis_url_for_client(settings) if settings.checkpointer == "redis" else None
     async with open_checkpointer(
-        settings.checkpointer, redis_url=redis_url, postgres_url=settings.postgres_url
+        settings.checkpointer,
+        namespace=settings.stream_prefix,
+        redis_url=redis_url,
+        postgres_url=settings.postgres_url,
     ) as saver:
         graph = build_contextual_workflow(LocalDispatch(), saver)
         # A checkpoint that does not fit the schema (or does not decode) is shown as

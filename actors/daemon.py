@@ -88,7 +88,10 @@ async def serve(
     )
     try:
         async with open_checkpointer(
-            settings.checkpointer, redis_url=redis_url, postgres_url=settings.postgres_url
+            settings.checkpointer,
+            namespace=settings.stream_prefix,
+            redis_url=redis_url,
+            postgres_url=settings.postgres_url,
         ) as saver:
             fence = _Fence()
             actors = (

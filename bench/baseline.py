@@ -33,7 +33,7 @@ async def _pipeline(redis_url: str, prefix: str) -> None:
     redis = Redis.from_url(redis_url)
     try:
         await ensure_group(redis, input_stream, group)
-        async with open_checkpointer("redis", redis_url=redis_url) as saver:
+        async with open_checkpointer("redis", namespace=prefix, redis_url=redis_url) as saver:
             graph = build_contextual_workflow(LocalDispatch(WorkHandlers()), saver)
             print("baseline is running", flush=True)
             while True:

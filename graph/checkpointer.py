@@ -23,7 +23,12 @@ from graph.errors import ConfigError, RedisModulesMissingError
 if TYPE_CHECKING:
     from langgraph.checkpoint.redis.aio import AsyncRedisSaver
 
-__all__ = ["check_redis_modules", "open_checkpointer", "strict_serializer"]
+__all__ = [
+    "check_redis_modules",
+    "checkpoint_key_prefixes",
+    "open_checkpointer",
+    "strict_serializer",
+]
 
 _REQUIRED_MODULES = {"ReJSON": "RedisJSON", "search": "RediSearch"}
 
@@ -56,6 +61,55 @@ def _strict_redis_serializer_class() -> type[JsonPlusSerializer]:
             raise ValueError(f"constructor envelope {obj.get('id')!r} is not revived")
 
     return StrictRedisSerializer
+
+
+def checkpoint_key_prefixes(namespace: str) -> tuple[str, str, str]:
+    """The Redis key prefixes of checkpoints, their writes and the write registry.
+
+    Every key ctxd writes lives under its ``CTXD_STREAM_PREFIX`` (``namespace``), so two
+    deployments with different prefixes on one Redis never see each other's state; the
+    saver's search indexes are named after these prefixes too.
+
+    Returns:
+        ``(checkpoints, writes, write registry)``, e.g. ``ctxd:checkpoint``,
+        ``ctxd:checkpoint_write``, ``ctxd:write_keys_zset``.
+    """
+    return (
+        f"{namespace}:checkpoint",
+        f"{namespace}:checkpoint_write",
+        f"{namespace}:write_keys_zset",
+    )
+
+
+def _namespaced_redis_saver(redis_url: str, namespace: str) -> AsyncRedisSaver:
+    """An ``AsyncRedisSaver`` whose every key and index lives under ``namespace``.
+
+    The saver takes prefixes for checkpoint and write keys, but names the per-checkpoint
+    registry of write keys (``write_keys_zset:…``) with a fixed prefix; a subclass of its
+    registry supplies the namespaced one.
+    """
+    from langgraph.checkpoint.redis.aio import AsyncRedisSaver
+    from langgraph.checkpoint.redis.key_registry import AsyncCheckpointKeyRegistry
+
+    checkpoints, writes, registry_prefix = checkpoint_key_prefixes(namespace)
+
+    class NamespacedRegistry(AsyncCheckpointKeyRegistry):
+        def make_write_keys_zset_key(  # type: ignore[override]
+            self, thread_id: str, checkpoint_ns: str, checkpoint_id: str
+        ) -> str:
+            key = AsyncCheckpointKeyRegistry.make_write_keys_zset_key(
+                thread_id, checkpoint_ns, checkpoint_id
+            )
+            return registry_prefix + key.removeprefix("write_keys_zset")
+
+    class NamespacedRedisSaver(AsyncRedisSaver):
+        async def asetup(self) -> None:
+            await super().asetup()
+            self._key_registry = NamespacedRegistry(self._redis)
+
+    return NamespacedRedisSaver(
+        redis_url, checkpoint_prefix=checkpoints, checkpoint_write_prefix=writes
+    )
 
 
 async def check_redis_modules(client: Redis) -> None:
@@ -101,14 +155,39 @@ async def _create_indexes(saver: AsyncRedisSaver, attempts: int = 6) -> None:
             await anyio.sleep(0.02 * 2**attempt)
 
 
+async def _postgres_schema(postgres_url: str, namespace: str) -> str:
+    """Create the namespace's schema and return a conninfo whose search_path is it.
+
+    Each ``CTXD_STREAM_PREFIX`` keeps its checkpoint tables in its own PostgreSQL
+    schema (named exactly like the prefix), so deployments sharing a database never
+    share state.
+    """
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(namespace))
+        )
+    quoted = namespace.replace('"', '""')
+    return make_conninfo(postgres_url, options=f'-c search_path="{quoted}"')
+
+
 @contextlib.asynccontextmanager
 async def open_checkpointer(
-    kind: str, *, redis_url: str | None = None, postgres_url: str | None = None
+    kind: str,
+    *,
+    namespace: str,
+    redis_url: str | None = None,
+    postgres_url: str | None = None,
 ) -> AsyncIterator[BaseCheckpointSaver[str]]:
     """Open the checkpointer of ``kind`` with the strict serializer.
 
     Args:
         kind: ``redis``, ``memory`` or ``postgres``.
+        namespace: the deployment's ``CTXD_STREAM_PREFIX``; Redis keys and search
+            indexes are named under it (:func:`checkpoint_key_prefixes`).
         redis_url: for ``redis``.
         postgres_url: for ``postgres`` (needs the ``postgres`` extra).
 
@@ -121,14 +200,12 @@ async def open_checkpointer(
     elif kind == "redis":
         if not redis_url:
             raise ConfigError("the redis checkpointer needs a Redis URL")
-        from langgraph.checkpoint.redis.aio import AsyncRedisSaver
-
         probe = Redis.from_url(redis_url)
         try:
             await check_redis_modules(probe)
         finally:
             await probe.aclose()
-        saver = AsyncRedisSaver(redis_url)
+        saver = _namespaced_redis_saver(redis_url, namespace)
         try:
             await _create_indexes(saver)
         except BaseException:
@@ -146,7 +223,8 @@ async def open_checkpointer(
             raise ConfigError(
                 "CTXD_CHECKPOINTER=postgres needs the postgres extra: pip install 'ctxd[postgres]'"
             ) from None
-        async with AsyncPostgresSaver.from_conn_string(postgres_url) as pg_saver:
+        conninfo = await _postgres_schema(postgres_url, namespace)
+        async with AsyncPostgresSaver.from_conn_string(conninfo) as pg_saver:
             pg_saver.serde = strict_serializer()
             await pg_saver.setup()
             yield pg_saver

@@ -71,7 +71,9 @@ def _owned(redis: Redis, prefix: str, instance: str) -> int:
 
 
 async def _events_processed(settings: Settings, workflow_ids: Sequence[str]) -> dict[str, int]:
-    async with open_checkpointer("redis", redis_url=settings.redis_url) as saver:
+    async with open_checkpointer(
+        "redis", namespace=settings.stream_prefix, redis_url=settings.redis_url
+    ) as saver:
         graph = build_contextual_workflow(LocalDispatch(), saver)
         counts = {}
         for wf in workflow_ids:

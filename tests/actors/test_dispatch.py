@@ -217,7 +217,10 @@ async def test_outage_drives_fallback_decisions_pauses_reading_and_loses_nothing
     for i in range(total):
         content = f"event {i}: checkout latency rose after the deploy, payment API errors"
         redis.xadd(settings.input_stream, {"workflow_id": f"wf-{i % 3}", "content": content})
-    async with open_redis(settings) as client, open_checkpointer("memory") as saver:
+    async with (
+        open_redis(settings) as client,
+        open_checkpointer("memory", namespace=settings.stream_prefix) as saver,
+    ):
         system = ActorSystem(client, settings, WorkHandlers(analyzer=switch), clock=clock)
         dispatch = system.dispatch
         assert dispatch is not None
@@ -307,7 +310,10 @@ async def test_batch_refused_by_a_breaker_stays_pending_and_is_retried_not_dead_
 ) -> None:
     refused, gate = anyio.Event(), [True]
     redis.xadd(settings.input_stream, {"workflow_id": "wf", "content": "alpha beta"})
-    async with open_redis(settings) as client, open_checkpointer("memory") as saver:
+    async with (
+        open_redis(settings) as client,
+        open_checkpointer("memory", namespace=settings.stream_prefix) as saver,
+    ):
         graph = RefusingGraph(build_contextual_workflow(LocalDispatch(), saver), refused, gate)
         ingress = Ingress(client, settings, graph, reading_allowed=lambda: gate[0])  # type: ignore[arg-type]
         async with anyio.create_task_group() as tg:

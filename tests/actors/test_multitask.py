@@ -53,11 +53,13 @@ def _busy_pair(service: ServiceProcess, redis: Redis, prefix: str) -> None:
 
 
 def _checkpoints(redis: Redis, prefix: str) -> int:
-    return sum(1 for _ in redis.scan_iter(f"checkpoint:m-{prefix}:*", count=1000))
+    return sum(1 for _ in redis.scan_iter(f"{prefix}:checkpoint:m-{prefix}:*", count=1000))
 
 
 async def _state(settings: Settings, prefix: str) -> dict[str, object]:
-    async with open_checkpointer("redis", redis_url=settings.redis_url) as saver:
+    async with open_checkpointer(
+        "redis", namespace=settings.stream_prefix, redis_url=settings.redis_url
+    ) as saver:
         graph = build_contextual_workflow(LocalDispatch(), saver)
         return dict((await graph.aget_state(thread_config(f"m-{prefix}"))).values)
 

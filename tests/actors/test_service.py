@@ -52,7 +52,9 @@ def test_sent_event_yields_exactly_one_output(
 
 
 async def _stored_state(settings: Settings, workflow_id: str) -> dict[str, object]:
-    async with open_checkpointer("redis", redis_url=settings.redis_url) as saver:
+    async with open_checkpointer(
+        "redis", namespace=settings.stream_prefix, redis_url=settings.redis_url
+    ) as saver:
         graph = build_contextual_workflow(LocalDispatch(), saver)
         snapshot = await graph.aget_state(thread_config(workflow_id))
         return dict(snapshot.values)

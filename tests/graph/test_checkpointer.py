@@ -37,6 +37,8 @@ from graph.workflow import (
 from tests_support import MARKET, TECH
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+NAMESPACE = "tckpt"
+"""The CTXD_STREAM_PREFIX these tests' checkpoints live under."""
 
 REVIVED: list[str] = []
 
@@ -91,7 +93,7 @@ def test_a_non_allowed_object_in_a_checkpoint_is_not_revived() -> None:
 
 @pytest.fixture
 async def redis_saver(redis_url: str) -> AsyncIterator[BaseCheckpointSaver[str]]:
-    async with open_checkpointer("redis", redis_url=redis_url) as saver:
+    async with open_checkpointer("redis", namespace=NAMESPACE, redis_url=redis_url) as saver:
         yield saver
 
 
@@ -133,7 +135,7 @@ async def test_state_persists_across_graph_instances_on_redis(
     first = await run_events(
         _graph(redis_saver), workflow_id, [{"event_id": "e1", "content": TECH}]
     )
-    async with open_checkpointer("redis", redis_url=redis_url) as other:
+    async with open_checkpointer("redis", namespace=NAMESPACE, redis_url=redis_url) as other:
         graph = _graph(other)
         assert await latest_checkpoint_id(graph, workflow_id) == first.checkpoint_id
         second = await run_events(graph, workflow_id, [{"event_id": "e2", "content": TECH}])
@@ -199,7 +201,7 @@ async def test_interrupt_and_resume_through_redis_across_a_restart(
     )
     assert run.interrupted
     assert run.results["e1"]["status"] == "escalated"
-    async with open_checkpointer("redis", redis_url=redis_url) as other:
+    async with open_checkpointer("redis", namespace=NAMESPACE, redis_url=redis_url) as other:
         graph = _graph(other, pauses=True)
         assert await paused_event_id(graph, workflow_id) == "e1"
         resumed = await resume_workflow(graph, workflow_id, "approved", control_event_id="c1")
@@ -247,10 +249,30 @@ async def test_state_changed_outside_the_graph_is_detected_and_rolled_back(
 
 
 @pytest.mark.postgres
+async def test_postgres_namespaces_are_separate_schemas() -> None:
+    """Two prefixes on one database: a workflow's state in one is absent in the other."""
+    workflow_id = _wf()
+    async with open_checkpointer(
+        "postgres", namespace=f"{NAMESPACE}-a", postgres_url=POSTGRES_URL
+    ) as first:
+        await run_events(_graph(first), workflow_id, [{"event_id": "e1", "content": TECH}])
+        try:
+            assert await first.aget_tuple(thread_config(workflow_id)) is not None
+            async with open_checkpointer(
+                "postgres", namespace=f"{NAMESPACE}-b", postgres_url=POSTGRES_URL
+            ) as second:
+                assert await second.aget_tuple(thread_config(workflow_id)) is None
+        finally:
+            await first.adelete_thread(workflow_id)
+
+
+@pytest.mark.postgres
 async def test_postgres_saver_persists_history_forks_and_resumes() -> None:
     """The seed's PostgreSQL backend, on the machine's PostgreSQL; threads are deleted."""
     threads: list[str] = []
-    async with open_checkpointer("postgres", postgres_url=POSTGRES_URL) as saver:
+    async with open_checkpointer(
+        "postgres", namespace=NAMESPACE, postgres_url=POSTGRES_URL
+    ) as saver:
         try:
             threads.append(await _history_and_fork(saver))
             workflow_id = _wf()
@@ -261,7 +283,9 @@ async def test_postgres_saver_persists_history_forks_and_resumes() -> None:
                 [{"event_id": "e1", "content": "ok", "priority": "critical"}],
             )
             assert run.interrupted
-            async with open_checkpointer("postgres", postgres_url=POSTGRES_URL) as other:
+            async with open_checkpointer(
+                "postgres", namespace=NAMESPACE, postgres_url=POSTGRES_URL
+            ) as other:
                 graph = _graph(other, pauses=True)
                 assert await paused_event_id(graph, workflow_id) == "e1"
                 resumed = await resume_workflow(graph, workflow_id, None, control_event_id="c1")
@@ -282,7 +306,7 @@ async def test_a_rewritten_stored_checkpoint_is_detected_and_rolled_back(
     workflow_id = _wf()
     first = await run_events(graph, workflow_id, [{"event_id": "e1", "content": TECH}])
     second = await run_events(graph, workflow_id, [{"event_id": "e2", "content": TECH}])
-    key = f"checkpoint:{workflow_id}:__empty__:{second.checkpoint_id}"
+    key = f"{NAMESPACE}:checkpoint:{workflow_id}:__empty__:{second.checkpoint_id}"
     assert redis.json().get(key, "$.checkpoint.channel_values.events_processed") == [2]
     redis.json().set(key, "$.checkpoint.channel_values.window", ["forged"])
 
@@ -303,8 +327,8 @@ async def test_instances_starting_together_on_a_fresh_redis_all_open_the_saver(
     opened: list[str] = []
 
     async def open_one(url: str) -> None:
-        async with open_checkpointer("redis", redis_url=url) as saver:
-            opened.append(type(saver).__name__)
+        async with open_checkpointer("redis", namespace=NAMESPACE, redis_url=url) as saver:
+            opened.append(type(saver).__mro__[1].__name__)  # the namespaced subclass's base
 
     with open_embedded_redis(tmp_path / "fresh") as server:
         async with anyio.create_task_group() as tg:

@@ -76,7 +76,9 @@ async def _run(
 ) -> tuple[float, float]:
     async with contextlib.AsyncExitStack() as stack:
         saver: BaseCheckpointSaver[str] = (
-            await stack.enter_async_context(open_checkpointer("redis", redis_url=redis_url))
+            await stack.enter_async_context(
+                open_checkpointer("redis", namespace=f"overhead-{tag}", redis_url=redis_url)
+            )
             if redis_url
             else InMemorySaver(serde=strict_serializer())
         )
