@@ -68,8 +68,8 @@ async def test_corrupted_stored_state_is_recovered_by_the_running_service(
     marker = tmp_path / "pwned"
     for case, wf in workflows.items():
         if case == PICKLED:
-            # The saver as the service opens it (its key prefix, if it has one).
-            async with open_checkpointer("redis", redis_url=redis_url) as saver:
+            # The saver as the service opens it (under its CTXD_STREAM_PREFIX).
+            async with open_checkpointer("redis", namespace=prefix, redis_url=redis_url) as saver:
                 await inject_pickled_write(saver, wf, latest[case], marker)
         elif case == FRESH:
             key = checkpoint_key(redis, wf, latest[case])

@@ -23,8 +23,8 @@ from tests_support import MARKET, TECH
 
 
 @pytest.fixture
-async def saver(redis_url: str) -> AsyncIterator[BaseCheckpointSaver[str]]:
-    async with open_checkpointer("redis", redis_url=redis_url) as opened:
+async def saver(redis_url: str, prefix: str) -> AsyncIterator[BaseCheckpointSaver[str]]:
+    async with open_checkpointer("redis", namespace=prefix, redis_url=redis_url) as opened:
         yield opened
 
 
@@ -74,11 +74,11 @@ POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 @pytest.fixture(params=["redis", "memory", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def any_saver(
-    request: pytest.FixtureRequest, redis_url: str
+    request: pytest.FixtureRequest, redis_url: str, prefix: str
 ) -> AsyncIterator[BaseCheckpointSaver[str]]:
     """Each checkpointer ctxd supports, with its strict serializer."""
     async with open_checkpointer(
-        request.param, redis_url=redis_url, postgres_url=POSTGRES_URL
+        request.param, namespace=prefix, redis_url=redis_url, postgres_url=POSTGRES_URL
     ) as opened:
         yield opened
 
