@@ -124,3 +124,38 @@ async def test_corrupted_stored_state_is_recovered_by_the_running_service(
 
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
+
+
+async def test_recovery_under_the_rollback_multitask_strategy(
+    start_service: Callable[..., ServiceProcess],
+    redis: Redis,
+    redis_url: str,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    """CTXD_MULTITASK=rollback reads the head before the run: an undecodable one is left
+    to the load check, not counted as a failed run (no DLQ)."""
+    service = start_service("run", env={"CTXD_MULTITASK": "rollback"})
+    service.wait_ready()
+    wf = f"wf-rb-{prefix}"
+    _send(redis, prefix, wf, "e1", TECH)
+    first = _outputs_by_event(redis, prefix, 1, service)
+    _send(redis, prefix, wf, "e2", MARKET)
+    second = _outputs_by_event(redis, prefix, 2, service)
+    bad = second[(wf, "e2")]["checkpoint_id"]
+    marker = tmp_path / "pwned"
+    async with open_checkpointer("redis", namespace=prefix, redis_url=redis_url) as saver:
+        await inject_pickled_write(saver, wf, bad, marker)
+
+    _send(redis, prefix, wf, "e3", TECH)
+    _outputs_by_event(redis, prefix, 3, service)
+    _send(redis, prefix, wf, "e4", TECH)  # after e3's output: rollback would interrupt e3
+    outputs = _outputs_by_event(redis, prefix, 4, service)
+    error = outputs[(wf, "e3")].get("error", "")
+    assert "could not be decoded" in error
+    assert f"rolled back to checkpoint {first[(wf, 'e1')]['checkpoint_id']}" in error
+    assert outputs[(wf, "e4")].get("error", "") == ""
+    assert redis.xlen(f"{prefix}:dlq") == 0
+    assert not marker.exists()
+    service.signal(signal.SIGTERM)
+    assert service.wait() == 0
