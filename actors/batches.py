@@ -3,7 +3,8 @@
 The ingress (actors/ingress.py) owns partitions, reads them and keeps a queue per
 workflow. For each batch it takes from a queue it calls :meth:`BatchProcessor.process`,
 which opens the events' ``process`` spans, suppresses events whose ``event_id`` is done
-already, counts the run's start in ``{prefix}:attempts``, runs the batch through the
+already in their workflow (:func:`~actors.streams.done_key`), counts the run's start in
+``{prefix}:attempts``, runs the batch through the
 :class:`~actors.parking.WorkflowRunner` under the partition's lease, commits outputs and
 acknowledgements in one fenced script, and says how it went (:data:`Outcome`):
 
@@ -37,7 +38,7 @@ from actors.lease import LeaseLostError
 from actors.parking import AckTarget, WorkflowRunner
 from actors.partitions import lease_key, partition_stream
 from actors.router import TRANSIENT_ERRORS
-from actors.streams import CommitItem, OutputCommitter, output_fields
+from actors.streams import CommitItem, OutputCommitter, done_key, output_fields
 from actors.validation import Event
 from graph.history import is_store_failure
 from graph.tracing import event_trace_fields
@@ -221,7 +222,7 @@ class BatchProcessor:
     ) -> None:
         s = self._settings
         started = time.monotonic()
-        done_keys = [s.key("done", p.event.event_id) for p in batch]
+        done_keys = [done_key(s, workflow_id, p.event.event_id) for p in batch]
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in done_keys:
                 pipe.exists(key)
@@ -304,7 +305,7 @@ class BatchProcessor:
             items.append(
                 CommitItem(
                     source_id=pending.entry_id,
-                    done_key=s.key("done", pending.event.event_id),
+                    done_key=done_key(s, workflow_id, pending.event.event_id),
                     fields=fields,
                 )
             )

@@ -47,7 +47,10 @@ def redis_url_for_client(settings: Settings) -> str:
 @contextlib.contextmanager
 def client_redis(settings: Settings) -> Iterator[SyncRedis]:
     """A decoding synchronous client for the command's Redis."""
-    client = SyncRedis.from_url(redis_url_for_client(settings), decode_responses=True)
+    # DLQ copies keep bytes that are not UTF-8 as they came: show them, never crash.
+    client = SyncRedis.from_url(
+        redis_url_for_client(settings), decode_responses=True, encoding_errors="replace"
+    )
     try:
         yield client
     finally:

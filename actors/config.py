@@ -60,6 +60,8 @@ class Settings:
     max_deliveries: int = 5
     max_content_bytes: int = 65536
     max_fields: int = 32
+    max_entry_bytes: int = 128 * 1024
+    dlq_field_bytes: int = 4096
     dedupe_ttl: int = 7 * 24 * 3600
     partitions: int = 16
     lease_ttl: float = 10.0
@@ -224,6 +226,8 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "max_deliveries": _parse_int(1, 1000),
     "max_content_bytes": _parse_int(1, 512 * 1024 * 1024),
     "max_fields": _parse_int(8, 1000),
+    "max_entry_bytes": _parse_int(1024, 1024 * 1024 * 1024),
+    "dlq_field_bytes": _parse_int(64, 16 * 1024 * 1024),
     "dedupe_ttl": _parse_int(60),
     "partitions": _parse_int(1, 1024),
     "lease_ttl": _parse_float(0.5),
@@ -318,6 +322,7 @@ def load_settings(
         if raw is not None:
             values[name] = _PARSERS[name](f"--{name.replace('_', '-')}", raw)
     settings = replace(Settings(), **values)  # type: ignore[arg-type]
+    settings = _entry_limit(settings, explicit="max_entry_bytes" in values)
     if settings.checkpointer == "postgres" and not settings.postgres_url:
         raise ConfigError(
             "CTXD_CHECKPOINTER=postgres needs CTXD_POSTGRES_URL (postgresql://user@host/db)"
@@ -326,6 +331,21 @@ def load_settings(
         raise ConfigError(
             f"CTXD_BREAKER_MINIMUM_CALLS={settings.breaker_minimum_calls} exceeds "
             f"CTXD_BREAKER_WINDOW={settings.breaker_window}: the window must hold that many calls"
+        )
+    return settings
+
+
+def _entry_limit(settings: Settings, *, explicit: bool) -> Settings:
+    """CTXD_MAX_ENTRY_BYTES: when unset, room for a full content plus 64 KiB of other
+    fields (metadata, ids, unknown fields); when set, never below the content limit."""
+    if not explicit:
+        derived = max(Settings.max_entry_bytes, settings.max_content_bytes + 64 * 1024)
+        return replace(settings, max_entry_bytes=derived)
+    if settings.max_entry_bytes < settings.max_content_bytes:
+        raise ConfigError(
+            f"CTXD_MAX_ENTRY_BYTES={settings.max_entry_bytes} is below "
+            f"CTXD_MAX_CONTENT_BYTES={settings.max_content_bytes}: an entry holds its "
+            "content and more, so raise CTXD_MAX_ENTRY_BYTES (or unset it to derive it)"
         )
     return settings
 

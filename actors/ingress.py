@@ -55,8 +55,7 @@ from actors.streams import (
     dead_letter,
     ensure_group,
 )
-from actors.validation import decode_fields, parse_event
-from graph.errors import InvalidEntryError
+from actors.validation import RawFields, as_invalid_entry, decode_fields, parse_entry
 from graph.workflow import ContextualGraph
 from telemetry.metrics import Instruments
 
@@ -440,16 +439,17 @@ class Ingress:
             _log.error("pending entry has no payload; acknowledging", entry_id=entry_id)
             await self._redis.xack(stream, s.group, entry_id)
             return
-        fields = decode_fields(raw)
-        source = fields.pop(SOURCE_FIELD, entry_id)
-        source_id = source.decode() if isinstance(source, bytes) else source
+        own = dict(raw)
+        source = own.pop(SOURCE_FIELD.encode(), None)
+        # (none when a producer appended straight to the partition; bytes not trusted)
+        source_id = source.decode("utf-8", "replace")[:200] if source else entry_id
         try:
-            event = parse_event(
-                source_id, fields, max_content_bytes=s.max_content_bytes, max_fields=s.max_fields
-            )
-        except InvalidEntryError as exc:
-            await self._dead_letter(n, entry_id, source_id, fields, exc.reason, str(exc), 1)
+            event = parse_entry(source_id, own, s)
+        except Exception as exc:  # noqa: BLE001 - one entry's problem never stops the reader
+            invalid = as_invalid_entry(exc)
+            await self._dead_letter(n, entry_id, source_id, own, invalid.reason, str(invalid), 1)
             return
+        fields = decode_fields(own)
         if deliveries > s.max_deliveries:
             await self._dead_letter(
                 n,
@@ -500,7 +500,7 @@ class Ingress:
         n: int,
         entry_id: str,
         source_id: str,
-        fields: Mapping[str, str | bytes],
+        fields: RawFields,
         reason: str,
         error: str,
         attempts: int,
@@ -515,11 +515,14 @@ class Ingress:
                 input_stream=partition_stream(self._settings, n),
                 group=self._settings.group,
                 source_id=entry_id,
-                fields={**fields, SOURCE_FIELD: source_id},
+                fields=fields,
+                original_id=source_id,
                 reason=reason,
                 error=error,
                 attempts=attempts,
                 lease=(lease_key(self._settings, f"part:{n}")[0], value),
+                field_bytes=self._settings.dlq_field_bytes,
+                max_fields=self._settings.max_fields,
             )
         except ResponseError as exc:
             if "FENCED" in str(exc):

@@ -31,9 +31,9 @@ import structlog
 from redis.asyncio import Redis
 
 from actors.config import Settings
-from actors.streams import CommitItem, OutputCommitter, output_fields
+from actors.streams import CommitItem, OutputCommitter, dlq_entry, done_key, output_fields
 from actors.validation import Event, decode_fields, parse_event
-from graph.errors import CtxdError
+from graph.errors import CtxdError, InvalidEntryError
 from graph.features import AnalyzerPolicy
 from graph.history import fork_checkpoint
 from graph.recovery import StateRecovery, load_checked_state
@@ -379,7 +379,7 @@ class _Run:
         items = [
             CommitItem(
                 source_id=self.ack.entry_ids[e.source_id],
-                done_key=self.r._settings.key("done", e.event_id),
+                done_key=done_key(self.r._settings, self.workflow_id, e.event_id),
                 fields=(
                     output_fields(
                         self.results[e.event_id],
@@ -417,12 +417,17 @@ class _Run:
                 self.trace_ids[source_id] = trace.pop("trace_id")
             if trace:
                 self.carriers[source_id] = trace
-            event = parse_event(
-                source_id,
-                fields,
-                max_content_bytes=settings.max_content_bytes,
-                max_fields=settings.max_fields,
-            )
+            try:
+                event = parse_event(
+                    source_id,
+                    fields,
+                    max_content_bytes=settings.max_content_bytes,
+                    max_fields=settings.max_fields,
+                    max_entry_bytes=settings.max_entry_bytes,
+                )
+            except InvalidEntryError as exc:  # limits lowered since it was parked, say
+                await self._dead_letter_parked(parked_id, source_id, fields, exc)
+                continue
             run = await run_events(
                 self.graph,
                 self.workflow_id,
@@ -447,7 +452,11 @@ class _Run:
             for name, value in out.items():
                 args += [name, value]
             await self.r._replay_commit(
-                keys=[settings.output_stream, stream, settings.key("done", event.event_id)],
+                keys=[
+                    settings.output_stream,
+                    stream,
+                    done_key(settings, self.workflow_id, event.event_id),
+                ],
                 args=args,
             )
             _log.info(
@@ -456,6 +465,33 @@ class _Run:
                 event_id=event.event_id,
                 status=(result or {}).get("status"),
             )
+
+    async def _dead_letter_parked(
+        self, parked_id: str, source_id: str, fields: Fields, exc: InvalidEntryError
+    ) -> None:
+        """A parked entry that no longer validates goes to the DLQ instead of failing
+        every later batch of its workflow (DLQ write and removal in one MULTI)."""
+        settings = self.r._settings
+        entry = dlq_entry(
+            fields,
+            reason=exc.reason,
+            error=str(exc),
+            attempts=1,
+            source_id=source_id,
+            field_bytes=settings.dlq_field_bytes,
+            max_fields=settings.max_fields,
+        )
+        async with self.r._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(settings.dlq_stream, entry)  # type: ignore[arg-type]
+            pipe.xdel(parked_stream(settings, self.workflow_id), parked_id)
+            await pipe.execute()
+        _log.warning(
+            "parked entry dead-lettered",
+            workflow_id=self.workflow_id,
+            source_id=source_id,
+            reason=exc.reason,
+            error=str(exc),
+        )
 
 
 def resume_fields(workflow_id: str, value: JSON, *, event_id: str | None = None) -> dict[str, str]:

@@ -317,6 +317,8 @@ class ActorPool:
             reason=reason,
             error=error,
             attempts=attempts,
+            field_bytes=self._settings.dlq_field_bytes,
+            max_fields=self._settings.max_fields,
         )
         _log.error(
             "actor request dead-lettered", kind=self._kind.value, source_id=entry_id, reason=reason
