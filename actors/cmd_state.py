@@ -250,14 +250,24 @@ def _append_and_wait(settings: Settings, fields: dict[str, str], wait: float) ->
             for out_id, out in xread_text(redis, settings.output_stream, last_id, block=block):
                 last_id = out_id
                 if out.get("source_id") == entry_id:
-                    print(
-                        f"{fields['control']}: status={out.get('status')} "
-                        f"decision={out.get('decision') or '-'} "
-                        f"checkpoint={out.get('checkpoint_id') or '-'}"
-                    )
+                    print(_control_outcome(fields["control"], out))
                     return 0 if out.get("status") != "error" else 1
     print("no result yet: the service applies it when it reads the entry (see `ctxd tail`)")
     return 0
+
+
+def _control_outcome(control: str, out: Mapping[str, str]) -> str:
+    """One line for a control entry's output; a failure says why (the output's error)."""
+    if out.get("status") == "error":
+        why = " ".join((out.get("error") or "").split()) or (
+            "the output has no error field: the service predates it; upgrade the service"
+        )
+        return f"{control}: status=error: {why}"
+    return (
+        f"{control}: status={out.get('status')} "
+        f"decision={out.get('decision') or '-'} "
+        f"checkpoint={out.get('checkpoint_id') or '-'}"
+    )
 
 
 def _resume(settings: Settings, args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from actors.batches import (
     PendingEntry,
     WorkflowQueue,
     attempt_field,
+    poison_error,
     run_tenure,
 )
 from actors.config import Settings
@@ -451,16 +452,8 @@ class Ingress:
             return
         fields = decode_fields(own)
         if deliveries > s.max_deliveries:
-            await self._dead_letter(
-                n,
-                entry_id,
-                source_id,
-                fields,
-                "poison",
-                f"started {deliveries - 1} times without completing (limit "
-                f"{s.max_deliveries}); see the service log for its errors",
-                deliveries - 1,
-            )
+            error = await poison_error(self._redis, s, n, entry_id, deliveries - 1)
+            await self._dead_letter(n, entry_id, source_id, fields, "poison", error, deliveries - 1)
             return
         wf = self._workflows.get(event.workflow_id)
         busy = wf is not None and bool(wf.running or wf.queue)
@@ -604,15 +597,10 @@ class Ingress:
         limit = self._settings.max_deliveries
         while wf.queue and wf.queue[0].deliveries > limit:
             p = wf.queue[0]  # popped only once dead-lettered
+            runs = p.deliveries - 1
+            error = await poison_error(self._redis, self._settings, p.partition, p.entry_id, runs)
             await self._dead_letter(
-                p.partition,
-                p.entry_id,
-                p.event.source_id,
-                p.fields,
-                "poison",
-                f"failed {p.deliveries - 1} times (limit {limit}); see the service log "
-                "for its errors",
-                p.deliveries - 1,
+                p.partition, p.entry_id, p.event.source_id, p.fields, "poison", error, runs
             )
             wf.queue.pop(0)
             self._forget([p])

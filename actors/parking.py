@@ -284,17 +284,27 @@ class _Run:
     # -- control entries ------------------------------------------------------------
 
     def _control_result(
-        self, event: Event, status: str, base: Mapping[str, JSON] | None = None
+        self,
+        event: Event,
+        status: str,
+        base: Mapping[str, JSON] | None = None,
+        *,
+        error: str | None = None,
     ) -> dict[str, JSON]:
+        """A control entry's output; ``error`` says why it failed (``ctxd rollback`` and
+        ``ctxd resume`` print it)."""
         result: dict[str, JSON] = {
             "workflow_id": self.workflow_id,
             "decision": "",
             "route": [str(event.control)],
             "quality_score": 0.0,
             "scores": {},
+            "error": "",
             **(base or {}),
         }
         result.update(event_id=event.event_id, source_id=event.source_id, status=status)
+        if error is not None:
+            result["error"] = error
         return result
 
     async def _resume(self, event: Event) -> dict[str, JSON]:
@@ -303,7 +313,13 @@ class _Run:
             return earlier
         if not self.paused:
             _log.warning("resume for a workflow that is not paused", workflow_id=self.workflow_id)
-            return self._control_result(event, "error")
+            return self._control_result(
+                event,
+                "error",
+                error=f"WorkflowError: workflow {self.workflow_id!r} is not paused: there is "
+                "nothing to resume (resume answers an escalated output while "
+                "CTXD_ESCALATION_PAUSES=true; see `ctxd state`)",
+            )
         run = await resume_workflow(
             self.graph,
             self.workflow_id,
@@ -334,7 +350,7 @@ class _Run:
             forked = await fork_checkpoint(self.graph, self.workflow_id, str(event.checkpoint_id))
         except CtxdError as exc:
             _log.warning("rollback refused", workflow_id=self.workflow_id, error=str(exc))
-            return self._control_result(event, "error")
+            return self._control_result(event, "error", error=f"{type(exc).__name__}: {exc}")
         self.checkpoint_id = forked
         self.paused = await paused_event_id(self.graph, self.workflow_id) is not None
         _log.info(
@@ -446,8 +462,6 @@ class _Run:
                     trace_id=self.trace_ids.get(source_id, ""),
                     checkpoint_id=self.checkpoint_id or "",
                 )
-                if result.get("error"):
-                    out["error"] = str(result["error"])
             args: list[str | int] = [parked_id, settings.dedupe_ttl]
             for name, value in out.items():
                 args += [name, value]

@@ -24,9 +24,11 @@ from actors.config import Settings
 
 __all__ = [
     "DLQ_CUT_FIELD",
+    "OUTPUT_ERROR_CHARS",
     "CommitItem",
     "FencedReader",
     "OutputCommitter",
+    "bounded_error",
     "dead_letter",
     "dlq_entry",
     "done_key",
@@ -325,10 +327,20 @@ async def dead_letter(
     return dlq_id.decode() if isinstance(dlq_id, bytes) else str(dlq_id)
 
 
+OUTPUT_ERROR_CHARS = 500
+"""Upper bound of an output's ``error`` field, in characters (a marker shows a cut)."""
+
+
 def output_fields(
     result: Mapping[str, object], *, trace_id: str, checkpoint_id: str
 ) -> dict[str, str]:
-    """The ``ctxd:out`` entry for one event's result (DESIGN's output contract)."""
+    """The ``ctxd:out`` entry for one event's result (DESIGN's output contract).
+
+    Every output carries ``error``: empty when nothing failed for the event, else the
+    failed step's exception type and message (bounded to :data:`OUTPUT_ERROR_CHARS`).
+    Every output path (batches, parking replays, control entries, interrupted runs)
+    builds its fields here, so none can leave it out.
+    """
     return {
         "workflow_id": str(result.get("workflow_id", "")),
         "event_id": str(result.get("event_id", "")),
@@ -340,7 +352,14 @@ def output_fields(
         "scores": json.dumps(result.get("scores") or {}, sort_keys=True),
         "trace_id": trace_id,
         "checkpoint_id": checkpoint_id,
+        "error": bounded_error(str(result.get("error") or "")),
     }
+
+
+def bounded_error(text: str, limit: int = OUTPUT_ERROR_CHARS) -> str:
+    """``text`` on one line, cut to ``limit`` characters with a ``…`` marker."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 async def trim_acknowledged(redis: Redis, stream: str) -> int:
