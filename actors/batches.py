@@ -40,6 +40,7 @@ from actors.partitions import lease_key, partition_stream
 from actors.router import TRANSIENT_ERRORS
 from actors.streams import CommitItem, OutputCommitter, done_key, output_fields
 from actors.validation import Event
+from graph.history import is_store_failure
 from graph.tracing import event_trace_fields
 from graph.workflow import ContextualGraph, thread_config
 from telemetry.metrics import Instruments
@@ -251,8 +252,13 @@ class BatchProcessor:
                 await pipe.execute()
             base: str | None = None  # where a rollback (CTXD_MULTITASK) returns to
             if s.multitask == "rollback":
-                state = await self._graph.aget_state(thread_config(workflow_id))
-                base = (state.config.get("configurable") or {}).get("checkpoint_id")
+                try:
+                    state = await self._graph.aget_state(thread_config(workflow_id))
+                    base = (state.config.get("configurable") or {}).get("checkpoint_id")
+                except Exception as exc:
+                    if is_store_failure(exc):
+                        raise
+                    # It does not decode: the runner recovers it before the run (no base).
             wf.running, wf.cancelled = fresh, False
             _log.debug(
                 "run started",

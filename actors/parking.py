@@ -36,6 +36,7 @@ from actors.validation import Event, decode_fields, parse_event
 from graph.errors import CtxdError, InvalidEntryError
 from graph.features import AnalyzerPolicy
 from graph.history import fork_checkpoint
+from graph.recovery import StateRecovery, load_checked_state
 from graph.state import JSON, outbox_result
 from graph.workflow import (
     ContextualGraph,
@@ -192,6 +193,7 @@ class _Run:
         self.checkpoint_id: str | None = None
         self.segment: list[tuple[Event, Fields]] = []
         self.paused = False
+        self.recovery: StateRecovery | None = None  # reported by the first result
 
     @property
     def graph(self) -> ContextualGraph:
@@ -202,9 +204,12 @@ class _Run:
         return {**event.as_state(), **self.carriers.get(event.source_id, {})}
 
     async def start(self) -> None:
-        # One read gives both the rollback point and whether a person is awaited.
-        snapshot = await self.graph.aget_state(thread_config(self.workflow_id))
-        self.checkpoint_id = snapshot.config.get("configurable", {}).get("checkpoint_id")
+        # One read gives the rollback point and whether a person is awaited, and checks
+        # the stored state against the schema (a bad one is recovered from before any
+        # run: graph/recovery.py).
+        checked = await load_checked_state(self.graph, self.workflow_id)
+        snapshot, self.recovery = checked.snapshot, checked.recovery
+        self.checkpoint_id = checked.checkpoint_id
         self.paused = bool(snapshot.interrupts)
         if not self.paused:
             await self._replay_parked()
@@ -265,8 +270,16 @@ class _Run:
             )
 
     def _hold(self, event: Event, result: Mapping[str, JSON]) -> None:
-        self.results[event.event_id] = result
+        self.results[event.event_id] = self._noted(result)
         self.held.append(event)
+
+    def _noted(self, result: Mapping[str, JSON]) -> Mapping[str, JSON]:
+        """The first result of the batch reports a recovery of the stored state."""
+        if self.recovery is None:
+            return result
+        note, self.recovery = self.recovery.message(), None
+        earlier = str(result.get("error") or "")
+        return {**result, "error": f"{earlier}; {note}" if earlier else note}
 
     # -- control entries ------------------------------------------------------------
 
@@ -441,15 +454,14 @@ class _Run:
             )
             self._absorb(run)
             result = run.results.get(event.event_id)
-            out = (
-                output_fields(
+            out: dict[str, str] = {}
+            if result is not None:
+                result = self._noted(result)
+                out = output_fields(
                     result,
                     trace_id=self.trace_ids.get(source_id, ""),
                     checkpoint_id=self.checkpoint_id or "",
                 )
-                if result is not None
-                else {}
-            )
             args: list[str | int] = [parked_id, settings.dedupe_ttl]
             for name, value in out.items():
                 args += [name, value]
