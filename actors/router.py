@@ -18,7 +18,7 @@ every ``CTXD_TRIM_INTERVAL`` seconds (:func:`actors.streams.trim_acknowledged`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import anyio
 import structlog
@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from actors.availability import RedisAvailability, is_outage
 from actors.config import Settings
 from actors.lease import LeaseLostError, Leases, fence_check_lua
 from actors.partitions import lease_key, partition_of, partition_stream
@@ -72,6 +73,8 @@ class Router:
         redis: the client.
         settings: validated settings.
         leases: this instance's lease helper.
+        reading_allowed: asked before each read (a breaker is open: leave input unread).
+        availability: the process's Redis monitor; routing pauses during an outage.
     """
 
     def __init__(
@@ -80,8 +83,12 @@ class Router:
         settings: Settings,
         leases: Leases,
         reading_allowed: Callable[[], bool] | None = None,
+        availability: RedisAvailability | None = None,
     ) -> None:
         self._redis = redis
+        self._availability = availability or RedisAvailability(
+            redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage
+        )
         self._reading_allowed = reading_allowed or (lambda: True)
         self._settings = settings
         self._leases = leases
@@ -97,9 +104,9 @@ class Router:
     async def run(self, stopping: anyio.Event) -> None:
         """Compete for the router lease and route while holding it, until ``stopping``."""
         s = self._settings
-        backoff = 0.1
         while not stopping.is_set():
             try:
+                await self._availability.wait_available()
                 await ensure_group(self._redis, s.input_stream, s.group)
                 value = await self._leases.acquire(self._key, self._fence)
                 if value is not None:
@@ -111,13 +118,14 @@ class Router:
                         self.active = False
                         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                             await self._leases.release(self._key, value)
-                backoff = 0.1
             except LeaseLostError:
                 _log.warning("router lease lost; another instance routes now")
-            except TRANSIENT_ERRORS as exc:
-                _log.warning("router: Redis unavailable, retrying", error=str(exc), backoff=backoff)
-                await _sleep_unless(stopping, backoff)
-                backoff = min(backoff * 2, 5.0)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # Reading pauses until Redis is back; the entry stays pending meanwhile.
+                self._availability.report(exc)
+                await _wait_unless(stopping, self._availability.wait_available())
                 continue
             await _sleep_unless(stopping, s.lease_ttl / 3)
 
@@ -133,6 +141,8 @@ class Router:
                 if not await self._leases.renew(self._key, value):
                     raise LeaseLostError
                 renewed = time.monotonic()
+            if not self._availability.available:
+                return  # an outage: run() waits it out, then takes the lease again
             if not self._reading_allowed():  # a breaker is open: leave the input unread
                 await _sleep_unless(stopping, min(renew_every, s.block_ms / 1000))
                 continue
@@ -230,6 +240,19 @@ class Router:
 
 
 _DLQ_FIELDS = ("reason", "error", "attempts", "source_id")
+
+
+async def _wait_unless(event: anyio.Event, waiting: Awaitable[None]) -> None:
+    """Await ``waiting`` unless ``event`` is set first (a stop during an outage)."""
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_event() -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(stop_on_event)
+        await waiting
+        tg.cancel_scope.cancel()
 
 
 async def _sleep_unless(event: anyio.Event, seconds: float) -> None:

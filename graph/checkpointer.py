@@ -103,7 +103,11 @@ async def _create_indexes(saver: AsyncRedisSaver, attempts: int = 6) -> None:
 
 @contextlib.asynccontextmanager
 async def open_checkpointer(
-    kind: str, *, redis_url: str | None = None, postgres_url: str | None = None
+    kind: str,
+    *,
+    redis_url: str | None = None,
+    postgres_url: str | None = None,
+    redis_client: Redis | None = None,
 ) -> AsyncIterator[BaseCheckpointSaver[str]]:
     """Open the checkpointer of ``kind`` with the strict serializer.
 
@@ -111,6 +115,8 @@ async def open_checkpointer(
         kind: ``redis``, ``memory`` or ``postgres``.
         redis_url: for ``redis``.
         postgres_url: for ``postgres`` (needs the ``postgres`` extra).
+        redis_client: for ``redis``, a client the saver shares (and does not close),
+            so the service's connection pool is sized for both; its own if None.
 
     Raises:
         ConfigError: unknown kind, missing URL or missing extra.
@@ -128,7 +134,11 @@ async def open_checkpointer(
             await check_redis_modules(probe)
         finally:
             await probe.aclose()
-        saver = AsyncRedisSaver(redis_url)
+        saver = (
+            AsyncRedisSaver(redis_url)
+            if redis_client is None
+            else AsyncRedisSaver(redis_client=redis_client)
+        )
         try:
             await _create_indexes(saver)
         except BaseException:
