@@ -69,6 +69,8 @@ OutageKind = Literal["unavailable", "out_of_memory"]
 _FATAL = (AuthenticationError, AuthorizationError, ExternalAuthProviderError, NoPermissionError)
 _FAILOVER_PREFIXES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 _OOM_TEXT = "OOM command not allowed"
+_MIN_HEADROOM = 256 * 1024  # bytes below maxmemory before writes are tried again
+_MAX_HEADROOM = 64 * 1024 * 1024
 
 
 class RedisOutageError(CtxdError):
@@ -345,10 +347,16 @@ class RedisAvailability:
             return
 
     async def _probe(self) -> None:
-        if self._kind == "out_of_memory":
-            await self._redis.set(self._probe_key, b"1", px=10_000)  # refused at maxmemory
-        else:
+        if self._kind != "out_of_memory":
             await self._redis.ping()
+            return
+        # Back only with some headroom below maxmemory: right at the limit, a small
+        # write succeeds and the next one fails, and the state would flap.
+        memory = await self._redis.info("memory")
+        limit, used = int(memory.get("maxmemory") or 0), int(memory.get("used_memory") or 0)
+        if limit and used > limit - min(max(limit // 50, _MIN_HEADROOM), _MAX_HEADROOM):
+            raise OutOfMemoryError(f"used memory {used} is still near maxmemory {limit}")
+        await self._redis.set(self._probe_key, b"1", px=10_000)  # refused at maxmemory
 
     def _mark_back(self) -> None:
         seconds = self._clock() - self._started_at
