@@ -47,6 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.backoff import jittered_backoff
+from actors.config import Settings
 from graph.errors import CtxdError
 
 __all__ = [
@@ -223,6 +224,11 @@ class RedisAvailability:
         self._back.set()
         self._down = anyio.Event()
 
+    @classmethod
+    def for_settings(cls, redis: Redis, settings: Settings) -> RedisAvailability:
+        """The monitor of ``settings`` (probe key under the prefix, the max outage)."""
+        return cls(redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage)
+
     @property
     def available(self) -> bool:
         """True unless an outage is being waited out."""
@@ -290,6 +296,21 @@ class RedisAvailability:
                 if self._available:
                     return
                 await self._probe_until_back()
+
+    async def wait_available_or(self, stop: anyio.Event) -> None:
+        """Like :meth:`wait_available`, but return early once ``stop`` is set (a stop
+        signal during an outage)."""
+        if self._available or stop.is_set():
+            return
+        async with anyio.create_task_group() as tg:
+
+            async def wait() -> None:
+                await self.wait_available()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait)
+            await stop.wait()
+            tg.cancel_scope.cancel()
 
     async def wait_unavailable(self) -> None:
         """Return once an outage is on (at once if one is); for watchers and tests."""

@@ -127,9 +127,7 @@ class BatchProcessor:
         availability: RedisAvailability | None = None,
     ) -> None:
         self._redis = redis
-        self._availability = availability or RedisAvailability(
-            redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage
-        )
+        self._availability = availability or RedisAvailability.for_settings(redis, settings)
         self._settings = settings
         self._graph = graph
         self._consumer = consumer

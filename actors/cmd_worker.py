@@ -68,9 +68,7 @@ async def _serve(
 
     connections = pool_size(settings, ingress=False, kinds=kinds)
     redis = open_service_client(redis_url, settings, connections)
-    availability = RedisAvailability(
-        redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage
-    )
+    availability = RedisAvailability.for_settings(redis, settings)
     try:
         system = ActorSystem(
             redis,

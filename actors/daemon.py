@@ -87,9 +87,7 @@ async def serve(
     kinds = tuple(WorkKind) if settings.dispatch == "actors" else ()
     connections = pool_size(settings, ingress=True, kinds=kinds)
     redis = open_service_client(redis_url, settings, connections)
-    availability = RedisAvailability(
-        redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage
-    )
+    availability = RedisAvailability.for_settings(redis, settings)
     stopper = _Stopper(drain_budget)
     try:
         async with (

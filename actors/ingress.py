@@ -126,9 +126,7 @@ class Ingress:
         self._redis = redis
         self._settings = settings
         self._graph = graph
-        self._availability = availability or RedisAvailability(
-            redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage
-        )
+        self._availability = availability or RedisAvailability.for_settings(redis, settings)
         self._reading_allowed = reading_allowed or (lambda: True)
         self._instruments = instruments
         self._tracer = tracer or _tracer
@@ -256,7 +254,7 @@ class Ingress:
                 if not is_outage(exc):
                     raise
                 self._availability.report(exc)
-                await self._until_available()
+                await self._availability.wait_available_or(self._stopping)
                 continue
             with anyio.move_on_after(wait):
                 await self._stopping.wait()
@@ -355,7 +353,7 @@ class Ingress:
         with scope:
             while not self._stopping.is_set() and n in self._owned:
                 if not self._availability.available:  # an outage: reading pauses
-                    await self._until_available()
+                    await self._availability.wait_available_or(self._stopping)
                     cursor = "0"  # a read may have happened: re-read our pending list
                     continue
                 if not self._reading_allowed():
@@ -418,18 +416,6 @@ class Ingress:
                     if not is_outage(exc):
                         raise
                     self._availability.report(exc)  # the loop's top waits it out
-
-    async def _until_available(self) -> None:
-        """Wait out a Redis outage, or until the ingress stops."""
-        async with anyio.create_task_group() as tg:
-
-            async def wait() -> None:
-                await self._availability.wait_available()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(wait)
-            await self._stopping.wait()
-            tg.cancel_scope.cancel()
 
     async def _paused(self) -> None:
         """Backpressure: wait a little while the breakers reject work."""
@@ -603,7 +589,9 @@ class Ingress:
                             p.deliveries += 1
                     wf.queue[:0] = batch
                     if outcome == "transient" and not self._availability.available:
-                        await self._until_available()  # Redis was away: run again once back
+                        await self._availability.wait_available_or(
+                            self._stopping
+                        )  # Redis was away: run again once back
                     else:
                         pause = min(0.2 * 2 ** (failures - 1), 10.0) if failures else 0.2
                         with anyio.move_on_after(pause):

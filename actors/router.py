@@ -18,7 +18,7 @@ every ``CTXD_TRIM_INTERVAL`` seconds (:func:`actors.streams.trim_acknowledged`).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import anyio
 import structlog
@@ -86,9 +86,7 @@ class Router:
         availability: RedisAvailability | None = None,
     ) -> None:
         self._redis = redis
-        self._availability = availability or RedisAvailability(
-            redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage
-        )
+        self._availability = availability or RedisAvailability.for_settings(redis, settings)
         self._reading_allowed = reading_allowed or (lambda: True)
         self._settings = settings
         self._leases = leases
@@ -125,7 +123,7 @@ class Router:
                     raise
                 # Reading pauses until Redis is back; the entry stays pending meanwhile.
                 self._availability.report(exc)
-                await _wait_unless(stopping, self._availability.wait_available())
+                await self._availability.wait_available_or(stopping)
                 continue
             await _sleep_unless(stopping, s.lease_ttl / 3)
 
@@ -240,19 +238,6 @@ class Router:
 
 
 _DLQ_FIELDS = ("reason", "error", "attempts", "source_id")
-
-
-async def _wait_unless(event: anyio.Event, waiting: Awaitable[None]) -> None:
-    """Await ``waiting`` unless ``event`` is set first (a stop during an outage)."""
-    async with anyio.create_task_group() as tg:
-
-        async def stop_on_event() -> None:
-            await event.wait()
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(stop_on_event)
-        await waiting
-        tg.cancel_scope.cancel()
 
 
 async def _sleep_unless(event: anyio.Event, seconds: float) -> None:

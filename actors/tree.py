@@ -79,9 +79,7 @@ class ActorSystem:
         availability: RedisAvailability | None = None,
     ) -> None:
         tracer = tracer or trace.get_tracer("ctxd.actors")
-        self.availability = availability or RedisAvailability(
-            redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage
-        )
+        self.availability = availability or RedisAvailability.for_settings(redis, settings)
         """The Redis monitor every loop of this tree reports outages to."""
         self._count_restart = actor_restarts(instruments) if instruments is not None else None
         self.mailbox = (
