@@ -22,6 +22,7 @@ who prefer exit-and-restart: :meth:`RedisAvailability.watch` raises
 from __future__ import annotations
 
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -104,9 +105,15 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _is_fatal(error: BaseException) -> bool:
-    return isinstance(error, _FATAL) or (
-        isinstance(error, ResponseError) and str(error).startswith(("NOAUTH", "WRONGPASS"))
-    )
+    if isinstance(error, _FATAL):
+        return True
+    if isinstance(error, ResponseError) and str(error).startswith(("NOAUTH", "WRONGPASS")):
+        return True
+    # TLS refused (certificate not verified, TLS against a plain port): no wait helps.
+    # redis-py wraps it in a ConnectionError whose message keeps the SSL reason.
+    if isinstance(error, ssl.SSLError) and not isinstance(error, ssl.SSLZeroReturnError):
+        return True
+    return isinstance(error, RedisConnectionError) and "[SSL" in str(error)
 
 
 def _transient_one(error: BaseException) -> bool:
@@ -127,7 +134,8 @@ def is_transient(exc: BaseException) -> bool:
 
     Connection refused or reset, timeouts, ``LOADING``, fail-over errors (``READONLY``,
     ``MASTERDOWN``, ``TRYAGAIN``, ``CLUSTERDOWN``), an exhausted connection pool.
-    Authentication and ACL errors never are, wherever they sit in the chain.
+    Authentication, ACL and TLS verification errors never are, wherever they sit in
+    the chain.
     """
     chain = _chain(exc)
     if any(_is_fatal(error) for error in chain):

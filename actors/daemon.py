@@ -203,6 +203,9 @@ async def _escalations_unwrapped() -> AsyncIterator[None]:
     except ExceptionGroup as group:
         matched, _ = group.split((SupervisorEscalation, RedisOutageError))
         if matched is None:
+            leaves = _leaves(group)
+            if len(leaves) == 1:  # one fatal error (start-up, say): the CLI's one line
+                raise leaves[0] from None
             raise
         fatal: Exception = matched.exceptions[0]
         while isinstance(fatal, ExceptionGroup):
@@ -210,6 +213,16 @@ async def _escalations_unwrapped() -> AsyncIterator[None]:
         if isinstance(fatal, SupervisorEscalation):
             _log.error("the supervision tree gave up; exiting", error=str(fatal))
         raise fatal from None
+
+
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    found: list[Exception] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found += _leaves(exc)
+        else:
+            found.append(exc)
+    return found
 
 
 def _exports_metrics(settings: TelemetrySettings) -> bool:

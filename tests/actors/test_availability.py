@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
@@ -81,6 +82,11 @@ def test_outages_are_transient(error: Exception) -> None:
         NoPermissionError("this user has no permissions to run the 'xadd' command"),
         _caused(RedisModulesMissingError("cannot list modules"), AuthenticationError("WRONGPASS")),
         ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        RedisConnectionError(
+            "Error 1 connecting to 127.0.0.1:6390. [SSL: CERTIFICATE_VERIFY_FAILED] "
+            "certificate verify failed: self-signed certificate (_ssl.c:1006)."
+        ),
+        _caused(RedisConnectionError("Error 1 connecting"), ssl.SSLCertVerificationError(1)),
         TimeoutError("event timeout"),
         ConnectionError("analysis backend unreachable"),
         ValueError("bad input"),
