@@ -21,6 +21,7 @@ who prefer exit-and-restart: :meth:`RedisAvailability.watch` raises
 
 from __future__ import annotations
 
+import logging
 import random
 import ssl
 import time
@@ -60,6 +61,7 @@ __all__ = [
     "is_out_of_memory",
     "is_outage",
     "is_transient",
+    "quiet_library_outage_logs",
 ]
 
 _log = structlog.get_logger("ctxd.redis")
@@ -155,6 +157,27 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def is_outage(exc: BaseException) -> bool:
     """Transient or out of memory: wait for Redis, do not count a failure."""
     return is_out_of_memory(exc) or is_transient(exc)
+
+
+class _OutageRecords(logging.Filter):
+    """Drops a library's log record whose exception is an outage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or not is_outage(error)
+
+
+_LIBRARY_LOGGERS = ("redisvl.index.index",)
+"""Libraries that log every failed write with a traceback (redisvl: each checkpoint)."""
+
+
+def quiet_library_outage_logs() -> None:
+    """Keep the log to one line per outage: drop the libraries' own tracebacks of the
+    errors the monitor already reports (other errors still pass)."""
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OutageRecords) for f in logger.filters):
+            logger.addFilter(_OutageRecords())
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,12 @@ import structlog
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from redis.asyncio import Redis
 
-from actors.availability import RedisAvailability, RedisOutageError, is_outage
+from actors.availability import (
+    RedisAvailability,
+    RedisOutageError,
+    is_outage,
+    quiet_library_outage_logs,
+)
 from actors.config import Settings
 from actors.connections import open_service_client, pool_size
 from actors.ingress import Ingress
@@ -88,6 +93,7 @@ async def serve(
     connections = pool_size(settings, ingress=True, kinds=kinds)
     redis = open_service_client(redis_url, settings, connections)
     availability = RedisAvailability.for_settings(redis, settings)
+    quiet_library_outage_logs()
     stopper = _Stopper(drain_budget)
     try:
         async with (

@@ -4,6 +4,7 @@ of breakers and actor restarts. Real Redis servers, started and killed here."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import ssl
@@ -39,6 +40,7 @@ from actors.availability import (
     is_out_of_memory,
     is_outage,
     is_transient,
+    quiet_library_outage_logs,
 )
 from actors.config import Settings
 from actors.connections import pool_size
@@ -229,3 +231,18 @@ async def test_out_of_memory_waits_until_writes_succeed(
         assert await redis.get("t:key") == b"v"
     finally:
         await redis.aclose()
+
+
+def test_library_tracebacks_of_outages_are_dropped_other_errors_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """redisvl logs each failed checkpoint write with a traceback; during an outage the
+    monitor's one line says it all."""
+    quiet_library_outage_logs()
+    logger = logging.getLogger("redisvl.index.index")
+    for error in (OutOfMemoryError("command not allowed"), ValueError("a real bug")):
+        try:
+            raise error
+        except Exception:
+            logger.exception("Error while loading data to Redis")
+    assert [r.exc_info[1] for r in caplog.records if r.exc_info] == [error]
