@@ -104,7 +104,9 @@ class Router:
         s = self._settings
         while not stopping.is_set():
             try:
-                await self._availability.wait_available()
+                await self._availability.wait_available_or(stopping)
+                if stopping.is_set():
+                    return
                 await ensure_group(self._redis, s.input_stream, s.group)
                 value = await self._leases.acquire(self._key, self._fence)
                 if value is not None:
