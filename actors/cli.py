@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from actors.availability import RedisOutageError
 from actors.config import load_settings
 from actors.redis_errors import (
     RedisStartupError,
@@ -72,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         url = settings.redis_url
         register_secrets(*url_secrets(url), *url_secrets(settings.postgres_url))
         code: int = args.handler(settings, args)
-    except RedisStartupError as exc:
+    except (RedisStartupError, RedisOutageError) as exc:
+        # Their own line: an outage past CTXD_REDIS_MAX_OUTAGE names the limit (and the
+        # cause), which classifying its ConnectionError would hide.
         _error_line(str(exc))
         return _EXIT_FATAL
     except CtxdError as exc:
@@ -84,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the last resort: a line or a clean traceback
+        outage = _outage_in(exc)
+        if outage is not None:  # with other errors of the stop it caused
+            _error_line(str(outage))
+            return _EXIT_FATAL
         if find_redis_error(exc) is not None:
             # redis-py's own errors and those wrapping them (redisvl's, groups).
             _error_line(str(describe_redis_error(exc, url)))
@@ -93,6 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(scrub_secrets(text), file=sys.stderr, end="")
         return _EXIT_FATAL
     return code
+
+
+def _outage_in(exc: BaseException) -> RedisOutageError | None:
+    """The :class:`RedisOutageError` in ``exc``'s exception groups, if any."""
+    if isinstance(exc, RedisOutageError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _outage_in(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _error_line(message: str) -> None:
