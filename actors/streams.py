@@ -29,6 +29,7 @@ __all__ = [
     "ensure_group",
     "output_fields",
     "trim_acknowledged",
+    "trim_bounded_streams",
 ]
 
 # KEYS: out, in, lease, done_1..done_n. ARGV: group, ttl, n, lease value ("" = unfenced),
@@ -246,6 +247,22 @@ async def trim_acknowledged(redis: Redis, stream: str) -> int:
     if low <= (0, 0):
         return 0
     return int(await redis.xtrim(stream, minid=f"{low[0]}-{low[1]}", approximate=False))
+
+
+async def trim_bounded_streams(redis: Redis, settings: Settings) -> int:
+    """Trim ``ctxd:out`` and the DLQ to ``CTXD_OUTPUT_MAXLEN`` / ``CTXD_DLQ_MAXLEN``.
+
+    ``MAXLEN ~`` trims whole macro nodes only (cheap); a bound of 0 leaves the stream
+    alone. Returns how many entries went.
+    """
+    trimmed = 0
+    for stream, maxlen in (
+        (settings.output_stream, settings.output_maxlen),
+        (settings.dlq_stream, settings.dlq_maxlen),
+    ):
+        if maxlen:
+            trimmed += int(await redis.xtrim(stream, maxlen=maxlen, approximate=True))
+    return trimmed
 
 
 def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
