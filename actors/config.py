@@ -255,7 +255,7 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "max_deliveries": _parse_int(1, 1000),
     "max_content_bytes": _parse_int(1, 512 * 1024 * 1024),
     "max_fields": _parse_int(8, 1000),
-    "dedupe_ttl": _parse_int(60),
+    "dedupe_ttl": _parse_int(1),
     "retain_checkpoints": _parse_retain,
     "idle_workflow_ttl": _parse_int_or_off(60),
     "output_maxlen": _parse_int_or_off(100),

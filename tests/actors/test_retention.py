@@ -256,3 +256,40 @@ def test_service_prunes_and_dedupe_rollback_and_resume_still_hold(
     assert redis.zscore(f"{prefix}:workflows:{partition_of(workflow_id, 16)}", workflow_id)
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
+
+
+@pytest.mark.slow
+def test_integrity_recovery_with_the_default_policy(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    redis: Redis,
+    prefix: str,
+) -> None:
+    """Defaults (20 checkpoints, pruned every 5 runs): 30 runs later, a tampered latest
+    checkpoint still rolls back to the last good one, and history stays bounded."""
+    out = f"{prefix}:out"
+    service = start_service("run")
+    service.wait_ready()
+    workflow_id = f"{prefix}-w"
+    for i in range(30):
+        text = TECH if (i // 3) % 2 == 0 else MARKET
+        redis.xadd(
+            f"{prefix}:in", {"workflow_id": workflow_id, "event_id": f"e{i}", "content": text}
+        )
+        assert len(read_outputs(redis, out, i + 1)) == i + 1
+    latest = read_outputs(redis, out, 30)[-1][1]["checkpoint_id"]
+    kept = _checkpoint_keys(redis, prefix, workflow_id)
+    assert latest in kept
+    assert len(kept) <= 20 + 5 + 20 + 1  # newest + unpruned runs + rollback points + head
+    key = f"{prefix}:checkpoint:{workflow_id}:__empty__:{latest}"
+    redis.json().set(key, "$.checkpoint.channel_values.window", ["forged"])
+
+    redis.xadd(f"{prefix}:in", {"workflow_id": workflow_id, "event_id": "x", "content": TECH})
+    result = read_outputs(redis, out, 31)[-1][1]
+    assert result["event_id"] == "x"
+    assert result["status"] == "error"
+    document = json.loads(run_ctxd(service_env, "state", workflow_id, "--json").stdout)
+    assert "forged" not in document["values"]["window"]
+    assert document["values"]["events_processed"] == 29  # back to the one before e29's
+    service.signal(signal.SIGTERM)
+    assert service.wait() == 0
