@@ -69,7 +69,8 @@ def register(commands: Subcommands) -> None:
         help="what is kept (keys and bytes by category: checkpoints, streams, dedupe, DLQ, "
         "other): keys are counted exactly by SCAN up to N keys (default 200000; beyond, the "
         f"counts are marked incomplete); bytes are estimated from MEMORY USAGE of up to "
-        f"{SAMPLES} sampled keys per category, scaled to its key count; 0 skips this",
+        f"{SAMPLES} sampled keys per category, scaled to its key count (RedisJSON overstates "
+        "checkpoints about 3x: an upper bound; used_memory is exact); 0 skips this",
     )
     status.set_defaults(handler=_status)
 

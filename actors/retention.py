@@ -33,7 +33,12 @@ from actors.parking import parked_stream
 from actors.partitions import lease_key, partition_of
 from actors.redis_io import text
 from actors.router import TRANSIENT_ERRORS
-from graph.retention import checkpoint_store, delete_workflow_state, prune_workflow
+from graph.errors import ConfigError
+from graph.retention import (
+    CheckpointStore,
+    checkpoint_store,
+    prune_workflow,
+)
 from graph.workflow import ContextualGraph, paused_event_id
 
 __all__ = [
@@ -101,7 +106,12 @@ class Retention:
         self._clock = clock
         saver = graph.checkpointer
         self._saver = saver if isinstance(saver, BaseCheckpointSaver) else None
-        self._store = checkpoint_store(self._saver) if self._saver is not None else None
+        self._store: CheckpointStore | None = None
+        if self._saver is not None:
+            try:
+                self._store = checkpoint_store(self._saver)
+            except ConfigError as exc:  # a saver of someone's own: kept whole
+                _log.warning("checkpoints are not pruned", reason=str(exc))
         # Prune every quarter of the bound: at most retain * 1.25 checkpoints between prunes.
         self._every = max(1, settings.retain_checkpoints // 4)
         self._runs: dict[str, int] = {}
@@ -165,7 +175,7 @@ class Retention:
             busy: whether a workflow is queued or running in this instance.
         """
         s = self._settings
-        if not s.idle_workflow_ttl or self._saver is None:
+        if not s.idle_workflow_ttl or self._store is None:
             return
         interval = s.trim_interval or 60.0
         while not stopping.is_set():
@@ -196,7 +206,7 @@ class Retention:
             LeaseLostError: the partition is not ours any more.
         """
         s = self._settings
-        if self._saver is None or not s.idle_workflow_ttl:
+        if self._store is None or not s.idle_workflow_ttl:
             return 0
         key = workflows_key(s, n)
         now = self._clock()
@@ -219,7 +229,7 @@ class Retention:
                 await self._redis.zadd(key, {workflow_id: now})
                 continue
             await self._check_lease(lease)
-            checkpoints = await delete_workflow_state(self._saver, workflow_id)
+            checkpoints = await self._store.delete_thread(workflow_id)
             await self._zrem_if_idle(keys=[key], args=[workflow_id, cutoff])
             deleted += 1
             self.expired += 1
