@@ -232,6 +232,10 @@ class _RedisStore:
                     saver._key_registry.make_write_keys_zset_key(thread_id, ns, checkpoint_id)
                 )
             keys.append(saver._make_redis_checkpoint_key(thread_id, ns, checkpoint_id))
+        if saver.cluster_mode:  # keys of many slots unless the prefix has a hash tag
+            for key in keys:
+                await saver._redis.delete(key)
+            return
         # One MULTI: a cancelled or failed prune leaves a checkpoint whole or gone.
         async with saver._redis.pipeline(transaction=True) as pipe:
             for start in range(0, len(keys), 500):
@@ -253,7 +257,8 @@ class _RedisStore:
         latest = [
             self._saver._make_redis_checkpoint_latest_key(thread_id, ns) for ns in namespaces | {""}
         ]
-        await self._saver._redis.delete(*leftover, *latest)
+        for key in [*leftover, *latest]:  # one by one: valid on a cluster too
+            await self._saver._redis.delete(key)
         return deleted
 
 
