@@ -190,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         if footprint_wanted:
-            print("footprint: starting 1 process (a Redis of its own)", flush=True)
-            with bench_redis(None, Path(tmp) / "redis-footprint") as own_url:
+            # A Redis of its own (used_memory is ctxd's alone), unless --redis-url is given.
+            print("footprint: starting 1 process", flush=True)
+            with bench_redis(args.redis_url, Path(tmp) / "redis-footprint") as own_url:
                 footprint = run_footprint(
-                    args.redis_url or own_url,
+                    own_url,
                     logs,
                     events=args.footprint_events,
                     workflows=args.footprint_workflows,
