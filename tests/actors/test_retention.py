@@ -6,24 +6,29 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
+import anyio
 import pytest
+from actor_support import actor_settings, running
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from actors.config import Settings, load_settings
 from actors.lease import LeaseLostError
+from actors.mailbox import ActorRequest, mailbox_stream
 from actors.parking import WorkflowRunner, parked_stream, resume_fields
 from actors.partitions import lease_key, partition_of
 from actors.retention import Retention, done_key_pattern, workflows_key
 from actors.streams import ensure_group, trim_bounded_streams
+from actors.tree import ActorSystem
 from actors.validation import Event, parse_event
 from graph.checkpointer import open_checkpointer
 from graph.errors import ConfigError
-from graph.work import LocalDispatch
+from graph.work import LocalDispatch, WorkHandlers
 from graph.workflow import ContextualGraph, build_contextual_workflow, run_events, thread_config
 from tests_support import MARKET, TECH, ServiceProcess, read_outputs, run_ctxd
 
@@ -293,3 +298,38 @@ def test_integrity_recovery_with_the_default_policy(
     assert document["values"]["events_processed"] == 29  # back to the one before e29's
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
+
+
+@pytest.mark.parametrize(("maxlen", "bounded"), [(100, True), (0, False)])
+async def test_reply_streams_are_bounded_unless_turned_off(
+    settings: Settings, maxlen: int, bounded: bool
+) -> None:
+    """CTXD_REPLY_MAXLEN: replies to an asker that reads none are capped (MAXLEN ~);
+    0 keeps every reply."""
+    s = actor_settings(settings, reply_maxlen=maxlen)
+    replies = s.key("reply", "nobody-reads")
+    client = AsyncRedis.from_url(str(s.redis_url))
+    try:
+        stream = mailbox_stream(s, "monitoring")
+        for i in range(300):
+            request = ActorRequest(
+                id=f"r{i}",
+                kind="monitoring",
+                payload=json.dumps({"workflow_id": "w", "window": ["x"], "errors": 0}),
+                reply_to=replies,
+                deadline=time.time() + 600,
+            )
+            await client.xadd(stream, request.to_fields())  # type: ignore[arg-type]
+        system = ActorSystem(client, s, WorkHandlers())
+        async with running(system):
+            deadline = time.monotonic() + 60  # no event to await: poll with a deadline
+            while await client.xlen(stream) > 0:  # handled entries are deleted
+                assert time.monotonic() < deadline, "requests not handled in 60 s"
+                await anyio.sleep(0.05)
+        length = await client.xlen(replies)
+    finally:
+        await client.aclose()
+    if bounded:
+        assert 100 <= length <= 200
+    else:
+        assert length == 300
