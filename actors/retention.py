@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import cast
 
 import anyio
@@ -164,15 +164,15 @@ class Retention:
     async def sweep(
         self,
         stopping: anyio.Event,
-        owned: Callable[[], Mapping[int, str]],
-        busy: Callable[[str], bool],
+        owned: Mapping[int, str],
+        busy: Container[str],
     ) -> None:
         """Delete idle workflows of the owned partitions every ``CTXD_TRIM_INTERVAL``.
 
         Args:
             stopping: ends the loop.
-            owned: the partitions this instance owns now, with their lease values.
-            busy: whether a workflow is queued or running in this instance.
+            owned: the partitions this instance owns (live), with their lease values.
+            busy: the workflows queued or running in this instance (live).
         """
         s = self._settings
         if not s.idle_workflow_ttl or self._store is None:
@@ -181,7 +181,7 @@ class Retention:
         while not stopping.is_set():
             with anyio.move_on_after(interval):
                 await stopping.wait()
-            for n, value in list(owned().items()):
+            for n, value in list(owned.items()):
                 if stopping.is_set():
                     return
                 try:
@@ -191,13 +191,13 @@ class Retention:
                 except LeaseLostError:
                     continue
 
-    async def sweep_partition(self, n: int, value: str, busy: Callable[[str], bool]) -> int:
+    async def sweep_partition(self, n: int, value: str, busy: Container[str]) -> int:
         """Delete the state of partition ``n``'s workflows idle past the TTL.
 
         Args:
             n: the partition.
             value: this instance's lease value on it (checked before each deletion).
-            busy: whether a workflow is queued or running in this instance.
+            busy: the workflows queued or running in this instance.
 
         Returns:
             How many workflows were deleted.
@@ -219,7 +219,7 @@ class Retention:
         deleted = 0
         for raw in idle:
             workflow_id = text(raw)
-            if busy(workflow_id):
+            if workflow_id in busy:
                 continue
             if (
                 await paused_event_id(self._graph, workflow_id) is not None

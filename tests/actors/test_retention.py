@@ -174,10 +174,10 @@ async def test_idle_workflows_are_deleted_by_their_partition_owner_only(
     clock.now += 1000  # idle, paused, busy: 4000 s idle; recent: 1000 s
 
     with pytest.raises(LeaseLostError):
-        await retention.sweep_partition(0, "tenure-0", lambda w: False)
+        await retention.sweep_partition(0, "tenure-0", set())
     assert _checkpoint_keys(redis, prefix, "idle")
 
-    deleted = await retention.sweep_partition(0, "tenure-1", lambda w: w == "busy")
+    deleted = await retention.sweep_partition(0, "tenure-1", {"busy"})
     assert deleted == 1
     assert not _checkpoint_keys(redis, prefix, "idle")
     assert not (await graph.aget_state(thread_config("idle"))).values
