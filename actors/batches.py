@@ -3,7 +3,8 @@
 The ingress (actors/ingress.py) owns partitions, reads them and keeps a queue per
 workflow. For each batch it takes from a queue it calls :meth:`BatchProcessor.process`,
 which opens the events' ``process`` spans, suppresses events whose ``event_id`` is done
-already, counts the run's start in ``{prefix}:attempts``, runs the batch through the
+already in their workflow (:func:`~actors.streams.done_key`), counts the run's start in
+``{prefix}:attempts``, runs the batch through the
 :class:`~actors.parking.WorkflowRunner` under the partition's lease, commits outputs and
 acknowledgements in one fenced script, and says how it went (:data:`Outcome`):
 
@@ -21,7 +22,7 @@ import contextlib
 import contextvars
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,8 +39,9 @@ from actors.parking import AckTarget, WorkflowRunner
 from actors.partitions import lease_key, partition_stream
 from actors.retention import Retention
 from actors.router import TRANSIENT_ERRORS
-from actors.streams import CommitItem, OutputCommitter, output_fields
+from actors.streams import CommitItem, OutputCommitter, done_key, output_fields
 from actors.validation import Event
+from graph.history import is_store_failure
 from graph.tracing import event_trace_fields
 from graph.workflow import ContextualGraph, thread_config
 from telemetry.metrics import Instruments
@@ -52,6 +54,9 @@ __all__ = [
     "PendingEntry",
     "WorkflowQueue",
     "attempt_field",
+    "describe_failure",
+    "error_field",
+    "poison_error",
     "run_tenure",
 ]
 
@@ -200,6 +205,8 @@ class BatchProcessor:
                 self._record_failed(len(batch), exc, time.monotonic() - started)
                 self._counts["failed_runs"] += 1
                 outcome = "transient" if _is_transient(exc) else "retry"
+                if outcome == "retry":
+                    await self._remember_failure(batch, exc)
                 _log.error(
                     "workflow run failed; its events are retried",
                     workflow_id=workflow_id,
@@ -223,7 +230,7 @@ class BatchProcessor:
     ) -> None:
         s = self._settings
         started = time.monotonic()
-        done_keys = [s.key("done", p.event.event_id) for p in batch]
+        done_keys = [done_key(s, workflow_id, p.event.event_id) for p in batch]
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in done_keys:
                 pipe.exists(key)
@@ -248,8 +255,13 @@ class BatchProcessor:
                 await pipe.execute()
             base: str | None = None  # where a rollback (CTXD_MULTITASK) returns to
             if s.multitask == "rollback":
-                state = await self._graph.aget_state(thread_config(workflow_id))
-                base = (state.config.get("configurable") or {}).get("checkpoint_id")
+                try:
+                    state = await self._graph.aget_state(thread_config(workflow_id))
+                    base = (state.config.get("configurable") or {}).get("checkpoint_id")
+                except Exception as exc:
+                    if is_store_failure(exc):
+                        raise
+                    # It does not decode: the runner recovers it before the run (no base).
             wf.running, wf.cancelled = fresh, False
             _log.debug(
                 "run started",
@@ -260,7 +272,7 @@ class BatchProcessor:
             run = None
             with anyio.CancelScope() as scope:
                 wf.scope = scope
-                with anyio.fail_after(timeout):
+                with _run_deadline(timeout, s.event_timeout):
                     # actors/parking.py: control entries, parking while paused, replays.
                     run = await self._runner.run(
                         workflow_id,
@@ -296,12 +308,10 @@ class BatchProcessor:
             fields: dict[str, str] = {}
             if result is not None:
                 fields = output_fields(result, trace_id=trace_id, checkpoint_id=checkpoint_id)
-                if result.get("error"):
-                    fields["error"] = str(result["error"])
             items.append(
                 CommitItem(
                     source_id=pending.entry_id,
-                    done_key=s.key("done", pending.event.event_id),
+                    done_key=done_key(s, workflow_id, pending.event.event_id),
                     fields=fields,
                 )
             )
@@ -310,7 +320,10 @@ class BatchProcessor:
             await self._redis.execute_command(  # type: ignore[no-untyped-call]
                 "WAITAOF", 1, 0, int(s.event_timeout * 1000)
             )
-        await self._redis.hdel(s.key("attempts"), *(attempt_field(n, p.entry_id) for p in batch))
+        await self._redis.hdel(
+            s.key("attempts"),
+            *(f for p in batch for f in (attempt_field(n, p.entry_id), error_field(n, p.entry_id))),
+        )
         if fresh:
             await self.retention.after_commit(workflow_id, lease)
         self._record_processed(items, ids, time.monotonic() - started)
@@ -353,6 +366,17 @@ class BatchProcessor:
         for _ in range(count):
             self._instruments.process_duration.record(seconds, attributes)
 
+    async def _remember_failure(self, batch: list[PendingEntry], exc: BaseException) -> None:
+        """Keep why the run failed next to each entry's attempt count (one round trip),
+        for the DLQ entry should the entry become poison (:func:`poison_error`)."""
+        error = describe_failure(exc)
+        key = self._settings.key("attempts")
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for p in batch:
+                    pipe.hset(key, error_field(p.partition, p.entry_id), error)
+                await pipe.execute()
+
     async def _after_interrupt(self, workflow_id: str, base: str | None) -> None:
         """Rollback: make the checkpoint before the cancelled run the head again."""
         if self._settings.multitask != "rollback" or base is None:
@@ -371,6 +395,72 @@ def attempt_field(partition: int, entry_id: str) -> str:
     router fills many partition streams in the same millisecond, so ``5-3`` of partition
     1 and ``5-3`` of partition 8 are different entries."""
     return f"{partition}/{entry_id}"
+
+
+def error_field(partition: int, entry_id: str) -> str:
+    """The field next to :func:`attempt_field` holding why the entry's last run failed."""
+    return f"{attempt_field(partition, entry_id)}/error"
+
+
+_FAILURE_CHARS = 500
+
+
+def describe_failure(exc: BaseException) -> str:
+    """``Type: message`` of a failed run, on one line and bounded (a DLQ's ``error``).
+
+    An exception group (a task group's) is described by its first leaf, with a count.
+    """
+    leaves: list[BaseException] = []
+    stack = [exc]
+    while stack:
+        current = stack.pop(0)
+        if isinstance(current, BaseExceptionGroup):
+            stack[:0] = list(current.exceptions)
+        else:
+            leaves.append(current)
+    first = leaves[0] if leaves else exc
+    text = " ".join(f"{type(first).__name__}: {first}".split())
+    if len(leaves) > 1:
+        text += f" (and {len(leaves) - 1} more)"
+    return text if len(text) <= _FAILURE_CHARS else text[: _FAILURE_CHARS - 1] + "…"
+
+
+async def poison_error(
+    redis: Redis, settings: Settings, partition: int, entry_id: str, runs: int
+) -> str:
+    """The DLQ ``error`` of an entry whose runs failed ``runs`` times: the last recorded
+    exception, or, when none was (every run ended with its process), that it stopped.
+
+    Read from ``{prefix}:attempts``, so a DLQ entry written after a restart, by another
+    instance, still says what failed.
+    """
+    limit = settings.max_deliveries
+    recorded = await redis.hget(settings.key("attempts"), error_field(partition, entry_id))
+    if recorded is not None:
+        last = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+        return f"failed {runs} times (limit {limit}); last error: {last}"
+    return (
+        f"the run did not finish in {runs} attempts (limit {limit}): the process stopped "
+        "(killed, or crashed) during each run, or was stopped before it could record an "
+        "error; check the service's exit status and log, and CTXD_EVENT_TIMEOUT"
+    )
+
+
+@contextlib.contextmanager
+def _run_deadline(seconds: float, event_timeout: float) -> Iterator[None]:
+    """``anyio.fail_after(seconds)`` whose TimeoutError says which deadline passed (it
+    ends up in the DLQ entry of an event whose runs keep timing out)."""
+    try:
+        with anyio.fail_after(seconds) as scope:
+            yield
+    except TimeoutError as exc:
+        if not scope.cancelled_caught:
+            raise  # a TimeoutError from inside the run, not its deadline
+        raise TimeoutError(
+            f"the run did not finish within {seconds:g}s (CTXD_EVENT_TIMEOUT="
+            f"{event_timeout:g}s per 4 events of a batch); a slow analyzer or step? "
+            "raise CTXD_EVENT_TIMEOUT"
+        ) from exc
 
 
 def _refused_by_breaker(exc: Exception) -> bool:

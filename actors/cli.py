@@ -3,7 +3,9 @@
 Each command lives in its own ``actors/cmd_*.py`` module, which registers its parser
 and handler. Configuration comes from ``CTXD_*`` variables and an optional TOML file
 (``--config``); a bad value ends the command with exit code 2 and one line saying what
-to fix; any other ctxd or Redis failure exits 1.
+to fix; any other ctxd or Redis failure exits 1, a Redis failure with one line naming
+its cause (:func:`actors.redis_errors.describe_redis_error`). No output of a command
+holds the password of its URLs, tracebacks included.
 """
 
 from __future__ import annotations
@@ -11,13 +13,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from redis.exceptions import RedisError
-
 from actors.config import load_settings
+from actors.redis_errors import (
+    RedisStartupError,
+    describe_redis_error,
+    find_redis_error,
+    url_secrets,
+)
 from graph.errors import CtxdError
+from telemetry.logging import register_secrets, scrub_secrets
 
 __all__ = ["main"]
 
@@ -59,18 +67,37 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ctxd`` console script."""
     args = _parser().parse_args(argv)
+    url: str | None = None
     try:
         settings = load_settings(config_file=args.config)
+        url = settings.redis_url
+        register_secrets(*url_secrets(url), *url_secrets(settings.postgres_url))
         code: int = args.handler(settings, args)
-    except CtxdError as exc:
-        print(f"ctxd: {exc}", file=sys.stderr)
-        return _EXIT_CONFIG if isinstance(exc, ValueError) else _EXIT_FATAL
-    except RedisError as exc:
-        print(f"ctxd: Redis error: {exc}", file=sys.stderr)
+    except RedisStartupError as exc:
+        _error_line(str(exc))
         return _EXIT_FATAL
+    except CtxdError as exc:
+        if find_redis_error(exc) is not None and not isinstance(exc, ValueError):
+            _error_line(str(describe_redis_error(exc, url)))
+            return _EXIT_FATAL
+        _error_line(str(exc))
+        return _EXIT_CONFIG if isinstance(exc, ValueError) else _EXIT_FATAL
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort: a line or a clean traceback
+        if find_redis_error(exc) is not None:
+            # redis-py's own errors and those wrapping them (redisvl's, groups).
+            _error_line(str(describe_redis_error(exc, url)))
+            return _EXIT_FATAL
+        # Unexpected: the traceback helps, but never with a password in it.
+        text = "".join(traceback.format_exception(exc))
+        print(scrub_secrets(text), file=sys.stderr, end="")
+        return _EXIT_FATAL
     return code
+
+
+def _error_line(message: str) -> None:
+    print(f"ctxd: {scrub_secrets(' '.join(message.split()))}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

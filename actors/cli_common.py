@@ -18,12 +18,17 @@ if TYPE_CHECKING:
     from telemetry.setup import Telemetry
 
 __all__ = [
+    "CLIENT_TIMEOUT",
     "Handler",
     "Subcommands",
     "client_redis",
     "open_service_telemetry",
     "redis_url_for_client",
 ]
+
+CLIENT_TIMEOUT = 10.0
+"""Seconds a command's Redis client waits to connect or for a reply (blocking reads
+are shorter)."""
 
 Handler = Callable[[Settings, argparse.Namespace], int]
 """A command: settings and parsed arguments in, exit code out."""
@@ -47,7 +52,17 @@ def redis_url_for_client(settings: Settings) -> str:
 @contextlib.contextmanager
 def client_redis(settings: Settings) -> Iterator[SyncRedis]:
     """A decoding synchronous client for the command's Redis."""
-    client = SyncRedis.from_url(redis_url_for_client(settings), decode_responses=True)
+    client = SyncRedis.from_url(
+        redis_url_for_client(settings),
+        decode_responses=True,
+        # DLQ copies keep bytes that are not UTF-8 as they came: show them, never crash.
+        encoding_errors="replace",
+        # A server that accepts connections but never answers (stopped, overloaded)
+        # ends the command with a "timeout" line instead of hanging it; a timeout in
+        # the URL (?socket_timeout=…) wins.
+        socket_connect_timeout=CLIENT_TIMEOUT,
+        socket_timeout=CLIENT_TIMEOUT,
+    )
     try:
         yield client
     finally:

@@ -61,10 +61,11 @@ def format_output(entry_id: str, fields: dict[str, str]) -> str:
     millis = int(entry_id.split("-")[0])
     stamp = datetime.fromtimestamp(millis / 1000).strftime("%H:%M:%S")
     route = " > ".join(json.loads(fields.get("route") or "[]"))
+    error = f" error: {fields['error']}" if fields.get("error") else ""
     return (
         f"{stamp} {fields.get('workflow_id', '?')} event={fields.get('event_id', '?')} "
         f"status={fields.get('status', '?')} decision={fields.get('decision') or '-'} "
-        f"quality={float(fields.get('quality_score') or 0):.2f} route: {route}"
+        f"quality={float(fields.get('quality_score') or 0):.2f} route: {route}{error}"
     )
 
 

@@ -28,7 +28,8 @@ from actors.cli_common import Subcommands, client_redis, redis_url_for_client
 from actors.config import Settings
 from actors.parking import parked_stream
 from actors.partitions import partition_of, partition_stream
-from actors.retention import done_key_pattern, workflows_key
+from actors.retention import workflows_key
+from actors.streams import done_key_pattern
 from graph.checkpointer import open_checkpointer
 from graph.errors import ConfigError, CtxdError
 from graph.retention import delete_workflow_state

@@ -28,13 +28,22 @@ __all__ = ["collect_status", "register", "replay_dead_letters"]
 
 _DLQ_ONLY = ("reason", "error", "attempts", "source_id")
 
-# KEYS: dlq, in. ARGV: ids. Returns the new input ids ("" where the DLQ id was not found).
+# KEYS: dlq, in. ARGV: ids. Returns the new input ids ("" where the DLQ id was not found,
+# "cut" where the DLQ copy was cut: its fields are not the original any more).
 _REPLAY_LUA = """
 local out = {}
 for i, id in ipairs(ARGV) do
   local found = redis.call('XRANGE', KEYS[1], id, id)
+  local cut = false
+  if #found > 0 then
+    for j = 1, #found[1][2], 2 do
+      if found[1][2][j] == 'ctxd_cut' then cut = true end
+    end
+  end
   if #found == 0 then
     out[i] = ''
+  elseif cut then
+    out[i] = 'cut'
   else
     local flat, fields = found[1][2], {}
     for j = 1, #flat, 2 do
@@ -214,7 +223,8 @@ def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def replay_dead_letters(redis: SyncRedis, settings: Settings, ids: list[str]) -> list[str]:
-    """Move DLQ entries ``ids`` back to the input stream atomically; return the new ids."""
+    """Move DLQ entries ``ids`` back to the input stream atomically; return the new ids
+    ("" for an id not in the DLQ, "cut" for an entry whose DLQ copy was cut: not moved)."""
     script = redis.register_script(_REPLAY_LUA)
     result = script(keys=[settings.dlq_stream, settings.input_stream], args=ids)
     return [str(x) for x in cast(list[str], result)]
@@ -230,10 +240,15 @@ def _dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
             for entry_id, _ in cast(list[tuple[str, object]], redis.xrange(settings.dlq_stream))
         ]
         new_ids = replay_dead_letters(redis, settings, ids)
-    missing = [i for i, new in zip(ids, new_ids, strict=True) if not new]
+    missing = [i for i, new in zip(ids, new_ids, strict=True) if not new or new == "cut"]
     for old, new in zip(ids, new_ids, strict=True):
-        if new:
+        if new == "cut":
+            print(
+                f"{old}: not replayed, its DLQ copy was cut (field ctxd_cut; "
+                "CTXD_DLQ_FIELD_BYTES): send the original event again"
+            )
+        elif new:
             print(f"{old} -> {settings.input_stream} {new}")
-    for old in missing:
-        print(f"{old}: not in {settings.dlq_stream}")
+        else:
+            print(f"{old}: not in {settings.dlq_stream}")
     return 1 if missing else 0

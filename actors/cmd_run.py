@@ -35,6 +35,7 @@ def register(commands: Subcommands) -> None:
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     from actors.daemon import serve
     from actors.demo import feed_demo
+    from actors.redis_acl import check_redis_for_service
 
     with contextlib.ExitStack() as stack:
         # Entered first, left last: after the service has drained (SIGTERM included),
@@ -49,9 +50,14 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         async def feed() -> None:
             await feed_demo(settings, redis_url)
 
-        anyio.run(
-            lambda: serve(
+        async def run() -> None:
+            # Refused, timeout, credentials, TLS, modules, ACL: one line, before any work.
+            await check_redis_for_service(
+                redis_url, settings.stream_prefix, modules=settings.checkpointer == "redis"
+            )
+            await serve(
                 settings, redis_url, on_ready=feed if args.demo else None, telemetry=telemetry
             )
-        )
+
+        anyio.run(run)
     return 0

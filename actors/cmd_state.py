@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import cast
 
 import anyio
@@ -22,12 +23,18 @@ from actors.parking import parked_stream, resume_fields, rollback_fields
 from actors.redis_io import xread_text, xrevrange_text
 from graph.checkpointer import open_checkpointer
 from graph.errors import ConfigError, CtxdError
-from graph.history import CheckpointInfo, checkpoint_history, is_intact, thread_config
+from graph.history import (
+    CheckpointInfo,
+    checkpoint_history,
+    checkpoint_ids,
+    inspect_checkpoint,
+    is_intact,
+)
 from graph.state import JSON
 from graph.work import LocalDispatch
 from graph.workflow import build_contextual_workflow
 
-__all__ = ["format_state", "register"]
+__all__ = ["format_state", "format_unfit", "register"]
 
 
 def register(commands: Subcommands) -> None:
@@ -68,9 +75,16 @@ def register(commands: Subcommands) -> None:
 # -- reading the checkpointer -----------------------------------------------------------
 
 
-async def _read_state(
-    settings: Settings, workflow_id: str, *, history_limit: int | None
-) -> tuple[Mapping[str, JSON], str | None, bool, list[CheckpointInfo]]:
+@dataclass(frozen=True)
+class _Read:
+    values: Mapping[str, JSON]
+    checkpoint_id: str | None
+    paused: bool
+    history: list[CheckpointInfo]
+    problems: list[str]  # where the current checkpoint does not fit the schema
+
+
+async def _read_state(settings: Settings, workflow_id: str, *, history_limit: int | None) -> _Read:
     if settings.checkpointer == "memory":
         raise ConfigError(
             "CTXD_CHECKPOINTER=memory keeps state inside the running service only: "
@@ -84,23 +98,38 @@ async def _read_state(
         postgres_url=settings.postgres_url,
     ) as saver:
         graph = build_contextual_workflow(LocalDispatch(), saver)
-        snapshot = await graph.aget_state(thread_config(workflow_id))
-        checkpoint_id = snapshot.config.get("configurable", {}).get("checkpoint_id")
+        # A checkpoint that does not fit the schema (or does not decode) is shown as
+        # such, never rendered field by field: its values may be anything.
+        snapshot, problems = await inspect_checkpoint(graph, workflow_id)
+        if snapshot is None:
+            newest = await checkpoint_ids(graph, workflow_id, limit=1)
+            checkpoint_id = newest[0] if newest else None
+        else:
+            checkpoint_id = snapshot.config.get("configurable", {}).get("checkpoint_id")
         history = (
             await checkpoint_history(graph, workflow_id, limit=history_limit)
             if history_limit is not None
             else []
         )
-        values = cast(Mapping[str, JSON], snapshot.values or {})
-        return values, checkpoint_id, bool(snapshot.interrupts), history
+        return _Read(
+            values=cast(Mapping[str, JSON], snapshot.values if snapshot else {}) or {},
+            checkpoint_id=checkpoint_id,
+            paused=bool(snapshot.interrupts) if snapshot else False,
+            history=history,
+            problems=problems,
+        )
 
 
 def _state(settings: Settings, args: argparse.Namespace) -> int:
     limit = max(args.limit, 1) if args.history else None
-    values, checkpoint_id, paused, history = anyio.run(
-        lambda: _read_state(settings, args.workflow_id, history_limit=limit)
+    read = anyio.run(lambda: _read_state(settings, args.workflow_id, history_limit=limit))
+    values, checkpoint_id, paused, history = (
+        read.values,
+        read.checkpoint_id,
+        read.paused,
+        read.history,
     )
-    if not values:
+    if not values and not read.problems:
         raise CtxdError(f"workflow {args.workflow_id!r} has no state yet: send it an event first")
     with client_redis(settings) as redis:
         parked = int(redis.xlen(parked_stream(settings, args.workflow_id)))
@@ -111,6 +140,7 @@ def _state(settings: Settings, args: argparse.Namespace) -> int:
             "paused": paused,
             "parked": parked,
             "values": dict(values),
+            "problems": list(read.problems),
         }
         if args.history:
             document["history"] = [
@@ -118,7 +148,10 @@ def _state(settings: Settings, args: argparse.Namespace) -> int:
             ]
         print(json.dumps(document, indent=2, sort_keys=True, default=str))
         return 0
-    print(format_state(args.workflow_id, values, checkpoint_id, paused=paused, parked=parked))
+    if read.problems:
+        print(format_unfit(args.workflow_id, checkpoint_id, read.problems, parked=parked))
+    else:
+        print(format_state(args.workflow_id, values, checkpoint_id, paused=paused, parked=parked))
     if args.history:
         print("\ncheckpoints (newest first):")
         for info in history:
@@ -175,8 +208,26 @@ def format_state(
     return "\n".join(lines)
 
 
+def format_unfit(
+    workflow_id: str, checkpoint_id: str | None, problems: list[str], *, parked: int = 0
+) -> str:
+    """A current checkpoint that does not fit the schema: what is wrong, what happens next."""
+    lines = [
+        f"workflow {workflow_id}",
+        f"  checkpoint       {checkpoint_id or '-'}",
+        "  state            does not fit the schema: "
+        + _short("; ".join(problems), 300)
+        + (f", {parked} event(s) parked" if parked else ""),
+        "  next event       the service rolls the workflow back to its last good checkpoint",
+        "                   (or starts a fresh segment) and reports it in that output's error",
+    ]
+    return "\n".join(lines)
+
+
 def _format_checkpoint(info: CheckpointInfo, *, current: bool) -> str:
     flags = [f for f, on in (("paused", info.paused), ("CHANGED", not info.intact)) if on]
+    if info.problems:
+        flags.append("does not fit the schema: " + _short("; ".join(info.problems), 160))
     return (
         f"{'*' if current else ' '} {info.checkpoint_id}  {info.created_at or '-':32}  "
         f"{info.source:6} step={info.step:<4} events={info.events_processed:<5} "
@@ -199,14 +250,24 @@ def _append_and_wait(settings: Settings, fields: dict[str, str], wait: float) ->
             for out_id, out in xread_text(redis, settings.output_stream, last_id, block=block):
                 last_id = out_id
                 if out.get("source_id") == entry_id:
-                    print(
-                        f"{fields['control']}: status={out.get('status')} "
-                        f"decision={out.get('decision') or '-'} "
-                        f"checkpoint={out.get('checkpoint_id') or '-'}"
-                    )
+                    print(_control_outcome(fields["control"], out))
                     return 0 if out.get("status") != "error" else 1
     print("no result yet: the service applies it when it reads the entry (see `ctxd tail`)")
     return 0
+
+
+def _control_outcome(control: str, out: Mapping[str, str]) -> str:
+    """One line for a control entry's output; a failure says why (the output's error)."""
+    if out.get("status") == "error":
+        why = " ".join((out.get("error") or "").split()) or (
+            "the output has no error field: the service predates it; upgrade the service"
+        )
+        return f"{control}: status=error: {why}"
+    return (
+        f"{control}: status={out.get('status')} "
+        f"decision={out.get('decision') or '-'} "
+        f"checkpoint={out.get('checkpoint_id') or '-'}"
+    )
 
 
 def _resume(settings: Settings, args: argparse.Namespace) -> int:

@@ -64,8 +64,10 @@ async def _serve(
     from redis.asyncio import Redis
 
     from actors.daemon import build_handlers
+    from actors.redis_acl import check_redis_for_service
     from actors.tree import ActorSystem
 
+    await check_redis_for_service(redis_url, settings.stream_prefix, modules=False)
     redis = Redis.from_url(redis_url)
     try:
         system = ActorSystem(

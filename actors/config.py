@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TypeVar
 
+from actors.redis_errors import check_redis_url
 from graph.errors import ConfigError
 
 __all__ = ["Settings", "load_settings"]
@@ -60,6 +61,8 @@ class Settings:
     max_deliveries: int = 5
     max_content_bytes: int = 65536
     max_fields: int = 32
+    max_entry_bytes: int = 128 * 1024
+    dlq_field_bytes: int = 4096
     dedupe_ttl: int = 24 * 3600
     retain_checkpoints: int = 20
     idle_workflow_ttl: int = 30 * 24 * 3600
@@ -226,6 +229,11 @@ def _parse_url(*schemes: str) -> Callable[[str, object], str | None]:
     return parse
 
 
+def _parse_redis_url(name: str, raw: object) -> str | None:
+    value = _parse_url("redis", "rediss", "unix")(name, raw)
+    return None if value is None else check_redis_url(name, value)
+
+
 def _parse_text(name: str, raw: object) -> str:
     value = str(raw).strip()
     if not value:
@@ -238,7 +246,7 @@ def _parse_path(name: str, raw: object) -> Path:
 
 
 _PARSERS: dict[str, Callable[[str, object], object]] = {
-    "redis_url": _parse_url("redis", "rediss", "unix"),
+    "redis_url": _parse_redis_url,
     "state_dir": _parse_path,
     "embedded_port": _parse_int(0, 65535),
     "stream_prefix": _parse_name,
@@ -255,6 +263,8 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "max_deliveries": _parse_int(1, 1000),
     "max_content_bytes": _parse_int(1, 512 * 1024 * 1024),
     "max_fields": _parse_int(8, 1000),
+    "max_entry_bytes": _parse_int(1024, 1024 * 1024 * 1024),
+    "dlq_field_bytes": _parse_int(64, 16 * 1024 * 1024),
     "dedupe_ttl": _parse_int(1),
     "retain_checkpoints": _parse_retain,
     "idle_workflow_ttl": _parse_int_or_off(60),
@@ -355,6 +365,7 @@ def load_settings(
         if raw is not None:
             values[name] = _PARSERS[name](f"--{name.replace('_', '-')}", raw)
     settings = replace(Settings(), **values)  # type: ignore[arg-type]
+    settings = _entry_limit(settings, explicit="max_entry_bytes" in values)
     if settings.checkpointer == "postgres" and not settings.postgres_url:
         raise ConfigError(
             "CTXD_CHECKPOINTER=postgres needs CTXD_POSTGRES_URL (postgresql://user@host/db)"
@@ -363,6 +374,21 @@ def load_settings(
         raise ConfigError(
             f"CTXD_BREAKER_MINIMUM_CALLS={settings.breaker_minimum_calls} exceeds "
             f"CTXD_BREAKER_WINDOW={settings.breaker_window}: the window must hold that many calls"
+        )
+    return settings
+
+
+def _entry_limit(settings: Settings, *, explicit: bool) -> Settings:
+    """CTXD_MAX_ENTRY_BYTES: when unset, room for a full content plus 64 KiB of other
+    fields (metadata, ids, unknown fields); when set, never below the content limit."""
+    if not explicit:
+        derived = max(Settings.max_entry_bytes, settings.max_content_bytes + 64 * 1024)
+        return replace(settings, max_entry_bytes=derived)
+    if settings.max_entry_bytes < settings.max_content_bytes:
+        raise ConfigError(
+            f"CTXD_MAX_ENTRY_BYTES={settings.max_entry_bytes} is below "
+            f"CTXD_MAX_CONTENT_BYTES={settings.max_content_bytes}: an entry holds its "
+            "content and more, so raise CTXD_MAX_ENTRY_BYTES (or unset it to derive it)"
         )
     return settings
 

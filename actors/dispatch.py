@@ -115,6 +115,15 @@ class ActorDispatch:
             except CallNotPermittedError:
                 recent.add(ok=False, seconds=None)
                 raise
+            except TimeoutError as exc:
+                recent.add(ok=False, seconds=time.monotonic() - started)
+                if str(exc):
+                    raise
+                # The event's output names this; a bare "TimeoutError:" says too little.
+                raise TimeoutError(
+                    f"no reply from the {kind.value} actors within {self._timeout:g}s"
+                    " (CTXD_ASK_TIMEOUT): are its workers running, and keeping up?"
+                ) from exc
             except Exception:
                 recent.add(ok=False, seconds=time.monotonic() - started)
                 raise

@@ -36,6 +36,7 @@ from actors.batches import (
     PendingEntry,
     WorkflowQueue,
     attempt_field,
+    poison_error,
     run_tenure,
 )
 from actors.config import Settings
@@ -55,8 +56,7 @@ from actors.streams import (
     dead_letter,
     ensure_group,
 )
-from actors.validation import decode_fields, parse_event
-from graph.errors import InvalidEntryError
+from actors.validation import RawFields, as_invalid_entry, decode_fields, parse_entry
 from graph.workflow import ContextualGraph
 from telemetry.metrics import Instruments
 
@@ -442,27 +442,20 @@ class Ingress:
             _log.error("pending entry has no payload; acknowledging", entry_id=entry_id)
             await self._redis.xack(stream, s.group, entry_id)
             return
-        fields = decode_fields(raw)
-        source = fields.pop(SOURCE_FIELD, entry_id)
-        source_id = source.decode() if isinstance(source, bytes) else source
+        own = dict(raw)
+        source = own.pop(SOURCE_FIELD.encode(), None)
+        # (none when a producer appended straight to the partition; bytes not trusted)
+        source_id = source.decode("utf-8", "replace")[:200] if source else entry_id
         try:
-            event = parse_event(
-                source_id, fields, max_content_bytes=s.max_content_bytes, max_fields=s.max_fields
-            )
-        except InvalidEntryError as exc:
-            await self._dead_letter(n, entry_id, source_id, fields, exc.reason, str(exc), 1)
+            event = parse_entry(source_id, own, s)
+        except Exception as exc:  # noqa: BLE001 - one entry's problem never stops the reader
+            invalid = as_invalid_entry(exc)
+            await self._dead_letter(n, entry_id, source_id, own, invalid.reason, str(invalid), 1)
             return
+        fields = decode_fields(own)
         if deliveries > s.max_deliveries:
-            await self._dead_letter(
-                n,
-                entry_id,
-                source_id,
-                fields,
-                "poison",
-                f"started {deliveries - 1} times without completing (limit "
-                f"{s.max_deliveries}); see the service log for its errors",
-                deliveries - 1,
-            )
+            error = await poison_error(self._redis, s, n, entry_id, deliveries - 1)
+            await self._dead_letter(n, entry_id, source_id, fields, "poison", error, deliveries - 1)
             return
         wf = self._workflows.get(event.workflow_id)
         busy = wf is not None and bool(wf.running or wf.queue)
@@ -502,7 +495,7 @@ class Ingress:
         n: int,
         entry_id: str,
         source_id: str,
-        fields: Mapping[str, str | bytes],
+        fields: RawFields,
         reason: str,
         error: str,
         attempts: int,
@@ -517,11 +510,14 @@ class Ingress:
                 input_stream=partition_stream(self._settings, n),
                 group=self._settings.group,
                 source_id=entry_id,
-                fields={**fields, SOURCE_FIELD: source_id},
+                fields=fields,
+                original_id=source_id,
                 reason=reason,
                 error=error,
                 attempts=attempts,
                 lease=(lease_key(self._settings, f"part:{n}")[0], value),
+                field_bytes=self._settings.dlq_field_bytes,
+                max_fields=self._settings.max_fields,
             )
         except ResponseError as exc:
             if "FENCED" in str(exc):
@@ -603,15 +599,10 @@ class Ingress:
         limit = self._settings.max_deliveries
         while wf.queue and wf.queue[0].deliveries > limit:
             p = wf.queue[0]  # popped only once dead-lettered
+            runs = p.deliveries - 1
+            error = await poison_error(self._redis, self._settings, p.partition, p.entry_id, runs)
             await self._dead_letter(
-                p.partition,
-                p.entry_id,
-                p.event.source_id,
-                p.fields,
-                "poison",
-                f"failed {p.deliveries - 1} times (limit {limit}); see the service log "
-                "for its errors",
-                p.deliveries - 1,
+                p.partition, p.entry_id, p.event.source_id, p.fields, "poison", error, runs
             )
             wf.queue.pop(0)
             self._forget([p])

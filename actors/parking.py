@@ -31,12 +31,19 @@ import structlog
 from redis.asyncio import Redis
 
 from actors.config import Settings
-from actors.router import SOURCE_FIELD
-from actors.streams import CommitItem, OutputCommitter, dead_letter, output_fields
+from actors.streams import (
+    CommitItem,
+    OutputCommitter,
+    dead_letter,
+    dlq_entry,
+    done_key,
+    output_fields,
+)
 from actors.validation import Event, decode_fields, parse_event
-from graph.errors import CtxdError
+from graph.errors import CtxdError, InvalidEntryError
 from graph.features import AnalyzerPolicy
 from graph.history import fork_checkpoint
+from graph.recovery import StateRecovery, load_checked_state
 from graph.state import JSON, outbox_result
 from graph.workflow import (
     ContextualGraph,
@@ -193,6 +200,7 @@ class _Run:
         self.checkpoint_id: str | None = None
         self.segment: list[tuple[Event, Fields]] = []
         self.paused = False
+        self.recovery: StateRecovery | None = None  # reported by the first result
 
     @property
     def graph(self) -> ContextualGraph:
@@ -203,9 +211,12 @@ class _Run:
         return {**event.as_state(), **self.carriers.get(event.source_id, {})}
 
     async def start(self) -> None:
-        # One read gives both the rollback point and whether a person is awaited.
-        snapshot = await self.graph.aget_state(thread_config(self.workflow_id))
-        self.checkpoint_id = snapshot.config.get("configurable", {}).get("checkpoint_id")
+        # One read gives the rollback point and whether a person is awaited, and checks
+        # the stored state against the schema (a bad one is recovered from before any
+        # run: graph/recovery.py).
+        checked = await load_checked_state(self.graph, self.workflow_id)
+        snapshot, self.recovery = checked.snapshot, checked.recovery
+        self.checkpoint_id = checked.checkpoint_id
         self.paused = bool(snapshot.interrupts)
         if not self.paused:
             await self._replay_parked()
@@ -266,23 +277,41 @@ class _Run:
             )
 
     def _hold(self, event: Event, result: Mapping[str, JSON]) -> None:
-        self.results[event.event_id] = result
+        self.results[event.event_id] = self._noted(result)
         self.held.append(event)
+
+    def _noted(self, result: Mapping[str, JSON]) -> Mapping[str, JSON]:
+        """The first result of the batch reports a recovery of the stored state."""
+        if self.recovery is None:
+            return result
+        note, self.recovery = self.recovery.message(), None
+        earlier = str(result.get("error") or "")
+        return {**result, "error": f"{earlier}; {note}" if earlier else note}
 
     # -- control entries ------------------------------------------------------------
 
     def _control_result(
-        self, event: Event, status: str, base: Mapping[str, JSON] | None = None
+        self,
+        event: Event,
+        status: str,
+        base: Mapping[str, JSON] | None = None,
+        *,
+        error: str | None = None,
     ) -> dict[str, JSON]:
+        """A control entry's output; ``error`` says why it failed (``ctxd rollback`` and
+        ``ctxd resume`` print it)."""
         result: dict[str, JSON] = {
             "workflow_id": self.workflow_id,
             "decision": "",
             "route": [str(event.control)],
             "quality_score": 0.0,
             "scores": {},
+            "error": "",
             **(base or {}),
         }
         result.update(event_id=event.event_id, source_id=event.source_id, status=status)
+        if error is not None:
+            result["error"] = error
         return result
 
     async def _resume(self, event: Event) -> dict[str, JSON]:
@@ -291,7 +320,13 @@ class _Run:
             return earlier
         if not self.paused:
             _log.warning("resume for a workflow that is not paused", workflow_id=self.workflow_id)
-            return self._control_result(event, "error")
+            return self._control_result(
+                event,
+                "error",
+                error=f"WorkflowError: workflow {self.workflow_id!r} is not paused: there is "
+                "nothing to resume (resume answers an escalated output while "
+                "CTXD_ESCALATION_PAUSES=true; see `ctxd state`)",
+            )
         run = await resume_workflow(
             self.graph,
             self.workflow_id,
@@ -322,7 +357,7 @@ class _Run:
             forked = await fork_checkpoint(self.graph, self.workflow_id, str(event.checkpoint_id))
         except CtxdError as exc:
             _log.warning("rollback refused", workflow_id=self.workflow_id, error=str(exc))
-            return self._control_result(event, "error")
+            return self._control_result(event, "error", error=f"{type(exc).__name__}: {exc}")
         self.checkpoint_id = forked
         self.paused = await paused_event_id(self.graph, self.workflow_id) is not None
         _log.info(
@@ -374,7 +409,10 @@ class _Run:
             input_stream=self.ack.stream,
             group=settings.group,
             source_id=self.ack.entry_ids[event.source_id],
-            fields={**fields, SOURCE_FIELD: event.source_id},
+            fields=fields,
+            original_id=event.source_id,
+            field_bytes=settings.dlq_field_bytes,
+            max_fields=settings.max_fields,
             reason="parked_full",
             error=(
                 f"workflow {self.workflow_id!r} is paused for a person and already holds "
@@ -399,7 +437,7 @@ class _Run:
         items = [
             CommitItem(
                 source_id=self.ack.entry_ids[e.source_id],
-                done_key=self.r._settings.key("done", e.event_id),
+                done_key=done_key(self.r._settings, self.workflow_id, e.event_id),
                 fields=(
                     output_fields(
                         self.results[e.event_id],
@@ -437,12 +475,17 @@ class _Run:
                 self.trace_ids[source_id] = trace.pop("trace_id")
             if trace:
                 self.carriers[source_id] = trace
-            event = parse_event(
-                source_id,
-                fields,
-                max_content_bytes=settings.max_content_bytes,
-                max_fields=settings.max_fields,
-            )
+            try:
+                event = parse_event(
+                    source_id,
+                    fields,
+                    max_content_bytes=settings.max_content_bytes,
+                    max_fields=settings.max_fields,
+                    max_entry_bytes=settings.max_entry_bytes,
+                )
+            except InvalidEntryError as exc:  # limits lowered since it was parked, say
+                await self._dead_letter_parked(parked_id, source_id, fields, exc)
+                continue
             run = await run_events(
                 self.graph,
                 self.workflow_id,
@@ -453,20 +496,23 @@ class _Run:
             )
             self._absorb(run)
             result = run.results.get(event.event_id)
-            out = (
-                output_fields(
+            out: dict[str, str] = {}
+            if result is not None:
+                result = self._noted(result)
+                out = output_fields(
                     result,
                     trace_id=self.trace_ids.get(source_id, ""),
                     checkpoint_id=self.checkpoint_id or "",
                 )
-                if result is not None
-                else {}
-            )
             args: list[str | int] = [parked_id, settings.dedupe_ttl]
             for name, value in out.items():
                 args += [name, value]
             await self.r._replay_commit(
-                keys=[settings.output_stream, stream, settings.key("done", event.event_id)],
+                keys=[
+                    settings.output_stream,
+                    stream,
+                    done_key(settings, self.workflow_id, event.event_id),
+                ],
                 args=args,
             )
             _log.info(
@@ -475,6 +521,33 @@ class _Run:
                 event_id=event.event_id,
                 status=(result or {}).get("status"),
             )
+
+    async def _dead_letter_parked(
+        self, parked_id: str, source_id: str, fields: Fields, exc: InvalidEntryError
+    ) -> None:
+        """A parked entry that no longer validates goes to the DLQ instead of failing
+        every later batch of its workflow (DLQ write and removal in one MULTI)."""
+        settings = self.r._settings
+        entry = dlq_entry(
+            fields,
+            reason=exc.reason,
+            error=str(exc),
+            attempts=1,
+            source_id=source_id,
+            field_bytes=settings.dlq_field_bytes,
+            max_fields=settings.max_fields,
+        )
+        async with self.r._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(settings.dlq_stream, entry)  # type: ignore[arg-type]
+            pipe.xdel(parked_stream(settings, self.workflow_id), parked_id)
+            await pipe.execute()
+        _log.warning(
+            "parked entry dead-lettered",
+            workflow_id=self.workflow_id,
+            source_id=source_id,
+            reason=exc.reason,
+            error=str(exc),
+        )
 
 
 def resume_fields(workflow_id: str, value: JSON, *, event_id: str | None = None) -> dict[str, str]:

@@ -6,7 +6,10 @@ own pending entries first (``0``), then new ones (``>``), ``COUNT``-bounded and
 :class:`~graph.work.WorkHandlers`. A request is answered and acknowledged together
 (reply ``XADD`` + ``XACK`` + ``XDEL`` in one ``MULTI``), so a worker that crashes
 mid-message leaves it pending and its restarted self handles it. A handler that
-raises is not a crash: the asker gets an error reply.
+raises is not a crash: the asker gets an error reply. The one exception is a
+:class:`~graph.errors.PluginError` (the analyzer plug-in raised a ``BaseException``):
+the worker crashes and is restarted, the request stays pending, and why it crashed is
+kept (``{mailbox}:crashes``) for its DLQ entry should it become poison.
 
 A reclaimer per pool (consumer ``{instance}:{kind}:reclaim``) takes over entries idle
 longer than twice the ask timeout with ``XAUTOCLAIM`` (never ``JUSTID``: the delivery
@@ -17,6 +20,7 @@ delivered more than ``max_deliveries`` times goes to the DLQ (``ctxd:dlq`` with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,12 +32,14 @@ from anyio.abc import TaskStatus
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from actors.config import Settings
 from actors.mailbox import ActorReply, ActorRequest, mailbox_stream
 from actors.redis_io import Entry, autoclaim, read_group, text
 from actors.streams import dead_letter, ensure_group
 from actors.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
+from graph.errors import PluginError
 from graph.work import WorkHandlers, WorkKind
 from telemetry.propagation import extract_context
 from telemetry.spans import process_span, record_error, send_span
@@ -41,6 +47,8 @@ from telemetry.spans import process_span, record_error, send_span
 __all__ = ["ActorPool", "FaultHook", "FaultPoint"]
 
 _log = structlog.get_logger("ctxd.actors")
+_CRASH_CHARS = 500
+_CRASH_TTL = 86_400  # seconds; a crash matters until its request is answered or dead
 
 # KEYS: the mailbox, then one reply stream per item (the mailbox again when none).
 # ARGV: group, maxlen, n, then per item: entry id, nfields, field/value pairs.
@@ -107,6 +115,7 @@ class ActorPool:
         self._tracer = tracer or trace.get_tracer("ctxd.actors")
         self._fault = fault
         self._stream = mailbox_stream(settings, kind.value)
+        self._crashes = f"{self._stream}:crashes"
         self._finish_script = redis.register_script(_FINISH_LUA)
         self.handled = 0
         """Requests answered by this pool since start."""
@@ -174,16 +183,33 @@ class ActorPool:
     async def _serve_batch(
         self, consumer: str, entries: list[Entry], deliveries: Mapping[str, int]
     ) -> None:
-        """Handle a batch concurrently, then answer and acknowledge it in one script."""
+        """Handle a batch concurrently, then answer and acknowledge it in one script.
+
+        A batch holding a redelivered request (after a crash) is served one request at a
+        time, each answered at once, those that crashed a worker before last: a request
+        that crashes its worker again takes only itself down, not the requests read
+        with it.
+        """
+        if len(entries) > 1 and any(deliveries.get(eid, 1) > 1 for eid, _ in entries):
+            crashed = await self._redis.hmget(self._crashes, [eid for eid, _ in entries])
+            order = sorted(range(len(entries)), key=lambda i: crashed[i] is not None)
+            for i in order:
+                await self._serve_batch(consumer, [entries[i]], deliveries)
+            return
         done: list[_Done] = []
         if len(entries) == 1:
             entry_id, raw = entries[0]
             await self._serve(consumer, entry_id, raw, deliveries.get(entry_id, 1), done)
         else:
-            async with anyio.create_task_group() as tg:
-                for entry_id, raw in entries:
-                    count = deliveries.get(entry_id, 1)
-                    tg.start_soon(self._serve, consumer, entry_id, raw, count, done)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for entry_id, raw in entries:
+                        count = deliveries.get(entry_id, 1)
+                        tg.start_soon(self._serve, consumer, entry_id, raw, count, done)
+            except* PluginError as crashed:
+                # The crash as itself (the restart log and metric name PluginError); the
+                # batch's other requests stay pending with it and are served again.
+                raise crashed.exceptions[0] from None
         await self._finish(done)
         self.handled += len(done)
 
@@ -244,12 +270,24 @@ class ActorPool:
             problem = f"kind {request.kind!r} sent to the {self._kind.value} mailbox"
             await self._dead_letter(entry_id, fields, "invalid_request", problem, deliveries)
             return
-        if deliveries > self._settings.max_deliveries:
+        crash = await self._redis.hget(self._crashes, entry_id) if deliveries > 1 else None
+        if crash is not None or deliveries > self._settings.max_deliveries:
+            # A request that crashed its worker with a PluginError does so again: one
+            # crash (one restart) per such request, not CTXD_MAX_DELIVERIES of them,
+            # which would spend the pool's restart intensity on a single bad event.
+            why = (
+                f"it crashed its worker: {text(crash)}; not handled again"
+                if crash is not None
+                else "each time the worker handling it stopped before answering (its "
+                "process was killed, or the handler outlived the ask timeout)"
+            )
             error = (
                 f"delivered {deliveries} times without an answer (limit"
-                f" {self._settings.max_deliveries}); see the workers' logs for the crash"
+                f" {self._settings.max_deliveries}); {why}"
             )
             await self._dead_letter(entry_id, fields, "poison", error, deliveries)
+            if crash is not None:
+                await self._redis.hdel(self._crashes, entry_id)
             done.append(
                 (entry_id, request.reply_to, ActorReply(request.id, False, error, consumer))
             )
@@ -276,6 +314,16 @@ class ActorPool:
                 with anyio.fail_after(max(request.deadline - time.time(), 0.0)):
                     result = await self._handlers.handle(self._kind, json.loads(request.payload))
                 reply = ActorReply(request.id, True, json.dumps(result), consumer)
+            except PluginError as exc:
+                # Not a handler failure: the plug-in raised a BaseException. The worker
+                # crashes (its supervisor restarts it) and the request stays pending; on
+                # its next delivery the recorded crash sends it to the DLQ (see _serve).
+                record_error(span, exc)
+                _log.error(
+                    "analyzer plug-in crashed its worker", kind=self._kind.value, error=str(exc)
+                )
+                await self._remember_crash(entry_id, f"{type(exc).__name__}: {exc}")
+                raise
             except Exception as exc:  # noqa: BLE001 - the asker gets the error, not a crash
                 record_error(span, exc)
                 _log.warning(
@@ -287,6 +335,16 @@ class ActorPool:
             if self._fault is not None:
                 await self._fault("handled", request)
         done.append((entry_id, request.reply_to, reply))
+
+    async def _remember_crash(self, entry_id: str, error: str) -> None:
+        """Keep why a request crashed its worker, for its DLQ entry should it come to that
+        (the DLQ may be written by another process, after a restart). Best effort: the
+        crash itself must propagate, not a Redis error on the way."""
+        with contextlib.suppress(RedisError):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(self._crashes, entry_id, error[:_CRASH_CHARS])
+                pipe.expire(self._crashes, _CRASH_TTL)
+                await pipe.execute()
 
     async def _finish(self, done: list[_Done]) -> None:
         """Answer (where anyone asked), acknowledge and delete, atomically."""
@@ -320,6 +378,8 @@ class ActorPool:
             reason=reason,
             error=error,
             attempts=attempts,
+            field_bytes=self._settings.dlq_field_bytes,
+            max_fields=self._settings.max_fields,
         )
         _log.error(
             "actor request dead-lettered", kind=self._kind.value, source_id=entry_id, reason=reason

@@ -43,7 +43,6 @@ from graph.workflow import ContextualGraph, paused_event_id
 
 __all__ = [
     "Retention",
-    "done_key_pattern",
     "workflows_key",
 ]
 
@@ -69,17 +68,6 @@ return 0
 def workflows_key(settings: Settings, partition: int) -> str:
     """Partition ``partition``'s workflows by last commit time: ``{prefix}:workflows:{n}``."""
     return settings.key("workflows", str(partition))
-
-
-def done_key_pattern(settings: Settings, workflow_id: str) -> str:
-    """The SCAN pattern of a workflow's dedupe keys, ``{prefix}:done:{workflow_id}/*``.
-
-    The done keys are per workflow (``{prefix}:done:{workflow_id}/{event_id}``, DESIGN's
-    "Idempotency is per workflow"); workflow ids hold no glob characters, but they are
-    escaped all the same.
-    """
-    escaped = "".join(f"\\{c}" if c in "*?[]\\" else c for c in workflow_id)
-    return settings.key("done", f"{escaped}/*")
 
 
 class Retention:

@@ -31,9 +31,14 @@ from actors.config import Settings
 from actors.lease import LeaseLostError, Leases, fence_check_lua
 from actors.partitions import lease_key, partition_of, partition_stream
 from actors.redis_io import autoclaim
-from actors.streams import FencedReader, ensure_group, trim_acknowledged, trim_bounded_streams
-from actors.validation import decode_fields, parse_event
-from graph.errors import InvalidEntryError
+from actors.streams import (
+    FencedReader,
+    dlq_entry,
+    ensure_group,
+    trim_acknowledged,
+    trim_bounded_streams,
+)
+from actors.validation import as_invalid_entry, parse_entry
 
 __all__ = ["ROUTER_CONSUMER", "SOURCE_FIELD", "Router"]
 
@@ -44,7 +49,9 @@ SOURCE_FIELD = "ctxd_source_id"
 _log = structlog.get_logger("ctxd.router")
 
 # KEYS: lease, in, target_1..target_n. ARGV: lease value, group, n, then per item:
-# source_id, nfields, field/value pairs.
+# source_id, nfields, field/value pairs. Every item's fields are bounded (a valid entry
+# has at most CTXD_MAX_FIELDS + 1, a DLQ copy at most that + 5, CTXD_MAX_FIELDS <= 1000),
+# so unpack stays far below Lua's limit of about 8,000 values.
 _MOVE_LUA = (
     fence_check_lua(1, 1)
     + """
@@ -191,8 +198,7 @@ class Router:
             if raw is None:  # trimmed while pending: nothing to route
                 await self._redis.xack(s.input_stream, s.group, entry_id)
                 continue
-            fields = decode_fields(raw)
-            target, out = self._target(entry_id, fields)
+            target, out = self._target(entry_id, raw)
             keys.append(target)
             args += [entry_id, len(out)]
             for name, v in out.items():
@@ -208,29 +214,35 @@ class Router:
                 raise LeaseLostError from exc
             raise
 
-    def _target(
-        self, entry_id: str, fields: Mapping[str, str | bytes]
-    ) -> tuple[str, dict[str, str | bytes]]:
+    def _target(self, entry_id: str, raw: Mapping[bytes, bytes]) -> tuple[str, dict[bytes, bytes]]:
+        """Where the entry goes, and the fields it goes with: the partition (fields as
+        read, unchanged) or the DLQ (a bounded copy with the reason)."""
         s = self._settings
+        own = {k: v for k, v in raw.items() if k != _SOURCE_KEY}  # a producer's is not ours
         try:
-            event = parse_event(
-                entry_id, fields, max_content_bytes=s.max_content_bytes, max_fields=s.max_fields
-            )
-        except InvalidEntryError as exc:
+            event = parse_entry(entry_id, raw, s)
+        except Exception as exc:  # noqa: BLE001 - one entry's problem never stops the router
+            invalid = as_invalid_entry(exc)
             self.dead_lettered += 1
             _log.warning(
-                "entry dead-lettered", source_id=entry_id, reason=exc.reason, error=str(exc)
+                "entry dead-lettered", source_id=entry_id, reason=invalid.reason, error=str(invalid)
             )
-            out = {k: v for k, v in fields.items() if k not in _DLQ_FIELDS}
-            out.update(reason=exc.reason, error=str(exc)[:1000], attempts="1", source_id=entry_id)
+            out = dlq_entry(
+                own,
+                reason=invalid.reason,
+                error=str(invalid),
+                attempts=1,
+                source_id=entry_id,
+                field_bytes=s.dlq_field_bytes,
+                max_fields=s.max_fields,
+            )
             return s.dlq_stream, out
         self.routed += 1
-        out = {k: v for k, v in fields.items() if k != SOURCE_FIELD}
-        out[SOURCE_FIELD] = entry_id
-        return partition_stream(s, partition_of(event.workflow_id, s.partitions)), out
+        own[_SOURCE_KEY] = entry_id.encode()
+        return partition_stream(s, partition_of(event.workflow_id, s.partitions)), own
 
 
-_DLQ_FIELDS = ("reason", "error", "attempts", "source_id")
+_SOURCE_KEY = SOURCE_FIELD.encode()
 
 
 async def _sleep_unless(event: anyio.Event, seconds: float) -> None:

@@ -2,12 +2,13 @@
 
 - :func:`ensure_group` creates a consumer group (``MKSTREAM``), tolerating ``BUSYGROUP``.
 - :class:`OutputCommitter` writes results effectively-once: for each event, in one Lua
-  script, ``SET done:{event_id} NX`` then ``XADD out`` only if the key was new, then
-  ``XACK`` the input. A crash before the script leaves the input pending (it will be
-  redelivered, and the workflow's outbox answers it without reprocessing); a crash
-  after it leaves nothing to redo. A repeated ``event_id`` is acknowledged without a
-  second output.
-- :func:`dead_letter` moves an entry to the DLQ and acknowledges it in one MULTI.
+  script, ``SET done:{workflow_id}/{event_id} NX`` (:func:`done_key`) then ``XADD out``
+  only if the key was new, then ``XACK`` the input. A crash before the script leaves
+  the input pending (it will be redelivered, and the workflow's outbox answers it
+  without reprocessing); a crash after it leaves nothing to redo. A repeated
+  ``event_id`` within a workflow is acknowledged without a second output.
+- :func:`dead_letter` moves an entry to the DLQ and acknowledges it in one MULTI; the
+  copy is bounded by :func:`dlq_entry` (each field cut to a prefix, with a marker).
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ from redis.exceptions import ResponseError
 from actors.config import Settings
 
 __all__ = [
+    "DLQ_CUT_FIELD",
+    "OUTPUT_ERROR_CHARS",
     "CommitItem",
     "FencedReader",
     "OutputCommitter",
+    "bounded_error",
     "dead_letter",
+    "dlq_entry",
+    "done_key",
+    "done_key_pattern",
     "ensure_group",
     "output_fields",
     "trim_acknowledged",
@@ -58,6 +65,21 @@ for i = 1, n do
 end
 return ids
 """
+
+
+def done_key(settings: Settings, workflow_id: str, event_id: str) -> str:
+    """The dedupe key of one event: ``{prefix}:done:{workflow_id}/{event_id}``.
+
+    An ``event_id`` is an idempotency key within its workflow only (two workflows may
+    use the same one). Workflow ids cannot contain ``/``, so the key is unambiguous and
+    one workflow's keys are :func:`done_key_pattern` for ``SCAN MATCH``.
+    """
+    return settings.key("done", f"{workflow_id}/{event_id}")
+
+
+def done_key_pattern(settings: Settings, workflow_id: str) -> str:
+    """``SCAN MATCH`` pattern of one workflow's dedupe keys (its ids hold no glob characters)."""
+    return settings.key("done", f"{workflow_id}/*")
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -148,7 +170,8 @@ class OutputCommitter:
         return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
 
 
-# KEYS: lease, dlq, in. ARGV: lease value, group, source id, then field/value pairs.
+# KEYS: lease, dlq, in. ARGV: lease value, group, source id, then field/value pairs
+# (bounded by dlq_entry, so unpack stays far below Lua's limit of about 8,000 values).
 _FENCED_DLQ_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED the lease was lost to another instance')
@@ -161,6 +184,103 @@ return id
 """
 
 
+DLQ_CUT_FIELD = "ctxd_cut"
+"""A DLQ entry whose copy was cut has this field saying what was cut (docs/operations.md)."""
+
+DLQ_MIN_FIELDS = 64
+"""A DLQ copy keeps at least this many original fields (``CTXD_MAX_FIELDS`` if more)."""
+
+_DLQ_OWN_FIELDS = frozenset({"reason", "error", "attempts", "source_id", DLQ_CUT_FIELD})
+_DLQ_NAME_BYTES = 256
+_DLQ_ERROR_BYTES = 1000
+_SOURCE_FIELD = "ctxd_source_id"  # = actors.router.SOURCE_FIELD (the router imports us)
+
+
+def dlq_entry(
+    fields: Mapping[str, str | bytes] | Mapping[bytes, bytes] | Mapping[str | bytes, str | bytes],
+    *,
+    reason: str,
+    error: str,
+    attempts: int,
+    source_id: str,
+    field_bytes: int = 4096,
+    max_fields: int = DLQ_MIN_FIELDS,
+    original_id: str | None = None,
+) -> dict[bytes, bytes]:
+    """The DLQ copy of an entry: its fields, bounded, plus ``reason``, ``error``,
+    ``attempts`` and ``source_id``.
+
+    Whatever the entry holds (10,000 fields, a 10 MB value, bytes that are not UTF-8),
+    the copy has at most ``max(max_fields, DLQ_MIN_FIELDS)`` original fields, each name
+    at most 256 bytes and each value at most ``field_bytes`` bytes before its marker
+    ``…[cut N bytes]`` (cut on a UTF-8 character boundary); when anything was cut or
+    left out, the field ``ctxd_cut`` says what. So no DLQ write can overflow Lua's
+    ``unpack`` or hold a whole hostile payload. Values are copied as bytes.
+
+    The DLQ's ``source_id`` is ``original_id`` if given, else the entry's
+    ``ctxd_source_id`` field (a partition entry's ``ctxd:in`` id), else ``source_id``.
+    """
+    keep = max(max_fields, DLQ_MIN_FIELDS)
+    entry: dict[bytes, bytes] = {}
+    cut: list[str] = []
+    dropped = 0
+    original: bytes | None = None
+    for name, value in fields.items():
+        key = _as_bytes(name)
+        if key == _SOURCE_FIELD.encode():
+            original = _as_bytes(value)
+            continue
+        if key.decode("utf-8", "replace") in _DLQ_OWN_FIELDS:
+            continue  # ours replace them
+        short_key, key_cut = _cut(key, _DLQ_NAME_BYTES)
+        if len(entry) >= keep or short_key in entry:
+            dropped += 1
+            continue
+        short_value, value_cut = _cut(_as_bytes(value), field_bytes)
+        entry[short_key] = short_value
+        if key_cut or value_cut:
+            cut.append(repr(key[:40].decode("utf-8", "replace")))
+    entry[b"reason"] = reason.encode("utf-8", "replace")
+    entry[b"error"] = _cut(_as_bytes(error), _DLQ_ERROR_BYTES)[0]
+    entry[b"attempts"] = str(attempts).encode()
+    if original_id is not None:
+        original = original_id.encode("utf-8", "replace")
+    entry[b"source_id"] = _cut(original, 200)[0] if original is not None else source_id.encode()
+    if cut or dropped:
+        notes = []
+        if cut:
+            shown = ", ".join(cut[:8]) + (f" and {len(cut) - 8} more" if len(cut) > 8 else "")
+            notes.append(
+                f"{len(cut)} field(s) cut to {field_bytes} bytes (CTXD_DLQ_FIELD_BYTES; "
+                f"names to {_DLQ_NAME_BYTES}): {shown}"
+            )
+        if dropped:
+            notes.append(
+                f"{dropped} field(s) not copied (the entry had {len(fields)} fields; "
+                f"the first {len(entry) - 4} are kept)"
+            )
+        entry[DLQ_CUT_FIELD.encode()] = "; ".join(notes).encode("utf-8", "replace")
+    return entry
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return value.encode("utf-8", "backslashreplace")  # a lone surrogate cannot be sent
+
+
+def _cut(value: bytes, limit: int) -> tuple[bytes, bool]:
+    """``value`` cut to ``limit`` bytes (backing off to a UTF-8 character boundary) with
+    the marker ``…[cut N bytes]``; whether it was cut."""
+    if len(value) <= limit:
+        return value, False
+    end = limit
+    for _ in range(3):  # a UTF-8 character is at most 4 bytes: never split one
+        if end > 0 and (value[end] & 0xC0) == 0x80:
+            end -= 1
+    return value[:end] + f"…[cut {len(value) - end} bytes]".encode(), True
+
+
 async def dead_letter(
     redis: Redis,
     *,
@@ -168,26 +288,31 @@ async def dead_letter(
     input_stream: str,
     group: str,
     source_id: str,
-    fields: Mapping[str, str | bytes],
+    fields: Mapping[str, str | bytes] | Mapping[bytes, bytes] | Mapping[str | bytes, str | bytes],
     reason: str,
     error: str,
     attempts: int,
     lease: tuple[str, str] | None = None,
+    field_bytes: int = 4096,
+    max_fields: int = DLQ_MIN_FIELDS,
+    original_id: str | None = None,
 ) -> str:
     """Append the entry to the DLQ with why, and acknowledge it, atomically.
 
+    The copy is bounded by :func:`dlq_entry` (``field_bytes``, ``max_fields``), which
+    also says where the DLQ's ``source_id`` comes from (``original_id`` first).
     With ``lease`` (key, value) the write is fenced like a commit: refused with
     "FENCED ..." unless the lease still holds the value.
     """
-    entry: dict[str | bytes, str | bytes] = {
-        k: v for k, v in fields.items() if k not in ("reason", "error", "attempts", "source_id")
-    }
-    original = entry.pop("ctxd_source_id", None)
-    entry.update(
+    entry = dlq_entry(
+        fields,
         reason=reason,
-        error=error[:1000],
-        attempts=str(attempts),
-        source_id=original if original is not None else source_id,
+        error=error,
+        attempts=attempts,
+        source_id=source_id,
+        field_bytes=field_bytes,
+        max_fields=max_fields,
+        original_id=original_id,
     )
     if lease is not None:
         flat: list[str | bytes] = [lease[1], group, source_id]
@@ -203,10 +328,20 @@ async def dead_letter(
     return dlq_id.decode() if isinstance(dlq_id, bytes) else str(dlq_id)
 
 
+OUTPUT_ERROR_CHARS = 500
+"""Upper bound of an output's ``error`` field, in characters (a marker shows a cut)."""
+
+
 def output_fields(
     result: Mapping[str, object], *, trace_id: str, checkpoint_id: str
 ) -> dict[str, str]:
-    """The ``ctxd:out`` entry for one event's result (DESIGN's output contract)."""
+    """The ``ctxd:out`` entry for one event's result (DESIGN's output contract).
+
+    Every output carries ``error``: empty when nothing failed for the event, else the
+    failed step's exception type and message (bounded to :data:`OUTPUT_ERROR_CHARS`).
+    Every output path (batches, parking replays, control entries, interrupted runs)
+    builds its fields here, so none can leave it out.
+    """
     return {
         "workflow_id": str(result.get("workflow_id", "")),
         "event_id": str(result.get("event_id", "")),
@@ -218,7 +353,14 @@ def output_fields(
         "scores": json.dumps(result.get("scores") or {}, sort_keys=True),
         "trace_id": trace_id,
         "checkpoint_id": checkpoint_id,
+        "error": bounded_error(str(result.get("error") or "")),
     }
+
+
+def bounded_error(text: str, limit: int = OUTPUT_ERROR_CHARS) -> str:
+    """``text`` on one line, cut to ``limit`` characters with a ``…`` marker."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 async def trim_acknowledged(redis: Redis, stream: str) -> int:

@@ -1,9 +1,16 @@
 """The input contract of ``ctxd:in``: raw stream fields in, a valid :class:`Event` out.
 
-Limits are checked before anything is parsed (field count, then sizes), so a hostile
-entry costs little. Every violation raises :class:`~graph.errors.InvalidEntryError`
-with a ``reason`` tag and a message a person can act on; the ingress sends such
-entries to the DLQ on their first delivery.
+Whole-entry limits are checked on the raw bytes before anything is decoded or parsed
+(:func:`check_entry`: field count, total bytes, names that are text), so a hostile
+entry costs little; then each known field's size and form. JSON (``metadata``, a
+resume's ``value``) is bounded too: at most :data:`JSON_MAX_DEPTH` levels, integers in
+the signed 64-bit range (what the checkpoint serializer stores), finite numbers only.
+
+Every violation raises :class:`~graph.errors.InvalidEntryError` with a ``reason`` tag
+and a message a person can act on, and nothing else escapes :func:`parse_event`
+whatever the bytes: an unexpected exception is reported as ``invalid_entry`` naming
+its type. The router and the ingress send such entries to the DLQ on their first
+delivery.
 """
 
 from __future__ import annotations
@@ -14,16 +21,40 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from graph.errors import InvalidEntryError
 from graph.routing import PRIORITIES
 
-__all__ = ["Event", "decode_fields", "parse_event"]
+if TYPE_CHECKING:
+    from actors.config import Settings
+
+__all__ = [
+    "JSON_MAX_DEPTH",
+    "Event",
+    "RawFields",
+    "as_invalid_entry",
+    "check_entry",
+    "decode_fields",
+    "parse_entry",
+    "parse_event",
+]
+
+JSON_MAX_DEPTH = 32
+"""The deepest nesting of arrays/objects a JSON field may have (the outer one counts)."""
 
 _WORKFLOW_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+_CHECKPOINT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_JSON_TOKENS = re.compile(r'\\.|["\[\]{}]', re.DOTALL)
+RawFields = Mapping[bytes, bytes] | Mapping[str, str] | Mapping[str, str | bytes]
+"""An entry's fields as read (bytes) or as decoded (text, bytes where not UTF-8)."""
+
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 _EVENT_ID_MAX = 200
 _METADATA_MAX = 16 * 1024
 _OTHER_FIELD_MAX = 4 * 1024
+_MESSAGE_VALUE_MAX = 60
 
 
 @dataclass(frozen=True)
@@ -72,7 +103,7 @@ class Event:
         }
 
 
-def decode_fields(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, str | bytes]:
+def decode_fields(raw: RawFields) -> dict[str, str | bytes]:
     """Field names as text; values stay bytes where they are not valid UTF-8."""
     decoded: dict[str, str | bytes] = {}
     for key, value in raw.items():
@@ -87,6 +118,92 @@ def decode_fields(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[str, s
     return decoded
 
 
+def _size(value: str | bytes) -> int:
+    """Bytes on the wire; a lone surrogate counts as its three bytes (refused later)."""
+    return len(value) if isinstance(value, bytes) else len(value.encode("utf-8", "surrogatepass"))
+
+
+def check_entry(
+    raw: RawFields,
+    *,
+    max_fields: int,
+    max_entry_bytes: int,
+) -> None:
+    """The whole-entry limits, on the fields as read, before anything is decoded.
+
+    Unknown fields are allowed but count toward both limits, so no field escapes them.
+
+    Raises:
+        InvalidEntryError: ``too_many_fields``, ``oversized_entry`` or
+            ``invalid_field_name`` (a name that is not UTF-8 text).
+    """
+    if len(raw) > max_fields:
+        raise InvalidEntryError(
+            "too_many_fields",
+            f"entry has {len(raw)} fields, over the limit of {max_fields} (unknown fields "
+            "count too): drop the extra fields or raise CTXD_MAX_FIELDS",
+        )
+    total = sum(_size(name) + _size(value) for name, value in raw.items())
+    if total > max_entry_bytes:
+        raise InvalidEntryError(
+            "oversized_entry",
+            f"entry is {total} bytes (field names and values, unknown fields included), over "
+            f"the limit of {max_entry_bytes}: shorten it or raise CTXD_MAX_ENTRY_BYTES",
+        )
+    for name in raw:
+        if isinstance(name, bytes):
+            try:
+                name.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidEntryError(
+                    "invalid_field_name",
+                    f"field name {name[:_MESSAGE_VALUE_MAX]!r} is not UTF-8 text: name "
+                    "fields with text",
+                ) from None
+
+
+def parse_entry(
+    entry_id: str,
+    raw: RawFields,
+    settings: Settings,
+) -> Event:
+    """Check the whole-entry limits on ``raw``, then decode and validate it.
+
+    This is what the router and the ingress call on every entry they read.
+
+    Raises:
+        InvalidEntryError: only this, whatever the bytes.
+    """
+    try:
+        check_entry(raw, max_fields=settings.max_fields, max_entry_bytes=settings.max_entry_bytes)
+        fields = decode_fields(raw)
+    except InvalidEntryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes: never past this point
+        raise as_invalid_entry(exc) from None
+    return parse_event(
+        entry_id,
+        fields,
+        max_content_bytes=settings.max_content_bytes,
+        max_fields=settings.max_fields,
+        max_entry_bytes=settings.max_entry_bytes,
+    )
+
+
+def as_invalid_entry(exc: Exception) -> InvalidEntryError:
+    """``exc`` itself when it is an :class:`InvalidEntryError`, else an ``invalid_entry``
+    one naming the unexpected exception (bounded), for a DLQ entry a person can act on."""
+    if isinstance(exc, InvalidEntryError):
+        return exc
+    detail = str(exc)[:200]
+    return InvalidEntryError(
+        "invalid_entry",
+        f"entry could not be read ({type(exc).__name__}: {detail}): check the producer's "
+        "fields against the input contract (README, Streams), and report it to ctxd's "
+        "maintainers with this DLQ entry if they look right",
+    )
+
+
 def _text(fields: Mapping[str, str | bytes], name: str, limit: int) -> str | None:
     value = fields.get(name)
     if value is None:
@@ -95,12 +212,25 @@ def _text(fields: Mapping[str, str | bytes], name: str, limit: int) -> str | Non
         raise InvalidEntryError(
             "invalid_utf8", f"field {name!r} is not valid UTF-8: send text encoded as UTF-8"
         )
-    if len(value.encode("utf-8")) > limit:
-        reason = "oversized_content" if name == "content" else f"oversized_{name}"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
         raise InvalidEntryError(
-            reason,
-            f"field {name!r} is {len(value.encode('utf-8'))} bytes, over the limit of {limit}: "
-            f"split the event or raise CTXD_MAX_CONTENT_BYTES",
+            "invalid_utf8", f"field {name!r} is not valid UTF-8: send text encoded as UTF-8"
+        ) from None
+    if size > limit:
+        reason = "oversized_content" if name == "content" else f"oversized_{name}"
+        remedy = (
+            "split the event or raise CTXD_MAX_CONTENT_BYTES" if name == "content" else "shorten it"
+        )
+        raise InvalidEntryError(
+            reason, f"field {name!r} is {size} bytes, over the limit of {limit}: {remedy}"
+        )
+    if "\x00" in value:
+        raise InvalidEntryError(
+            "invalid_text",
+            f"field {name!r} contains a NUL character (U+0000) at offset "
+            f"{value.index(chr(0))}: remove it; text fields hold text",
         )
     return value
 
@@ -109,7 +239,7 @@ def _deadline(raw: str) -> str:
     text = raw.strip()
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InvalidEntryError(
             "invalid_deadline",
             f"deadline {raw[:60]!r} is not an ISO-8601 timestamp: use e.g. 2026-01-31T12:00:00Z",
@@ -119,13 +249,20 @@ def _deadline(raw: str) -> str:
             "invalid_deadline",
             f"deadline {raw[:60]!r} has no UTC offset: add Z or +HH:MM so it is unambiguous",
         )
-    return moment.astimezone(UTC).isoformat()
+    try:
+        return moment.astimezone(UTC).isoformat()
+    except (ValueError, OverflowError):  # 9999-12-31T23:59:59-01:00 is past year 9999 in UTC
+        raise InvalidEntryError(
+            "invalid_deadline",
+            f"deadline {raw[:60]!r} is outside the years 1-9999 once converted to UTC: "
+            "send a real date",
+        ) from None
 
 
 def _max_cost(raw: str) -> float:
     try:
         value = float(raw)
-    except ValueError:
+    except (ValueError, OverflowError):
         value = math.nan
     if not math.isfinite(value) or value < 0:
         raise InvalidEntryError(
@@ -134,13 +271,84 @@ def _max_cost(raw: str) -> float:
     return value
 
 
+class _JSONRejected(ValueError):
+    """A JSON document that parses but breaks ctxd's rules (raised from the hooks)."""
+
+
+def _json_int(text: str) -> int:
+    # Checked on the digits first: int() of 5,000 digits raises (the int-string limit).
+    if len(text.lstrip("-")) > 19 or not _INT_MIN <= (value := int(text)) <= _INT_MAX:
+        raise _JSONRejected(
+            f"integer {text[:_MESSAGE_VALUE_MAX]}{'…' if len(text) > 60 else ''} is outside "
+            "the signed 64-bit range: send it as a string"
+        )
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _JSONRejected(f"number {text[:_MESSAGE_VALUE_MAX]} overflows: send it as a string")
+    return value
+
+
+def _json_constant(text: str) -> float:
+    raise _JSONRejected(f"{text} is not JSON: send null or a string")
+
+
+def _json_depth(raw: str) -> int:
+    """The deepest bracket nesting outside strings, in one linear pass (no recursion)."""
+    depth = deepest = 0
+    in_string = False
+    for token in _JSON_TOKENS.findall(raw):
+        if token == '"':
+            in_string = not in_string
+        elif in_string or token[0] == "\\":
+            continue
+        elif token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _load_json(raw: str, *, what: str) -> object:
+    """Parse bounded JSON: depth, 64-bit integers, finite numbers, encodable strings.
+
+    Raises:
+        ValueError: with a message naming ``what`` and the rule broken.
+    """
+    deepest = _json_depth(raw)
+    if deepest > JSON_MAX_DEPTH:
+        raise _JSONRejected(
+            f"{what} is nested {deepest} levels deep, over the limit of {JSON_MAX_DEPTH}: "
+            "flatten it"
+        )
+    try:
+        value = json.loads(
+            raw, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant
+        )
+    except json.JSONDecodeError as exc:
+        raise _JSONRejected(f"{what} is not valid JSON ({exc.msg} at {exc.pos})") from None
+    except RecursionError:  # not reached after the depth check; kept as a last guard
+        raise _JSONRejected(f"{what} is nested too deep: flatten it") from None
+    except _JSONRejected as exc:
+        raise _JSONRejected(f"{what}: {exc}") from None
+    try:  # "\ud800" parses to a lone surrogate, which no Redis write can encode
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _JSONRejected(
+            f"{what} holds a lone UTF-16 surrogate (\\ud800-\\udfff): send valid text"
+        ) from None
+    return value
+
+
 def _metadata(raw: str) -> dict[str, object]:
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidEntryError(
-            "invalid_metadata", f"metadata is not valid JSON ({exc.msg} at {exc.pos})"
-        ) from None
+        value = _load_json(raw, what="metadata")
+    except _JSONRejected as exc:
+        raise InvalidEntryError("invalid_metadata", str(exc)) from None
     if not isinstance(value, dict):
         raise InvalidEntryError(
             "invalid_metadata",
@@ -155,6 +363,7 @@ def parse_event(
     *,
     max_content_bytes: int = 65536,
     max_fields: int = 32,
+    max_entry_bytes: int = 128 * 1024,
 ) -> Event:
     """Validate one ``ctxd:in`` entry.
 
@@ -162,15 +371,23 @@ def parse_event(
         entry_id: the stream entry id.
         fields: the entry's fields, as :func:`decode_fields` returns them.
         max_content_bytes: the content size limit in bytes.
-        max_fields: the most fields an entry may have.
+        max_fields: the most fields an entry may have (unknown fields included).
+        max_entry_bytes: the most bytes an entry's names and values may have in all.
 
     Raises:
-        InvalidEntryError: with a reason tag and an actionable message.
+        InvalidEntryError: with a reason tag and an actionable message; nothing else,
+            whatever the fields hold.
     """
-    if len(fields) > max_fields:
-        raise InvalidEntryError(
-            "too_many_fields", f"entry has {len(fields)} fields, over the limit of {max_fields}"
-        )
+    try:
+        check_entry(fields, max_fields=max_fields, max_entry_bytes=max_entry_bytes)
+        return _parse(entry_id, fields, max_content_bytes)
+    except InvalidEntryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes: never past this point
+        raise as_invalid_entry(exc) from None
+
+
+def _parse(entry_id: str, fields: Mapping[str, str | bytes], max_content_bytes: int) -> Event:
     workflow_id = _text(fields, "workflow_id", 1024)
     if workflow_id is None or not workflow_id:
         raise InvalidEntryError(
@@ -192,6 +409,12 @@ def parse_event(
     if event_id is not None and not (0 < len(event_id) <= _EVENT_ID_MAX):
         raise InvalidEntryError(
             "invalid_event_id", f"event_id must be 1-{_EVENT_ID_MAX} characters"
+        )
+    if event_id is not None and _CONTROL_CHARS.search(event_id):
+        raise InvalidEntryError(
+            "invalid_event_id",
+            f"event_id {event_id[:_MESSAGE_VALUE_MAX]!r} contains control characters: "
+            "use printable text",
         )
     priority = _text(fields, "priority", _OTHER_FIELD_MAX)
     if priority is not None and priority not in PRIORITIES:
@@ -239,11 +462,9 @@ def _control(fields: Mapping[str, str | bytes]) -> _Control | None:
     if control == "resume":
         raw = _text(fields, "value", _METADATA_MAX)
         try:
-            value = json.loads(raw) if raw is not None else None
-        except json.JSONDecodeError as exc:
-            raise InvalidEntryError(
-                "invalid_value", f"resume value is not valid JSON ({exc.msg} at {exc.pos})"
-            ) from None
+            value = _load_json(raw, what="resume value") if raw is not None else None
+        except _JSONRejected as exc:
+            raise InvalidEntryError("invalid_value", str(exc)) from None
         return _Control(control, value=value)
     if control == "rollback":
         checkpoint_id = _text(fields, "checkpoint_id", _OTHER_FIELD_MAX)
@@ -251,6 +472,12 @@ def _control(fields: Mapping[str, str | bytes]) -> _Control | None:
             raise InvalidEntryError(
                 "missing_checkpoint_id",
                 "a rollback needs checkpoint_id: see `ctxd state WORKFLOW_ID --history`",
+            )
+        if not _CHECKPOINT_ID.fullmatch(checkpoint_id):
+            raise InvalidEntryError(
+                "invalid_checkpoint_id",
+                f"checkpoint_id {checkpoint_id[:_MESSAGE_VALUE_MAX]!r} is not a checkpoint id: "
+                "copy one from `ctxd state WORKFLOW_ID --history`",
             )
         return _Control(control, checkpoint_id=checkpoint_id)
     raise InvalidEntryError(

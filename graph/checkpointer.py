@@ -17,6 +17,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError, ResponseError
 
 from graph.errors import ConfigError, RedisModulesMissingError
 
@@ -113,15 +114,23 @@ def _namespaced_redis_saver(redis_url: str, namespace: str) -> AsyncRedisSaver:
 
 
 async def check_redis_modules(client: Redis) -> None:
-    """Raise :class:`RedisModulesMissingError` unless RedisJSON and RediSearch are loaded."""
+    """Raise :class:`RedisModulesMissingError` unless RedisJSON and RediSearch are loaded.
+
+    Only a server that does not know ``MODULE LIST`` counts as lacking the modules. A
+    refused connection, a timeout, a wrong password, a TLS failure or an ACL denial
+    (NOPERM) propagates as redis-py raised it, so the caller can name the real cause
+    (``actors.redis_errors.describe_redis_error``).
+    """
     try:
         modules = await client.module_list()
-    except Exception as exc:
+    except ResponseError as exc:
+        if isinstance(exc, NoPermissionError):
+            raise
         raise RedisModulesMissingError(
-            f"cannot list the Redis server's modules ({type(exc).__name__}: {exc}); the "
-            "checkpointer needs RedisJSON and RediSearch: use Redis 8 or Redis Stack 7.4, "
-            "or unset CTXD_REDIS_URL to use the embedded Redis"
-        ) from exc
+            f"the configured Redis cannot list its modules (MODULE LIST: {str(exc)[:200]}); "
+            "the checkpointer needs RedisJSON and RediSearch: use Redis 8 or Redis Stack "
+            "7.4, or unset CTXD_REDIS_URL to use the embedded Redis"
+        ) from None
     loaded = set()
     for module in modules:
         name = module.get(b"name", module.get("name", b""))
@@ -200,7 +209,7 @@ async def open_checkpointer(
     elif kind == "redis":
         if not redis_url:
             raise ConfigError("the redis checkpointer needs a Redis URL")
-        probe = Redis.from_url(redis_url)
+        probe = Redis.from_url(redis_url, socket_connect_timeout=10, socket_timeout=10)
         try:
             await check_redis_modules(probe)
         finally:

@@ -10,6 +10,7 @@ __all__ = [
     "ConfigError",
     "CtxdError",
     "InvalidEntryError",
+    "PluginError",
     "RedisModulesMissingError",
     "WorkflowError",
 ]
@@ -33,6 +34,18 @@ class InvalidEntryError(CtxdError, ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class PluginError(CtxdError):
+    """A plug-in (the analyzer named by ``CTXD_ANALYZER``) raised a ``BaseException``
+    that is not an ``Exception`` (nor cancellation or a process exit).
+
+    Raised at the plug-in boundary (:class:`graph.work.WorkHandlers`) in place of the
+    original, which is its ``__cause__``, so nothing upstream has to catch
+    ``BaseException``. It is not a step failure to record and go on from: the actor
+    running the plug-in crashes and is restarted (its request stays pending), and with
+    ``CTXD_DISPATCH=local`` the graph run fails (retried, then dead-lettered as poison).
+    """
 
 
 class RedisModulesMissingError(CtxdError):

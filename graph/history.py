@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import StateSnapshot
 
 from graph.errors import WorkflowError
-from graph.state import JSON, integrity_hash
+from graph.state import JSON, integrity_hash, state_problems
 
 if TYPE_CHECKING:
     from graph.workflow import ContextualGraph
@@ -26,12 +27,18 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointInfo",
     "checkpoint_history",
+    "checkpoint_ids",
     "fork_checkpoint",
+    "inspect_checkpoint",
     "is_intact",
+    "is_store_failure",
     "last_good_checkpoint",
     "latest_checkpoint_id",
     "thread_config",
 ]
+
+_SEARCHED = 200  # checkpoints looked at for a good one, newest first
+_STORE_MODULES = ("redis", "redisvl", "psycopg")
 
 
 def thread_config(workflow_id: str, checkpoint_id: str | None = None) -> RunnableConfig:
@@ -55,7 +62,9 @@ class CheckpointInfo:
         events_processed: the workflow's event count at that point.
         intact: its values match their integrity hash.
         paused: it waits for a person (an interrupt).
-        values: the state values.
+        values: the state values (empty when the checkpoint could not be decoded).
+        problems: where it does not fit the schema (:func:`graph.state.state_problems`),
+            or why it could not be decoded; empty for a sound checkpoint.
     """
 
     checkpoint_id: str
@@ -67,6 +76,7 @@ class CheckpointInfo:
     intact: bool
     paused: bool
     values: Mapping[str, JSON]
+    problems: tuple[str, ...] = ()
 
 
 def _checkpoint_id(config: Mapping[str, JSON] | None) -> str | None:
@@ -82,19 +92,46 @@ def is_intact(values: Mapping[str, JSON]) -> bool:
     return not stored or integrity_hash(values) == stored
 
 
-def _info(snapshot: StateSnapshot) -> CheckpointInfo:
+def _info(snapshot: StateSnapshot, problems: list[str] | None = None) -> CheckpointInfo:
     values = cast(Mapping[str, JSON], snapshot.values or {})
     metadata = cast(Mapping[str, JSON], snapshot.metadata or {})
+    found = state_problems(values) if problems is None else problems
+    step = metadata.get("step", -1)
+    events = values.get("events_processed")
     return CheckpointInfo(
         checkpoint_id=str(_checkpoint_id(cast(Mapping[str, JSON], snapshot.config))),
         parent_id=_checkpoint_id(cast(Mapping[str, JSON], snapshot.parent_config)),
         created_at=snapshot.created_at,
         source=str(metadata.get("source", "")),
-        step=int(metadata.get("step", -1)),
-        events_processed=int(values.get("events_processed") or 0),
-        intact=is_intact(values),
+        step=step if isinstance(step, int) else -1,
+        events_processed=events if isinstance(events, int) and not isinstance(events, bool) else 0,
+        intact=_safely_intact(values),
         paused=bool(snapshot.interrupts),
         values=values,
+        problems=tuple(found),
+    )
+
+
+def _safely_intact(values: Mapping[str, JSON]) -> bool:
+    """:func:`is_intact`, False for values the hash cannot even be computed over."""
+    try:
+        return is_intact(values)
+    except (TypeError, ValueError):
+        return False
+
+
+def _undecodable(checkpoint_id: str, problems: list[str]) -> CheckpointInfo:
+    return CheckpointInfo(
+        checkpoint_id=checkpoint_id,
+        parent_id=None,
+        created_at=None,
+        source="?",
+        step=-1,
+        events_processed=0,
+        intact=False,
+        paused=False,
+        values={},
+        problems=tuple(problems),
     )
 
 
@@ -107,11 +144,26 @@ async def latest_checkpoint_id(graph: ContextualGraph, workflow_id: str) -> str 
 async def checkpoint_history(
     graph: ContextualGraph, workflow_id: str, *, limit: int | None = None
 ) -> list[CheckpointInfo]:
-    """The workflow's checkpoints, newest first."""
-    return [
-        _info(snapshot)
-        async for snapshot in graph.aget_state_history(thread_config(workflow_id), limit=limit)
-    ]
+    """The workflow's checkpoints, newest first; those that do not fit say why.
+
+    One undecodable checkpoint fails LangGraph's whole listing, so then each
+    checkpoint is loaded on its own (``ctxd state --history`` shows every one).
+    """
+    try:
+        return [
+            _info(snapshot)
+            async for snapshot in graph.aget_state_history(thread_config(workflow_id), limit=limit)
+        ]
+    except Exception as exc:
+        if is_store_failure(exc):
+            raise
+    infos: list[CheckpointInfo] = []
+    for checkpoint_id in await checkpoint_ids(graph, workflow_id, limit=limit or _SEARCHED):
+        snapshot, problems = await inspect_checkpoint(graph, workflow_id, checkpoint_id)
+        infos.append(
+            _info(snapshot, problems) if snapshot else _undecodable(checkpoint_id, problems)
+        )
+    return infos
 
 
 async def fork_checkpoint(graph: ContextualGraph, workflow_id: str, checkpoint_id: str) -> str:
@@ -123,7 +175,10 @@ async def fork_checkpoint(graph: ContextualGraph, workflow_id: str, checkpoint_i
     Raises:
         WorkflowError: the workflow has no such checkpoint.
     """
-    snapshot = await graph.aget_state(thread_config(workflow_id, checkpoint_id))
+    config = thread_config(workflow_id, checkpoint_id)
+    # The memory saver hands the config back as given, and the fork's put needs the ns.
+    config["configurable"]["checkpoint_ns"] = ""
+    snapshot = await graph.aget_state(config)
     if (
         snapshot.created_at is None
         or _checkpoint_id(cast(Mapping[str, JSON], snapshot.config)) != checkpoint_id
@@ -139,10 +194,122 @@ async def fork_checkpoint(graph: ContextualGraph, workflow_id: str, checkpoint_i
     return new_id
 
 
-async def last_good_checkpoint(graph: ContextualGraph, workflow_id: str) -> str | None:
-    """The newest finished checkpoint whose values match their integrity hash."""
-    async for snapshot in graph.aget_state_history(thread_config(workflow_id)):
-        values = cast(Mapping[str, JSON], snapshot.values or {})
-        if values and not snapshot.next and is_intact(values):
-            return _checkpoint_id(cast(Mapping[str, JSON], snapshot.config))
+async def last_good_checkpoint(
+    graph: ContextualGraph, workflow_id: str, *, skip: str | None = None
+) -> str | None:
+    """The newest finished checkpoint that decodes, fits the schema and matches its hash.
+
+    Args:
+        graph: the compiled workflow.
+        workflow_id: the thread id.
+        skip: a checkpoint known to be bad (not loaded again).
+    """
+    for checkpoint_id in await checkpoint_ids(graph, workflow_id):
+        if checkpoint_id == skip:
+            continue
+        snapshot, problems = await inspect_checkpoint(graph, workflow_id, checkpoint_id)
+        values = cast(Mapping[str, JSON], snapshot.values if snapshot else {})
+        if snapshot is None or problems or snapshot.next or not values:
+            continue
+        if _safely_intact(values):
+            return checkpoint_id
     return None
+
+
+# -- checkpoints that may not decode ------------------------------------------------
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """The store was unreachable (an outage, not bad data): the caller retries later.
+
+    Anything else raised while loading a checkpoint means its data could not be
+    decoded. A Redis ``WRONGTYPE`` reply is data too: the key holds something else.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        module = type(current).__module__.split(".")[0]
+        if "WRONGTYPE" in str(current)[:40]:
+            return False
+        if isinstance(current, OSError) or module in _STORE_MODULES:
+            return True
+        stack += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return False
+
+
+def _bounded(exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+async def inspect_checkpoint(
+    graph: ContextualGraph, workflow_id: str, checkpoint_id: str | None = None
+) -> tuple[StateSnapshot | None, list[str]]:
+    """Load one checkpoint (the current one by default) and say what does not fit.
+
+    Returns:
+        The snapshot (None when it could not be decoded) and the problems found.
+
+    Raises:
+        Exception: the store is unreachable (:func:`is_store_failure`).
+    """
+    try:
+        snapshot = await graph.aget_state(thread_config(workflow_id, checkpoint_id))
+    except Exception as exc:
+        if is_store_failure(exc):
+            raise
+        return None, [f"checkpoint could not be decoded ({_bounded(exc)})"]
+    return snapshot, state_problems(cast(Mapping[str, object], snapshot.values or {}))
+
+
+async def checkpoint_ids(
+    graph: ContextualGraph, workflow_id: str, *, limit: int = _SEARCHED
+) -> list[str]:
+    """The workflow's checkpoint ids, newest first, without decoding any checkpoint.
+
+    Listing the history decodes every checkpoint, and one undecodable write fails the
+    whole listing; this reads ids only (the Redis saver's search index, the PostgreSQL
+    saver's table, the memory saver's dict), so the good checkpoints behind a bad one
+    stay reachable.
+    """
+    saver: Any = graph.checkpointer
+    if isinstance(saver, InMemorySaver):
+        return sorted(saver.storage.get(workflow_id, {}).get("", {}), reverse=True)[:limit]
+    if hasattr(saver, "checkpoints_index"):  # AsyncRedisSaver
+        from langgraph.checkpoint.redis.util import from_storage_safe_id, to_storage_safe_id
+        from redisvl.query import FilterQuery
+        from redisvl.query.filter import Tag
+
+        query = FilterQuery(
+            filter_expression=Tag("thread_id") == to_storage_safe_id(workflow_id),
+            return_fields=["checkpoint_id", "checkpoint_ns"],
+            num_results=limit,
+            sort_by=("checkpoint_id", "DESC"),
+        )
+        found = await saver.checkpoints_index.search(query)
+        return [
+            str(from_storage_safe_id(doc["checkpoint_id"]))
+            for doc in found.docs
+            if doc["checkpoint_ns"] in ("", "__empty__")
+        ]
+    if type(saver).__module__.startswith("langgraph.checkpoint.postgres"):
+        async with saver._cursor() as cur:  # AsyncPostgresSaver: its own connection
+            await cur.execute(
+                "SELECT checkpoint_id FROM checkpoints WHERE thread_id = %s"
+                " AND checkpoint_ns = '' ORDER BY checkpoint_id DESC LIMIT %s",
+                (workflow_id, limit),
+            )
+            return [str(row["checkpoint_id"]) for row in await cur.fetchall()]
+    ids: list[str] = []  # another saver: its listing, as far as it decodes
+    try:
+        async for item in saver.alist(thread_config(workflow_id), limit=limit):
+            ids.append(str(item.config["configurable"]["checkpoint_id"]))
+    except Exception as exc:
+        if is_store_failure(exc):
+            raise
+    return ids

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import time
 from collections import ChainMap
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import cast
 
 from langgraph.types import Send, interrupt
 
+from graph.errors import PluginError
 from graph.features import (
     AnalyzerFeatures,
     AnalyzerPolicy,
@@ -31,7 +32,7 @@ from graph.state import INTEGRITY_FIELDS, JSON, ContextState, integrity_hash
 from graph.tracing import begin_event, record_route
 from graph.work import Dispatch, WorkKind
 
-__all__ = ["RESEARCH_WORKERS", "ContextualNodes", "event_status"]
+__all__ = ["RESEARCH_WORKERS", "ContextualNodes", "event_status", "summarize_errors"]
 
 RESEARCH_WORKERS = {
     "technical": "technical_research_worker",
@@ -43,6 +44,10 @@ _WINDOW_CHARS = 4096
 _SEGMENTS_KEPT = 20
 _DECISIONS_KEPT = 20
 _OUTBOX_KEPT = 128
+_ERROR_CHARS = 500  # an output's ``error``
+_STEP_ERROR_CHARS = 300  # one step's message as kept in the state
+_RESEARCH_UNAVAILABLE = "unavailable: "
+"""Prefix of a research finding whose worker failed; the rest is ``Type: message``."""
 
 _State = Mapping[str, JSON]
 
@@ -82,8 +87,21 @@ def event_status(
     *,
     resolved: bool = False,
     integrity: str = "valid",
+    analyzed: bool = True,
 ) -> str:
-    """The output ``status`` for a finished event.
+    """The output ``status`` for a finished event (docs/graph.md, "Status and error").
+
+    The first rule that holds wins:
+
+    1. the state failed its integrity check → ``error``;
+    2. an unresolved ``escalation_required`` → ``escalated`` (a person looks at it,
+       whatever the input was);
+    3. no decision, and the budget ran out, a step failed or the event was never
+       analysed → ``error``: nothing usable came out;
+    4. the event's analysis never succeeded → ``fallback``: the decision was made from
+       degraded input (no analysis of this event, quality 0);
+    5. ``fallback_processing`` or ``circuit_breaker_mode`` → ``fallback``;
+    6. otherwise ``ok`` (a person's resolution of an escalation included).
 
     Args:
         decision: the decision engine's last decision, if any.
@@ -91,16 +109,66 @@ def event_status(
         budget_exhausted: the iteration budget ended the event.
         resolved: a person resumed the escalation (its decision stands resolved).
         integrity: the monitor's ``state_integrity``; ``corrupted`` makes it an error.
+        analyzed: at least one analysis of the event succeeded.
     """
     if integrity == "corrupted":
         return "error"
-    if decision == "escalation_required":
-        return "ok" if resolved else "escalated"
+    if decision == "escalation_required" and not resolved:
+        return "escalated"
+    if decision is None:
+        return "error" if budget_exhausted or errors or not analyzed else "ok"
+    if not analyzed:
+        return "fallback"
     if decision in ("fallback_processing", "circuit_breaker_mode"):
         return "fallback"
-    if decision is None and (budget_exhausted or errors):
-        return "error"
     return "ok"
+
+
+def summarize_errors(errors: Sequence[Mapping[str, JSON]]) -> str:
+    """An output's ``error``: the first failed step as ``Type: message``, and a count.
+
+    Empty when nothing failed; at most 500 characters.
+
+    Args:
+        errors: the event's failed steps, oldest first (``type`` and ``message`` each).
+    """
+    if not errors:
+        return ""
+    first = errors[0]
+    text = f"{first.get('type') or 'Error'}: {first.get('message') or ''}".rstrip()
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    room = _ERROR_CHARS - len(more)
+    if len(text) > room:
+        text = text[: room - 1] + "…"
+    return text + more
+
+
+def _event_analyzed(view: _State) -> bool:
+    """Whether an analysis of the event in progress succeeded.
+
+    Events taken before this flag existed (a paused event in an older checkpoint) count
+    as analysed unless an analysis error was recorded for them.
+    """
+    event = view.get("event") or {}
+    if "analyzed" in event:
+        return bool(event["analyzed"])
+    return not any(e.get("kind") == "analysis" for e in view.get("errors") or [])
+
+
+def _event_quality(view: _State) -> float:
+    """The quality of the event's analysis: 0 when none of its analyses succeeded (the
+    stored ``analysis`` is then an older window's, and its quality is not this event's)."""
+    return float(view.get("quality") or 0.0) if _event_analyzed(view) else 0.0
+
+
+def _step_errors(view: _State) -> list[dict[str, JSON]]:
+    """The event's failed steps: recorded errors, then failed research workers."""
+    failed: list[dict[str, JSON]] = list(view.get("errors") or [])
+    for domain, finding in sorted((view.get("research") or {}).items()):
+        if isinstance(finding, str) and finding.startswith(_RESEARCH_UNAVAILABLE):
+            kind, _, message = finding.removeprefix(_RESEARCH_UNAVAILABLE).partition(": ")
+            failed.append({"kind": f"research.{domain}", "type": kind, "message": message})
+    return failed
 
 
 def _resolved(record: Mapping[str, JSON], answer: JSON) -> dict[str, JSON]:
@@ -190,7 +258,7 @@ class ContextualNodes:
         changes["drift"] = context_drift(content, window)
         window = [*window, content[:_WINDOW_CHARS]][-_WINDOW_EVENTS:]
         changes.update(
-            event={**event, "started_at": time.time()},
+            event={**event, "started_at": time.time(), "analyzed": False},
             window=window,
             workflow_id=str(view.get("workflow_id") or event.get("workflow_id") or ""),
             events_processed=int(view.get("events_processed") or 0) + 1,
@@ -220,6 +288,8 @@ class ContextualNodes:
         changes["analysis_stale"] = False
         try:
             reply = await self._dispatch(WorkKind.ANALYSIS, payload)
+        except PluginError:
+            raise  # not a step failure: the run fails (CTXD_DISPATCH=local), see PluginError
         except Exception as exc:  # noqa: BLE001 - recorded in state; the loop routes on it
             self._record_error(view, changes, "analysis", exc)
             return
@@ -227,13 +297,16 @@ class ContextualNodes:
         changes["analysis"] = analysis
         changes["analysis_fields"] = dict(reply.get("fields") or {})
         changes["quality"] = quality_score(analysis)
+        event = view.get("event")
+        if event is not None and not event.get("analyzed"):
+            changes["event"] = {**event, "analyzed": True}
 
     def _features(self, view: _State) -> AnalyzerFeatures:
         health = self._dispatch.health()
         errors = list(view.get("errors") or [])
         iteration = int(view.get("iteration") or 1)
         return AnalyzerFeatures(
-            quality=float(view.get("quality") or 0.0),
+            quality=_event_quality(view),
             drift=float(view.get("drift") or 0.0),
             passes=int(view.get("passes") or 0),
             iteration=iteration,
@@ -274,12 +347,14 @@ class ContextualNodes:
         errors = list(view.get("errors") or [])
         health = (view.get("health") or {}) if view.get("monitored") else {}
         integrity = str(health.get("state_integrity") or "valid")
+        analyzed = _event_analyzed(view)
         status = event_status(
             name,
             len(errors),
             budget_exhausted,
             resolved=bool(decision and "resolution" in decision),
             integrity=integrity,
+            analyzed=analyzed,
         )
         return {
             "workflow_id": view.get("workflow_id", ""),
@@ -289,15 +364,17 @@ class ContextualNodes:
             "state_integrity": integrity,
             "decision": name or "",
             "route": [*view.get("route", [])],
-            "quality_score": round(float(view.get("quality") or 0.0), 6),
+            "quality_score": round(_event_quality(view), 6),
             "scores": dict(decision.get("scores") or {}) if decision else {},
+            "error": summarize_errors(_step_errors(view)),
         }
 
     @staticmethod
     def _record_error(
         view: _State, changes: MutableMapping[str, JSON], kind: str, exc: Exception
     ) -> None:
-        error = {"kind": kind, "type": type(exc).__name__, "message": str(exc)[:300]}
+        message = " ".join(str(exc).split())[:_STEP_ERROR_CHARS]
+        error = {"kind": kind, "type": type(exc).__name__, "message": message}
         changes["errors"] = [*(view.get("errors") or []), error]
         changes["error_count"] = int(view.get("error_count") or 0) + 1
 
@@ -343,7 +420,11 @@ class ContextualNodes:
         try:
             reply = await self._dispatch(WorkKind.ANALYSIS, payload)
         except Exception as exc:  # noqa: BLE001 - a missing finding is not fatal
-            return {"research": {str(task["domain"]): f"unavailable: {type(exc).__name__}"}}
+            # Kept as the finding (parallel workers cannot all write ``errors``); the
+            # event's ``error`` names it (_step_errors).
+            message = " ".join(str(exc).split())[:_STEP_ERROR_CHARS]
+            failure = f"{_RESEARCH_UNAVAILABLE}{type(exc).__name__}: {message}"
+            return {"research": {str(task["domain"]): failure}}
         return {"research": {str(reply["domain"]): reply["findings"]}}
 
     # -- context_updater --------------------------------------------------------------
@@ -417,7 +498,7 @@ class ContextualNodes:
         iteration = int(view.get("iteration") or 1)
         window_chars = sum(len(t) for t in view.get("window") or [])
         context: dict[str, JSON] = {
-            "quality_score": float(view.get("quality") or 0.0),
+            "quality_score": _event_quality(view),
             "performance_score": health.performance_score,
             "error_rate": min(1.0, max(len(errors) / max(iteration, 1), health.error_rate)),
             "resource_utilization": min(1.0, window_chars / (_WINDOW_EVENTS * _WINDOW_CHARS)),

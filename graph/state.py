@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypedDict, cast
 
 __all__ = [
     "INTEGRITY_FIELDS",
     "JSON",
+    "REQUIRED_FIELDS",
     "ContextState",
     "integrity_hash",
     "merge_dicts",
     "outbox_result",
+    "state_problems",
 ]
 
 JSON = Any  # a plain-JSON value; the precise recursive type adds nothing for readers here.
@@ -123,3 +126,316 @@ class ContextState(TypedDict, total=False):
     next_route: str
     analysis_stale: bool
     base_checkpoint_id: str | None
+
+
+# -- the schema check ----------------------------------------------------------------
+#
+# A checkpoint is data anyone with write access to the store can change, and older ctxd
+# versions wrote other shapes. The integrity hash sees a change to five fields; this
+# check sees a value the nodes cannot work with (a wrong type anywhere, a missing field,
+# an absurd size), so a bad checkpoint is refused on load instead of failing every run
+# of its workflow. The bounds are far above what the nodes keep (8 window entries, 20
+# segments and decisions, an outbox of 2 x the batch size): they only catch abuse.
+
+REQUIRED_FIELDS = ("workflow_id", "window", "events_processed", "integrity_hash")
+"""Fields every state has once it integrated an event (the analyzer sets them together)."""
+
+_MAX_TEXT = 16 << 20  # characters in any one string (event content: CTXD_MAX_CONTENT_BYTES)
+_MAX_ITEMS = 10_000  # entries in any one list or object
+_MAX_WINDOW = 64
+_MAX_DEPTH = 100  # nesting of free-form JSON (plug-in fields, health, resolutions)
+_SHOWN = 60  # characters of an offending value shown in a problem
+
+
+class _Problems:
+    """Problems found so far; stops collecting at ``limit`` so a huge state costs little."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.found: list[str] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.found) >= self.limit
+
+    def add(self, path: str, text: str) -> None:
+        if not self.full:
+            self.found.append(f"{path}: {text}")
+
+
+_Spec = Callable[[str, object, _Problems], None]
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    return type(value).__name__
+
+
+def _mismatch(path: str, expected: str, value: object, out: _Problems) -> None:
+    shown = repr(value)
+    shown = shown if len(shown) <= _SHOWN else shown[: _SHOWN - 1] + "…"
+    out.add(path, f"expected {expected}, got {_kind(value)} {shown}")
+
+
+def _text(max_len: int = _MAX_TEXT) -> _Spec:
+    def check(path: str, value: object, out: _Problems) -> None:
+        if not isinstance(value, str):
+            _mismatch(path, "str", value, out)
+        elif len(value) > max_len:
+            out.add(path, f"{len(value)} characters, at most {max_len} allowed")
+
+    return check
+
+
+def _integer() -> _Spec:
+    def check(path: str, value: object, out: _Problems) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            _mismatch(path, "int", value, out)
+        elif value < 0:
+            out.add(path, f"expected an int >= 0, got {value}")
+
+    return check
+
+
+def _number(lo: float | None = None, hi: float | None = None, *, finite: bool = True) -> _Spec:
+    def check(path: str, value: object, out: _Problems) -> None:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            _mismatch(path, "number", value, out)
+        elif (
+            (finite and not math.isfinite(value))
+            or (lo is not None and value < lo)
+            or (hi is not None and value > hi)
+        ):
+            out.add(path, f"expected a number in [{lo}, {hi}], got {value!r}")
+
+    return check
+
+
+def _flag(path: str, value: object, out: _Problems) -> None:
+    if not isinstance(value, bool):
+        _mismatch(path, "bool", value, out)
+
+
+def _optional(spec: _Spec) -> _Spec:
+    def check(path: str, value: object, out: _Problems) -> None:
+        if value is not None:
+            spec(path, value, out)
+
+    return check
+
+
+def _json_value(path: str, value: object, out: _Problems, depth: int = 0) -> None:
+    """Plain JSON only: no bytes, no revived objects, bounded depth and sizes."""
+    if value is None or isinstance(value, bool | int | str):
+        if isinstance(value, str) and len(value) > _MAX_TEXT:
+            out.add(path, f"{len(value)} characters, at most {_MAX_TEXT} allowed")
+        return
+    if isinstance(value, float):
+        return
+    if depth >= _MAX_DEPTH:
+        out.add(path, f"nested deeper than {_MAX_DEPTH} levels")
+        return
+    if isinstance(value, list):
+        if len(value) > _MAX_ITEMS:
+            out.add(path, f"{len(value)} items, at most {_MAX_ITEMS} allowed")
+            return
+        for i, item in enumerate(value):
+            if out.full:
+                return
+            _json_value(f"{path}[{i}]", item, out, depth + 1)
+    elif isinstance(value, dict):
+        if len(value) > _MAX_ITEMS:
+            out.add(path, f"{len(value)} entries, at most {_MAX_ITEMS} allowed")
+            return
+        for key, item in value.items():
+            if out.full:
+                return
+            if not isinstance(key, str):
+                _mismatch(f"{path} key", "str", key, out)
+            else:
+                _json_value(f"{path}.{key}", item, out, depth + 1)
+    else:
+        _mismatch(path, "a JSON value", value, out)
+
+
+def _json(path: str, value: object, out: _Problems) -> None:
+    _json_value(path, value, out)
+
+
+def _list(item: _Spec, max_items: int = _MAX_ITEMS) -> _Spec:
+    def check(path: str, value: object, out: _Problems) -> None:
+        if not isinstance(value, list):
+            _mismatch(path, "list", value, out)
+            return
+        if len(value) > max_items:
+            out.add(path, f"{len(value)} items, at most {max_items} allowed")
+            return
+        for i, element in enumerate(value):
+            if out.full:
+                return
+            item(f"{path}[{i}]", element, out)
+
+    return check
+
+
+def _mapping(item: _Spec) -> _Spec:
+    def check(path: str, value: object, out: _Problems) -> None:
+        if not isinstance(value, dict):
+            _mismatch(path, "dict", value, out)
+            return
+        if len(value) > _MAX_ITEMS:
+            out.add(path, f"{len(value)} entries, at most {_MAX_ITEMS} allowed")
+            return
+        for key, element in value.items():
+            if out.full:
+                return
+            if not isinstance(key, str):
+                _mismatch(f"{path} key", "str", key, out)
+            else:
+                item(f"{path}.{key}", element, out)
+
+    return check
+
+
+def _record(
+    fields: Mapping[str, _Spec], required: tuple[str, ...] = (), *, free: bool = False
+) -> _Spec:
+    """A JSON object whose named keys have types; other keys must be plain JSON
+    (``free``: are not looked into, e.g. an event's metadata, validated on input)."""
+
+    def check(path: str, value: object, out: _Problems) -> None:
+        if not isinstance(value, dict):
+            _mismatch(path, "dict", value, out)
+            return
+        for name in required:
+            if name not in value:
+                out.add(f"{path}.{name}", "missing (required)")
+        if not free:
+            _json_value(path, {k: v for k, v in value.items() if k not in fields}, out)
+        for name, spec in fields.items():
+            if name in value and not out.full:
+                spec(f"{path}.{name}", value[name], out)
+
+    return check
+
+
+def _dict_only(path: str, value: object, out: _Problems) -> None:
+    if not isinstance(value, dict):
+        _mismatch(path, "dict", value, out)
+
+
+def _one_of(*specs: _Spec, expected: str) -> _Spec:
+    def check(path: str, value: object, out: _Problems) -> None:
+        for spec in specs:
+            trial = _Problems(1)
+            spec(path, value, trial)
+            if not trial.found:
+                return
+        _mismatch(path, expected, value, out)
+
+    return check
+
+
+# Events come validated from the input (content up to CTXD_MAX_CONTENT_BYTES); only
+# the fields the nodes read are typed. They are in the state only mid-run or paused.
+_EVENT = _record(
+    {
+        "event_id": _text(),
+        "content": _text(1 << 40),
+        "priority": _optional(_text()),
+        "deadline": _optional(_text()),
+        "max_cost": _optional(_number(finite=False)),
+        "metadata": _optional(_dict_only),
+        "started_at": _number(finite=False),
+    },
+    required=("event_id", "content"),
+    free=True,
+)
+_DECISION = _record(
+    {
+        "event_id": _optional(_text()),
+        "decision": _text(),
+        "scores": _mapping(_number()),
+        "reason": _text(),
+        "margin": _number(),
+    },
+    required=("decision",),
+)
+
+_SCHEMA: dict[str, _Spec] = {
+    "workflow_id": _text(),
+    "window": _list(_text(), _MAX_WINDOW),
+    "segment": _integer(),
+    "segments": _list(
+        _record(
+            {
+                "segment": _integer(),
+                "summary": _text(),
+                "events": _integer(),
+                "checkpoint_id": _optional(_text()),
+                "closed_at": _text(),
+            },
+            required=("segment", "summary"),
+        )
+    ),
+    "analysis": _text(),
+    "analysis_fields": _mapping(_json),
+    "quality": _number(0.0, 1.0),
+    "events_processed": _integer(),
+    "error_count": _integer(),
+    "integrity_hash": _text(128),
+    "decisions": _list(_DECISION),
+    "health": _mapping(_json),
+    # One compact JSON string per result (a dict in older checkpoints).
+    "outbox": _mapping(_one_of(_text(), _mapping(_json), expected="str or dict")),
+    "inbox": _list(_EVENT),
+    "run_size": _integer(),
+    "event": _optional(_EVENT),
+    "iteration": _integer(),
+    "passes": _integer(),
+    "drift": _number(),
+    "monitored": _flag,
+    "decided": _flag,
+    "retry_requested": _flag,
+    "segment_rotated": _flag,
+    "research": _mapping(_json),
+    "route": _list(_text()),
+    "errors": _list(_mapping(_json)),
+    "decision": _optional(_DECISION),
+    "route_reason": _text(),
+    "next_route": _text(),
+    "analysis_stale": _flag,
+    "base_checkpoint_id": _optional(_text()),
+}
+
+
+def state_problems(values: Mapping[str, object], *, limit: int = 8) -> list[str]:
+    """Where a stored state does not fit :class:`ContextState`, as lines a person can act on.
+
+    Checked on load, before a run uses the state (graph/recovery.py), and by
+    ``ctxd state``: types of every channel down to the items of lists and objects,
+    required fields, and bounds. An empty list means the state fits.
+
+    Args:
+        values: the checkpoint's channel values.
+        limit: at most this many problems are reported (and looked for).
+
+    Returns:
+        Problems such as ``"window: expected list, got int 5"`` or
+        ``"window: missing (required)"``, each naming the field; at most ``limit``.
+    """
+    out = _Problems(max(1, limit))
+    if any(name in values for name in INTEGRITY_FIELDS if name != "workflow_id"):
+        for name in REQUIRED_FIELDS:
+            if name not in values:
+                out.add(name, "missing (required)")
+    for name, value in values.items():
+        if out.full:
+            break
+        spec = _SCHEMA.get(name)
+        if spec is not None:
+            spec(name, value, out)
+    return out.found

@@ -17,8 +17,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
-from graph.analysis import AnalysisRequest, Analyzer, heuristic_analyzer
-from graph.errors import WorkflowError
+import anyio
+
+from graph.analysis import AnalysisRequest, AnalysisResult, Analyzer, heuristic_analyzer
+from graph.errors import PluginError, WorkflowError
 from graph.features import terms
 from graph.research import ResearchDomain, research_task, run_research
 from graph.routing import RoutingConfig, RoutingContext, RoutingEngine
@@ -113,8 +115,31 @@ class WorkHandlers:
             pass_number=int(payload.get("pass_number", 0)),
             research={str(k): str(v) for k, v in dict(payload.get("research") or {}).items()},
         )
-        result = await self._analyzer(request)
+        result = await self._call_analyzer(request)
         return {"analysis": result.analysis, "fields": dict(result.fields)}
+
+    async def _call_analyzer(self, request: AnalysisRequest) -> AnalysisResult:
+        """The plug-in boundary: the one place a plug-in's ``BaseException`` is caught.
+
+        An ``Exception`` goes on as it is (the asker gets it as a failed step). Any other
+        ``BaseException`` a plug-in raises (``class Boom(BaseException)``) would tear
+        through every task group up to the process; it becomes a :class:`PluginError`
+        here, so only the actor running the plug-in crashes. Cancellation,
+        ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit`` pass unchanged.
+        """
+        try:
+            return await self._analyzer(request)
+        except Exception:
+            raise
+        except BaseException as exc:  # re-raised: as itself, or as a PluginError (see above)
+            if _passes_through(exc):
+                raise
+            message = " ".join(str(exc).split())[:_PLUGIN_MESSAGE_CHARS]
+            raise PluginError(
+                f"the analyzer plug-in raised {type(exc).__name__}: {message} "
+                "(a BaseException, not an Exception): its actor is restarted; make the "
+                "plug-in raise Exception subclasses"
+            ) from exc
 
     async def _research(self, payload: Mapping[str, JSON]) -> dict[str, JSON]:
         domain = ResearchDomain(str(payload["domain"]))
@@ -181,6 +206,17 @@ class WorkHandlers:
             "reason": outcome.reason,
             "margin": outcome.margin,
         }
+
+
+_PLUGIN_MESSAGE_CHARS = 300
+
+
+def _passes_through(exc: BaseException) -> bool:
+    """Cancellation and process exits, also inside an exception group."""
+    kinds = (KeyboardInterrupt, SystemExit, GeneratorExit, anyio.get_cancelled_exc_class())
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(kinds) is not None
+    return isinstance(exc, kinds)
 
 
 class LocalDispatch:

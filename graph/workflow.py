@@ -28,8 +28,9 @@ from langgraph.types import Command, Durability, Interrupt
 
 from graph.errors import WorkflowError
 from graph.features import AnalyzerPolicy, AnalyzerRoute
-from graph.history import fork_checkpoint, last_good_checkpoint, latest_checkpoint_id, thread_config
+from graph.history import fork_checkpoint, last_good_checkpoint, thread_config
 from graph.nodes import RESEARCH_WORKERS, ContextualNodes
+from graph.recovery import StateRecovery, load_checked_state
 from graph.state import JSON, ContextState, outbox_result
 from graph.tracing import GraphTelemetry, run_scope, traced_node
 from graph.work import Dispatch
@@ -136,6 +137,8 @@ class RunResult:
         paused_event_id: the event that paused the workflow, when interrupted.
         recovered_to: the last good checkpoint the workflow was rolled back to, when the
             monitor found the state changed outside the graph.
+        recovery: what was done before the run because the stored state did not fit
+            the schema (graph/recovery.py); the first event's result has it in ``error``.
     """
 
     results: Mapping[str, Mapping[str, JSON]]
@@ -143,6 +146,7 @@ class RunResult:
     interrupted: bool
     paused_event_id: str | None = None
     recovered_to: str | None = None
+    recovery: StateRecovery | None = None
 
 
 def _recursion_limit(events: int, iteration_budget: int) -> int:
@@ -183,6 +187,7 @@ async def _finish(
     workflow_id: str,
     wanted: Sequence[str],
     streamed: tuple[dict[str, JSON], str | None, dict[str, JSON] | None],
+    recovery: StateRecovery | None = None,
 ) -> RunResult:
     last_values, checkpoint_id, paused = streamed
     outbox = cast(dict[str, JSON], last_values.get("outbox") or {})
@@ -205,13 +210,28 @@ async def _finish(
     if paused is None and len(results) != len(wanted):
         missing = sorted(set(wanted) - set(results))
         raise WorkflowError(f"workflow {workflow_id!r}: run ended without results for {missing}")
+    if recovery is not None:
+        _note_recovery(results, wanted, recovery)
     return RunResult(
         results=results,
         checkpoint_id=checkpoint_id,
         interrupted=paused is not None,
         paused_event_id=paused_event_id,
         recovered_to=recovered_to,
+        recovery=recovery,
     )
+
+
+def _note_recovery(
+    results: dict[str, dict[str, JSON]], wanted: Sequence[str], recovery: StateRecovery
+) -> None:
+    """Put the recovery into the first result's ``error`` (kept with any error it has)."""
+    for event_id in wanted:
+        result = results.get(event_id)
+        if result is not None:
+            earlier = str(result.get("error") or "")
+            result["error"] = f"{earlier}; {recovery.message()}" if earlier else recovery.message()
+            return
 
 
 async def run_events(
@@ -220,10 +240,16 @@ async def run_events(
     events: Sequence[Mapping[str, JSON]],
     *,
     base_checkpoint_id: str | None = None,
+    recovery: StateRecovery | None = None,
     durability: Durability = "exit",
     iteration_budget: int = 12,
 ) -> RunResult:
     """Run the loop over ``events`` (one workflow, in order) and return their results.
+
+    Without ``base_checkpoint_id`` the workflow's current state is loaded and checked
+    against the schema first (:func:`graph.recovery.load_checked_state`): a stored
+    state that does not fit is rolled back (or replaced by a fresh segment) before the
+    run, and the first event's result says so in ``error``.
 
     When the monitor finds that the state was changed outside the graph (its integrity
     hash no longer matches), the workflow is rolled back to its last good checkpoint
@@ -234,7 +260,10 @@ async def run_events(
         workflow_id: the thread id.
         events: events as :meth:`actors.validation.Event.as_state` gives them.
         base_checkpoint_id: the rollback point recorded when a segment closes; by
-            default the workflow's current checkpoint, read at the start of the run.
+            default the workflow's current checkpoint, read and checked at the start of
+            the run. A caller that gives it has checked the state itself.
+        recovery: a recovery the caller did (its :func:`load_checked_state`), to report
+            in the first event's result.
         durability: LangGraph's durability mode; the caller acknowledges inputs only after
             this function returns, so ``exit`` keeps every guarantee.
         iteration_budget: per-event analyzer visits, to size LangGraph's recursion limit.
@@ -242,7 +271,9 @@ async def run_events(
     config = thread_config(workflow_id)
     config["recursion_limit"] = _recursion_limit(len(events), iteration_budget)
     if base_checkpoint_id is None and graph.checkpointer:
-        base_checkpoint_id = await latest_checkpoint_id(graph, workflow_id)
+        checked = await load_checked_state(graph, workflow_id)
+        base_checkpoint_id = checked.checkpoint_id
+        recovery = recovery or checked.recovery
     run_input: dict[str, JSON] = {
         "workflow_id": workflow_id,
         "inbox": [dict(e) for e in events],
@@ -252,7 +283,8 @@ async def run_events(
     }
     with run_scope(workflow_id):  # one invoke_workflow span per event (graph/tracing.py)
         streamed = await _stream(graph, cast(ContextState, run_input), config, durability)
-    return await _finish(graph, workflow_id, [str(e["event_id"]) for e in events], streamed)
+    wanted = [str(e["event_id"]) for e in events]
+    return await _finish(graph, workflow_id, wanted, streamed, recovery)
 
 
 async def paused_event_id(graph: ContextualGraph, workflow_id: str) -> str | None:

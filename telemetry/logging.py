@@ -11,14 +11,19 @@ same processors:
 * level, ISO-8601 UTC timestamp, stack info, and a cap on very long string values.
 
 JSON output turns exceptions into structured ``exception`` lists (``dict_tracebacks``).
+Secrets registered with :func:`register_secrets` (the passwords of the configured URLs)
+are masked in every finished line, tracebacks included; :func:`redact_url` makes a URL
+safe to log.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
+from collections.abc import Mapping
 from typing import Final, TextIO
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import structlog
 from opentelemetry import trace
@@ -26,12 +31,21 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from telemetry.settings import TelemetryConfigError
 
-__all__ = ["QUIET_LOGGERS", "add_trace_context", "configure_logging", "redact_url"]
+__all__ = [
+    "QUIET_LOGGERS",
+    "add_trace_context",
+    "configure_logging",
+    "redact_url",
+    "register_secrets",
+    "scrub_secrets",
+]
 
 _LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 _UNCAPPED_KEYS: Final = frozenset({"exception", "stack"})
-_SECRET_QUERY_KEYS: Final = frozenset({"password", "username", "user"})
 _MASK: Final = "***"
+_SECRET_QUERY: Final = re.compile(r"(?i)([?&](?:password|username|user)=)[^&]*")
+_MIN_SECRET: Final = 4
+_SECRETS: set[str] = set()
 QUIET_LOGGERS: Final[tuple[str, ...]] = ("redisvl", "langgraph")
 """Third-party loggers whose INFO lines are routine ("Index already exists", "Redis
 client is a standalone client"); :func:`configure_logging` caps them at WARNING."""
@@ -137,12 +151,12 @@ def configure_logging(
         renderer = [
             structlog.processors.dict_tracebacks,
             _CapLongValues(max_value_length),
-            structlog.processors.JSONRenderer(),
+            _scrubbed(structlog.processors.JSONRenderer()),
         ]
     else:
         renderer = [
             _CapLongValues(max_value_length),
-            structlog.dev.ConsoleRenderer(),
+            _scrubbed(structlog.dev.ConsoleRenderer()),
         ]
 
     structlog.reset_defaults()
@@ -176,32 +190,58 @@ def configure_logging(
 def redact_url(url: str) -> str:
     """Hide credentials in a connection URL so it can be logged.
 
-    The user-info part (``user:password@``) becomes ``***@``, and ``password``/
-    ``username`` query parameters (which redis-py also accepts) become ``***``.
+    Everything between ``://`` and the last ``@`` (the user information, whatever
+    characters it holds: ``#``, ``/``, ``?``, ``@`` or ``%``-escapes) becomes ``***``,
+    and the values of ``password``/``username``/``user`` query parameters (which
+    redis-py also accepts) become ``***`` up to the next ``&``, ``#`` included.
     ``redis://alice:s3cret@db:6379/0`` → ``redis://***@db:6379/0``.
 
     Args:
         url: a URL such as ``redis://``, ``rediss://`` or ``unix://``.
 
     Returns:
-        The URL without secrets; ``"<unparseable url>"`` if it cannot be parsed.
+        The URL without secrets; ``"<unparseable url>"`` if it has no scheme.
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return "<unparseable url>"
-    # Edit the original string rather than re-joining the parts: urlunsplit would turn
-    # unix:///path into unix:/path.
-    redacted = url
-    if "@" in parts.netloc:
-        host = parts.netloc.rpartition("@")[2]
-        redacted = redacted.replace(parts.netloc, f"{_MASK}@{host}", 1)
-    if parts.query:
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        if any(key.lower() in _SECRET_QUERY_KEYS for key, _ in pairs):
-            query = urlencode(
-                [(k, _MASK if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs],
-                safe="*",
-            )
-            redacted = redacted.replace(f"?{parts.query}", f"?{query}", 1)
-    return redacted
+    if "@" in rest:
+        # URL parsers stop the user information at "#", "/" or "?", but a password
+        # may hold them: the last "@" is where the host part really starts.
+        rest = f"{_MASK}@{rest.rpartition('@')[2]}"
+    rest = _SECRET_QUERY.sub(lambda m: f"{m.group(1)}{_MASK}", rest)
+    return f"{scheme}://{rest}"
+
+
+def register_secrets(*secrets: str) -> None:
+    """Add strings that must never appear in a log line (a password, say).
+
+    Every line rendered by :func:`configure_logging`'s processors, exception tracebacks
+    included, has them replaced by ``***`` (also in their JSON-escaped form). Strings
+    shorter than 4 characters are not registered: masking them would mangle every line.
+    """
+    for secret in secrets:
+        if len(secret) >= _MIN_SECRET:
+            _SECRETS.add(secret)
+            _SECRETS.add(json.dumps(secret)[1:-1])
+
+
+def scrub_secrets(text: str) -> str:
+    """``text`` with every registered secret replaced by ``***``, longest first."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, _MASK)
+    return text
+
+
+def _scrubbed(renderer: Processor) -> Processor:
+    """``renderer`` whose finished line has every registered secret masked."""
+
+    def render(
+        logger: WrappedLogger, method_name: str, event_dict: EventDict
+    ) -> str | bytes | bytearray | tuple[object, ...] | Mapping[str, object]:
+        rendered = renderer(logger, method_name, event_dict)
+        if _SECRETS and isinstance(rendered, str):
+            return scrub_secrets(rendered)
+        return rendered
+
+    return render

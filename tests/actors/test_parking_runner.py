@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.parking import WorkflowRunner, parked_stream, resume_fields, rollback_fields
-from actors.streams import ensure_group
+from actors.streams import done_key, ensure_group
 from actors.validation import Event, parse_event
 from graph.checkpointer import strict_serializer
 from graph.errors import InvalidEntryError
@@ -122,7 +122,31 @@ async def test_parked_events_left_by_a_crash_are_replayed_before_newer_ones(
     assert [f[b"event_id"] for _, f in outputs] == [b"p1", b"p2"]
     assert await aredis.xlen(stream) == 0
     assert "n1" in run.results  # the ingress commits it, after the replayed ones
-    assert await aredis.get(paused_settings.key("done", "p1"))
+    assert await aredis.get(done_key(paused_settings, workflow_id, "p1"))
+
+
+async def test_a_parked_entry_that_no_longer_validates_is_dead_lettered_not_retried(
+    aredis: Redis, paused_settings: Settings, prefix: str
+) -> None:
+    """Limits lowered since an event was parked: its replay sends it to the DLQ (and off
+    the parked stream) instead of failing every later batch of its workflow."""
+    workflow_id = f"{prefix}-w"
+    stream = parked_stream(paused_settings, workflow_id)
+    big = _event(workflow_id, "p1", "x" * 3000)
+    await aredis.xadd(stream, {**big, "source_id": "0-1"})
+    await aredis.xadd(stream, {**_event(workflow_id, "p2", TECH), "source_id": "0-2"})
+    strict = replace(paused_settings, max_content_bytes=1000)
+    runner = WorkflowRunner(aredis, strict, _graph())
+    newer = await _entry(aredis, strict, _event(workflow_id, "n1", TECH))
+    run = await runner.run(workflow_id, [newer])
+    outputs = await aredis.xrange(strict.output_stream)
+    assert [f[b"event_id"] for _, f in outputs] == [b"p2"]
+    dead = await aredis.xrange(strict.dlq_stream)
+    assert [(f[b"reason"], f[b"source_id"], f[b"event_id"]) for _, f in dead] == [
+        (b"oversized_content", b"0-1", b"p1")
+    ]
+    assert await aredis.xlen(stream) == 0
+    assert "n1" in run.results
 
 
 async def test_events_behind_the_pause_in_one_batch_are_parked_and_replayed_in_order(

@@ -22,7 +22,7 @@ from actors.lease import LeaseLostError
 from actors.mailbox import ActorRequest, mailbox_stream
 from actors.parking import WorkflowRunner, parked_stream, resume_fields
 from actors.partitions import lease_key, partition_of
-from actors.retention import Retention, done_key_pattern, workflows_key
+from actors.retention import Retention, workflows_key
 from actors.streams import ensure_group, trim_bounded_streams
 from actors.tree import ActorSystem
 from actors.validation import Event, parse_event
@@ -187,11 +187,6 @@ async def test_idle_workflows_are_deleted_by_their_partition_owner_only(
     assert members == {"paused", "busy", "recent"}
     # the paused one is looked at again only after another TTL
     assert redis.zscore(workflows_key(s, 0), "paused") == clock.now
-
-
-def test_done_key_pattern_is_per_workflow(settings: Settings) -> None:
-    assert done_key_pattern(settings, "a.b:c") == f"{settings.stream_prefix}:done:a.b:c/*"
-    assert done_key_pattern(settings, "x*") == f"{settings.stream_prefix}:done:x\\*/*"
 
 
 # -- the guarantees, through the real service -------------------------------------------

@@ -12,7 +12,7 @@ import structlog
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import Span
 
-from telemetry.logging import configure_logging, redact_url
+from telemetry.logging import configure_logging, redact_url, register_secrets
 from telemetry.settings import TelemetryConfigError
 from telemetry.testing import capture_spans
 
@@ -171,12 +171,47 @@ def test_bad_level_is_a_clear_error() -> None:
             "redis://db:6379/0?password=***&socket_timeout=5",
         ),
         ("unix:///run/redis.sock?db=1&password=p", "unix:///run/redis.sock?db=1&password=***"),
-        ("redis://[::1:6379", "<unparseable url>"),
+        ("redis://[::1:6379", "redis://[::1:6379"),
+        ("db:6379", "<unparseable url>"),
+        # Characters URL parsing stops at: the last "@" is where the host starts.
+        ("redis://u:s3c#ret@db:6379/0", "redis://***@db:6379/0"),
+        ("redis://u:s3c/r?et@db:6379/0", "redis://***@db:6379/0"),
+        ("redis://u:s3c@r:et@db:6379", "redis://***@db:6379"),
+        ("redis://u:s3c%23ret%2F@db", "redis://***@db"),
+        ("redis://alice@db:6379", "redis://***@db:6379"),
+        ("unix://u:s3cret@/run/redis.sock?db=0", "unix://***@/run/redis.sock?db=0"),
+        (
+            "redis://db?username=u&password=s3c#r&et&db=1",
+            "redis://db?username=***&password=***&et&db=1",
+        ),
     ],
 )
 def test_redact_url_hides_credentials(url: str, redacted: str) -> None:
     assert redact_url(url) == redacted
-    assert "s3cret" not in redact_url(url)
+    for part in ("s3c", "ret", "alice"):
+        assert part not in redact_url(url)
+
+
+@pytest.mark.parametrize("use_json", [True, False])
+def test_registered_secrets_never_reach_a_log_line(use_json: bool) -> None:
+    """A registered password is masked in messages, values and tracebacks alike."""
+    secret = 'pa"ss#w@rd\\x-1234'
+    register_secrets(secret)
+    stream = io.StringIO()
+    configure_logging(stream=stream, json=use_json, cache_logger_on_first_use=False)
+    log = structlog.get_logger()
+    log.info(f"connecting with {secret}", url=f"redis://u:{secret}@db")
+    try:
+        raise ValueError(f"bad {secret}")
+    except ValueError:
+        log.exception("failed")
+        logging.getLogger("lib").exception("stdlib failed")
+    text = stream.getvalue()
+    assert "connecting with ***" in text
+    assert "failed" in text
+    assert "ValueError" in text
+    assert secret not in text
+    assert json.dumps(secret)[1:-1] not in text
 
 
 def test_chatty_third_party_info_lines_are_quieted() -> None:
