@@ -32,6 +32,7 @@ from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from actors.availability import RedisAvailability, is_outage
 from actors.breaker import CallNotPermittedError
 from actors.config import Settings
 from actors.lease import LeaseLostError
@@ -113,6 +114,9 @@ class BatchProcessor:
         instruments: where the messaging metrics go; none recorded if None.
         metric_attributes: the attributes every messaging metric point carries.
         tracer: for the ``process`` spans.
+        availability: the process's Redis monitor: a run that met an outage (or ran
+            while one began) is ``transient``, and its start is taken back once Redis
+            is there again.
     """
 
     def __init__(
@@ -126,8 +130,10 @@ class BatchProcessor:
         instruments: Instruments | None,
         metric_attributes: Mapping[str, str],
         tracer: trace.Tracer,
+        availability: RedisAvailability | None = None,
     ) -> None:
         self._redis = redis
+        self._availability = availability or RedisAvailability.for_settings(redis, settings)
         self._settings = settings
         self._graph = graph
         self._consumer = consumer
@@ -148,9 +154,13 @@ class BatchProcessor:
         A run that ends ``lost``, ``transient`` or ``refused`` is not the events' fault:
         its start is taken back from ``{prefix}:attempts``.
         """
+        generation = self._availability.generation
         outcome = await self._process(workflow_id, wf, batch)
+        if outcome == "retry" and self._availability.disturbed_since(generation):
+            outcome = "transient"  # Redis went away during the run: not the events' fault
         if outcome in ("lost", "transient", "refused"):
-            with contextlib.suppress(*TRANSIENT_ERRORS):
+
+            async def take_back() -> None:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for p in batch:
                         pipe.hincrby(
@@ -159,6 +169,12 @@ class BatchProcessor:
                             -1,
                         )
                     await pipe.execute()
+
+            if outcome == "transient":  # an outage must never count as an attempt
+                await self._availability.call(take_back)
+            else:
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    await take_back()
         return outcome
 
     async def _process(
@@ -202,11 +218,15 @@ class BatchProcessor:
                         "circuit breaker open; batch stays pending", workflow_id=workflow_id
                     )
                     return "refused"
+                if is_outage(exc) or _is_transient(exc):
+                    # One line per outage (the monitor's), not one per workflow.
+                    self._availability.report(exc)
+                    _log.debug("workflow run met a Redis outage", workflow_id=workflow_id)
+                    return "transient"
                 self._record_failed(len(batch), exc, time.monotonic() - started)
                 self._counts["failed_runs"] += 1
-                outcome = "transient" if _is_transient(exc) else "retry"
-                if outcome == "retry":
-                    await self._remember_failure(batch, exc)
+                outcome = "retry"
+                await self._remember_failure(batch, exc)
                 _log.error(
                     "workflow run failed; its events are retried",
                     workflow_id=workflow_id,

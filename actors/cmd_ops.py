@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from datetime import UTC, datetime
 from typing import cast
 
 from redis import Redis as SyncRedis
@@ -180,6 +181,9 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
             + (f"  breakers {json.dumps(breakers, sort_keys=True)}" if breakers else "")
             + ("  pools " + json.dumps(info["pools"], sort_keys=True) if "pools" in info else "")
         )
+        outages = _outage_line(info.get("redis"))
+        if outages:
+            print(f"    {outages}")
     for group in cast(dict[str, list[dict[str, object]]], doc["input"])["groups"]:
         print(
             f"input {settings.input_stream} group {group['name']}: lag {group['lag']}, "
@@ -203,6 +207,24 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
         for name, figures in categories.items():
             print(f"  {name:<12} {figures['keys']:>9} keys  {format_bytes(figures['bytes']):>10}")
     return 0
+
+
+def _outage_line(redis_info: object) -> str:
+    """An instance's Redis outages as its heartbeat reports them ("" when none)."""
+    if not isinstance(redis_info, dict) or not redis_info.get("outages"):
+        return ""
+    started = redis_info.get("last_started")
+    when = (
+        datetime.fromtimestamp(float(started), UTC).isoformat(timespec="seconds")
+        if isinstance(started, int | float)
+        else "?"
+    )
+    seconds = redis_info.get("last_seconds")
+    if not redis_info.get("available"):
+        how = f"UNAVAILABLE NOW since {when} ({redis_info.get('kind')})"
+    else:
+        how = f"last began {when} and lasted {seconds}s ({redis_info.get('kind')})"
+    return f"redis outages: {redis_info['outages']}, {how}, cause: {redis_info.get('cause', '')}"
 
 
 def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:

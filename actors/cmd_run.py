@@ -35,7 +35,6 @@ def register(commands: Subcommands) -> None:
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     from actors.daemon import serve
     from actors.demo import feed_demo
-    from actors.redis_acl import check_redis_for_service
 
     with contextlib.ExitStack() as stack:
         # Entered first, left last: after the service has drained (SIGTERM included),
@@ -51,10 +50,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
             await feed_demo(settings, redis_url)
 
         async def run() -> None:
-            # Refused, timeout, credentials, TLS, modules, ACL: one line, before any work.
-            await check_redis_for_service(
-                redis_url, settings.stream_prefix, modules=settings.checkpointer == "redis"
-            )
+            # serve() waits for Redis, then checks credentials, TLS, modules and ACL.
             await serve(
                 settings, redis_url, on_ready=feed if args.demo else None, telemetry=telemetry
             )

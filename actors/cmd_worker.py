@@ -61,14 +61,15 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 async def _serve(
     settings: Settings, redis_url: str, kinds: tuple[WorkKind, ...], telemetry: Telemetry
 ) -> None:
-    from redis.asyncio import Redis
-
+    from actors.availability import RedisAvailability, RedisOutageError
+    from actors.connections import open_service_client, pool_size
     from actors.daemon import build_handlers
     from actors.redis_acl import check_redis_for_service
     from actors.tree import ActorSystem
 
-    await check_redis_for_service(redis_url, settings.stream_prefix, modules=False)
-    redis = Redis.from_url(redis_url)
+    connections = pool_size(settings, ingress=False, kinds=kinds)
+    redis = open_service_client(redis_url, settings, connections)
+    availability = RedisAvailability.for_settings(redis, settings)
     try:
         system = ActorSystem(
             redis,
@@ -78,16 +79,26 @@ async def _serve(
             ask=False,
             tracer=telemetry.tracer,
             instruments=telemetry.instruments,
+            availability=availability,
         )
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                await tg.start(system.run)
-                _log.info(
-                    "ctxd is running",
-                    role="worker",
-                    kinds=[k.value for k in kinds],
-                    instance=settings.instance,
-                )
+
+                async def start() -> None:
+                    await tg.start(availability.watch)
+                    await availability.call(redis.ping)  # start-up waits for Redis
+                    # Credentials, TLS and ACL: one classified line, before any work.
+                    await check_redis_for_service(redis_url, settings.stream_prefix, modules=False)
+                    await tg.start(system.run)
+                    _log.info(
+                        "ctxd is running",
+                        role="worker",
+                        kinds=[k.value for k in kinds],
+                        instance=settings.instance,
+                        redis_connections=connections,
+                    )
+
+                tg.start_soon(start)
                 async for signum in signals:
                     _log.info("stopping the workers", signal=signum.name)
                     break
@@ -95,6 +106,12 @@ async def _serve(
     except ExceptionGroup as group:
         from actors.supervisor import SupervisorEscalation
 
+        outage, _ = group.split(RedisOutageError)
+        if outage is not None:
+            cause: BaseException = outage
+            while isinstance(cause, BaseExceptionGroup):
+                cause = cause.exceptions[0]
+            raise cause from None
         matched, _ = group.split(SupervisorEscalation)
         if matched is None:
             raise

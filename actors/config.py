@@ -45,6 +45,7 @@ class Settings:
     """
 
     redis_url: str | None = None
+    redis_max_outage: float = 0.0
     state_dir: Path = field(default_factory=_default_state_dir)
     embedded_port: int = 0
     stream_prefix: str = "ctxd"
@@ -247,6 +248,7 @@ def _parse_path(name: str, raw: object) -> Path:
 
 _PARSERS: dict[str, Callable[[str, object], object]] = {
     "redis_url": _parse_redis_url,
+    "redis_max_outage": _parse_float(0.0),
     "state_dir": _parse_path,
     "embedded_port": _parse_int(0, 65535),
     "stream_prefix": _parse_name,

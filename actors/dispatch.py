@@ -26,6 +26,7 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
+from actors.availability import RedisAvailability, RedisUnavailableError, is_outage
 from actors.breaker import (
     BreakerConfig,
     BreakerState,
@@ -57,6 +58,8 @@ def breaker_config(settings: Settings) -> BreakerConfig:
         max_open_wait=max(settings.breaker_open_wait, 300.0),
         half_open_permitted_calls=settings.breaker_half_open_calls,
         max_half_open_wait=max(60.0, settings.ask_timeout * 4),
+        # A Redis outage or a full connection pool says nothing about the actors.
+        record_error=lambda error: not is_outage(error),
     )
 
 
@@ -69,6 +72,8 @@ class ActorDispatch:
         clock: monotonic clock of the breakers (inject a fake one in tests).
         tracer: for the breaker transition spans.
         instruments: metrics, when telemetry is set up.
+        availability: the process's Redis monitor: an ask that meets an outage waits
+            it out and is sent again (never a breaker failure, never a degraded answer).
     """
 
     def __init__(
@@ -79,8 +84,10 @@ class ActorDispatch:
         clock: Callable[[], float] = time.monotonic,
         tracer: Tracer | None = None,
         instruments: Instruments | None = None,
+        availability: RedisAvailability | None = None,
     ) -> None:
         self._mailbox = mailbox
+        self._availability = availability
         self._timeout = settings.ask_timeout
         self._limit = anyio.Semaphore(settings.max_asks_in_flight)
         config = breaker_config(settings)
@@ -107,28 +114,43 @@ class ActorDispatch:
         breaker = self.breakers[kind.value]
         recent = self._recent[kind.value]
         async with self._limit:
-            started = time.monotonic()
-            try:
-                reply = await breaker.call(
-                    lambda: self._mailbox.ask(kind.value, payload, self._timeout)
-                )
-            except CallNotPermittedError:
-                recent.add(ok=False, seconds=None)
-                raise
-            except TimeoutError as exc:
-                recent.add(ok=False, seconds=time.monotonic() - started)
-                if str(exc):
+            while True:
+                started = time.monotonic()
+                try:
+                    reply = await breaker.call(lambda: self._ask(kind, payload))
+                except CallNotPermittedError:
+                    recent.add(ok=False, seconds=None)
                     raise
-                # The event's output names this; a bare "TimeoutError:" says too little.
-                raise TimeoutError(
-                    f"no reply from the {kind.value} actors within {self._timeout:g}s"
-                    " (CTXD_ASK_TIMEOUT): are its workers running, and keeping up?"
+                except Exception as exc:
+                    if self._availability is not None and is_outage(exc):
+                        # Redis was away: not the actor's fault; ask again once it is back.
+                        self._availability.report(exc)
+                        await self._availability.wait_available()
+                        continue
+                    recent.add(ok=False, seconds=time.monotonic() - started)
+                    raise
+                recent.add(ok=True, seconds=time.monotonic() - started)
+                return reply
+
+    async def _ask(self, kind: WorkKind, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+        availability = self._availability
+        generation = availability.generation if availability is not None else 0
+        try:
+            return await self._mailbox.ask(kind.value, payload, self._timeout)
+        except TimeoutError as exc:
+            if availability is not None and availability.disturbed_since(generation):
+                # The reply could not come back while Redis was away.
+                raise RedisUnavailableError(
+                    f"no reply from the {kind.value} actors within {self._timeout:g} s "
+                    "while Redis was unavailable"
                 ) from exc
-            except Exception:
-                recent.add(ok=False, seconds=time.monotonic() - started)
+            if str(exc):
                 raise
-            recent.add(ok=True, seconds=time.monotonic() - started)
-            return reply
+            # The event's output names this; a bare "TimeoutError:" says too little.
+            raise TimeoutError(
+                f"no reply from the {kind.value} actors within {self._timeout:g}s"
+                " (CTXD_ASK_TIMEOUT): are its workers running, and keeping up?"
+            ) from exc
 
     def reading_allowed(self) -> bool:
         """False while any kind's breaker rejects calls (the ingress stops reading)."""

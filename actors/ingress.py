@@ -31,6 +31,7 @@ from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from actors.availability import RedisAvailability, is_outage
 from actors.batches import (
     BatchProcessor,
     PendingEntry,
@@ -107,6 +108,8 @@ class Ingress:
             is open) nothing new is routed or read, and refused batches wait.
         instruments: where the messaging metrics go; none recorded if None.
         tracer: for the ``process`` spans; the global tracer if None.
+        availability: the process's Redis monitor (one is made if None): during an
+            outage reading pauses and every loop waits instead of failing.
     """
 
     def __init__(
@@ -118,10 +121,12 @@ class Ingress:
         reading_allowed: Callable[[], bool] | None = None,
         instruments: Instruments | None = None,
         tracer: trace.Tracer | None = None,
+        availability: RedisAvailability | None = None,
     ) -> None:
         self._redis = redis
         self._settings = settings
         self._graph = graph
+        self._availability = availability or RedisAvailability.for_settings(redis, settings)
         self._reading_allowed = reading_allowed or (lambda: True)
         self._instruments = instruments
         self._tracer = tracer or _tracer
@@ -134,7 +139,9 @@ class Ingress:
         self._leases = Leases(redis, settings.instance, settings.lease_ttl)
         self._reader = FencedReader(redis, group=settings.group, consumer=OWNER_CONSUMER)
         self._heartbeat = Heartbeat(redis, settings)
-        self._router = Router(redis, settings, self._leases, self._reading_allowed)
+        self._router = Router(
+            redis, settings, self._leases, self._reading_allowed, self._availability
+        )
         self._owned: dict[int, str] = {}  # partition → lease value
         self._readers: dict[int, anyio.CancelScope] = {}
         self._releasing: dict[int, float] = {}  # partition → when its handover began
@@ -162,6 +169,7 @@ class Ingress:
             instruments=instruments,
             metric_attributes=self._metric_attributes,
             tracer=self._tracer,
+            availability=self._availability,
         )
         self.extra_stats: Callable[[], Mapping[str, object]] = dict
         """Called at each heartbeat; what it returns is published as is (the actor
@@ -207,7 +215,8 @@ class Ingress:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Route, own, read, process and commit until :meth:`stop` is called."""
-        await ensure_group(self._redis, self._settings.input_stream, self._settings.group)
+        s = self._settings
+        await self._availability.call(lambda: ensure_group(self._redis, s.input_stream, s.group))
         try:
             async with anyio.create_task_group() as tg:
                 task_status.started()
@@ -237,17 +246,18 @@ class Ingress:
     async def _ownership_loop(self, tg: anyio.abc.TaskGroup) -> None:
         s = self._settings
         period = s.lease_ttl / 3
-        backoff = 0.1
         while not self._stopping.is_set():
             try:
                 settled = await self._reconcile(tg)
-                backoff = 0.1
                 # While partitions move (this instance hands some over or waits for some),
                 # look again soon: a partition is unowned from its release to its pickup.
                 wait = period if settled else min(period, _HANDOVER_POLL)
-            except TRANSIENT_ERRORS as exc:
-                _log.warning("Redis unavailable, retrying", error=str(exc), backoff=backoff)
-                wait, backoff = backoff, min(backoff * 2, 5.0)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                self._availability.report(exc)
+                await self._availability.wait_available_or(self._stopping)
+                continue
             with anyio.move_on_after(wait):
                 await self._stopping.wait()
 
@@ -283,6 +293,7 @@ class Ingress:
                 "in_flight": stats.in_flight,
                 "active_workflows": stats.active_workflows,
                 "multitask": s.multitask,
+                "redis": self._availability.statistics().as_dict(),
                 **self.extra_stats(),
             }
         )
@@ -341,9 +352,12 @@ class Ingress:
         s = self._settings
         stream = partition_stream(s, n)
         cursor = "0"  # the previous owner's pending entries first, then new ones
-        backoff = 0.1
         with scope:
             while not self._stopping.is_set() and n in self._owned:
+                if not self._availability.available:  # an outage: reading pauses
+                    await self._availability.wait_available_or(self._stopping)
+                    cursor = "0"  # a read may have happened: re-read our pending list
+                    continue
                 if not self._reading_allowed():
                     await self._paused()
                     continue
@@ -371,14 +385,10 @@ class Ingress:
                     elif not entries:
                         await self._reader.wait(stream, last, s.block_ms)
                         continue
-                    backoff = 0.1
-                except TRANSIENT_ERRORS as exc:
-                    _log.warning("partition read failed, retrying", partition=n, error=str(exc))
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    cursor = "0"  # the read may have happened: re-read our pending list
-                    continue
                 except ResponseError as exc:
+                    if is_outage(exc):
+                        self._availability.report(exc)
+                        continue
                     if "FENCED" in str(exc):
                         _log.warning("partition lease lost; stop reading it", partition=n)
                         self._drop_partition(n)
@@ -387,6 +397,11 @@ class Ingress:
                         raise
                     _log.error("consumer group gone; recreating it", stream=stream)
                     await ensure_group(self._redis, stream, s.group)
+                    continue
+                except Exception as exc:
+                    if not is_outage(exc):
+                        raise
+                    self._availability.report(exc)  # the loop's top waits it out
                     continue
                 try:
                     for entry_id, raw in entries:
@@ -399,11 +414,10 @@ class Ingress:
                     _log.warning("partition lease lost; stop reading it", partition=n)
                     self._drop_partition(n)
                     return
-                except TRANSIENT_ERRORS as exc:
-                    _log.warning("accepting entries failed, retrying", partition=n, error=str(exc))
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    cursor = "0"
+                except Exception as exc:
+                    if not is_outage(exc):
+                        raise
+                    self._availability.report(exc)  # the loop's top waits it out
 
     async def _paused(self) -> None:
         """Backpressure: wait a little while the breakers reject work."""
@@ -567,13 +581,19 @@ class Ingress:
                         self._forget(wf.queue)
                         wf.queue.clear()
                 elif outcome in ("retry", "transient"):
-                    failures += 1
                     if outcome == "retry":
+                        failures += 1
                         for p in batch:
                             p.deliveries += 1
                     wf.queue[:0] = batch
-                    with anyio.move_on_after(min(0.2 * 2 ** (failures - 1), 10.0)):
-                        await self._stopping.wait()
+                    if outcome == "transient" and not self._availability.available:
+                        await self._availability.wait_available_or(
+                            self._stopping
+                        )  # Redis was away: run again once back
+                    else:
+                        pause = min(0.2 * 2 ** (failures - 1), 10.0) if failures else 0.2
+                        with anyio.move_on_after(pause):
+                            await self._stopping.wait()
                     if self._stopping.is_set():
                         self._forget(wf.queue)
                         wf.queue.clear()

@@ -28,6 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
+from actors.availability import RedisAvailability, is_outage
 from actors.config import Settings
 from actors.redis_io import text
 from graph.errors import CtxdError
@@ -185,10 +186,20 @@ class Mailbox:
         redis: the client (bytes replies).
         settings: stream names, block time.
         tracer: for the ``send`` spans; the global one by default.
+        availability: the process's Redis monitor; the reply reader waits out outages
+            with it instead of crashing (it raises them when None).
     """
 
-    def __init__(self, redis: Redis, settings: Settings, *, tracer: Tracer | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        tracer: Tracer | None = None,
+        availability: RedisAvailability | None = None,
+    ) -> None:
         self._redis = redis
+        self._availability = availability
         self._settings = settings
         self._tracer = tracer or trace.get_tracer("ctxd.actors")
         self._reply_stream = reply_stream(settings)
@@ -210,32 +221,42 @@ class Mailbox:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Read the reply stream and wake the askers, until cancelled."""
+        availability = self._availability
         if not self._ready.is_set():
             # Replies to an earlier process of the same instance name are nobody's; on a
             # restart by the supervisor, what arrived meanwhile is kept and read.
-            await self._redis.delete(self._reply_stream)
+            if availability is not None:
+                await availability.call(lambda: self._redis.delete(self._reply_stream))
+            else:
+                await self._redis.delete(self._reply_stream)
             self._ready.set()
         last = "0-0"
         read_since_trim = 0
         task_status.started()
         block = self._settings.block_ms
         while True:
-            reply = cast(
-                "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
-                await self._redis.xread({self._reply_stream: last}, block=block, count=512),
-            )
-            if not reply:
-                continue
-            entries = reply[0][1]
-            for entry_id, raw in entries:
-                fields = {text(k): text(v) for k, v in raw.items()}
-                self._deliver(ActorReply.from_fields(fields))
-                last = text(entry_id)
-            read_since_trim += len(entries)
-            if read_since_trim >= _TRIM_EVERY:
-                # Read replies are nobody's business any more: keep the stream short.
-                await self._redis.xtrim(self._reply_stream, minid=last)
-                read_since_trim = 0
+            try:
+                reply = cast(
+                    "list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None",
+                    await self._redis.xread({self._reply_stream: last}, block=block, count=512),
+                )
+                if not reply:
+                    continue
+                entries = reply[0][1]
+                for entry_id, raw in entries:
+                    fields = {text(k): text(v) for k, v in raw.items()}
+                    self._deliver(ActorReply.from_fields(fields))
+                    last = text(entry_id)
+                read_since_trim += len(entries)
+                if read_since_trim >= _TRIM_EVERY:
+                    # Read replies are nobody's business any more: keep the stream short.
+                    await self._redis.xtrim(self._reply_stream, minid=last)
+                    read_since_trim = 0
+            except Exception as exc:
+                if availability is None or not is_outage(exc):
+                    raise
+                availability.report(exc)  # an outage is not a crash of the reader
+                await availability.wait_available()
 
     def _deliver(self, reply: ActorReply) -> None:
         self._replies += 1

@@ -34,6 +34,7 @@ from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from actors.availability import RedisAvailability, is_outage
 from actors.config import Settings
 from actors.mailbox import ActorReply, ActorRequest, mailbox_stream
 from actors.redis_io import Entry, autoclaim, read_group, text
@@ -96,6 +97,8 @@ class ActorPool:
         handlers: the work itself.
         tracer: for the ``process`` and reply ``send`` spans.
         fault: test seam, see :data:`FaultHook`.
+        availability: the process's Redis monitor; workers and the reclaimer wait out
+            outages with it instead of crashing (they raise them when None).
     """
 
     def __init__(
@@ -107,8 +110,10 @@ class ActorPool:
         *,
         tracer: Tracer | None = None,
         fault: FaultHook | None = None,
+        availability: RedisAvailability | None = None,
     ) -> None:
         self._redis = redis
+        self._availability = availability
         self._settings = settings
         self._kind = kind
         self._handlers = handlers
@@ -158,27 +163,46 @@ class ActorPool:
         """One worker: own pending entries first, then new ones, until cancelled."""
         consumer = self.consumer(slot)
         group = self._settings.group
-        await ensure_group(self._redis, self._stream, group)
+        await self._ensure_group()
         task_status.started()
         cursor = "0"
         while True:
-            entries = await read_group(
-                self._redis,
-                group=group,
-                consumer=consumer,
-                stream=self._stream,
-                cursor=cursor,
-                count=self._settings.actor_read_count,
-                block=None if cursor != ">" else self._settings.block_ms,
+            try:
+                entries = await read_group(
+                    self._redis,
+                    group=group,
+                    consumer=consumer,
+                    stream=self._stream,
+                    cursor=cursor,
+                    count=self._settings.actor_read_count,
+                    block=None if cursor != ">" else self._settings.block_ms,
+                )
+                deliveries: Mapping[str, int] = {}
+                if cursor != ">":
+                    if not entries:
+                        cursor = ">"
+                        continue
+                    cursor = entries[-1][0]
+                    deliveries = await self._delivery_counts([eid for eid, _ in entries])
+                await self._serve_batch(consumer, entries, deliveries)
+            except Exception as exc:  # noqa: BLE001 - re-raised unless an outage
+                await self._wait_out(exc)
+                cursor = "0"  # what was read stays pending for us: read it again
+
+    async def _ensure_group(self) -> None:
+        if self._availability is None:
+            await ensure_group(self._redis, self._stream, self._settings.group)
+        else:
+            await self._availability.call(
+                lambda: ensure_group(self._redis, self._stream, self._settings.group)
             )
-            deliveries: Mapping[str, int] = {}
-            if cursor != ">":
-                if not entries:
-                    cursor = ">"
-                    continue
-                cursor = entries[-1][0]
-                deliveries = await self._delivery_counts([eid for eid, _ in entries])
-            await self._serve_batch(consumer, entries, deliveries)
+
+    async def _wait_out(self, exc: Exception) -> None:
+        """Wait out a Redis outage (not a crash: no restart counted); re-raise the rest."""
+        if self._availability is None or not is_outage(exc):
+            raise exc
+        self._availability.report(exc)
+        await self._availability.wait_available()
 
     async def _serve_batch(
         self, consumer: str, entries: list[Entry], deliveries: Mapping[str, int]
@@ -217,24 +241,30 @@ class ActorPool:
         """Take over entries of dead consumers: idle longer than twice the ask timeout."""
         consumer = self.consumer("reclaim")
         min_idle_ms = int(self._settings.ask_timeout * 2000)
-        await ensure_group(self._redis, self._stream, self._settings.group)
+        await self._ensure_group()
         task_status.started()
         while True:
             await anyio.sleep(self._settings.ask_timeout)
             cursor = "0-0"
             while True:
-                cursor, claimed = await autoclaim(
-                    self._redis,
-                    stream=self._stream,
-                    group=self._settings.group,
-                    consumer=consumer,
-                    min_idle_ms=min_idle_ms,
-                    cursor=cursor,
-                )
-                if claimed:
-                    _log.info("reclaimed idle requests", kind=self._kind.value, count=len(claimed))
-                    counts = await self._delivery_counts([eid for eid, _ in claimed])
-                    await self._serve_batch(consumer, claimed, counts)
+                try:
+                    cursor, claimed = await autoclaim(
+                        self._redis,
+                        stream=self._stream,
+                        group=self._settings.group,
+                        consumer=consumer,
+                        min_idle_ms=min_idle_ms,
+                        cursor=cursor,
+                    )
+                    if claimed:
+                        _log.info(
+                            "reclaimed idle requests", kind=self._kind.value, count=len(claimed)
+                        )
+                        counts = await self._delivery_counts([eid for eid, _ in claimed])
+                        await self._serve_batch(consumer, claimed, counts)
+                except Exception as exc:  # noqa: BLE001 - re-raised unless an outage
+                    await self._wait_out(exc)
+                    break  # start the scan again after the next pause
                 if cursor == "0-0":
                     break
 

@@ -27,12 +27,12 @@ import structlog
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from redis.asyncio import Redis
 
+from actors.availability import is_outage
 from actors.config import Settings
 from actors.lease import LeaseLostError
 from actors.parking import parked_stream
 from actors.partitions import lease_key, partition_of
 from actors.redis_io import text
-from actors.router import TRANSIENT_ERRORS
 from graph.errors import ConfigError
 from graph.retention import (
     CheckpointStore,
@@ -138,6 +138,8 @@ class Retention:
         except LeaseLostError:
             _log.info("prune skipped: the partition has a new owner", workflow_id=workflow_id)
         except Exception as exc:  # noqa: BLE001 - the batch is committed; the next prune retries
+            if is_outage(exc):  # logged once by the availability monitor
+                return
             _log.warning(
                 "pruning checkpoints failed; retried after a later run",
                 workflow_id=workflow_id,
@@ -174,10 +176,16 @@ class Retention:
                     return
                 try:
                     await self.sweep_partition(n, value, busy)
-                except TRANSIENT_ERRORS as exc:
-                    _log.warning("idle sweep: Redis unavailable", partition=n, error=str(exc))
                 except LeaseLostError:
                     continue
+                except Exception as exc:  # noqa: BLE001 - a sweep never stops the service
+                    if is_outage(exc):  # the availability monitor logs it, once
+                        break
+                    _log.warning(
+                        "idle sweep failed; tried again next time",
+                        partition=n,
+                        error=f"{type(exc).__name__}: {exc}"[:300],
+                    )
 
     async def sweep_partition(self, n: int, value: str, busy: Container[str]) -> int:
         """Delete the state of partition ``n``'s workflows idle past the TTL.

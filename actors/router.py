@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from actors.availability import RedisAvailability, is_outage
 from actors.config import Settings
 from actors.lease import LeaseLostError, Leases, fence_check_lua
 from actors.partitions import lease_key, partition_of, partition_stream
@@ -79,6 +80,8 @@ class Router:
         redis: the client.
         settings: validated settings.
         leases: this instance's lease helper.
+        reading_allowed: asked before each read (a breaker is open: leave input unread).
+        availability: the process's Redis monitor; routing pauses during an outage.
     """
 
     def __init__(
@@ -87,8 +90,10 @@ class Router:
         settings: Settings,
         leases: Leases,
         reading_allowed: Callable[[], bool] | None = None,
+        availability: RedisAvailability | None = None,
     ) -> None:
         self._redis = redis
+        self._availability = availability or RedisAvailability.for_settings(redis, settings)
         self._reading_allowed = reading_allowed or (lambda: True)
         self._settings = settings
         self._leases = leases
@@ -104,9 +109,11 @@ class Router:
     async def run(self, stopping: anyio.Event) -> None:
         """Compete for the router lease and route while holding it, until ``stopping``."""
         s = self._settings
-        backoff = 0.1
         while not stopping.is_set():
             try:
+                await self._availability.wait_available_or(stopping)
+                if stopping.is_set():
+                    return
                 await ensure_group(self._redis, s.input_stream, s.group)
                 value = await self._leases.acquire(self._key, self._fence)
                 if value is not None:
@@ -118,13 +125,14 @@ class Router:
                         self.active = False
                         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                             await self._leases.release(self._key, value)
-                backoff = 0.1
             except LeaseLostError:
                 _log.warning("router lease lost; another instance routes now")
-            except TRANSIENT_ERRORS as exc:
-                _log.warning("router: Redis unavailable, retrying", error=str(exc), backoff=backoff)
-                await _sleep_unless(stopping, backoff)
-                backoff = min(backoff * 2, 5.0)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # Reading pauses until Redis is back; the entry stays pending meanwhile.
+                self._availability.report(exc)
+                await self._availability.wait_available_or(stopping)
                 continue
             await _sleep_unless(stopping, s.lease_ttl / 3)
 
@@ -140,6 +148,8 @@ class Router:
                 if not await self._leases.renew(self._key, value):
                     raise LeaseLostError
                 renewed = time.monotonic()
+            if not self._availability.available:
+                return  # an outage: run() waits it out, then takes the lease again
             if not self._reading_allowed():  # a breaker is open: leave the input unread
                 await _sleep_unless(stopping, min(renew_every, s.block_ms / 1000))
                 continue

@@ -28,6 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
+from actors.availability import RedisAvailability
 from actors.config import Settings
 from actors.dispatch import ActorDispatch
 from actors.mailbox import Mailbox
@@ -59,6 +60,8 @@ class ActorSystem:
         tracer: for spans; the global one by default.
         instruments: metrics (``ctxd.actor.restarts``, breaker state), if any.
         fault: test seam passed to every pool.
+        availability: the process's Redis monitor, shared by every loop here (one is
+            made if None): an outage is waited out, never counted as a crash.
     """
 
     def __init__(
@@ -73,19 +76,37 @@ class ActorSystem:
         tracer: Tracer | None = None,
         instruments: Instruments | None = None,
         fault: FaultHook | None = None,
+        availability: RedisAvailability | None = None,
     ) -> None:
         tracer = tracer or trace.get_tracer("ctxd.actors")
+        self.availability = availability or RedisAvailability.for_settings(redis, settings)
+        """The Redis monitor every loop of this tree reports outages to."""
         self._count_restart = actor_restarts(instruments) if instruments is not None else None
-        self.mailbox = Mailbox(redis, settings, tracer=tracer) if ask else None
+        self.mailbox = (
+            Mailbox(redis, settings, tracer=tracer, availability=self.availability) if ask else None
+        )
         self.dispatch = (
             ActorDispatch(
-                self.mailbox, settings, clock=clock, tracer=tracer, instruments=instruments
+                self.mailbox,
+                settings,
+                clock=clock,
+                tracer=tracer,
+                instruments=instruments,
+                availability=self.availability,
             )
             if self.mailbox is not None
             else None
         )
         self.pools = {
-            kind: ActorPool(redis, settings, kind, handlers, tracer=tracer, fault=fault)
+            kind: ActorPool(
+                redis,
+                settings,
+                kind,
+                handlers,
+                tracer=tracer,
+                fault=fault,
+                availability=self.availability,
+            )
             for kind in serve
         }
         kind_config = SupervisorConfig(

@@ -82,7 +82,9 @@ def checkpoint_key_prefixes(namespace: str) -> tuple[str, str, str]:
     )
 
 
-def _namespaced_redis_saver(redis_url: str, namespace: str) -> AsyncRedisSaver:
+def _namespaced_redis_saver(
+    redis_url: str, namespace: str, redis_client: Redis | None = None
+) -> AsyncRedisSaver:
     """An ``AsyncRedisSaver`` whose every key and index lives under ``namespace``.
 
     The saver takes prefixes for checkpoint and write keys, but names the per-checkpoint
@@ -108,6 +110,12 @@ def _namespaced_redis_saver(redis_url: str, namespace: str) -> AsyncRedisSaver:
             await super().asetup()
             self._key_registry = NamespacedRegistry(self._redis)
 
+    if redis_client is not None:  # shared with the service (and not closed by the saver)
+        return NamespacedRedisSaver(
+            redis_client=redis_client,
+            checkpoint_prefix=checkpoints,
+            checkpoint_write_prefix=writes,
+        )
     return NamespacedRedisSaver(
         redis_url, checkpoint_prefix=checkpoints, checkpoint_write_prefix=writes
     )
@@ -190,6 +198,7 @@ async def open_checkpointer(
     namespace: str,
     redis_url: str | None = None,
     postgres_url: str | None = None,
+    redis_client: Redis | None = None,
 ) -> AsyncIterator[BaseCheckpointSaver[str]]:
     """Open the checkpointer of ``kind`` with the strict serializer.
 
@@ -199,6 +208,8 @@ async def open_checkpointer(
             indexes are named under it (:func:`checkpoint_key_prefixes`).
         redis_url: for ``redis``.
         postgres_url: for ``postgres`` (needs the ``postgres`` extra).
+        redis_client: for ``redis``, a client the saver shares (and does not close),
+            so the service's connection pool is sized for both; its own if None.
 
     Raises:
         ConfigError: unknown kind, missing URL or missing extra.
@@ -214,7 +225,7 @@ async def open_checkpointer(
             await check_redis_modules(probe)
         finally:
             await probe.aclose()
-        saver = _namespaced_redis_saver(redis_url, namespace)
+        saver = _namespaced_redis_saver(redis_url, namespace, redis_client)
         try:
             await _create_indexes(saver)
         except BaseException:

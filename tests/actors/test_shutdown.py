@@ -83,10 +83,16 @@ def test_drain_budget_exceeded_leaves_work_pending_and_exits_zero(
 
 
 def test_fatal_error_exits_non_zero_with_one_line(service_env: dict[str, str]) -> None:
-    """Redis unreachable at start: a fatal error, exit code 1, one line on stderr."""
-    env = {**service_env, "CTXD_REDIS_URL": "redis://127.0.0.1:1/0"}
+    """Redis unreachable at start past CTXD_REDIS_MAX_OUTAGE: exit code 1, one line on
+    stderr naming the limit and the cause (without the limit, start-up waits)."""
+    env = {
+        **service_env,
+        "CTXD_REDIS_URL": "redis://127.0.0.1:1/0",
+        "CTXD_REDIS_MAX_OUTAGE": "1",
+    }
     result = run_ctxd(env, "run", timeout=60)
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
-    assert "Redis" in lines[0]
+    assert "CTXD_REDIS_MAX_OUTAGE=1" in lines[0], lines
+    assert "cause: ConnectionError" in lines[0], lines
