@@ -55,6 +55,7 @@ from actors.router import SOURCE_FIELD, TRANSIENT_ERRORS, Router
 from actors.streams import (
     FencedReader,
     dead_letter,
+    done_key,
     ensure_group,
 )
 from actors.validation import RawFields, as_invalid_entry, decode_fields, parse_entry
@@ -469,7 +470,16 @@ class Ingress:
         fields = decode_fields(own)
         if deliveries > s.max_deliveries:
             error = await poison_error(self._redis, s, n, entry_id, deliveries - 1)
-            await self._dead_letter(n, entry_id, source_id, fields, "poison", error, deliveries - 1)
+            await self._dead_letter(
+                n,
+                entry_id,
+                source_id,
+                fields,
+                "poison",
+                error,
+                deliveries - 1,
+                done_key=done_key(s, event.workflow_id, event.event_id),
+            )
             return
         wf = self._workflows.get(event.workflow_id)
         busy = wf is not None and bool(wf.running or wf.queue)
@@ -513,12 +523,13 @@ class Ingress:
         reason: str,
         error: str,
         attempts: int,
+        done_key: str | None = None,
     ) -> None:
         value = self._owned.get(n)
         if value is None:
             raise LeaseLostError(f"partition {n} is not ours any more")
         try:
-            await dead_letter(
+            dlq_id = await dead_letter(
                 self._redis,
                 dlq_stream=self._settings.dlq_stream,
                 input_stream=partition_stream(self._settings, n),
@@ -532,11 +543,16 @@ class Ingress:
                 lease=(lease_key(self._settings, f"part:{n}")[0], value),
                 field_bytes=self._settings.dlq_field_bytes,
                 max_fields=self._settings.max_fields,
+                done_key=done_key,
             )
         except ResponseError as exc:
             if "FENCED" in str(exc):
                 raise LeaseLostError(f"partition {n} is not ours any more") from exc
             raise
+        if not dlq_id:  # its output was committed (a lost commit reply): acknowledged only
+            self._counts["duplicates"] += 1
+            _log.info("committed event acknowledged, not dead-lettered", source_id=source_id)
+            return
         self._counts["dead_lettered"] += 1
         _log.warning("entry dead-lettered", source_id=source_id, reason=reason, error=error)
 
@@ -622,7 +638,14 @@ class Ingress:
             runs = p.deliveries - 1
             error = await poison_error(self._redis, self._settings, p.partition, p.entry_id, runs)
             await self._dead_letter(
-                p.partition, p.entry_id, p.event.source_id, p.fields, "poison", error, runs
+                p.partition,
+                p.entry_id,
+                p.event.source_id,
+                p.fields,
+                "poison",
+                error,
+                runs,
+                done_key=done_key(self._settings, p.event.workflow_id, p.event.event_id),
             )
             wf.queue.pop(0)
             self._forget([p])

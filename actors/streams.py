@@ -176,6 +176,10 @@ _FENCED_DLQ_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED the lease was lost to another instance')
 end
+if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
+  return ''
+end
 local fields = {}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
@@ -296,8 +300,13 @@ async def dead_letter(
     field_bytes: int = 4096,
     max_fields: int = DLQ_MIN_FIELDS,
     original_id: str | None = None,
+    done_key: str | None = None,
 ) -> str:
     """Append the entry to the DLQ with why, and acknowledge it, atomically.
+
+    With ``done_key`` (needs ``lease``), an event whose output is already committed is
+    only acknowledged and "" returned: a run whose commit reply was lost looks failed to
+    its process, and must not end as a dead letter as well as an output.
 
     The copy is bounded by :func:`dlq_entry` (``field_bytes``, ``max_fields``), which
     also says where the DLQ's ``source_id`` comes from (``original_id`` first).
@@ -318,9 +327,12 @@ async def dead_letter(
         flat: list[str | bytes] = [lease[1], group, source_id]
         for name, value in entry.items():
             flat += [name, value]
+        keys = [lease[0], dlq_stream, input_stream, *([done_key] if done_key else [])]
         script = redis.register_script(_FENCED_DLQ_LUA)
-        dlq_id = await script(keys=[lease[0], dlq_stream, input_stream], args=flat)
+        dlq_id = await script(keys=keys, args=flat)
     else:
+        if done_key is not None:
+            raise ValueError("dead_letter(done_key=...) is checked in the fenced script only")
         async with redis.pipeline(transaction=True) as pipe:
             pipe.xadd(dlq_stream, entry)  # type: ignore[arg-type]
             pipe.xack(input_stream, group, source_id)

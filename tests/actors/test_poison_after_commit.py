@@ -1,0 +1,49 @@
+"""An event whose output was committed is never dead-lettered as poison as well.
+
+A run can commit (output written, input acknowledged) and still look failed to the
+process: the reply of the commit script was lost to a time-out or a dropped
+connection. Its in-memory retries then count up to ``CTXD_MAX_DELIVERIES`` and the
+poison path would append a DLQ entry for an event that already has its output — two
+results for one input. The DLQ write checks the event's dedupe key in the same script.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from redis import Redis
+
+from actors.partitions import partition_of
+from tests_support import ServiceProcess, read_outputs
+
+pytestmark = pytest.mark.slow
+
+PARTITIONS = 2
+
+
+def test_a_committed_event_past_its_delivery_limit_is_acknowledged_not_dead_lettered(
+    start_service: Callable[..., ServiceProcess], redis: Redis, prefix: str
+) -> None:
+    """The state a lost commit reply leaves: the done key is there, the entry is still
+    pending and its run count is past the limit. It is acknowledged, with no DLQ entry,
+    and the workflow's next event gets its output."""
+    wf = "wf-committed"
+    n = partition_of(wf, PARTITIONS)
+    stream = f"{prefix}:part:{n}"
+    redis.xgroup_create(stream, "ctxd", id="0", mkstream=True)
+    entry_id = redis.xadd(
+        stream,
+        {"workflow_id": wf, "event_id": "e1", "content": "done already", "ctxd_source_id": "1-1"},
+    )
+    redis.xreadgroup("ctxd", "owner", {stream: ">"})  # pending, as a crashed owner left it
+    redis.hset(f"{prefix}:attempts", f"{n}/{entry_id}", 5)  # the limit (CTXD_MAX_DELIVERIES)
+    redis.set(f"{prefix}:done:{wf}/e1", "1-0")  # its output was committed
+    redis.xadd(f"{prefix}:in", {"workflow_id": wf, "event_id": "e2", "content": "the next one"})
+
+    service = start_service("run", env={"CTXD_PARTITIONS": str(PARTITIONS)})
+    service.wait_ready()
+    outputs = read_outputs(redis, f"{prefix}:out", 1)
+    assert [f["event_id"] for _, f in outputs] == ["e2"]
+    assert redis.xrange(f"{prefix}:dlq") == []
+    assert redis.xpending(stream, "ctxd")["pending"] == 0
