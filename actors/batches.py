@@ -38,6 +38,7 @@ from actors.config import Settings
 from actors.lease import LeaseLostError
 from actors.parking import AckTarget, WorkflowRunner
 from actors.partitions import lease_key, partition_stream
+from actors.retention import Retention
 from actors.router import TRANSIENT_ERRORS
 from actors.streams import CommitItem, OutputCommitter, done_key, output_fields
 from actors.validation import Event
@@ -142,6 +143,8 @@ class BatchProcessor:
         self._tracer = tracer
         self._committer = OutputCommitter.from_settings(redis, settings)
         self._runner = WorkflowRunner(redis, settings, graph, committer=self._committer)
+        self.retention = Retention(redis, settings, graph)
+        """Pruning after commits and the idle sweep (actors/retention.py)."""
 
     async def process(
         self, workflow_id: str, wf: WorkflowQueue, batch: list[PendingEntry]
@@ -341,6 +344,8 @@ class BatchProcessor:
             s.key("attempts"),
             *(f for p in batch for f in (attempt_field(n, p.entry_id), error_field(n, p.entry_id))),
         )
+        if fresh:
+            await self.retention.after_commit(workflow_id, lease)
         self._record_processed(items, ids, time.monotonic() - started)
         for pending, out_id in zip(batch, ids, strict=True):
             if out_id:

@@ -40,6 +40,7 @@ _COMMAND_MODULES = (
     "actors.cmd_state",
     "actors.cmd_worker",
     "actors.cmd_ops",
+    "actors.cmd_forget",
 )
 
 _DESCRIPTION = """\

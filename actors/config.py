@@ -64,7 +64,13 @@ class Settings:
     max_fields: int = 32
     max_entry_bytes: int = 128 * 1024
     dlq_field_bytes: int = 4096
-    dedupe_ttl: int = 7 * 24 * 3600
+    dedupe_ttl: int = 24 * 3600
+    retain_checkpoints: int = 20
+    idle_workflow_ttl: int = 30 * 24 * 3600
+    output_maxlen: int = 100_000
+    dlq_maxlen: int = 10_000
+    reply_maxlen: int = 10_000
+    parked_maxlen: int = 10_000
     partitions: int = 16
     lease_ttl: float = 10.0
     multitask: str = "enqueue"
@@ -125,6 +131,31 @@ def _parse_int(minimum: int, maximum: int | None = None) -> Callable[[str, objec
         return value
 
     return parse
+
+
+def _parse_int_or_off(minimum: int) -> Callable[[str, object], int]:
+    """A retention bound: 0 turns it off, anything else must be at least ``minimum``."""
+    parse_int = _parse_int(0)
+
+    def parse(name: str, raw: object) -> int:
+        value = parse_int(name, raw)
+        if 0 < value < minimum:
+            raise ConfigError(
+                f"{name}={raw!r} is out of range: expected 0 (no bound) or >= {minimum}"
+            )
+        return value
+
+    return parse
+
+
+def _parse_retain(name: str, raw: object) -> int:
+    value = _parse_int(0)(name, raw)
+    if value == 1:
+        raise ConfigError(
+            f"{name}={raw!r} is out of range: expected 0 (keep every checkpoint) or >= 2 "
+            "(integrity recovery rolls a tampered latest checkpoint back to the one before)"
+        )
+    return value
 
 
 def _parse_float(minimum: float) -> Callable[[str, object], float]:
@@ -236,7 +267,13 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "max_fields": _parse_int(8, 1000),
     "max_entry_bytes": _parse_int(1024, 1024 * 1024 * 1024),
     "dlq_field_bytes": _parse_int(64, 16 * 1024 * 1024),
-    "dedupe_ttl": _parse_int(60),
+    "dedupe_ttl": _parse_int(1),
+    "retain_checkpoints": _parse_retain,
+    "idle_workflow_ttl": _parse_int_or_off(60),
+    "output_maxlen": _parse_int_or_off(100),
+    "dlq_maxlen": _parse_int_or_off(100),
+    "reply_maxlen": _parse_int_or_off(100),
+    "parked_maxlen": _parse_int_or_off(1),
     "partitions": _parse_int(1, 1024),
     "lease_ttl": _parse_float(0.5),
     "multitask": _parse_choice("enqueue", "reject", "interrupt", "rollback"),

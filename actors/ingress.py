@@ -223,6 +223,8 @@ class Ingress:
                 task_status.started()
                 tg.start_soon(self._router.run, self._stopping)
                 tg.start_soon(self._ownership_loop, tg)
+                sweep = self._batches.retention.sweep  # idle workflows (actors/retention.py)
+                tg.start_soon(sweep, self._stopping, self._owned, self._workflows)
                 await self._stopping.wait()
                 while self._in_flight or self._workflows:  # let in-flight batches finish
                     await self._wait_for_room()

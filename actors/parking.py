@@ -31,7 +31,14 @@ import structlog
 from redis.asyncio import Redis
 
 from actors.config import Settings
-from actors.streams import CommitItem, OutputCommitter, dlq_entry, done_key, output_fields
+from actors.streams import (
+    CommitItem,
+    OutputCommitter,
+    dead_letter,
+    dlq_entry,
+    done_key,
+    output_fields,
+)
 from actors.validation import Event, decode_fields, parse_event
 from graph.errors import CtxdError, InvalidEntryError
 from graph.features import AnalyzerPolicy
@@ -365,6 +372,10 @@ class _Run:
 
     async def _park(self, event: Event, fields: Fields) -> None:
         settings = self.r._settings
+        stream = parked_stream(settings, self.workflow_id)
+        if settings.parked_maxlen and await self.r._redis.xlen(stream) >= settings.parked_maxlen:
+            await self._park_refused(event, fields)
+            return
         async with self.r._redis.pipeline(transaction=True) as pipe:
             trace = {
                 f"{_TRACE_PREFIX}{name}": value
@@ -383,6 +394,37 @@ class _Run:
         self.handled.add(event.source_id)
         _log.info(
             "event parked while the workflow is paused",
+            workflow_id=self.workflow_id,
+            event_id=event.event_id,
+            source_id=event.source_id,
+        )
+
+    async def _park_refused(self, event: Event, fields: Fields) -> None:
+        """The parked stream is full (``CTXD_PARKED_MAXLEN``): the event goes to the DLQ
+        with why, to be replayed once a person has resumed the workflow."""
+        settings = self.r._settings
+        await dead_letter(
+            self.r._redis,
+            dlq_stream=settings.dlq_stream,
+            input_stream=self.ack.stream,
+            group=settings.group,
+            source_id=self.ack.entry_ids[event.source_id],
+            fields=fields,
+            original_id=event.source_id,
+            field_bytes=settings.dlq_field_bytes,
+            max_fields=settings.max_fields,
+            reason="parked_full",
+            error=(
+                f"workflow {self.workflow_id!r} is paused for a person and already holds "
+                f"CTXD_PARKED_MAXLEN={settings.parked_maxlen} parked events; resume it "
+                f"(`ctxd resume {self.workflow_id}`), then `ctxd dlq replay` this entry"
+            ),
+            attempts=1,
+            lease=self.ack.lease,
+        )
+        self.handled.add(event.source_id)
+        _log.warning(
+            "parked stream full; event dead-lettered",
             workflow_id=self.workflow_id,
             event_id=event.event_id,
             source_id=event.source_id,

@@ -48,7 +48,6 @@ from telemetry.spans import process_span, record_error, send_span
 __all__ = ["ActorPool", "FaultHook", "FaultPoint"]
 
 _log = structlog.get_logger("ctxd.actors")
-_REPLY_MAXLEN = 10_000
 _CRASH_CHARS = 500
 _CRASH_TTL = 86_400  # seconds; a crash matters until its request is answered or dead
 
@@ -63,7 +62,11 @@ for i = 1, n do
   if nfields > 0 then
     local fields = {}
     for j = 1, nfields * 2 do fields[j] = ARGV[pos + 1 + j] end
-    redis.call('XADD', KEYS[1 + i], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+    if maxlen == '0' then  -- CTXD_REPLY_MAXLEN=0: no bound
+      redis.call('XADD', KEYS[1 + i], '*', unpack(fields))
+    else
+      redis.call('XADD', KEYS[1 + i], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+    end
     -- The reply stream of an asker that died goes away a day after its last reply.
     redis.call('EXPIRE', KEYS[1 + i], 86400)
   end
@@ -378,7 +381,7 @@ class ActorPool:
         if not done:
             return
         keys = [self._stream]
-        args: list[str | int] = [self._settings.group, _REPLY_MAXLEN, len(done)]
+        args: list[str | int] = [self._settings.group, self._settings.reply_maxlen, len(done)]
         for entry_id, reply_to, reply in done:
             answer = reply.to_fields() if reply_to and reply is not None else {}
             keys.append(reply_to if answer else self._stream)

@@ -32,7 +32,13 @@ from actors.config import Settings
 from actors.lease import LeaseLostError, Leases, fence_check_lua
 from actors.partitions import lease_key, partition_of, partition_stream
 from actors.redis_io import autoclaim
-from actors.streams import FencedReader, dlq_entry, ensure_group, trim_acknowledged
+from actors.streams import (
+    FencedReader,
+    dlq_entry,
+    ensure_group,
+    trim_acknowledged,
+    trim_bounded_streams,
+)
 from actors.validation import as_invalid_entry, parse_entry
 
 __all__ = ["ROUTER_CONSUMER", "SOURCE_FIELD", "Router"]
@@ -169,6 +175,7 @@ class Router:
                 streams = [s.input_stream] + [partition_stream(s, n) for n in range(s.partitions)]
                 for stream in streams:
                     await trim_acknowledged(self._redis, stream)
+                await trim_bounded_streams(self._redis, s)  # ctxd:out and the DLQ
 
     async def _adopt_strays(self) -> None:
         """Claim ``ctxd:in`` entries pending for other consumer names (a deployment of

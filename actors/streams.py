@@ -36,6 +36,7 @@ __all__ = [
     "ensure_group",
     "output_fields",
     "trim_acknowledged",
+    "trim_bounded_streams",
 ]
 
 # KEYS: out, in, lease, done_1..done_n. ARGV: group, ttl, n, lease value ("" = unfenced),
@@ -394,12 +395,30 @@ async def trim_acknowledged(redis: Redis, stream: str) -> int:
         bound = (last[0], last[1] + 1)  # everything up to and including last is delivered
         if int(group["pending"]):
             summary = await redis.xpending(stream, name)
-            bound = min(bound, _id_tuple(summary["min"]))
+            # None: acknowledged since XINFO (a race that a 1 s trim interval hits)
+            if summary.get("min") is not None:
+                bound = min(bound, _id_tuple(summary["min"]))
         bounds.append(bound)
     low = min(bounds)
     if low <= (0, 0):
         return 0
     return int(await redis.xtrim(stream, minid=f"{low[0]}-{low[1]}", approximate=False))
+
+
+async def trim_bounded_streams(redis: Redis, settings: Settings) -> int:
+    """Trim ``ctxd:out`` and the DLQ to ``CTXD_OUTPUT_MAXLEN`` / ``CTXD_DLQ_MAXLEN``.
+
+    ``MAXLEN ~`` trims whole macro nodes only (cheap); a bound of 0 leaves the stream
+    alone. Returns how many entries went.
+    """
+    trimmed = 0
+    for stream, maxlen in (
+        (settings.output_stream, settings.output_maxlen),
+        (settings.dlq_stream, settings.dlq_maxlen),
+    ):
+        if maxlen:
+            trimmed += int(await redis.xtrim(stream, maxlen=maxlen, approximate=True))
+    return trimmed
 
 
 def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench.footprint import FootprintResult, run_footprint
 from bench.procs import REPO, bench_redis
 from bench.report import ratios, render
 from bench.scenarios import Scenario, ScenarioResult, run_scenario
@@ -31,6 +32,7 @@ ALL_SCENARIOS = (
     "baseline-steady",
     "ctxd-steady-1",
     "ctxd-steady-2",
+    "footprint",
 )
 
 
@@ -52,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, default=50.0, help="steady arrivals/s (50)")
     parser.add_argument("--duration", type=float, default=20.0, help="steady seconds (20)")
     parser.add_argument(
+        "--footprint-events",
+        type=int,
+        default=3000,
+        help="footprint: N, measured after N and 2N events (3000)",
+    )
+    parser.add_argument(
+        "--footprint-workflows", type=int, default=10, help="footprint: workflows (10)"
+    )
+    parser.add_argument(
+        "--footprint-rate", type=float, default=20.0, help="footprint: events/s (20)"
+    )
+    parser.add_argument(
         "--scenarios",
         default=",".join(ALL_SCENARIOS),
         help=f"comma-separated subset of: {', '.join(ALL_SCENARIOS)}",
@@ -59,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a small run for CI smoke tests (200 events, 10 workflows, 2 s steady)",
+        help="a small run for CI smoke tests (200 events, 10 workflows, 2 s steady; "
+        "footprint only when named in --scenarios)",
     )
     parser.add_argument(
         "--redis-url", help="use this Redis (needs RedisJSON + RediSearch), not the embedded one"
@@ -118,7 +133,7 @@ def _scenarios(args: argparse.Namespace) -> list[Scenario]:
     for name, scenario in known.items():
         if scenario.pipeline == "ctxd":
             known[name] = replace(scenario, env=env)
-    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip() and n != "footprint"]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown scenario(s) {unknown}: expected some of {list(known)}")
@@ -132,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         args.events, args.workflows, args.baseline_events = 200, 10, 40
         args.rate, args.duration = 20.0, 2.0
     scenarios = _scenarios(args)
+    names = [n.strip() for n in args.scenarios.split(",")]
+    footprint_wanted = "footprint" in names and not (
+        args.quick and args.scenarios == ",".join(ALL_SCENARIOS)
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results_dir = REPO / "bench" / "results"
     logs = results_dir / f"bench-{stamp}-logs"
@@ -146,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results: list[ScenarioResult] = []
+    footprint: FootprintResult | None = None
     with (
         tempfile.TemporaryDirectory(prefix="ctxd-bench-") as tmp,
         bench_redis(args.redis_url, Path(tmp) / "redis") as redis_url,
@@ -169,6 +189,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result.latency_ms['p99']:.0f} ms",
                 flush=True,
             )
+        if footprint_wanted:
+            # A Redis of its own (used_memory is ctxd's alone), unless --redis-url is given.
+            print("footprint: starting 1 process", flush=True)
+            with bench_redis(args.redis_url, Path(tmp) / "redis-footprint") as own_url:
+                footprint = run_footprint(
+                    own_url,
+                    logs,
+                    events=args.footprint_events,
+                    workflows=args.footprint_workflows,
+                    rate=args.footprint_rate,
+                    env=dict(item.split("=", 1) for item in args.env),
+                    progress=lambda line: print(line, flush=True),
+                )
     checks = ratios(results, rate=args.rate)
     baseline_events = min(args.baseline_events, args.events)
     document: dict[str, object] = {
@@ -186,9 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {r.name: r.as_json() for r in results},
         "ratios": checks,
     }
+    if footprint is not None:
+        document["footprint"] = footprint.as_json()
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    print(render(results, checks, baseline_events=baseline_events))
+    if results:
+        print(render(results, checks, baseline_events=baseline_events))
+    if footprint is not None:
+        print(footprint.render())
     print(f"results written to {output}")
     return 0
 
