@@ -202,6 +202,7 @@ def test_the_service_runs_as_a_user_with_exactly_the_documented_rules(
             ["tail", "--last", "5"],
             ["dlq", "list"],
             ["dlq", "replay", "--all"],
+            ["forget", "wf-acl", "--force"],
         ):
             result = run_ctxd(env, *args)
             outputs.append(result)
