@@ -50,7 +50,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.backoff import jittered_backoff
 from actors.config import Settings
-from graph.errors import CtxdError
+from graph.errors import CtxdError, exception_chain
 
 __all__ = [
     "OutageKind",
@@ -89,23 +89,6 @@ class RedisUnavailableError(CtxdError):
     """
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc``, its causes and contexts, and the members of exception groups."""
-    seen: set[int] = set()
-    found: list[BaseException] = []
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        found.append(current)
-        if isinstance(current, BaseExceptionGroup):
-            stack.extend(current.exceptions)
-        stack += [current.__cause__, current.__context__]
-    return found
-
-
 def _is_fatal(error: BaseException) -> bool:
     if isinstance(error, _FATAL):
         return True
@@ -139,7 +122,7 @@ def is_transient(exc: BaseException) -> bool:
     Authentication, ACL and TLS verification errors never are, wherever they sit in
     the chain.
     """
-    chain = _chain(exc)
+    chain = list(exception_chain(exc))
     if any(_is_fatal(error) for error in chain):
         return False
     return any(_transient_one(error) for error in chain)
@@ -150,7 +133,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return any(
         isinstance(error, OutOfMemoryError)
         or (isinstance(error, RedisError) and _OOM_TEXT in str(error))
-        for error in _chain(exc)
+        for error in list(exception_chain(exc))
     )
 
 
@@ -292,7 +275,9 @@ class RedisAvailability:
         """
         if not self._available:
             return
-        observed = [e for e in _chain(exc) if isinstance(e, RedisError) and is_outage(e)]
+        observed = [
+            e for e in list(exception_chain(exc)) if isinstance(e, RedisError) and is_outage(e)
+        ]
         if not observed:
             return  # derived (RedisUnavailableError after an outage already over): no news
         exc = observed[0]

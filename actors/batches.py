@@ -42,6 +42,7 @@ from actors.retention import Retention
 from actors.router import TRANSIENT_ERRORS
 from actors.streams import CommitItem, OutputCommitter, done_key, output_fields
 from actors.validation import Event
+from graph.errors import exception_chain
 from graph.history import is_store_failure
 from graph.tracing import event_trace_fields
 from graph.workflow import ContextualGraph, thread_config
@@ -490,22 +491,12 @@ def _refused_by_breaker(exc: Exception) -> bool:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    """A Redis outage (also wrapped by LangGraph or in an exception group)."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, RedisError | ConnectionError) and not isinstance(
-            current, ResponseError
-        ):
-            return True  # not a bare TimeoutError/OSError: an event timeout is the event's
-        if isinstance(current, BaseExceptionGroup):
-            stack.extend(current.exceptions)
-        stack += [current.__cause__, current.__context__]
-    return False
+    """A Redis outage (also wrapped by LangGraph or in an exception group); not a bare
+    TimeoutError/OSError: an event time-out is the event's."""
+    return any(
+        isinstance(e, RedisError | ConnectionError) and not isinstance(e, ResponseError)
+        for e in exception_chain(exc)
+    )
 
 
 def _interrupted_result(event: Event, strategy: str) -> dict[str, object]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-from collections.abc import Iterator
 from typing import Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -29,7 +28,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from graph.errors import ConfigError, CtxdError, RedisModulesMissingError
+from graph.errors import ConfigError, CtxdError, RedisModulesMissingError, exception_chain
 
 __all__ = [
     "ACL_DOCS",
@@ -160,26 +159,9 @@ def _user(url: str | None) -> str:
     return repr(unquote(user)) if user else "'default'"
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc``, its causes and contexts, and the members of exception groups, once each."""
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        if isinstance(current, BaseExceptionGroup):
-            stack.extend(reversed(current.exceptions))
-        for linked in (current.__context__, current.__cause__):
-            if linked is not None:
-                stack.append(linked)
-
-
 def find_redis_error(exc: BaseException) -> BaseException | None:
     """The first Redis or TLS error in ``exc``'s chain (or its groups' members), if any."""
-    for candidate in _chain(exc):
+    for candidate in exception_chain(exc):
         if isinstance(candidate, RedisModulesMissingError | RedisStartupError):
             return candidate
         if isinstance(candidate, RedisError | ssl.SSLError):
@@ -188,7 +170,7 @@ def find_redis_error(exc: BaseException) -> BaseException | None:
 
 
 def _first(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    return next((c for c in _chain(exc) if isinstance(c, kind)), None)
+    return next((c for c in exception_chain(exc) if isinstance(c, kind)), None)
 
 
 def _bounded(text: str) -> str:

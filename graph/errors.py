@@ -6,6 +6,8 @@ person reading a DLQ entry or a start-up failure should not need the source.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 __all__ = [
     "ConfigError",
     "CtxdError",
@@ -13,6 +15,7 @@ __all__ = [
     "PluginError",
     "RedisModulesMissingError",
     "WorkflowError",
+    "exception_chain",
 ]
 
 
@@ -54,3 +57,24 @@ class RedisModulesMissingError(CtxdError):
 
 class WorkflowError(CtxdError):
     """A workflow could not be advanced (state missing, checkpoint refused, bad resume value)."""
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, its causes and contexts, and the members of exception groups, once each.
+
+    Depth first: a group's members in order, a cause before a context. Errors reach the
+    service wrapped (LangGraph, redisvl, task groups); callers ask what is inside.
+    """
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(reversed(current.exceptions))
+        for linked in (current.__context__, current.__cause__):
+            if linked is not None:
+                stack.append(linked)

@@ -18,7 +18,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import StateSnapshot
 
-from graph.errors import WorkflowError
+from graph.errors import WorkflowError, exception_chain
 from graph.state import JSON, integrity_hash, state_problems
 
 if TYPE_CHECKING:
@@ -225,20 +225,12 @@ def is_store_failure(exc: BaseException) -> bool:
     Anything else raised while loading a checkpoint means its data could not be
     decoded. A Redis ``WRONGTYPE`` reply is data too: the key holds something else.
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in exception_chain(exc):
         module = type(current).__module__.split(".")[0]
         if "WRONGTYPE" in str(current)[:40]:
             return False
         if isinstance(current, OSError) or module in _STORE_MODULES:
             return True
-        stack += [e for e in (current.__cause__, current.__context__) if e is not None]
     return False
 
 
