@@ -11,6 +11,7 @@ what the actors run.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -132,7 +133,7 @@ class WorkHandlers:
         except Exception:
             raise
         except BaseException as exc:  # re-raised: as itself, or as a PluginError (see above)
-            if _passes_through(exc):
+            if _passes_through(exc) and not _stray_cancellation(exc):
                 raise
             message = " ".join(str(exc).split())[:_PLUGIN_MESSAGE_CHARS]
             raise PluginError(
@@ -217,6 +218,23 @@ def _passes_through(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return exc.subgroup(kinds) is not None
     return isinstance(exc, kinds)
+
+
+def _stray_cancellation(exc: BaseException) -> bool:
+    """A ``CancelledError`` the plug-in raised itself, with nothing cancelling this task.
+
+    A client library's own timeout or closed session can leak one; passed on, it ended
+    the worker silently, the request came back and the restarts exhausted the root
+    supervisor. A real cancellation (a deadline, shutdown) has asked the task to cancel
+    first: ``Task.cancelling()`` counts those requests (asyncio, which ctxd runs on).
+    """
+    if not isinstance(exc, anyio.get_cancelled_exc_class()):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not running on asyncio
+        return False
+    return task is not None and task.cancelling() == 0
 
 
 class LocalDispatch:
