@@ -49,3 +49,17 @@ async def lone_surrogate(request: AnalysisRequest) -> AnalysisResult:
     if _says(request, "surrogate"):
         return AnalysisResult("half a character: \ud800")
     return await heuristic_analyzer(request)
+
+
+async def wrong_types(request: AnalysisRequest) -> AnalysisResult:
+    """Return what the contract does not allow: a number as the analysis, a set or a NaN
+    among the fields, or no AnalysisResult at all."""
+    if _says(request, "number"):
+        return AnalysisResult(12345)  # type: ignore[arg-type]
+    if _says(request, "setfield"):
+        return AnalysisResult("fine", {"tags": {"a", "b"}})  # type: ignore[dict-item]
+    if _says(request, "nanfield"):
+        return AnalysisResult("fine", {"score": float("nan")})
+    if _says(request, "plaindict"):
+        return {"analysis": "fine"}  # type: ignore[return-value]
+    return await heuristic_analyzer(request)
