@@ -67,3 +67,30 @@ def test_garbage_in_a_mailbox_neither_restarts_workers_nor_stops_the_service(
     assert not any('"actor restarted"' in line for line in service.lines)
     assert service.proc.poll() is None
     raw.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [{b"id": b"\xff", b"ok": b"1"}, {b"no_id": b"x"}],
+    ids=["not UTF-8", "no id"],
+)
+def test_garbage_in_a_reply_stream_is_skipped(
+    start_service: Callable[..., ServiceProcess],
+    redis_url: str,
+    prefix: str,
+    garbage: dict[bytes, bytes],
+) -> None:
+    """The asker's reply reader met an entry it could not read, crashed before moving
+    past it, and read it again after every restart."""
+    raw = Redis.from_url(redis_url, socket_timeout=60)
+    instance = f"{prefix}-adv"
+    service = start_service("run", env={"CTXD_INSTANCE": instance})
+    service.wait_ready()
+    raw.xadd(f"{prefix}:reply:{instance}", garbage)  # type: ignore[arg-type]
+    for i in range(3):
+        raw.xadd(f"{prefix}:in", {"workflow_id": f"after-{i}", "content": TECH})
+    outputs = read_outputs(raw, f"{prefix}:out", 3, timeout_ms=60_000)
+    assert [f[b"error"] for _, f in outputs] == [b""] * 3, "\n".join(service.lines[-10:])
+    assert not any('"actor restarted"' in line for line in service.lines)
+    assert service.proc.poll() is None
+    raw.close()
