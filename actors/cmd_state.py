@@ -240,18 +240,28 @@ def _format_checkpoint(info: CheckpointInfo, *, current: bool) -> str:
 
 def _append_and_wait(settings: Settings, fields: dict[str, str], wait: float) -> int:
     with client_redis(settings) as redis:
-        recent = xrevrange_text(redis, settings.output_stream, 1)
-        last_id = recent[0][0] if recent else "0-0"
+        # The entry ends in an output or, refused by the input checks, in the DLQ.
+        last = {
+            stream: recent[0][0] if (recent := xrevrange_text(redis, stream, 1)) else "0-0"
+            for stream in (settings.output_stream, settings.dlq_stream)
+        }
         entry_id = str(redis.xadd(settings.input_stream, fields))  # type: ignore[arg-type]
         print(f"queued {fields['control']} as {entry_id}")
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             block = max(1, int(min(1.0, deadline - time.monotonic()) * 1000))
-            for out_id, out in xread_text(redis, settings.output_stream, last_id, block=block):
-                last_id = out_id
-                if out.get("source_id") == entry_id:
+            for stream in last:
+                for out_id, out in xread_text(redis, stream, last[stream], block=block):
+                    last[stream] = out_id
+                    if out.get("source_id") != entry_id:
+                        continue
+                    if stream == settings.dlq_stream:
+                        why = " ".join((out.get("error") or "").split())[:500]
+                        print(f"{fields['control']}: refused ({out.get('reason')}): {why}")
+                        return 1
                     print(_control_outcome(fields["control"], out))
                     return 0 if out.get("status") != "error" else 1
+                block = 1  # the first stream waited; the second is only looked at
     print("no result yet: the service applies it when it reads the entry (see `ctxd tail`)")
     return 0
 

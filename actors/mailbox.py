@@ -244,9 +244,21 @@ class Mailbox:
                     continue
                 entries = reply[0][1]
                 for entry_id, raw in entries:
-                    fields = {text(k): text(v) for k, v in raw.items()}
-                    self._deliver(ActorReply.from_fields(fields))
                     last = text(entry_id)
+                    try:
+                        answer = ActorReply.from_fields({text(k): text(v) for k, v in raw.items()})
+                    except (UnicodeDecodeError, KeyError) as exc:
+                        # Not written by a worker (workers write text with an id): skipped,
+                        # or this reader would crash on it after every restart.
+                        self._orphans += 1
+                        _log.warning(
+                            "unreadable reply skipped",
+                            stream=self._reply_stream,
+                            entry_id=last,
+                            error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                        )
+                        continue
+                    self._deliver(answer)
                 read_since_trim += len(entries)
                 if read_since_trim >= _TRIM_EVERY:
                     # Read replies are nobody's business any more: keep the stream short.

@@ -62,13 +62,18 @@ for i = 1, n do
   if nfields > 0 then
     local fields = {}
     for j = 1, nfields * 2 do fields[j] = ARGV[pos + 1 + j] end
+    -- pcall: a reply_to that is no stream (WRONGTYPE) loses only its own reply, not
+    -- the batch; the request is acknowledged all the same.
+    local added
     if maxlen == '0' then  -- CTXD_REPLY_MAXLEN=0: no bound
-      redis.call('XADD', KEYS[1 + i], '*', unpack(fields))
+      added = redis.pcall('XADD', KEYS[1 + i], '*', unpack(fields))
     else
-      redis.call('XADD', KEYS[1 + i], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+      added = redis.pcall('XADD', KEYS[1 + i], 'MAXLEN', '~', maxlen, '*', unpack(fields))
     end
-    -- The reply stream of an asker that died goes away a day after its last reply.
-    redis.call('EXPIRE', KEYS[1 + i], 86400)
+    if type(added) ~= 'table' or not added.err then
+      -- The reply stream of an asker that died goes away a day after its last reply.
+      redis.call('EXPIRE', KEYS[1 + i], 86400)
+    end
   end
   pos = pos + 2 + nfields * 2
   redis.call('XACK', KEYS[1], group, entry_id)
@@ -290,7 +295,13 @@ class ActorPool:
         if raw is None:  # deleted while pending: nothing to answer
             done.append((entry_id, "", None))
             return
-        fields = {text(k): text(v) for k, v in raw.items()}
+        try:
+            fields = {text(k): text(v) for k, v in raw.items()}
+        except UnicodeDecodeError as exc:  # garbage appended to the mailbox: not a request
+            copy = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
+            problem = f"a field is not UTF-8 ({exc.reason} at byte {exc.start}): send text"
+            await self._dead_letter(entry_id, copy, "invalid_request", problem, deliveries)
+            return
         try:
             request = ActorRequest.from_fields(fields)
         except (KeyError, ValueError) as exc:

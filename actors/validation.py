@@ -341,7 +341,44 @@ def _load_json(raw: str, *, what: str) -> object:
         raise _JSONRejected(
             f"{what} holds a lone UTF-16 surrogate (\\ud800-\\udfff): send valid text"
         ) from None
+    marker = _serializer_marker(value, "")
+    if marker is not None:
+        raise _JSONRejected(
+            f"{what} holds an object at {marker[:_MESSAGE_VALUE_MAX] or 'its top'} shaped like "
+            "a checkpoint serializer marker (a LangChain lc envelope or a __send__/__interrupt__/"
+            "__delta_snapshot__/__bytes__ key), which the checkpoint store would read back "
+            "as something else: rename its keys"
+        )
     return value
+
+
+_MARKER_KEYS = ("__send__", "__interrupt__", "__delta_snapshot__")
+
+
+def _serializer_marker(value: object, path: str) -> str | None:
+    """Where ``value`` holds an object the Redis checkpoint serializer would revive.
+
+    Its loader turns LangChain envelopes (``{"lc": 1|2, "type": …}``) and LangGraph's
+    markers (``{"__send__": true, …}``, ``{"__bytes__": …}``) into objects, or None, so
+    such JSON stored in a workflow's state would come back as something else.
+    Recursion is bounded by :data:`JSON_MAX_DEPTH` (checked first).
+    """
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _serializer_marker(item, f"{path}[{i}]")) is not None:
+                return found
+    elif isinstance(value, dict):
+        lc = value.get("lc")
+        if (
+            (lc in (1, 2) and "type" in value)  # as the loader compares: true, 1.0 too
+            or any(value.get(key) is True for key in _MARKER_KEYS)
+            or (len(value) == 1 and "__bytes__" in value)
+        ):
+            return path
+        for key, item in value.items():
+            if (found := _serializer_marker(item, f"{path}.{key}" if path else key)) is not None:
+                return found
+    return None
 
 
 def _metadata(raw: str) -> dict[str, object]:

@@ -10,6 +10,7 @@ hash.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -149,14 +150,19 @@ async def checkpoint_history(
     One undecodable checkpoint fails LangGraph's whole listing, so then each
     checkpoint is loaded on its own (``ctxd state --history`` shows every one).
     """
-    try:
-        return [
-            _info(snapshot)
-            async for snapshot in graph.aget_state_history(thread_config(workflow_id), limit=limit)
-        ]
-    except Exception as exc:
-        if is_store_failure(exc):
-            raise
+    if not hasattr(graph.checkpointer, "checkpoints_index"):
+        # The Redis saver's listing searches a case-insensitive tag (``acme`` would list
+        # ``ACME``'s checkpoints too): it is read by exact ids below instead.
+        try:
+            return [
+                _info(snapshot)
+                async for snapshot in graph.aget_state_history(
+                    thread_config(workflow_id), limit=limit
+                )
+            ]
+        except Exception as exc:
+            if is_store_failure(exc):
+                raise
     infos: list[CheckpointInfo] = []
     for checkpoint_id in await checkpoint_ids(graph, workflow_id, limit=limit or _SEARCHED):
         snapshot, problems = await inspect_checkpoint(graph, workflow_id, checkpoint_id)
@@ -273,22 +279,7 @@ async def checkpoint_ids(
     if isinstance(saver, InMemorySaver):
         return sorted(saver.storage.get(workflow_id, {}).get("", {}), reverse=True)[:limit]
     if hasattr(saver, "checkpoints_index"):  # AsyncRedisSaver
-        from langgraph.checkpoint.redis.util import from_storage_safe_id, to_storage_safe_id
-        from redisvl.query import FilterQuery
-        from redisvl.query.filter import Tag
-
-        query = FilterQuery(
-            filter_expression=Tag("thread_id") == to_storage_safe_id(workflow_id),
-            return_fields=["checkpoint_id", "checkpoint_ns"],
-            num_results=limit,
-            sort_by=("checkpoint_id", "DESC"),
-        )
-        found = await saver.checkpoints_index.search(query)
-        return [
-            str(from_storage_safe_id(doc["checkpoint_id"]))
-            for doc in found.docs
-            if doc["checkpoint_ns"] in ("", "__empty__")
-        ]
+        return await _redis_checkpoint_ids(saver, workflow_id, limit)
     if type(saver).__module__.startswith("langgraph.checkpoint.postgres"):
         async with saver._cursor() as cur:  # AsyncPostgresSaver: its own connection
             await cur.execute(
@@ -305,3 +296,51 @@ async def checkpoint_ids(
         if is_store_failure(exc):
             raise
     return ids
+
+
+_PAGE = 500
+_TAG_SPECIAL = re.compile(r"([^A-Za-z0-9\x80-\U0010ffff])")
+
+
+def thread_tag_filter(thread_id: str) -> str:
+    """A RediSearch filter on the ``thread_id`` tag with every ASCII punctuation escaped.
+
+    Tags match without regard to case, so callers still keep only the documents whose
+    ``thread_id`` is exactly theirs.
+    """
+    return "@thread_id:{" + _TAG_SPECIAL.sub(r"\\\1", thread_id) + "}"
+
+
+async def _redis_checkpoint_ids(saver: Any, workflow_id: str, limit: int) -> list[str]:
+    """The Redis saver's checkpoint ids of exactly ``workflow_id``, newest first.
+
+    Its search index holds ``thread_id`` as a tag, which RediSearch matches without
+    regard to case, and LangGraph's query leaves ``_`` unescaped (``@thread_id:{_}`` is
+    a syntax error). Every ASCII punctuation character is escaped here, and the ids
+    found are kept only when their ``thread_id`` is exactly this workflow's, page by
+    page, so a busy ``ACME`` cannot crowd ``acme``'s checkpoints out of the search.
+    """
+    from langgraph.checkpoint.redis.util import from_storage_safe_id, to_storage_safe_id
+    from redisvl.query import FilterQuery
+
+    thread_id = to_storage_safe_id(workflow_id)
+    query = FilterQuery(
+        filter_expression=thread_tag_filter(thread_id),
+        return_fields=["thread_id", "checkpoint_id", "checkpoint_ns"],
+        num_results=_PAGE,
+        sort_by=("checkpoint_id", "DESC"),
+    )
+    ids: list[str] = []
+    offset = 0
+    while len(ids) < limit:
+        query.paging(offset, _PAGE)
+        found = await saver.checkpoints_index.search(query)
+        ids += [
+            str(from_storage_safe_id(doc["checkpoint_id"]))
+            for doc in found.docs
+            if doc["thread_id"] == thread_id and doc["checkpoint_ns"] in ("", "__empty__")
+        ]
+        offset += _PAGE
+        if len(found.docs) < _PAGE:
+            break
+    return ids[:limit]

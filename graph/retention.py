@@ -31,7 +31,7 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 
 from graph.errors import ConfigError
-from graph.history import is_intact, last_good_checkpoint, thread_config
+from graph.history import is_intact, last_good_checkpoint, thread_config, thread_tag_filter
 from graph.state import JSON
 
 if TYPE_CHECKING:
@@ -170,11 +170,11 @@ class _RedisStore:
     async def checkpoint_ids(self, thread_id: str) -> list[tuple[str, str]]:
         from langgraph.checkpoint.redis.util import from_storage_safe_str, to_storage_safe_id
         from redisvl.query import FilterQuery
-        from redisvl.query.filter import Tag
 
+        safe = to_storage_safe_id(thread_id)
         query = FilterQuery(
-            filter_expression=Tag("thread_id") == to_storage_safe_id(thread_id),
-            return_fields=["checkpoint_ns", "checkpoint_id"],
+            filter_expression=thread_tag_filter(safe),
+            return_fields=["thread_id", "checkpoint_ns", "checkpoint_id"],
             num_results=_PAGE,
         )
         found: list[tuple[str, str]] = []
@@ -182,8 +182,10 @@ class _RedisStore:
         while True:
             query.paging(offset, _PAGE)
             docs = (await self._saver.checkpoints_index.search(query)).docs
-            found += [
-                (from_storage_safe_str(str(d.checkpoint_ns)), str(d.checkpoint_id)) for d in docs
+            found += [  # tags ignore case: keep this workflow's own
+                (from_storage_safe_str(str(d.checkpoint_ns)), str(d.checkpoint_id))
+                for d in docs
+                if str(d.thread_id) == safe
             ]
             if len(docs) < _PAGE:
                 return found
@@ -193,12 +195,11 @@ class _RedisStore:
         """The keys of the thread's pending writes (of checkpoints ``ids``; all if None)."""
         from langgraph.checkpoint.redis.util import from_storage_safe_str, to_storage_safe_id
         from redisvl.query import FilterQuery
-        from redisvl.query.filter import Tag
 
         safe = to_storage_safe_id(thread_id)
         query = FilterQuery(
-            filter_expression=Tag("thread_id") == safe,
-            return_fields=["checkpoint_ns", "checkpoint_id", "task_id", "idx"],
+            filter_expression=thread_tag_filter(safe),
+            return_fields=["thread_id", "checkpoint_ns", "checkpoint_id", "task_id", "idx"],
             num_results=_PAGE,
         )
         keys: list[str] = []
@@ -207,6 +208,8 @@ class _RedisStore:
             query.paging(offset, _PAGE)
             docs = (await self._saver.checkpoint_writes_index.search(query)).docs
             for d in docs:
+                if str(d.thread_id) != safe:  # tags ignore case
+                    continue
                 if ids is None or str(d.checkpoint_id) in ids:
                     keys.append(
                         self._saver._make_redis_checkpoint_writes_key(

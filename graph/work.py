@@ -11,6 +11,9 @@ what the actors run.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -116,7 +119,7 @@ class WorkHandlers:
             research={str(k): str(v) for k, v in dict(payload.get("research") or {}).items()},
         )
         result = await self._call_analyzer(request)
-        return {"analysis": result.analysis, "fields": dict(result.fields)}
+        return _checked_result(result)
 
     async def _call_analyzer(self, request: AnalysisRequest) -> AnalysisResult:
         """The plug-in boundary: the one place a plug-in's ``BaseException`` is caught.
@@ -132,7 +135,7 @@ class WorkHandlers:
         except Exception:
             raise
         except BaseException as exc:  # re-raised: as itself, or as a PluginError (see above)
-            if _passes_through(exc):
+            if _passes_through(exc) and not _stray_cancellation(exc):
                 raise
             message = " ".join(str(exc).split())[:_PLUGIN_MESSAGE_CHARS]
             raise PluginError(
@@ -212,11 +215,83 @@ _PLUGIN_MESSAGE_CHARS = 300
 
 
 def _passes_through(exc: BaseException) -> bool:
-    """Cancellation and process exits, also inside an exception group."""
-    kinds = (KeyboardInterrupt, SystemExit, GeneratorExit, anyio.get_cancelled_exc_class())
+    """Cancellation and generator closing, also inside an exception group.
+
+    ``SystemExit`` and ``KeyboardInterrupt`` raised by a plug-in are the plug-in's own
+    (issue 11: any exception but cancellation crashes only its actor): a person's
+    Ctrl-C and the service manager's SIGTERM reach ctxd as signals it receives itself,
+    never as exceptions raised inside a plug-in's coroutine.
+    """
+    kinds = (GeneratorExit, anyio.get_cancelled_exc_class())
     if isinstance(exc, BaseExceptionGroup):
         return exc.subgroup(kinds) is not None
     return isinstance(exc, kinds)
+
+
+def _checked_result(result: object) -> dict[str, JSON]:
+    """A plug-in's result as the reply, or ``TypeError``/``ValueError`` naming what is
+    outside the contract (a failed analysis step, not a run that fails on every retry).
+
+    The analysis must be text Redis can store (no lone surrogate), the fields a mapping
+    of names to ``str|int|float|bool`` (finite floats, 64-bit integers, valid text).
+    """
+    if not isinstance(result, AnalysisResult):
+        raise TypeError(
+            f"the analyzer plug-in returned {type(result).__name__}, not an AnalysisResult"
+        )
+    if not isinstance(result.analysis, str):
+        raise TypeError(
+            "the analyzer plug-in returned an analysis of type "
+            f"{type(result.analysis).__name__}: it must be str"
+        )
+    try:
+        result.analysis.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            "the analyzer plug-in returned an analysis that is not valid text (a lone "
+            f"surrogate at character {exc.start}): return valid Unicode"
+        ) from None
+    if not isinstance(result.fields, Mapping):
+        raise TypeError(
+            f"the analyzer plug-in returned fields of type {type(result.fields).__name__}: "
+            "they must be a mapping"
+        )
+    fields: dict[str, JSON] = {}
+    for name, value in result.fields.items():
+        fine = isinstance(value, str | int | float | bool) and isinstance(name, str)
+        if isinstance(value, float) and not math.isfinite(value):
+            fine = False
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:  # what checkpoints store
+            fine = False
+        try:
+            json.dumps([name, value], allow_nan=False, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError):
+            fine = False
+        if not fine:
+            raise TypeError(
+                f"the analyzer plug-in returned field {str(name)[:60]!r} = "
+                f"{type(value).__name__} {str(value)[:60]!r}: fields must map text to "
+                "str, int (64-bit), float (finite) or bool"
+            )
+        fields[name] = value
+    return {"analysis": result.analysis, "fields": fields}
+
+
+def _stray_cancellation(exc: BaseException) -> bool:
+    """A ``CancelledError`` the plug-in raised itself, with nothing cancelling this task.
+
+    A client library's own timeout or closed session can leak one; passed on, it ended
+    the worker silently, the request came back and the restarts exhausted the root
+    supervisor. A real cancellation (a deadline, shutdown) has asked the task to cancel
+    first: ``Task.cancelling()`` counts those requests (asyncio, which ctxd runs on).
+    """
+    if not isinstance(exc, anyio.get_cancelled_exc_class()):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not running on asyncio
+        return False
+    return task is not None and task.cancelling() == 0
 
 
 class LocalDispatch:

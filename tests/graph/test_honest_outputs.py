@@ -168,15 +168,24 @@ async def test_a_plugin_base_exception_becomes_a_plugin_error() -> None:
     assert fine["analysis"]
 
 
-@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit, GeneratorExit])
-async def test_process_exits_pass_through_the_plugin_boundary(
-    exc_type: type[BaseException],
-) -> None:
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+async def test_a_plugins_process_exit_is_a_plugin_error(exc_type: type[BaseException]) -> None:
+    """A plug-in's own sys.exit() or KeyboardInterrupt crashes only its actor (signals
+    reach ctxd as signals, not as exceptions inside a plug-in)."""
+
     async def exiting(request: AnalysisRequest) -> AnalysisResult:
         raise exc_type()
 
-    with pytest.raises(exc_type):
+    with pytest.raises(PluginError, match=exc_type.__name__):
         await WorkHandlers(analyzer=exiting).handle(WorkKind.ANALYSIS, _analysis_payload("x"))
+
+
+async def test_generator_exit_passes_through_the_plugin_boundary() -> None:
+    async def closing(request: AnalysisRequest) -> AnalysisResult:
+        raise GeneratorExit
+
+    with pytest.raises(GeneratorExit):
+        await WorkHandlers(analyzer=closing).handle(WorkKind.ANALYSIS, _analysis_payload("x"))
 
 
 async def test_cancellation_passes_through_the_plugin_boundary() -> None:

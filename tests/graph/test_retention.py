@@ -8,6 +8,7 @@ import collections
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
 import psycopg
 import pytest
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -252,3 +253,31 @@ async def test_memory_prune_keeps_the_newest() -> None:
         assert deleted == 8 - len(history)
         assert 3 <= len(history) < 8
         assert all(h.values for h in history)
+
+
+async def test_redis_prune_and_delete_are_exact_about_the_workflow_id(
+    redis_saver: BaseCheckpointSaver[str], redis: Redis, namespace: str
+) -> None:
+    """RediSearch tags ignore case and ``_`` needs escaping: pruning ``acme`` counts only
+    ``acme``'s checkpoints (not ``ACME``'s), deleting ``acme`` leaves ``ACME`` whole and
+    ends, and the workflow named ``_`` can be pruned and deleted."""
+    graph = _graph(redis_saver)
+    store = checkpoint_store(redis_saver)
+    await _events(graph, "acme", 4)
+    await _events(graph, "ACME", 12)
+    await _events(graph, "_", 3)
+    acme_before = _census(redis, namespace, "acme")["checkpoint"]
+    upper_before = _census(redis, namespace, "ACME")["checkpoint"]
+
+    assert {i for _, i in await store.checkpoint_ids("acme")} == {
+        h.checkpoint_id for h in await checkpoint_history(graph, "acme")
+    }
+    await prune_workflow(graph, store, "acme", retain=100)
+    assert _census(redis, namespace, "acme")["checkpoint"] == acme_before
+
+    with anyio.fail_after(30):
+        assert await delete_workflow_state(redis_saver, "acme") == acme_before
+        assert await delete_workflow_state(redis_saver, "_") > 0
+    assert _census(redis, namespace, "acme")["checkpoint"] == 0
+    assert _census(redis, namespace, "_")["checkpoint"] == 0
+    assert _census(redis, namespace, "ACME")["checkpoint"] == upper_before
