@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 from actors.cli_common import Subcommands, client_redis
 from actors.config import Settings
 from actors.footprint import SAMPLES, collect_footprint, format_bytes
-from actors.heartbeat import instance_key, instances_key
+from actors.heartbeat import instance_key, instances_key, worker_key, workers_key
 from actors.partitions import lease_key, partition_stream
 
 __all__ = ["collect_status", "register", "replay_dead_letters"]
@@ -127,6 +127,11 @@ def collect_status(
         if "beat" in info:
             info["seconds_since_beat"] = round(now - float(cast(float, info["beat"])), 1)
         instances.append(info)
+    workers = []
+    for name in cast(list[str], redis.zrange(workers_key(settings), 0, -1)):
+        body = cast(str | None, redis.get(worker_key(settings, name)))
+        if body:  # a worker that stopped without saying so is gone with its key's TTL
+            workers.append(json.loads(body))
     router = cast(str | None, redis.get(lease_key(settings, "router")[0]))
     input_groups = _groups(redis, settings.input_stream)
     partitions = []
@@ -146,6 +151,7 @@ def collect_status(
     return {
         "footprint": footprint,
         "instances": instances,
+        "workers": workers,
         "router": router,
         "input": {
             "stream": settings.input_stream,
@@ -181,6 +187,14 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
             + (f"  breakers {json.dumps(breakers, sort_keys=True)}" if breakers else "")
             + ("  pools " + json.dumps(info["pools"], sort_keys=True) if "pools" in info else "")
         )
+        outages = _outage_line(info.get("redis"))
+        if outages:
+            print(f"    {outages}")
+    workers = cast(list[dict[str, object]], doc.get("workers") or [])
+    if workers:
+        print(f"workers: {len(workers)}")
+    for info in workers:
+        print(f"  {info['instance']}: kinds {', '.join(cast(list[str], info.get('kinds') or []))}")
         outages = _outage_line(info.get("redis"))
         if outages:
             print(f"    {outages}")

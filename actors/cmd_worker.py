@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -13,6 +15,11 @@ from actors.config import Settings
 from graph.errors import ConfigError
 from graph.work import WorkKind
 from telemetry.setup import Telemetry
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from actors.availability import RedisAvailability
 
 __all__ = ["register"]
 
@@ -90,6 +97,7 @@ async def _serve(
                     # Credentials, TLS and ACL: one classified line, before any work.
                     await check_redis_for_service(redis_url, settings.stream_prefix, modules=False)
                     await tg.start(system.run)
+                    tg.start_soon(_beat, redis, settings, kinds, availability)
                     _log.info(
                         "ctxd is running",
                         role="worker",
@@ -122,3 +130,44 @@ async def _serve(
         raise first from None
     finally:
         await redis.aclose()
+
+
+async def _beat(
+    redis: Redis,
+    settings: Settings,
+    kinds: tuple[WorkKind, ...],
+    availability: RedisAvailability,
+) -> None:
+    """Publish this worker's heartbeat (its kinds, its Redis outages) for ``ctxd status``,
+    every third of the lease TTL; removed when the worker stops."""
+    from redis.exceptions import RedisError
+
+    from actors.availability import is_outage
+    from actors.heartbeat import Heartbeat
+
+    heartbeat = Heartbeat(redis, settings, worker=True)
+    try:
+        while True:
+            try:
+                await heartbeat.beat(
+                    {
+                        "role": "worker",
+                        "kinds": [k.value for k in kinds],
+                        "redis": availability.statistics().as_dict(),
+                    }
+                )
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                availability.report(exc)  # the monitor logs it once
+                await availability.wait_available()
+                continue
+            await anyio.sleep(settings.lease_ttl / 3)
+    finally:
+        # Best effort: a worker that cannot say goodbye is gone with its key's TTL.
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(2),
+            contextlib.suppress(RedisError, OSError),
+        ):
+            await heartbeat.remove()

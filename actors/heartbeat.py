@@ -4,6 +4,11 @@ Each instance keeps ``{prefix}:instance:{name}`` (JSON, TTL three heartbeat peri
 and its name in the sorted set ``{prefix}:instances`` scored by the time of its last
 beat. Live instances are those that beat within the last ``lease_ttl`` (three beats); the set is
 pruned of older names. ``ctxd status`` reads the same keys.
+
+A ``ctxd worker`` (actors only, no partitions) publishes the same kind of record under
+``{prefix}:worker:{name}`` and ``{prefix}:workers``, apart from the instances, so it
+never takes part in the partition assignment; ``ctxd status`` lists it (its kinds, its
+Redis outages).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 
-__all__ = ["Heartbeat", "instance_key", "instances_key"]
+__all__ = ["Heartbeat", "instance_key", "instances_key", "worker_key", "workers_key"]
 
 
 def instances_key(settings: Settings) -> str:
@@ -29,6 +34,16 @@ def instance_key(settings: Settings, name: str) -> str:
     return settings.key("instance", name)
 
 
+def workers_key(settings: Settings) -> str:
+    """The sorted set of ``ctxd worker`` names by last beat (ms since the epoch)."""
+    return settings.key("workers")
+
+
+def worker_key(settings: Settings, name: str) -> str:
+    """The JSON heartbeat of one ``ctxd worker``."""
+    return settings.key("worker", name)
+
+
 class Heartbeat:
     """Publishes this instance's heartbeat and lists the live instances.
 
@@ -37,10 +52,15 @@ class Heartbeat:
         settings: validated settings (instance name, lease TTL).
     """
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, *, worker: bool = False) -> None:
         self._redis = redis
         self._settings = settings
         self.started = time.time()
+        self._one, self._all = (
+            (worker_key(settings, settings.instance), workers_key(settings))
+            if worker
+            else (instance_key(settings, settings.instance), instances_key(settings))
+        )
 
     async def beat(self, info: Mapping[str, object]) -> list[str]:
         """Publish ``info`` and return the live instance names (this one included)."""
@@ -52,10 +72,10 @@ class Heartbeat:
             default=str,
         )
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(instance_key(s, s.instance), body, px=window_ms * 3 // 2)
-            pipe.zadd(instances_key(s), {s.instance: now_ms})
-            pipe.zremrangebyscore(instances_key(s), 0, now_ms - window_ms)
-            pipe.zrange(instances_key(s), 0, -1)
+            pipe.set(self._one, body, px=window_ms * 3 // 2)
+            pipe.zadd(self._all, {s.instance: now_ms})
+            pipe.zremrangebyscore(self._all, 0, now_ms - window_ms)
+            pipe.zrange(self._all, 0, -1)
             *_, names = await pipe.execute()
         return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
@@ -63,6 +83,6 @@ class Heartbeat:
         """Leave: delete the heartbeat so peers rebalance at once."""
         s = self._settings
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(instance_key(s, s.instance))
-            pipe.zrem(instances_key(s), s.instance)
+            pipe.delete(self._one)
+            pipe.zrem(self._all, s.instance)
             await pipe.execute()

@@ -147,6 +147,32 @@ def status_shows(env: dict[str, str], outages: int, at_least: float) -> dict[str
     return info
 
 
+def worker_shows(env: dict[str, str], outages: int, at_least: float) -> dict[str, object]:
+    """`ctxd status --json` once a ``ctxd worker``'s heartbeat reports the outage(s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        result = run_ctxd(env, "status", "--json")
+        assert result.returncode == 0, result.stderr
+        workers = json.loads(result.stdout)["workers"]
+        info = next(
+            (
+                w["redis"]
+                for w in workers
+                if w["redis"]["outages"] == outages and w["redis"]["available"]
+            ),
+            None,
+        )
+        if info is not None:
+            break
+        assert time.monotonic() < deadline, workers
+        time.sleep(0.5)  # the next heartbeat: a third of the lease TTL away
+    assert float(info["last_seconds"]) >= at_least, info
+    text = run_ctxd(env, "status")
+    assert "workers: 1" in text.stdout, text.stdout
+    assert f"redis outages: {outages}" in text.stdout.split("workers:", 1)[1], text.stdout
+    return dict(info)
+
+
 def env_for(server: OwnRedis) -> dict[str, str]:
     return {
         "CTXD_REDIS_URL": server.url,

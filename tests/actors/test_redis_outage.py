@@ -26,6 +26,7 @@ from outage_support import (
     seconds_to_next_output,
     status_shows,
     stays_up,
+    worker_shows,
 )
 
 from tests_support import ServiceProcess, read_outputs
@@ -65,6 +66,7 @@ def test_a_60_second_outage_is_waited_out_by_run_and_worker(
     assert_outage_lines(run, 1)
     assert_outage_lines(worker, 1)
     status_shows({**service_env, **service}, outages=1, at_least=55)
+    worker_shows({**service_env, **service}, outages=1, at_least=55)
     for process in (run, worker):
         process.signal(signal.SIGTERM)
         assert process.wait() == 0
