@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, TypeAlias
 
 from redis import Redis as SyncRedis
 
 from actors.config import Settings
 from actors.redis_server import discover_embedded_redis
+from graph.checkpointer import open_checkpointer
 from graph.errors import ConfigError, CtxdError
 
 if TYPE_CHECKING:
+    from langgraph.checkpoint.base import BaseCheckpointSaver
+
     from telemetry.setup import Telemetry
 
 __all__ = [
@@ -22,6 +25,7 @@ __all__ = [
     "Handler",
     "Subcommands",
     "client_redis",
+    "open_command_checkpointer",
     "open_service_telemetry",
     "redis_url_for_client",
 ]
@@ -93,3 +97,28 @@ def open_service_telemetry(settings: Settings) -> Iterator[Telemetry]:
     )
     with open_telemetry(telemetry_settings) as telemetry:
         yield telemetry
+
+
+@contextlib.asynccontextmanager
+async def open_command_checkpointer(
+    settings: Settings, *, memory_hint: str
+) -> AsyncIterator[BaseCheckpointSaver[str]]:
+    """The deployment's checkpointer, for a command that reads or changes workflow state.
+
+    Args:
+        settings: validated settings (checkpointer kind, URLs, prefix).
+        memory_hint: what to do instead, said when ``CTXD_CHECKPOINTER=memory`` (whose
+            state lives inside the running service only).
+    """
+    if settings.checkpointer == "memory":
+        raise ConfigError(
+            f"CTXD_CHECKPOINTER=memory keeps state inside the running service only: {memory_hint}"
+        )
+    redis_url = redis_url_for_client(settings) if settings.checkpointer == "redis" else None
+    async with open_checkpointer(
+        settings.checkpointer,
+        namespace=settings.stream_prefix,
+        redis_url=redis_url,
+        postgres_url=settings.postgres_url,
+    ) as saver:
+        yield saver

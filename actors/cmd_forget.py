@@ -24,14 +24,13 @@ import anyio
 from redis import Redis as SyncRedis
 from redis.exceptions import ResponseError
 
-from actors.cli_common import Subcommands, client_redis, redis_url_for_client
+from actors.cli_common import Subcommands, client_redis, open_command_checkpointer
 from actors.config import Settings
 from actors.parking import parked_stream
 from actors.partitions import partition_of, partition_stream
 from actors.retention import workflows_key
 from actors.streams import done_key_pattern
-from graph.checkpointer import open_checkpointer
-from graph.errors import ConfigError, CtxdError
+from graph.errors import CtxdError
 from graph.retention import delete_workflow_state
 
 __all__ = ["ForgetReport", "WorkflowBusyError", "forget_workflow", "queued_entries", "register"]
@@ -144,17 +143,8 @@ def _scan(redis: SyncRedis, pattern: str) -> Iterator[str]:
 
 
 async def _delete_checkpoints(settings: Settings, workflow_id: str) -> int:
-    if settings.checkpointer == "memory":
-        raise ConfigError(
-            "CTXD_CHECKPOINTER=memory keeps state inside the running service only: "
-            "restarting the service forgets every workflow"
-        )
-    redis_url = redis_url_for_client(settings) if settings.checkpointer == "redis" else None
-    async with open_checkpointer(
-        settings.checkpointer,
-        namespace=settings.stream_prefix,
-        redis_url=redis_url,
-        postgres_url=settings.postgres_url,
+    async with open_command_checkpointer(
+        settings, memory_hint="restarting the service forgets every workflow"
     ) as saver:
         return await delete_workflow_state(saver, workflow_id)
 

@@ -17,11 +17,10 @@ from typing import cast
 
 import anyio
 
-from actors.cli_common import Subcommands, client_redis, redis_url_for_client
+from actors.cli_common import Subcommands, client_redis, open_command_checkpointer
 from actors.config import Settings
 from actors.parking import parked_stream, resume_fields, rollback_fields
 from actors.redis_io import xread_text, xrevrange_text
-from graph.checkpointer import open_checkpointer
 from graph.errors import ConfigError, CtxdError
 from graph.history import (
     CheckpointInfo,
@@ -85,17 +84,8 @@ class _Read:
 
 
 async def _read_state(settings: Settings, workflow_id: str, *, history_limit: int | None) -> _Read:
-    if settings.checkpointer == "memory":
-        raise ConfigError(
-            "CTXD_CHECKPOINTER=memory keeps state inside the running service only: "
-            "use redis or postgres to inspect workflows from the command line"
-        )
-    redis_url = redis_url_for_client(settings) if settings.checkpointer == "redis" else None
-    async with open_checkpointer(
-        settings.checkpointer,
-        namespace=settings.stream_prefix,
-        redis_url=redis_url,
-        postgres_url=settings.postgres_url,
+    async with open_command_checkpointer(
+        settings, memory_hint="use redis or postgres to inspect workflows from the command line"
     ) as saver:
         graph = build_contextual_workflow(LocalDispatch(), saver)
         # A checkpoint that does not fit the schema (or does not decode) is shown as
