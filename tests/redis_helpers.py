@@ -40,3 +40,18 @@ def start_redis(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[byte
             raise RuntimeError(f"redis did not start: {log.read_text(errors='replace')[-500:]}")
         time.sleep(0.05)  # a child's readiness: nothing to await but its log
     return proc
+
+
+def start_tls_redis(
+    data_dir: Path, tls_port: int, certs: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    """Start Redis Stack listening on ``tls_port`` only (no plain port), with
+    ``certs/server.crt`` and ``certs/server.key``; clients need no certificate."""
+    return start_redis(
+        data_dir, 0,
+        "--tls-port", str(tls_port),
+        "--tls-cert-file", str(certs / "server.crt"),
+        "--tls-key-file", str(certs / "server.key"),
+        "--tls-auth-clients", "no",
+        *extra,
+    )  # fmt: skip

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
-from redis_helpers import free_port, start_redis
+from redis_helpers import free_port, start_tls_redis
 
 from tests_support import REPO, ServiceProcess, read_outputs
 
@@ -132,14 +132,9 @@ def test_tls_with_a_verified_ca(
     CA; without the CA the certificate is refused (exit 1)."""
     certs = _certificates(tmp_path / "certs")
     port = free_port()
-    server = start_redis(
-        tmp_path / "tls-redis", 0,
-        "--tls-port", str(port),
-        "--tls-cert-file", str(certs / "server.crt"),
-        "--tls-key-file", str(certs / "server.key"),
-        "--tls-ca-cert-file", str(certs / "ca.crt"),
-        "--tls-auth-clients", "no",
-    )  # fmt: skip
+    server = start_tls_redis(
+        tmp_path / "tls-redis", port, certs, "--tls-ca-cert-file", str(certs / "ca.crt")
+    )
     try:
         url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certs / 'ca.crt'}"
         client = Redis.from_url(url, decode_responses=True)

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 import redis_helpers
 from redis import Redis
-from redis_helpers import free_port, start_redis
+from redis_helpers import free_port, start_redis, start_tls_redis
 
 from actors.redis_acl import acl_rules, acl_setuser_line
 from tests_support import REPO, ServiceProcess, read_outputs, run_ctxd
@@ -247,13 +247,7 @@ def test_tls_verification_failure_and_the_unverified_warning(
     ssl_cert_reqs=none the service runs and logs one warning saying so."""
     certs = _self_signed(tmp_path / "certs")
     port = free_port()
-    server = start_redis(
-        tmp_path / "tls-redis", 0,
-        "--tls-port", str(port),
-        "--tls-cert-file", str(certs / "server.crt"),
-        "--tls-key-file", str(certs / "server.key"),
-        "--tls-auth-clients", "no",
-    )  # fmt: skip
+    server = start_tls_redis(tmp_path / "tls-redis", port, certs)
     try:
         url = f"rediss://127.0.0.1:{port}/0"
         line = _one_line(run_ctxd(_env(url, prefix, tmp_path), "run"), "TLS certificate")
