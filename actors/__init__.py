@@ -7,7 +7,8 @@ configuration, the daemon and the command line.
 
 from __future__ import annotations
 
-from actors.breaker import (
+from actors.config import Settings, load_settings
+from actors.runtime.breaker import (
     BreakerConfig,
     BreakerState,
     BreakerStatistics,
@@ -15,19 +16,18 @@ from actors.breaker import (
     CallNotPermittedError,
     CircuitBreaker,
 )
-from actors.config import Settings, load_settings
-from actors.dispatch import ActorDispatch
-from actors.mailbox import ActorError, ActorReply, ActorRequest, Mailbox
-from actors.pool import ActorPool
-from actors.supervisor import (
+from actors.runtime.mailbox import ActorError, ActorReply, ActorRequest, Mailbox
+from actors.runtime.pool import ActorPool
+from actors.runtime.supervisor import (
     ChildSpec,
     RestartEvent,
     Supervisor,
     SupervisorConfig,
     SupervisorEscalation,
 )
-from actors.tree import ActorSystem
-from actors.validation import Event, parse_event
+from actors.service.dispatch import ActorDispatch
+from actors.service.tree import ActorSystem
+from actors.service.validation import Event, parse_event
 
 __all__ = [
     "ActorDispatch",

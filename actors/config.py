@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TypeVar
 
-from actors.redis_errors import check_redis_url
+from actors.runtime.redis_errors import check_redis_url
 from graph.errors import ConfigError
 
 __all__ = ["Settings", "load_settings"]

@@ -6,11 +6,11 @@ visit is a LangGraph super-step, and each node's work is an ask over Redis strea
 reader's ``XREAD``). This measures both in one process on the embedded Redis Stack (or
 ``--redis-url``):
 
-* **ask**: CPU microseconds per :class:`~actors.dispatch.ActorDispatch` call of the
+* **ask**: CPU microseconds per :class:`~actors.service.dispatch.ActorDispatch` call of the
   decision kind (the cheapest handler, measured alone too) and asks per wall-clock
   second, with 1 asker (an event arriving alone: its round trip), 16 (a drain at the
   default ``CTXD_CONCURRENCY``) and 64 concurrent askers, through a real
-  :class:`~actors.tree.ActorSystem` in this process, as ``ctxd run`` has it;
+  :class:`~actors.service.tree.ActorSystem` in this process, as ``ctxd run`` has it;
 * **super-step**: CPU microseconds per super-step of a two-node LangGraph loop with
   trivial nodes and no checkpointer.
 
@@ -33,7 +33,7 @@ from langgraph.graph import END, START, StateGraph
 from redis.asyncio import Redis
 
 from actors.config import load_settings
-from actors.tree import ActorSystem
+from actors.service.tree import ActorSystem
 from bench.procs import bench_redis
 from graph.state import JSON
 from graph.work import WorkHandlers, WorkKind

@@ -17,9 +17,9 @@ from typing import cast
 import anyio
 from redis.asyncio import Redis
 
-from actors.redis_io import read_group
-from actors.streams import ensure_group, output_fields
-from actors.validation import decode_fields, parse_event
+from actors.runtime.redis_io import read_group
+from actors.service.streams import ensure_group, output_fields
+from actors.service.validation import decode_fields, parse_event
 from graph.checkpointer import open_checkpointer
 from graph.state import ContextState
 from graph.work import LocalDispatch, WorkHandlers

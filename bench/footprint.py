@@ -2,7 +2,7 @@
 
 One ``ctxd run`` gets a steady rate of events over a fixed set of workflows (one run per
 event: each workflow's events are further apart than a run takes). Redis's
-``used_memory`` and ctxd's keys by category (actors/footprint.py) are read after N
+``used_memory`` and ctxd's keys by category (actors/service/footprint.py) are read after N
 events and after 2N; with every bound reached before N, the second figure is at most
 1.15 x the first. The retention bounds are set small (:data:`BOUNDS`) so that N is past
 all of them within minutes; the per-workflow and per-event bytes measured here give the
@@ -25,7 +25,7 @@ from typing import cast
 from redis import Redis
 
 from actors.config import Settings, load_settings
-from actors.footprint import collect_footprint
+from actors.service.footprint import collect_footprint
 from bench.procs import MeasuredProcess
 from bench.workload import make_events
 
@@ -161,7 +161,7 @@ def run_footprint(
     settings = Settings(stream_prefix=prefix)
     redis = Redis.from_url(redis_url, decode_responses=True)
     process = MeasuredProcess(
-        ["actors.cli", "run"],
+        ["actors.app.cli", "run"],
         {
             "CTXD_REDIS_URL": redis_url,
             "CTXD_STREAM_PREFIX": prefix,

@@ -27,7 +27,7 @@ def bench_redis(url: str | None, state_dir: Path) -> Iterator[str]:
     if url:
         yield url
         return
-    from actors.redis_server import open_embedded_redis
+    from actors.app.redis_server import open_embedded_redis
 
     with open_embedded_redis(state_dir) as server:
         yield server.url
@@ -54,7 +54,7 @@ class MeasuredProcess:
     """A Python module run as a subprocess, with its output kept and a ready line awaited.
 
     Args:
-        module_args: ``-m`` module and its arguments, e.g. ``["actors.cli", "run"]``.
+        module_args: ``-m`` module and its arguments, e.g. ``["actors.app.cli", "run"]``.
         env: extra environment; inherited ``CTXD_*``/``OTEL_*`` variables are dropped.
         ready_text: the text of the line that says the process is serving.
         log_path: where its output is written (for post-mortems).

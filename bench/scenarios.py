@@ -115,7 +115,7 @@ def _start(
             env: dict[str, str] = {}
             ready = "baseline is running"
         else:
-            args = ["actors.cli", "run"]
+            args = ["actors.app.cli", "run"]
             env = {
                 "CTXD_REDIS_URL": redis_url,
                 "CTXD_STREAM_PREFIX": prefix,

@@ -127,7 +127,7 @@ async def check_redis_modules(client: Redis) -> None:
     Only a server that does not know ``MODULE LIST`` counts as lacking the modules. A
     refused connection, a timeout, a wrong password, a TLS failure or an ACL denial
     (NOPERM) propagates as redis-py raised it, so the caller can name the real cause
-    (``actors.redis_errors.describe_redis_error``).
+    (``actors.runtime.redis_errors.describe_redis_error``).
     """
     try:
         modules = await client.module_list()

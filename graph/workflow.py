@@ -258,7 +258,7 @@ async def run_events(
     Args:
         graph: the compiled workflow.
         workflow_id: the thread id.
-        events: events as :meth:`actors.validation.Event.as_state` gives them.
+        events: events as :meth:`actors.service.validation.Event.as_state` gives them.
         base_checkpoint_id: the rollback point recorded when a segment closes; by
             default the workflow's current checkpoint, read and checked at the start of
             the run. A caller that gives it has checked the state itself.

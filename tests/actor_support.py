@@ -10,7 +10,7 @@ import anyio
 from redis.asyncio import Redis
 
 from actors.config import Settings
-from actors.tree import ActorSystem
+from actors.service.tree import ActorSystem
 
 
 def actor_settings(settings: Settings, **changes: object) -> Settings:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
+from actors.app.redis_server import open_embedded_redis
 from actors.config import Settings, load_settings
-from actors.redis_server import open_embedded_redis
 from tests_support import ServiceProcess
 
 

@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from actors.redis_server import _distribution, _prepared_env
+from actors.app.redis_server import _distribution, _prepared_env
 
 
 def free_port() -> int:

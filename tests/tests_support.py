@@ -31,7 +31,7 @@ def run_ctxd(
 ) -> subprocess.CompletedProcess[str]:
     """Run one ``ctxd`` command (``send``, ``state``…) to completion, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "actors.cli", *args],
+        [sys.executable, "-m", "actors.app.cli", *args],
         cwd=REPO,
         env=dict(env),
         capture_output=True,
@@ -78,7 +78,7 @@ class ServiceProcess:
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.cli", *args],
+            [sys.executable, "-m", "actors.app.cli", *args],
             cwd=REPO,
             env=full_env,
             stdout=subprocess.PIPE,

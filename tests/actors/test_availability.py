@@ -33,7 +33,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis_helpers import free_port, start_redis
 
-from actors.availability import (
+from actors.config import Settings
+from actors.runtime.availability import (
     RedisAvailability,
     RedisOutageError,
     RedisUnavailableError,
@@ -42,9 +43,8 @@ from actors.availability import (
     is_transient,
     quiet_library_outage_logs,
 )
-from actors.config import Settings
-from actors.connections import pool_size
-from actors.dispatch import breaker_config
+from actors.service.connections import pool_size
+from actors.service.dispatch import breaker_config
 from graph.errors import RedisModulesMissingError
 from graph.work import WorkKind
 

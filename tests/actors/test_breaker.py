@@ -11,7 +11,7 @@ from anyio.abc import TaskStatus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.breaker import (
+from actors.runtime.breaker import (
     BreakerCall,
     BreakerConfig,
     BreakerState,

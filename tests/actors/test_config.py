@@ -25,7 +25,7 @@ CASES = [
 
 def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "actors.cli", *args],
+        [sys.executable, "-m", "actors.app.cli", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -12,12 +12,12 @@ from actor_support import actor_settings, open_redis, read_stream, running
 from opentelemetry.trace import SpanKind
 from redis import Redis as SyncRedis
 
-from actors.breaker import BreakerState, BreakerTransition, CallNotPermittedError
 from actors.config import Settings
-from actors.ingress import Ingress
-from actors.mailbox import ActorError, mailbox_stream
-from actors.partitions import partition_stream
-from actors.tree import ActorSystem
+from actors.runtime.breaker import BreakerState, BreakerTransition, CallNotPermittedError
+from actors.runtime.mailbox import ActorError, mailbox_stream
+from actors.service.ingress import Ingress
+from actors.service.partitions import partition_stream
+from actors.service.tree import ActorSystem
 from graph.analysis import AnalysisRequest, AnalysisResult, heuristic_analyzer
 from graph.checkpointer import open_checkpointer
 from graph.state import JSON
@@ -336,7 +336,7 @@ def test_breaker_and_actor_settings_come_from_env_and_toml(tmp_path: object) -> 
     from pathlib import Path
 
     from actors.config import load_settings
-    from actors.dispatch import breaker_config
+    from actors.service.dispatch import breaker_config
     from graph.errors import ConfigError
 
     env = {"CTXD_BREAKER_WINDOW": "8", "CTXD_BREAKER_MINIMUM_CALLS": "4",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from actors.redis_server import EmbeddedRedisError, discover_embedded_redis, open_embedded_redis
+from actors.app.redis_server import EmbeddedRedisError, discover_embedded_redis, open_embedded_redis
 from tests_support import run_ctxd
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from actors.config import Settings, load_settings
-from actors.streams import DLQ_CUT_FIELD, dlq_entry, done_key
-from actors.validation import JSON_MAX_DEPTH, check_entry, parse_entry, parse_event
+from actors.service.streams import DLQ_CUT_FIELD, dlq_entry, done_key
+from actors.service.validation import JSON_MAX_DEPTH, check_entry, parse_entry, parse_event
 from graph.errors import ConfigError, InvalidEntryError
 
 OK = {"workflow_id": "w", "content": "hello"}

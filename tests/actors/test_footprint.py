@@ -8,7 +8,7 @@ import json
 from redis import Redis
 
 from actors.config import Settings
-from actors.footprint import categorize, collect_footprint
+from actors.service.footprint import categorize, collect_footprint
 from tests_support import run_ctxd
 
 

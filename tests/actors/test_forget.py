@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from redis import Redis
 
-from actors.partitions import partition_of
+from actors.service.partitions import partition_of
 from tests_support import MARKET, TECH, ServiceProcess, read_outputs, run_ctxd
 
 

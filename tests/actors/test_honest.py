@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 from redis import Redis
 
-from actors.cmd_events import format_output
+from actors.app.cli.events import format_output
 from tests_support import TECH, ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 from redis import Redis
 
-from actors.partitions import partition_of
+from actors.service.partitions import partition_of
 from tests_support import ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow

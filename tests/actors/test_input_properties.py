@@ -16,8 +16,8 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from actors.config import Settings
-from actors.streams import DLQ_CUT_FIELD, DLQ_MIN_FIELDS, dead_letter, dlq_entry
-from actors.validation import parse_entry, parse_event
+from actors.service.streams import DLQ_CUT_FIELD, DLQ_MIN_FIELDS, dead_letter, dlq_entry
+from actors.service.validation import parse_entry, parse_event
 from graph.errors import InvalidEntryError
 
 LIMITS = replace(Settings(), max_content_bytes=2048, max_fields=16, max_entry_bytes=8192)

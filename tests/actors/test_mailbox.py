@@ -12,8 +12,8 @@ from opentelemetry.trace import SpanKind
 from redis import Redis as SyncRedis
 
 from actors.config import Settings
-from actors.mailbox import ActorError, ActorReply, ActorRequest, Mailbox, mailbox_stream
-from actors.tree import ActorSystem
+from actors.runtime.mailbox import ActorError, ActorReply, ActorRequest, Mailbox, mailbox_stream
+from actors.service.tree import ActorSystem
 from graph.analysis import AnalysisRequest, AnalysisResult
 from graph.state import JSON
 from graph.work import WorkHandlers, WorkKind

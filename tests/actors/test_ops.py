@@ -10,7 +10,7 @@ import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from actors.streams import trim_acknowledged
+from actors.service.streams import trim_acknowledged
 from tests_support import ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow

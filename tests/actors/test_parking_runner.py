@@ -13,9 +13,9 @@ from langgraph.checkpoint.memory import InMemorySaver
 from redis.asyncio import Redis
 
 from actors.config import Settings
-from actors.parking import WorkflowRunner, parked_stream, resume_fields, rollback_fields
-from actors.streams import done_key, ensure_group
-from actors.validation import Event, parse_event
+from actors.service.parking import WorkflowRunner, parked_stream, resume_fields, rollback_fields
+from actors.service.streams import done_key, ensure_group
+from actors.service.validation import Event, parse_event
 from graph.checkpointer import strict_serializer
 from graph.errors import InvalidEntryError
 from graph.work import LocalDispatch

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 from redis import Redis
 
-from actors.partitions import partition_of
+from actors.service.partitions import partition_of
 from tests_support import ServiceProcess, read_outputs
 
 pytestmark = pytest.mark.slow

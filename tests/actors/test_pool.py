@@ -11,11 +11,11 @@ from actor_support import actor_settings, open_redis, running
 from redis.asyncio import Redis
 
 from actors.config import Settings
-from actors.mailbox import ActorReply, ActorRequest, mailbox_stream
-from actors.pool import FaultPoint
-from actors.redis_io import text
-from actors.supervisor import SupervisorEscalation
-from actors.tree import ROOT_INTENSITY, ActorSystem
+from actors.runtime.mailbox import ActorReply, ActorRequest, mailbox_stream
+from actors.runtime.pool import FaultPoint
+from actors.runtime.redis_io import text
+from actors.runtime.supervisor import SupervisorEscalation
+from actors.service.tree import ROOT_INTENSITY, ActorSystem
 from graph.work import WorkHandlers, WorkKind
 from telemetry.testing import capture_metrics
 

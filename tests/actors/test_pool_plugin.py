@@ -9,9 +9,9 @@ import anyio
 from actor_support import actor_settings, open_redis, running
 
 from actors.config import Settings
-from actors.mailbox import ActorReply, ActorRequest, mailbox_stream
-from actors.redis_io import text
-from actors.tree import ActorSystem
+from actors.runtime.mailbox import ActorReply, ActorRequest, mailbox_stream
+from actors.runtime.redis_io import text
+from actors.service.tree import ActorSystem
 from graph.analysis import AnalysisRequest, AnalysisResult, heuristic_analyzer
 from graph.work import WorkHandlers, WorkKind
 

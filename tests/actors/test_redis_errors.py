@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redisvl.exceptions import RedisSearchError
 
 from actors.config import load_settings
-from actors.redis_errors import check_redis_url, describe_redis_error, url_secrets
+from actors.runtime.redis_errors import check_redis_url, describe_redis_error, url_secrets
 from graph.errors import ConfigError, RedisModulesMissingError
 
 URL = "redis://ctxd:pa%23ss@db.example:6380/0"
@@ -147,7 +147,7 @@ def test_an_unexpected_traceback_holds_no_password(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A bug's traceback is still printed, with the configured password masked."""
-    import actors.cli as cli
+    import actors.app.cli as cli
 
     secret = "Zr8pQ#w@x:y/Vb2k"
     encoded = quote(secret, safe="")

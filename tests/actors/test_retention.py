@@ -18,14 +18,14 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from actors.config import Settings, load_settings
-from actors.lease import LeaseLostError
-from actors.mailbox import ActorRequest, mailbox_stream
-from actors.parking import WorkflowRunner, parked_stream, resume_fields
-from actors.partitions import lease_key, partition_of
-from actors.retention import Retention, workflows_key
-from actors.streams import ensure_group, trim_bounded_streams
-from actors.tree import ActorSystem
-from actors.validation import Event, parse_event
+from actors.runtime.mailbox import ActorRequest, mailbox_stream
+from actors.service.lease import LeaseLostError
+from actors.service.parking import WorkflowRunner, parked_stream, resume_fields
+from actors.service.partitions import lease_key, partition_of
+from actors.service.retention import Retention, workflows_key
+from actors.service.streams import ensure_group, trim_bounded_streams
+from actors.service.tree import ActorSystem
+from actors.service.validation import Event, parse_event
 from graph.checkpointer import open_checkpointer
 from graph.errors import ConfigError
 from graph.work import LocalDispatch, WorkHandlers

@@ -58,7 +58,7 @@ def test_acl_user_and_password_from_the_url_and_never_logged(
     # A wrong password: a clear error, exit 1, and the password still not printed.
     bad = url.replace(PASSWORD, PASSWORD + "-wrong")
     result = subprocess.run(
-        [sys.executable, "-m", "actors.cli", "run"],
+        [sys.executable, "-m", "actors.app.cli", "run"],
         cwd=REPO,
         env={"CTXD_REDIS_URL": bad, "CTXD_STREAM_PREFIX": prefix, "PATH": "/usr/bin:/bin"},
         capture_output=True,
@@ -148,7 +148,7 @@ def test_tls_with_a_verified_ca(
         client.close()
 
         unverified = subprocess.run(
-            [sys.executable, "-m", "actors.cli", "run"],
+            [sys.executable, "-m", "actors.app.cli", "run"],
             cwd=REPO,
             env={"CTXD_REDIS_URL": f"rediss://127.0.0.1:{port}/0", "CTXD_STREAM_PREFIX": prefix},
             capture_output=True,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 from redis import Redis
 
-from actors.validation import parse_event
+from actors.service.validation import parse_event
 from graph.errors import InvalidEntryError
 from tests_support import ServiceProcess, read_outputs
 

@@ -21,7 +21,7 @@ import redis_helpers
 from redis import Redis
 from redis_helpers import free_port, start_redis, start_tls_redis
 
-from actors.redis_acl import acl_rules, acl_setuser_line
+from actors.app.redis_acl import acl_rules, acl_setuser_line
 from tests_support import REPO, ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow

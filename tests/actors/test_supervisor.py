@@ -14,7 +14,7 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import TaskStatus
 
-from actors.supervisor import (
+from actors.runtime.supervisor import (
     ChildSpec,
     RestartEvent,
     RestartType,

@@ -389,7 +389,7 @@ def test_console_rendering_on_a_terminal(service_env: dict[str, str]) -> None:
     env["CTXD_LOG_FORMAT"] = "auto"
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "actors.cli", "run"],
+        [sys.executable, "-m", "actors.app.cli", "run"],
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,

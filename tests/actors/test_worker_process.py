@@ -14,8 +14,8 @@ from actor_support import actor_settings, open_redis, running
 from redis import Redis
 
 from actors.config import Settings
-from actors.mailbox import ActorReply, ActorRequest, mailbox_stream
-from actors.tree import ROOT_INTENSITY, ActorSystem
+from actors.runtime.mailbox import ActorReply, ActorRequest, mailbox_stream
+from actors.service.tree import ROOT_INTENSITY, ActorSystem
 from graph.work import WorkHandlers
 from tests_support import ServiceProcess, read_outputs
 

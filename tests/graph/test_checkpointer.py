@@ -322,7 +322,7 @@ async def test_instances_starting_together_on_a_fresh_redis_all_open_the_saver(
     tmp_path: Path,
 ) -> None:
     """Each opener creates the search indexes; only one FT.CREATE can win the race."""
-    from actors.redis_server import open_embedded_redis
+    from actors.app.redis_server import open_embedded_redis
 
     opened: list[str] = []
 

@@ -13,7 +13,7 @@ import anyio
 import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 
-from actors.breaker import BreakerState, CallNotPermittedError
+from actors.runtime.breaker import BreakerState, CallNotPermittedError
 from graph.analysis import AnalysisRequest, AnalysisResult, heuristic_analyzer
 from graph.checkpointer import strict_serializer
 from graph.errors import CtxdError, PluginError

@@ -1,7 +1,7 @@
 """Breaker transitions and actor restarts, exported by the real OTLP exporters.
 
 The breaker and the supervisor are the real ones (fake clock); the listeners of
-actors/telemetry_hooks.py record spans and metrics on a non-global Telemetry whose
+actors/runtime/telemetry_hooks.py record spans and metrics on a non-global Telemetry whose
 exporters send to an in-process OTLP receiver.
 """
 
@@ -12,9 +12,9 @@ import pytest
 import structlog
 from anyio.abc import TaskStatus
 
-from actors.breaker import BreakerConfig, CircuitBreaker
-from actors.supervisor import ChildSpec, Supervisor, SupervisorConfig
-from actors.telemetry_hooks import actor_restarts, breaker_calls, breaker_transitions
+from actors.runtime.breaker import BreakerConfig, CircuitBreaker
+from actors.runtime.supervisor import ChildSpec, Supervisor, SupervisorConfig
+from actors.runtime.telemetry_hooks import actor_restarts, breaker_calls, breaker_transitions
 from telemetry.settings import TelemetrySettings
 from telemetry.setup import open_telemetry
 from telemetry.testing import OtlpReceiver

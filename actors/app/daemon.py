@@ -1,0 +1,286 @@
+"""The daemon: wires settings, Redis, checkpointer, workflow and ingress, and runs them.
+
+It is the root of the supervision tree: it runs until SIGTERM or SIGINT, then stops
+reading, lets in-flight work finish within the drain budget (the rest stays pending for
+another instance), flushes telemetry and returns. A fatal error propagates, and the
+command line turns it into a non-zero exit so systemd or Docker restarts the service.
+
+Redis being away is not fatal: start-up waits for it (the checkpointer's open
+included) and every loop waits out outages through one
+:class:`~actors.runtime.availability.RedisAvailability`, unless ``CTXD_REDIS_MAX_OUTAGE`` says
+to exit after so long. A stop signal during start-up or an outage still stops the
+process within the drain budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import anyio
+import structlog
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from redis.asyncio import Redis
+
+from actors.app.redis_acl import check_redis_for_service
+from actors.config import Settings
+from actors.runtime.availability import (
+    RedisAvailability,
+    RedisOutageError,
+    is_outage,
+    quiet_library_outage_logs,
+)
+from actors.runtime.supervisor import SupervisorEscalation
+from actors.service.connections import open_service_client, pool_size
+from actors.service.ingress import Ingress
+from actors.service.lease import fence_checkpoints
+from actors.service.stream_metrics import poll_stream_gauges
+from actors.service.tree import ActorSystem
+from graph.analysis import load_analyzer
+from graph.checkpointer import open_checkpointer
+from graph.features import AnalyzerPolicy
+from graph.routing import RoutingConfig
+from graph.tracing import GraphTelemetry
+from graph.work import LocalDispatch, WorkHandlers, WorkKind
+from graph.workflow import build_contextual_workflow
+from telemetry.logging import redact_url
+from telemetry.settings import TelemetrySettings
+from telemetry.setup import Telemetry
+
+__all__ = ["DRAIN_BUDGET", "serve"]
+
+DRAIN_BUDGET = 20.0  # seconds; deploy/ctxd.service's TimeoutStopSec leaves room above it
+
+_log = structlog.get_logger("ctxd.daemon")
+
+
+def build_handlers(settings: Settings) -> WorkHandlers:
+    """The work handlers for this configuration (analysis plug-in, routing numbers)."""
+    return WorkHandlers(
+        load_analyzer(settings.analyzer), RoutingConfig.from_mapping(settings.routing)
+    )
+
+
+async def serve(
+    settings: Settings,
+    redis_url: str,
+    *,
+    on_ready: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    drain_budget: float | None = None,
+    telemetry: Telemetry | None = None,
+) -> None:
+    """Run the service until SIGTERM/SIGINT.
+
+    Args:
+        settings: validated settings.
+        redis_url: the Redis to use (configured, or the embedded one).
+        on_ready: awaited once the ingress reads (the demo feeds events from here).
+        drain_budget: seconds in-flight work gets to finish after a stop signal
+            (default: ``CTXD_DRAIN_BUDGET``).
+        telemetry: tracer, meter and instruments (the caller opens and closes them);
+            the global tracer and no metrics if None.
+    """
+    drain_budget = settings.drain_budget if drain_budget is None else drain_budget
+    graph_telemetry = (
+        GraphTelemetry(telemetry.tracer, telemetry.instruments)
+        if telemetry is not None
+        else GraphTelemetry.from_global()
+    )
+    handlers = build_handlers(settings)
+    policy = AnalyzerPolicy.from_mapping(settings.analyzer_policy)
+    kinds = tuple(WorkKind) if settings.dispatch == "actors" else ()
+    connections = pool_size(settings, ingress=True, kinds=kinds)
+    redis = open_service_client(redis_url, settings, connections)
+    availability = RedisAvailability.for_settings(redis, settings)
+    quiet_library_outage_logs()
+    stopper = _Stopper(drain_budget)
+    try:
+        async with (
+            _escalations_unwrapped(),
+            anyio.create_task_group() as guard,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            await guard.start(availability.watch)
+            await guard.start(stopper.run, guard.cancel_scope)
+            # Start-up waits for Redis (one line when it is away, one when it is back).
+            await availability.call(redis.ping)
+            # Credentials, TLS, modules, ACL: one classified line, before any work.
+            await check_redis_for_service(
+                redis_url, settings.stream_prefix, modules=settings.checkpointer == "redis"
+            )
+            saver = await _open_checkpointer(stack, settings, redis_url, redis, availability)
+            fence = _Fence()
+            actors = (
+                ActorSystem(
+                    redis,
+                    settings,
+                    handlers,
+                    tracer=graph_telemetry.tracer,
+                    instruments=graph_telemetry.instruments,
+                    availability=availability,
+                )
+                if settings.dispatch == "actors"
+                else None
+            )
+            dispatch = actors.dispatch if actors is not None else None
+            graph = build_contextual_workflow(
+                dispatch or LocalDispatch(handlers),
+                fence_checkpoints(saver, fence.check),
+                policy=policy,
+                escalation_pauses=settings.escalation_pauses,
+                telemetry=graph_telemetry,
+            )
+            ingress = Ingress(
+                redis,
+                settings,
+                graph,
+                reading_allowed=dispatch.reading_allowed if dispatch is not None else None,
+                instruments=graph_telemetry.instruments,
+                tracer=graph_telemetry.tracer,
+                availability=availability,
+            )
+            fence.ingress = ingress
+            if actors is not None:
+                ingress.extra_stats = actors.status
+            async with anyio.create_task_group() as tg:
+                if actors is not None:
+                    await tg.start(actors.run)
+                stopper.ingress = ingress
+                await tg.start(ingress.run)
+                if telemetry is not None and _exports_metrics(telemetry.settings):
+                    interval = min(max(telemetry.settings.metric_export_interval, 0.2), 15.0)
+                    streams = [
+                        settings.input_stream,
+                        *(settings.key("actor", kind.value) for kind in WorkKind),
+                    ]
+                    await tg.start(
+                        poll_stream_gauges, redis, streams, telemetry.instruments, interval
+                    )
+                _log.info(
+                    "ctxd is running",
+                    redis=redact_url(redis_url),
+                    input=settings.input_stream,
+                    group=settings.group,
+                    consumer=ingress.consumer,
+                    checkpointer=settings.checkpointer,
+                    redis_connections=connections,
+                    max_outage=settings.redis_max_outage or "forever",
+                )
+                if on_ready is not None:
+                    tg.start_soon(on_ready)
+                await _wait_for_ingress_end(ingress)
+                tg.cancel_scope.cancel()
+            stats = ingress.statistics()
+            _log.info("ctxd stopped", processed=stats.processed, dead_lettered=stats.dead_lettered)
+            guard.cancel_scope.cancel()  # the outage watch and the signal receiver
+    finally:
+        await redis.aclose()
+
+
+async def _open_checkpointer(
+    stack: contextlib.AsyncExitStack,
+    settings: Settings,
+    redis_url: str,
+    redis: Redis,
+    availability: RedisAvailability,
+) -> BaseCheckpointSaver[str]:
+    """Open the checkpointer on ``stack``, waiting out Redis outages (any other error is
+    fatal). The Redis saver shares the service's pool, sized for both."""
+    while True:
+        await availability.wait_available()
+        try:
+            return await stack.enter_async_context(
+                open_checkpointer(
+                    settings.checkpointer,
+                    namespace=settings.stream_prefix,
+                    redis_url=redis_url,
+                    postgres_url=settings.postgres_url,
+                    redis_client=redis,
+                )
+            )
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            availability.report(exc)
+
+
+@contextlib.asynccontextmanager
+async def _escalations_unwrapped() -> AsyncIterator[None]:
+    """Let the root supervisor's escalation (or an outage past its limit) out of the
+    task groups as itself."""
+    try:
+        yield
+    except ExceptionGroup as group:
+        matched, _ = group.split((SupervisorEscalation, RedisOutageError))
+        if matched is None:
+            leaves = _leaves(group)
+            if len(leaves) == 1:  # one fatal error (start-up, say): the CLI's one line
+                raise leaves[0] from None
+            raise
+        fatal: Exception = matched.exceptions[0]
+        while isinstance(fatal, ExceptionGroup):
+            fatal = fatal.exceptions[0]
+        if isinstance(fatal, SupervisorEscalation):
+            _log.error("the supervision tree gave up; exiting", error=str(fatal))
+        raise fatal from None
+
+
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    found: list[Exception] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found += _leaves(exc)
+        else:
+            found.append(exc)
+    return found
+
+
+def _exports_metrics(settings: TelemetrySettings) -> bool:
+    return not settings.disabled and settings.metrics.exporter != "none"
+
+
+class _Fence:
+    """Checkpoint writes go through the ingress's partition-lease check."""
+
+    ingress: Ingress | None = None
+
+    async def check(self, workflow_id: str) -> None:
+        if self.ingress is not None:
+            await self.ingress.check_fence(workflow_id)
+
+
+async def _wait_for_ingress_end(ingress: Ingress) -> None:
+    await ingress.stopped.wait()
+
+
+class _Stopper:
+    """SIGTERM/SIGINT: stop reading and drain, or, before the ingress runs (start-up
+    waiting for Redis), stop at once."""
+
+    def __init__(self, drain_budget: float) -> None:
+        self.drain_budget = drain_budget
+        self.ingress: Ingress | None = None
+
+    async def run(
+        self,
+        scope: anyio.CancelScope,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                _log.info("stopping: no new reads, draining in-flight work", signal=signum.name)
+                break
+        ingress = self.ingress
+        if ingress is None:
+            scope.cancel()  # still starting: nothing in flight
+            return
+        ingress.stop()
+        with anyio.move_on_after(self.drain_budget):
+            await ingress.stopped.wait()
+            return
+        _log.warning("drain budget exceeded; the rest stays pending", seconds=self.drain_budget)
+        scope.cancel()

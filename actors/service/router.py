@@ -1,0 +1,260 @@
+"""The router: ``ctxd:in`` → one partition stream per workflow hash.
+
+Exactly one instance routes at a time: the holder of the router lease (with a fencing
+token). It reads ``ctxd:in`` through the consumer group under the fixed consumer name
+``router``, so a new router first reads the pending entries of the one before it and
+the input order is kept across failovers. Reads are fenced by the lease too
+(:class:`~actors.service.streams.FencedReader`): a router that lost its lease cannot move
+entries into that pending list behind the new router's back. Each entry is validated
+and, in one Lua script that first checks the router lease, appended to its partition
+stream (valid) or to the DLQ (invalid, with the reason) and acknowledged in
+``ctxd:in``. A crash before the script leaves the entry pending for the next router; a
+crash after it leaves nothing to redo; a router that lost its lease is refused.
+
+The router also trims acknowledged entries from ``ctxd:in`` and the partition streams
+every ``CTXD_TRIM_INTERVAL`` seconds (:func:`actors.service.streams.trim_acknowledged`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import anyio
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from actors.config import Settings
+from actors.runtime.availability import RedisAvailability, is_outage
+from actors.runtime.redis_io import autoclaim
+from actors.service.lease import LeaseLostError, Leases, fence_check_lua
+from actors.service.partitions import lease_key, partition_of, partition_stream
+from actors.service.streams import (
+    FencedReader,
+    dlq_entry,
+    ensure_group,
+    trim_acknowledged,
+    trim_bounded_streams,
+)
+from actors.service.validation import as_invalid_entry, parse_entry
+
+__all__ = ["ROUTER_CONSUMER", "SOURCE_FIELD", "Router"]
+
+ROUTER_CONSUMER = "router"
+SOURCE_FIELD = "ctxd_source_id"
+"""Partition entries carry the id of their ``ctxd:in`` entry in this field."""
+
+_log = structlog.get_logger("ctxd.router")
+
+# KEYS: lease, in, target_1..target_n. ARGV: lease value, group, n, then per item:
+# source_id, nfields, field/value pairs. Every item's fields are bounded (a valid entry
+# has at most CTXD_MAX_FIELDS + 1, a DLQ copy at most that + 5, CTXD_MAX_FIELDS <= 1000),
+# so unpack stays far below Lua's limit of about 8,000 values.
+_MOVE_LUA = (
+    fence_check_lua(1, 1)
+    + """
+local group, n = ARGV[2], tonumber(ARGV[3])
+local pos = 4
+for i = 1, n do
+  local source_id, nfields = ARGV[pos], tonumber(ARGV[pos + 1])
+  local fields = {}
+  for j = 1, nfields * 2 do fields[j] = ARGV[pos + 1 + j] end
+  pos = pos + 2 + nfields * 2
+  redis.call('XADD', KEYS[2 + i], '*', unpack(fields))
+  redis.call('XACK', KEYS[2], group, source_id)
+end
+return n
+"""
+)
+
+TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+class Router:
+    """Moves ``ctxd:in`` entries to partitions while this instance holds the router lease.
+
+    Args:
+        redis: the client.
+        settings: validated settings.
+        leases: this instance's lease helper.
+        reading_allowed: asked before each read (a breaker is open: leave input unread).
+        availability: the process's Redis monitor; routing pauses during an outage.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        leases: Leases,
+        reading_allowed: Callable[[], bool] | None = None,
+        availability: RedisAvailability | None = None,
+    ) -> None:
+        self._redis = redis
+        self._availability = availability or RedisAvailability.for_settings(redis, settings)
+        self._reading_allowed = reading_allowed or (lambda: True)
+        self._settings = settings
+        self._leases = leases
+        self._move = redis.register_script(_MOVE_LUA)
+        self._reader = FencedReader(redis, group=settings.group, consumer=ROUTER_CONSUMER)
+        self._key, self._fence = lease_key(settings, "router")
+        self.active = False
+        """True while this instance holds the router lease."""
+        self.routed = 0
+        self.dead_lettered = 0
+        self._last_trim = time.monotonic()
+
+    async def run(self, stopping: anyio.Event) -> None:
+        """Compete for the router lease and route while holding it, until ``stopping``."""
+        s = self._settings
+        while not stopping.is_set():
+            try:
+                await self._availability.wait_available_or(stopping)
+                if stopping.is_set():
+                    return
+                await ensure_group(self._redis, s.input_stream, s.group)
+                value = await self._leases.acquire(self._key, self._fence)
+                if value is not None:
+                    _log.info("router lease acquired", lease=value)
+                    self.active = True
+                    try:
+                        await self._route(value, stopping)
+                    finally:
+                        self.active = False
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                            await self._leases.release(self._key, value)
+            except LeaseLostError:
+                _log.warning("router lease lost; another instance routes now")
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # Reading pauses until Redis is back; the entry stays pending meanwhile.
+                self._availability.report(exc)
+                await self._availability.wait_available_or(stopping)
+                continue
+            await _sleep_unless(stopping, s.lease_ttl / 3)
+
+    async def _route(self, value: str, stopping: anyio.Event) -> None:
+        s = self._settings
+        renew_every = s.lease_ttl / 3
+        renewed = time.monotonic()
+        await self._adopt_strays()
+        cursor = "0"  # the previous router's pending entries first: input order is kept
+        block = max(1, min(s.block_ms, int(renew_every * 1000)))
+        while not stopping.is_set():
+            if time.monotonic() - renewed >= renew_every:
+                if not await self._leases.renew(self._key, value):
+                    raise LeaseLostError
+                renewed = time.monotonic()
+            if not self._availability.available:
+                return  # an outage: run() waits it out, then takes the lease again
+            if not self._reading_allowed():  # a breaker is open: leave the input unread
+                await _sleep_unless(stopping, min(renew_every, s.block_ms / 1000))
+                continue
+            try:
+                entries, last = await self._reader.read(
+                    s.input_stream, cursor, s.read_count, lease=(self._key, value)
+                )
+            except ResponseError as exc:
+                if "FENCED" in str(exc):
+                    raise LeaseLostError from exc
+                raise
+            if cursor != ">":
+                if not entries:
+                    cursor = ">"
+                    continue
+                cursor = entries[-1][0]
+            elif not entries:
+                await self._reader.wait(s.input_stream, last, block)
+            if entries:
+                await self._move_entries(value, entries)
+            if s.trim_interval and time.monotonic() - self._last_trim >= s.trim_interval:
+                self._last_trim = time.monotonic()
+                streams = [s.input_stream] + [partition_stream(s, n) for n in range(s.partitions)]
+                for stream in streams:
+                    await trim_acknowledged(self._redis, stream)
+                await trim_bounded_streams(self._redis, s)  # ctxd:out and the DLQ
+
+    async def _adopt_strays(self) -> None:
+        """Claim ``ctxd:in`` entries pending for other consumer names (a deployment of
+        the single-stream ingress before partitions) into ``router``, so they are routed
+        too; only entries idle longer than twice the event timeout."""
+        s = self._settings
+        cursor = "0-0"
+        while True:
+            cursor, claimed = await autoclaim(
+                self._redis,
+                stream=s.input_stream,
+                group=s.group,
+                consumer=ROUTER_CONSUMER,
+                min_idle_ms=int(s.event_timeout * 2000),
+                cursor=cursor,
+            )
+            if claimed:
+                _log.info("adopted pending entries of other consumers", entries=len(claimed))
+            if cursor == "0-0":
+                return
+
+    async def _move_entries(
+        self, value: str, entries: list[tuple[str, dict[bytes, bytes] | None]]
+    ) -> None:
+        s = self._settings
+        keys = [self._key, s.input_stream]
+        args: list[str | bytes | int] = [value, s.group, 0]
+        moved = 0
+        for entry_id, raw in entries:
+            if raw is None:  # trimmed while pending: nothing to route
+                await self._redis.xack(s.input_stream, s.group, entry_id)
+                continue
+            target, out = self._target(entry_id, raw)
+            keys.append(target)
+            args += [entry_id, len(out)]
+            for name, v in out.items():
+                args += [name, v]
+            moved += 1
+        if not moved:
+            return
+        args[2] = moved
+        try:
+            await self._move(keys=keys, args=args)
+        except ResponseError as exc:
+            if "FENCED" in str(exc):
+                raise LeaseLostError from exc
+            raise
+
+    def _target(self, entry_id: str, raw: Mapping[bytes, bytes]) -> tuple[str, dict[bytes, bytes]]:
+        """Where the entry goes, and the fields it goes with: the partition (fields as
+        read, unchanged) or the DLQ (a bounded copy with the reason)."""
+        s = self._settings
+        own = {k: v for k, v in raw.items() if k != _SOURCE_KEY}  # a producer's is not ours
+        try:
+            event = parse_entry(entry_id, raw, s)
+        except Exception as exc:  # noqa: BLE001 - one entry's problem never stops the router
+            invalid = as_invalid_entry(exc)
+            self.dead_lettered += 1
+            _log.warning(
+                "entry dead-lettered", source_id=entry_id, reason=invalid.reason, error=str(invalid)
+            )
+            out = dlq_entry(
+                own,
+                reason=invalid.reason,
+                error=str(invalid),
+                attempts=1,
+                source_id=entry_id,
+                field_bytes=s.dlq_field_bytes,
+                max_fields=s.max_fields,
+            )
+            return s.dlq_stream, out
+        self.routed += 1
+        own[_SOURCE_KEY] = entry_id.encode()
+        return partition_stream(s, partition_of(event.workflow_id, s.partitions)), own
+
+
+_SOURCE_KEY = SOURCE_FIELD.encode()
+
+
+async def _sleep_unless(event: anyio.Event, seconds: float) -> None:
+    with anyio.move_on_after(seconds):
+        await event.wait()

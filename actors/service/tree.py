@@ -1,0 +1,176 @@
+"""The supervision tree of one process: the root, a supervisor per actor kind, workers.
+
+::
+
+    ctxd (root, one_for_one, intensity 3/period)
+    ├── replies                      the mailbox's reply reader (when this process asks)
+    ├── actor.analysis (one_for_one, intensity 5/period)
+    │   ├── analysis.0 … analysis.N-1   workers (consumers instance:analysis:slot)
+    │   └── analysis.reclaim            XAUTOCLAIM of dead consumers' requests
+    ├── actor.update …
+    ├── actor.monitoring …
+    └── actor.decision …
+
+A kind's supervisor that exceeds its intensity escalates: the root restarts it; a root
+that exceeds its own raises :class:`~actors.runtime.supervisor.SupervisorEscalation` out of
+:meth:`ActorSystem.run`, and ``ctxd run``/``ctxd worker`` exit non-zero.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+from redis.asyncio import Redis
+
+from actors.config import Settings
+from actors.runtime.availability import RedisAvailability
+from actors.runtime.mailbox import Mailbox
+from actors.runtime.pool import ActorPool, FaultHook
+from actors.runtime.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
+from actors.runtime.telemetry_hooks import actor_restarts
+from actors.service.dispatch import ActorDispatch
+from graph.work import WorkHandlers, WorkKind
+from telemetry.metrics import Instruments
+
+__all__ = ["ROOT_INTENSITY", "ActorSystem"]
+
+ROOT_INTENSITY = 3
+"""Restarts of kind supervisors the root allows within the restart period."""
+
+_log = structlog.get_logger("ctxd.supervision")
+
+
+class ActorSystem:
+    """The actors this process runs, and (optionally) the dispatch that asks them.
+
+    Args:
+        redis: the client (bytes replies).
+        settings: worker counts, timeouts, restart and breaker settings.
+        handlers: the work the workers run.
+        serve: the kinds whose workers run here (all by default; none for a pure asker).
+        ask: whether this process asks (a mailbox reply reader and an
+            :class:`~actors.service.dispatch.ActorDispatch`).
+        clock: monotonic clock of breakers and supervisors (inject one in tests).
+        tracer: for spans; the global one by default.
+        instruments: metrics (``ctxd.actor.restarts``, breaker state), if any.
+        fault: test seam passed to every pool.
+        availability: the process's Redis monitor, shared by every loop here (one is
+            made if None): an outage is waited out, never counted as a crash.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        handlers: WorkHandlers,
+        *,
+        serve: Iterable[WorkKind] = tuple(WorkKind),
+        ask: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        tracer: Tracer | None = None,
+        instruments: Instruments | None = None,
+        fault: FaultHook | None = None,
+        availability: RedisAvailability | None = None,
+    ) -> None:
+        tracer = tracer or trace.get_tracer("ctxd.actors")
+        self.availability = availability or RedisAvailability.for_settings(redis, settings)
+        """The Redis monitor every loop of this tree reports outages to."""
+        self._count_restart = actor_restarts(instruments) if instruments is not None else None
+        self.mailbox = (
+            Mailbox(redis, settings, tracer=tracer, availability=self.availability) if ask else None
+        )
+        self.dispatch = (
+            ActorDispatch(
+                self.mailbox,
+                settings,
+                clock=clock,
+                tracer=tracer,
+                instruments=instruments,
+                availability=self.availability,
+            )
+            if self.mailbox is not None
+            else None
+        )
+        self.pools = {
+            kind: ActorPool(
+                redis,
+                settings,
+                kind,
+                handlers,
+                tracer=tracer,
+                fault=fault,
+                availability=self.availability,
+            )
+            for kind in serve
+        }
+        kind_config = SupervisorConfig(
+            strategy="one_for_one",
+            intensity=settings.restart_intensity,
+            period=settings.restart_period,
+            backoff_initial=settings.restart_backoff,
+            backoff_max=max(settings.restart_backoff, 10.0),
+        )
+        self.supervisors = {
+            kind: pool.supervisor(kind_config, on_restart=self._restarted, clock=clock)
+            for kind, pool in self.pools.items()
+        }
+        """The one_for_one supervisor of each kind served here."""
+        children: list[ChildSpec | Supervisor] = []
+        if self.mailbox is not None:
+            children.append(ChildSpec("replies", self._reply_reader))
+        children += self.supervisors.values()
+        self.root = Supervisor(
+            "ctxd",
+            children,
+            SupervisorConfig(
+                strategy="one_for_one",
+                intensity=ROOT_INTENSITY,
+                period=settings.restart_period,
+                backoff_initial=settings.restart_backoff,
+                backoff_max=max(settings.restart_backoff, 10.0),
+            ),
+            clock=clock,
+            on_restart=self._restarted,
+        )
+
+    def status(self) -> dict[str, object]:
+        """Breaker states and pool supervision figures, for the heartbeat (``ctxd status``)."""
+        pools: dict[str, object] = {}
+        for kind, supervisor in self.supervisors.items():
+            stats = supervisor.statistics()
+            pools[str(kind)] = {
+                "running": len(stats.running),
+                "restarts": sum(stats.restarts.values()),
+            }
+        breakers = dict(self.dispatch.health().breaker_states) if self.dispatch is not None else {}
+        return {"breakers": breakers, "pools": pools}
+
+    async def _reply_reader(self, task_status: TaskStatus[None]) -> None:
+        assert self.mailbox is not None
+        await self.mailbox.run(task_status=task_status)
+
+    def _restarted(self, event: RestartEvent) -> None:
+        _log.warning(
+            "actor restarted",
+            supervisor=event.supervisor,
+            child=event.child,
+            error_type=event.error_type,
+            restarts=event.restart_count,
+            backoff=round(event.backoff, 3),
+        )
+        if self._count_restart is not None:
+            self._count_restart(event)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the tree, then supervise it until cancelled.
+
+        Raises:
+            SupervisorEscalation: the root gave up (restart intensity exceeded).
+        """
+        await self.root.run(task_status=task_status)
