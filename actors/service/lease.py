@@ -16,8 +16,15 @@ from typing import Any, TypeVar
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
-__all__ = ["LeaseLostError", "Leases", "fence_check_lua", "fence_checkpoints"]
+__all__ = [
+    "LeaseLostError",
+    "Leases",
+    "fence_check_lua",
+    "fence_checkpoints",
+    "fenced_pointer_writer",
+]
 
 _S = TypeVar("_S", bound=BaseCheckpointSaver[str])
 
@@ -113,3 +120,45 @@ def fence_checkpoints(saver: _S, check: Callable[[str], Awaitable[None]]) -> _S:
     saver.aput = aput  # type: ignore[method-assign]
     saver.aput_writes = aput_writes  # type: ignore[method-assign]
     return saver
+
+
+_FENCED_POINTER = fence_check_lua(1, 1) + "return redis.call('SET', KEYS[2], ARGV[2])\n"
+"""KEYS: lease, pointer; ARGV: the run's lease value, the checkpoint key."""
+
+
+def fenced_pointer_writer(
+    tenure: Callable[[], tuple[str, str] | None],
+) -> Callable[[Redis, str, str], Awaitable[object]]:
+    """A checkpoint pointer writer (:data:`graph.checkpointer.PointerWriter`) fenced by
+    the lease the current run holds.
+
+    :func:`fence_checkpoints` checks the lease before a write, but a process can pause
+    between that check and the write (SIGSTOP, a long GC, a VM freeze) and lose its lease
+    meanwhile. The pointer is what makes a checkpoint the workflow's state, so its write
+    and the lease check are one script: a zombie's checkpoint may land, unreferenced, but
+    never becomes what the next run starts from.
+
+    Args:
+        tenure: the ``(lease key, lease value)`` the current graph run was started under,
+            or None outside a run (commands, tests), whose writes are not fenced.
+    """
+    holder: dict[int, Any] = {}
+
+    async def write(redis: Redis, pointer_key: str, checkpoint_key: str) -> object:
+        run = tenure()
+        if run is None:
+            return await redis.set(pointer_key, checkpoint_key)
+        script = holder.get(id(redis))
+        if script is None:
+            script = holder[id(redis)] = redis.register_script(_FENCED_POINTER)
+        lease_key, lease_value = run
+        try:
+            return await script(keys=[lease_key, pointer_key], args=[lease_value, checkpoint_key])
+        except ResponseError as exc:
+            if "FENCED" in str(exc):
+                raise LeaseLostError(
+                    f"checkpoint of {pointer_key!r} refused: lease {lease_key!r} was lost"
+                ) from None
+            raise
+
+    return write
