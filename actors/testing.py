@@ -8,6 +8,9 @@
   running ctxd wrote to ``ctxd:out`` and the DLQ, waiting on ``XREAD BLOCK`` (Redis says
   when an entry arrives) rather than sleeping; :func:`aread_entries` is the async form
   for tests that run ctxd in their own event loop.
+* :func:`check_history`: after a run with faults (kills, restarts, outages), check
+  ctxd's guarantees Jepsen-style: every input came out once (an output or a dead
+  letter), none twice, and each workflow's outputs in input order.
 
 Entries come back decoded, as ``(entry_id, {field: value})`` with text names and values,
 whether the client decodes responses or not.
@@ -16,6 +19,9 @@ whether the client decodes responses or not.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import anyio
@@ -26,8 +32,10 @@ from redis.asyncio import Redis as AsyncRedis
 __all__ = [
     "FakeClock",
     "FakeSleep",
+    "HistoryVerdict",
     "StreamEntry",
     "aread_entries",
+    "check_history",
     "read_dead_letters",
     "read_entries",
     "wait_for_output",
@@ -194,3 +202,53 @@ async def aread_entries(
                 entries.extend(_decoded(new))
                 last = entries[-1][0]
     return entries
+
+
+@dataclass(frozen=True)
+class HistoryVerdict:
+    """What :func:`check_history` found; each list holds event ids.
+
+    Attributes:
+        lost: inputs with neither an output nor a dead letter.
+        duplicated: events that came out more than once (outputs and dead letters).
+        reordered: outputs that came before an earlier input of their workflow.
+    """
+
+    lost: list[str]
+    duplicated: list[str]
+    reordered: list[str]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was lost, duplicated or reordered."""
+        return not (self.lost or self.duplicated or self.reordered)
+
+
+def check_history(
+    inputs: Sequence[tuple[str, str]],
+    outputs: Sequence[tuple[str, str]],
+    dead: Sequence[str],
+) -> HistoryVerdict:
+    """Check a run's history against ctxd's delivery guarantees.
+
+    Args:
+        inputs: ``(workflow_id, event_id)`` in the order they were appended to ``ctxd:in``.
+        outputs: ``(workflow_id, event_id)`` in ``ctxd:out`` order.
+        dead: the event ids in the DLQ.
+    """
+    seen: dict[str, int] = defaultdict(int)
+    for _, event_id in outputs:
+        seen[event_id] += 1
+    for event_id in dead:
+        seen[event_id] += 1
+    position = {event_id: i for i, (_, event_id) in enumerate(inputs)}
+    lost = [e for _, e in inputs if seen[e] == 0]
+    duplicated = sorted(e for e, count in seen.items() if count > 1)
+    reordered: list[str] = []
+    last: dict[str, int] = {}
+    for workflow_id, event_id in outputs:
+        here = position.get(event_id, -1)
+        if here < last.get(workflow_id, -1):
+            reordered.append(event_id)
+        last[workflow_id] = max(here, last.get(workflow_id, -1))
+    return HistoryVerdict(lost=lost, duplicated=duplicated, reordered=reordered)
