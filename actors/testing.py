@@ -171,10 +171,8 @@ def wait_for_output(
         for new in _replies(reply):
             for entry_id, fields in _decoded(new):
                 last, seen = entry_id, seen + 1
-                if fields.get("event_id") == event_id and workflow_id in (
-                    None,
-                    fields.get("workflow_id"),
-                ):
+                same_workflow = workflow_id is None or fields.get("workflow_id") == workflow_id
+                if fields.get("event_id") == event_id and same_workflow:
                     return fields
         if remaining <= 0:
             raise TimeoutError(
