@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from redis import Redis
-
-from actors.testing import read_entries
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,9 +46,23 @@ def read_outputs(
 ) -> list[tuple[str, dict[str, str]]]:
     """Block until ``stream`` holds at least ``count`` entries (or the timeout), return all.
 
-    :func:`actors.testing.read_entries` (shipped for users) with the suite's time-out in ms.
+    Entries come back as the client answers them (bytes from a raw client), which the
+    hostile-input tests need; :func:`actors.testing.read_entries`, shipped for users,
+    decodes them. Waits on XREAD BLOCK, i.e. on Redis telling us an entry arrived.
     """
-    return read_entries(redis, stream, count, within=timeout_ms / 1000)
+    deadline = time.monotonic() + timeout_ms / 1000
+    entries: list[tuple[str, dict[str, str]]] = list(redis.xrange(stream))
+    last = entries[-1][0] if entries else "0-0"
+    while len(entries) < count:
+        remaining = int((deadline - time.monotonic()) * 1000)
+        if remaining <= 0:
+            break
+        # Short blocks: the test clients have a socket timeout (a hung Redis fails fast).
+        reply = redis.xread({stream: last}, block=min(remaining, 1000), count=1000)
+        for _, new in reply or []:
+            entries.extend(new)
+            last = new[-1][0]
+    return entries
 
 
 class ServiceProcess:
