@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import anyio
@@ -81,7 +81,11 @@ class ScriptedGraph:
 
 @dataclass
 class Harness:
-    """One partition owned by the test, and the processor under test."""
+    """One partition owned by the test, and the processor under test.
+
+    The one place that knows how a BatchProcessor is built, called and interrupted, and
+    where it counts; the tests speak only through it and Redis.
+    """
 
     redis: Redis
     settings: Settings
@@ -122,9 +126,18 @@ class Harness:
             for i, f in raw
         ]
 
-    async def process(self, batch: list[PendingEntry], wf: WorkflowQueue | None = None) -> Outcome:
+    workflow: WorkflowQueue = field(default_factory=WorkflowQueue)
+
+    async def process(self, batch: list[PendingEntry]) -> Outcome:
         with anyio.fail_after(10):
-            return await self.processor.process(WORKFLOW, wf or WorkflowQueue(), batch)
+            return await self.processor.process(WORKFLOW, self.workflow, batch)
+
+    def interrupt(self) -> list[str]:
+        """Cancel the running batch as the ingress does for a newer event; its entry ids."""
+        running = [p.entry_id for p in self.workflow.running]
+        assert self.workflow.scope is not None
+        self.workflow.scope.cancel()
+        return running
 
     async def outputs(self) -> list[dict[str, str]]:
         return [f for _, f in await aread_entries(self.redis, self.settings.output_stream, 0)]
@@ -260,19 +273,16 @@ async def test_an_interrupted_run_commits_an_interrupted_output(harness: Harness
     h = harness
     batch = await h.entries("a")
     h.graph.mode = "hang"
-    wf = WorkflowQueue()
     outcome: list[Outcome] = []
 
     async def run() -> None:
-        outcome.append(await h.process(batch, wf))
+        outcome.append(await h.process(batch))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
         with anyio.fail_after(10):
             await h.graph.started.wait()
-        assert [p.entry_id for p in wf.running] == [batch[0].entry_id]
-        assert wf.scope is not None
-        wf.scope.cancel()
+        assert h.interrupt() == [batch[0].entry_id]
     assert outcome == ["done"]
     [output] = await h.outputs()
     assert (output["event_id"], output["status"]) == ("a", "error")
