@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.service.tree import ActorSystem
+from actors.testing import aread_entries
 
 
 def actor_settings(settings: Settings, **changes: object) -> Settings:
@@ -43,20 +44,8 @@ async def open_redis(settings: Settings) -> AsyncIterator[Redis]:
 async def read_stream(
     redis: Redis, stream: str, count: int, *, within: float = 60.0
 ) -> list[tuple[str, dict[str, str]]]:
-    """Wait until ``stream`` holds ``count`` entries (or ``within`` seconds pass).
+    """Wait until ``stream`` holds ``count`` entries (or ``within`` seconds pass), decoded.
 
-    XREAD BLOCK on the async client, so the event loop keeps running; entries decoded.
+    :func:`actors.testing.aread_entries` (shipped for users) with the suite's default wait.
     """
-
-    def decoded(raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[str, dict[str, str]]]:
-        return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in raw]
-
-    entries = decoded(await redis.xrange(stream))
-    last = entries[-1][0] if entries else "0-0"
-    with anyio.move_on_after(within):
-        while len(entries) < count:
-            reply = await redis.xread({stream: last}, block=1000, count=1000)
-            for _, new in reply or []:
-                entries.extend(decoded(new))
-                last = entries[-1][0]
-    return entries
+    return await aread_entries(redis, stream, count, within=within)

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from history import check_history
 from redis import Redis
 from redis_helpers import free_port, start_redis
 
+from actors.testing import check_history
 from tests_support import ServiceProcess, read_outputs, run_ctxd
 
 RECOVERY_BOUND = 20.0

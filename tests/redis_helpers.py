@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from actors.app.redis_server import _distribution, _prepared_env
+from actors.app.redis_server import locate_redis_stack
 
 
 def free_port() -> int:
@@ -17,23 +17,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_redis(data_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+def start_redis(
+    data_dir: Path, port: int, *extra: str, modules: bool = True
+) -> subprocess.Popen[bytes]:
     """Start Redis Stack (RedisJSON + RediSearch, AOF everysec) and wait until it is ready.
 
-    Readiness is the server's own "Ready to accept connections" log line.
+    ``modules=False`` starts it without RedisJSON and RediSearch. Readiness is the
+    server's own "Ready to accept connections" log line.
     """
-    dist = _distribution()
+    stack = locate_redis_stack()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "redis.log"
     log.write_text("")
-    args = [
-        str(dist.server), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
+    args = stack.command(
+        "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
         "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
         "--logfile", str(log), *extra,
-    ]  # fmt: skip
-    for module in dist.modules:
-        args += ["--loadmodule", str(module)]
-    proc = subprocess.Popen(args, env=_prepared_env(dist), stdout=subprocess.DEVNULL)
+        modules=modules,
+    )  # fmt: skip
+    proc = subprocess.Popen(args, env=dict(stack.env), stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while "Ready to accept connections" not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -46,7 +46,9 @@ def read_outputs(
 ) -> list[tuple[str, dict[str, str]]]:
     """Block until ``stream`` holds at least ``count`` entries (or the timeout), return all.
 
-    Waits on XREAD BLOCK, i.e. on Redis telling us an entry arrived, not on a sleep.
+    Entries come back as the client answers them (bytes from a raw client), which the
+    hostile-input tests need; :func:`actors.testing.read_entries`, shipped for users,
+    decodes them. Waits on XREAD BLOCK, i.e. on Redis telling us an entry arrived.
     """
     deadline = time.monotonic() + timeout_ms / 1000
     entries: list[tuple[str, dict[str, str]]] = list(redis.xrange(stream))

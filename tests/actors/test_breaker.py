@@ -19,23 +19,11 @@ from actors.runtime.breaker import (
     CallNotPermittedError,
     CircuitBreaker,
 )
+from actors.testing import FakeClock
 from graph.errors import ConfigError, InvalidEntryError
 
 CLOSED, OPEN = BreakerState.CLOSED, BreakerState.OPEN
 HALF_OPEN, FORCED_OPEN = BreakerState.HALF_OPEN, BreakerState.FORCED_OPEN
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make(

@@ -17,10 +17,10 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import pytest
-from history import check_history
 from redis import Redis
 
 from actors.config import Settings
+from actors.testing import check_history
 from graph.checkpointer import open_checkpointer
 from graph.work import LocalDispatch
 from graph.workflow import build_contextual_workflow, thread_config

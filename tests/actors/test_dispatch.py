@@ -18,6 +18,7 @@ from actors.runtime.mailbox import ActorError, mailbox_stream
 from actors.service.ingress import Ingress
 from actors.service.partitions import partition_stream
 from actors.service.tree import ActorSystem
+from actors.testing import FakeClock
 from graph.analysis import AnalysisRequest, AnalysisResult, heuristic_analyzer
 from graph.checkpointer import open_checkpointer
 from graph.state import JSON
@@ -27,14 +28,6 @@ from telemetry.testing import capture_metrics, capture_spans
 
 WINDOW: dict[str, JSON] = {"workflow_id": "w", "window": ["the cache hit rate fell"]}
 FALLBACKS = {"fallback_processing", "circuit_breaker_mode"}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Switch:

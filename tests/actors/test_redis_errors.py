@@ -159,7 +159,7 @@ def test_an_unexpected_traceback_holds_no_password(
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
     parser.set_defaults(handler=boom)
-    monkeypatch.setattr(cli, "_parser", lambda: parser)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
     assert cli.main([]) == 1
     err = capsys.readouterr().err
     assert "RuntimeError: unexpected *** and ***" in err

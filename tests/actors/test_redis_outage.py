@@ -2,7 +2,7 @@
 
 Each test starts its own Redis Stack (AOF on) on a free port, takes it away (SIGKILL,
 or a graceful shutdown) and starts it again on the same port and data directory. The
-service processes are real subprocesses; the verdict is tests/history.check_history
+service processes are real subprocesses; the verdict is actors.testing.check_history
 (0 lost, 0 duplicated, 0 reordered), the processes never exit, each outage shows as
 one "unavailable" and one "available again" log line per process, output resumes
 within a few seconds of Redis coming back, and `ctxd status` reports the outage.

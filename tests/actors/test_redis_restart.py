@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from history import check_history
 from redis import Redis
 from redis_helpers import free_port, start_redis
 
+from actors.testing import check_history
 from tests_support import ServiceProcess, read_outputs
 
 pytestmark = pytest.mark.slow

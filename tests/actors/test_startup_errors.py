@@ -7,7 +7,6 @@ stderr naming the cause, no traceback, no part of the password.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import signal
 import socket
@@ -17,7 +16,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-import redis_helpers
 from redis import Redis
 from redis_helpers import free_port, start_redis, start_tls_redis
 
@@ -113,16 +111,10 @@ def test_wrong_password_is_an_authentication_failure(
         _one_line(run_ctxd(env, *args), "authentication failed", repr(user))
 
 
-def test_missing_modules_are_named(
-    tmp_path: Path, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_modules_are_named(tmp_path: Path, prefix: str) -> None:
     """A Redis Stack server started without --loadmodule: RedisJSON and RediSearch missing."""
-    real = redis_helpers._distribution()
-    monkeypatch.setattr(
-        redis_helpers, "_distribution", lambda: dataclasses.replace(real, modules=())
-    )
     port = free_port()
-    server = start_redis(tmp_path / "bare", port)
+    server = start_redis(tmp_path / "bare", port, modules=False)
     try:
         env = _env(f"redis://127.0.0.1:{port}/0", prefix, tmp_path)
         for args in (["run"], ["state", "wf"]):

@@ -22,31 +22,11 @@ from actors.runtime.supervisor import (
     SupervisorConfig,
     SupervisorEscalation,
 )
+from actors.testing import FakeClock, FakeSleep
 from graph.errors import ConfigError
 
 HANG_GUARD = 5.0
 NO_JITTER = SupervisorConfig(jitter=0.0)
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to (or when FakeSleep sleeps)."""
-
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeSleep:
-    """Records each backoff and returns at once (after a checkpoint)."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        await anyio.lowlevel.checkpoint()
 
 
 class Worker:

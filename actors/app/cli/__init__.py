@@ -1,6 +1,6 @@
 """The ``ctxd`` command line: the root parser and the error policy of every command.
 
-Each command lives in its own ``actors/cmd_*.py`` module, which registers its parser
+Each command lives in its own ``actors/app/cli/*.py`` module, which registers its parser
 and handler. Configuration comes from ``CTXD_*`` variables and an optional TOML file
 (``--config``); a bad value ends the command with exit code 2 and one line saying what
 to fix; any other ctxd or Redis failure exits 1, a Redis failure with one line naming
@@ -28,7 +28,7 @@ from actors.runtime.redis_errors import (
 from graph.errors import CtxdError
 from telemetry.logging import register_secrets, scrub_secrets
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 _EXIT_CONFIG = 2
 _EXIT_FATAL = 1
@@ -54,7 +54,12 @@ RediSearch (data in CTXD_STATE_DIR) and the other commands use it.
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ctxd`` parser with every command registered; :func:`main` parses with it.
+
+    Public so tools can render the commands' help, and tests can hand :func:`main` a
+    parser of their own to check its error policy on any failure.
+    """
     parser = argparse.ArgumentParser(
         prog="ctxd", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -67,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ctxd`` console script."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     url: str | None = None
     try:
         settings = load_settings(config_file=args.config)
