@@ -343,8 +343,9 @@ def _load_json(raw: str, *, what: str) -> object:
         ) from None
     marker = _serializer_marker(value, "")
     if marker is not None:
+        where = repr(marker[:_MESSAGE_VALUE_MAX]) if marker else "its top"
         raise _JSONRejected(
-            f"{what} holds an object at {marker[:_MESSAGE_VALUE_MAX] or 'its top'} shaped like "
+            f"{what} holds an object at {where} shaped like "
             "a checkpoint serializer marker (a LangChain lc envelope or a __send__/__interrupt__/"
             "__delta_snapshot__/__bytes__ key), which the checkpoint store would read back "
             "as something else: rename its keys"

@@ -43,7 +43,7 @@ META_NOT_JSON = (
     "metadata is not valid JSON (Expecting property name enclosed in double quotes at 1)"
 )
 MARKER = (
-    "metadata holds an object at a shaped like a checkpoint serializer marker (a LangChain lc "
+    "metadata holds an object at 'a' shaped like a checkpoint serializer marker (a LangChain lc "
     "envelope or a __send__/__interrupt__/__delta_snapshot__/__bytes__ key), which the "
     "checkpoint store would read back as something else: rename its keys"
 )
