@@ -41,7 +41,6 @@ from actors.service.streams import (
 )
 from actors.service.validation import Event, decode_fields, parse_event
 from graph.errors import CtxdError, InvalidEntryError
-from graph.features import AnalyzerPolicy
 from graph.history import fork_checkpoint
 from graph.recovery import StateRecovery, load_checked_state
 from graph.state import JSON, outbox_result
@@ -140,7 +139,7 @@ class WorkflowRunner:
         self._redis = redis
         self._settings = settings
         self._graph = graph
-        self._budget = AnalyzerPolicy.from_mapping(settings.analyzer_policy).iteration_budget
+        self._budget = settings.analyzer_policy.iteration_budget
         self._committer = committer or OutputCommitter.from_settings(redis, settings)
         self._replay_commit = redis.register_script(_REPLAY_COMMIT_LUA)
 
@@ -247,7 +246,7 @@ class _Run:
             self.workflow_id,
             [self.state_of(e) for e, _ in segment],
             base_checkpoint_id=self.checkpoint_id,
-            durability=self.r._settings.durability,  # type: ignore[arg-type]
+            durability=self.r._settings.durability,
             iteration_budget=self.r._budget,
         )
         self._absorb(run)
@@ -332,7 +331,7 @@ class _Run:
             self.workflow_id,
             event.value,
             control_event_id=event.event_id,
-            durability=self.r._settings.durability,  # type: ignore[arg-type]
+            durability=self.r._settings.durability,
             iteration_budget=self.r._budget,
         )
         self.paused = False
@@ -491,7 +490,7 @@ class _Run:
                 self.workflow_id,
                 [self.state_of(event)],
                 base_checkpoint_id=self.checkpoint_id,
-                durability=settings.durability,  # type: ignore[arg-type]
+                durability=settings.durability,
                 iteration_budget=self.r._budget,
             )
             self._absorb(run)
