@@ -42,6 +42,7 @@ from actors.service.streams import (
 from actors.service.validation import Event, decode_fields, parse_event
 from graph.errors import CtxdError, InvalidEntryError
 from graph.history import fork_checkpoint
+from graph.json_values import as_object, as_objects
 from graph.recovery import StateRecovery, load_checked_state
 from graph.state import JSON, outbox_result
 from graph.workflow import (
@@ -342,12 +343,13 @@ class _Run:
     async def _earlier_resume(self, event: Event) -> dict[str, JSON] | None:
         snapshot = await self.graph.aget_state(thread_config(self.workflow_id))
         values: Mapping[str, JSON] = snapshot.values or {}
-        for record in reversed(list(values.get("decisions") or [])):
+        for record in reversed(as_objects(values.get("decisions"))):
             resolution = record.get("resolution")
             if isinstance(resolution, dict) and (
                 resolution.get("control_event_id") == event.event_id
             ):
-                resumed = outbox_result(values.get("outbox"), str(record.get("event_id"))) or {}
+                outbox = as_object(values.get("outbox"))
+                resumed = outbox_result(outbox, str(record.get("event_id"))) or {}
                 return self._control_result(event, str(resumed.get("status", "ok")), resumed)
         return None
 
