@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import cast
 
 import anyio
 from redis.asyncio import Redis
@@ -15,7 +16,7 @@ from actors.service.tree import ActorSystem
 
 def actor_settings(settings: Settings, **changes: object) -> Settings:
     """Small, fast settings for actor tests."""
-    base = {"actor_workers": 2, "ask_timeout": 5.0, "restart_backoff": 0.0}
+    base: dict[str, object] = {"actor_workers": 2, "ask_timeout": 5.0, "restart_backoff": 0.0}
     base.update(changes)
     return replace(settings, **base)  # type: ignore[arg-type]
 
@@ -51,11 +52,15 @@ async def read_stream(
     def decoded(raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[str, dict[str, str]]]:
         return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in raw]
 
-    entries = decoded(await redis.xrange(stream))
+    # A bytes client: ids and fields are bytes (redis-py's stubs cannot say so).
+    entries = decoded(cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(stream)))
     last = entries[-1][0] if entries else "0-0"
     with anyio.move_on_after(within):
         while len(entries) < count:
-            reply = await redis.xread({stream: last}, block=1000, count=1000)
+            reply = cast(
+                list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
+                await redis.xread({stream: last}, block=1000, count=1000),
+            )
             for _, new in reply or []:
                 entries.extend(decoded(new))
                 last = entries[-1][0]
