@@ -13,6 +13,18 @@ from redis.asyncio import Redis
 from actors.config import Settings
 from actors.service.tree import ActorSystem
 
+RawEntries = list[tuple[bytes, dict[bytes, bytes]]]
+"""XRANGE on a bytes client (redis-py's stubs cannot say which client decodes)."""
+
+RawRead = list[tuple[bytes, RawEntries]]
+"""XREAD on a bytes client: per stream, its entries."""
+
+TextEntries = list[tuple[str, dict[str, str]]]
+"""XRANGE on a decoding client."""
+
+TextRead = list[tuple[str, TextEntries]]
+"""XREAD on a decoding client."""
+
 
 def actor_settings(settings: Settings, **changes: object) -> Settings:
     """Small, fast settings for actor tests."""
@@ -49,18 +61,15 @@ async def read_stream(
     XREAD BLOCK on the async client, so the event loop keeps running; entries decoded.
     """
 
-    def decoded(raw: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[str, dict[str, str]]]:
+    def decoded(raw: RawEntries) -> TextEntries:
         return [(i.decode(), {k.decode(): v.decode() for k, v in f.items()}) for i, f in raw]
 
     # A bytes client: ids and fields are bytes (redis-py's stubs cannot say so).
-    entries = decoded(cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(stream)))
+    entries = decoded(cast(RawEntries, await redis.xrange(stream)))
     last = entries[-1][0] if entries else "0-0"
     with anyio.move_on_after(within):
         while len(entries) < count:
-            reply = cast(
-                list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
-                await redis.xread({stream: last}, block=1000, count=1000),
-            )
+            reply = cast(RawRead | None, await redis.xread({stream: last}, block=1000, count=1000))
             for _, new in reply or []:
                 entries.extend(decoded(new))
                 last = entries[-1][0]
