@@ -8,9 +8,9 @@ answered and acknowledged together (reply ``XADD`` + ``XACK`` + ``XDEL`` in one
 ``MULTI``), so a worker that crashes mid-message leaves it pending and its restarted
 self handles it. A handler that raises is not a crash: the asker gets an error reply.
 The one exception is a :class:`~graph.errors.PluginError` (the analyzer plug-in raised
-a ``BaseException``):
-the worker crashes and is restarted, the request stays pending, and why it crashed is
-kept (``{mailbox}:crashes``) for its DLQ entry should it become poison.
+a ``BaseException``): the worker crashes and is restarted, the request stays pending,
+and why it crashed is kept (``{mailbox}:crashes``) for its DLQ entry should it become
+poison.
 
 A reclaimer per pool (consumer ``{instance}:{kind}:reclaim``) takes over entries idle
 longer than twice the ask timeout with ``XAUTOCLAIM`` (never ``JUSTID``: the delivery
