@@ -21,15 +21,45 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 from actors.runtime.redis_errors import check_redis_url
 from graph.errors import ConfigError
+from graph.features import AnalyzerPolicy
+from graph.routing import RoutingConfig
 
-__all__ = ["Settings", "load_settings"]
+__all__ = [
+    "CheckpointerName",
+    "DispatchMode",
+    "DurabilityMode",
+    "LogFormat",
+    "LogLevel",
+    "MultitaskPolicy",
+    "Settings",
+    "load_settings",
+]
 
 _T = TypeVar("_T")
+_C = TypeVar("_C", bound=str)
 _ENV_PREFIX = "CTXD_"
+
+CheckpointerName = Literal["redis", "memory", "postgres"]
+"""``CTXD_CHECKPOINTER``: where workflow state is kept."""
+
+DurabilityMode = Literal["sync", "async", "exit"]
+"""``CTXD_DURABILITY``: LangGraph's durability mode (``langgraph.types.Durability``)."""
+
+MultitaskPolicy = Literal["enqueue", "reject", "interrupt", "rollback"]
+"""``CTXD_MULTITASK``: what an event for a busy workflow does."""
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+"""``CTXD_LOG_LEVEL``."""
+
+LogFormat = Literal["auto", "json", "console"]
+"""``CTXD_LOG_FORMAT``: JSON lines, console, or by whether stderr is a terminal."""
+
+DispatchMode = Literal["actors", "local"]
+"""``CTXD_DISPATCH``: work through the actor mailboxes, or in-process."""
 
 
 def _default_state_dir() -> Path:
@@ -41,7 +71,9 @@ def _default_state_dir() -> Path:
 class Settings:
     """Everything the daemon and the CLI need to know, validated.
 
-    Attributes mirror the ``CTXD_*`` variables (``redis_url`` ↔ ``CTXD_REDIS_URL``).
+    Attributes mirror the ``CTXD_*`` variables (``redis_url`` ↔ ``CTXD_REDIS_URL``);
+    ``routing`` and ``analyzer_policy`` are the config file's ``[routing]`` and
+    ``[analyzer]`` tables, parsed and validated when the settings are loaded.
     """
 
     redis_url: str | None = None
@@ -51,9 +83,9 @@ class Settings:
     stream_prefix: str = "ctxd"
     group: str = "ctxd"
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    checkpointer: str = "redis"
+    checkpointer: CheckpointerName = "redis"
     postgres_url: str | None = None
-    durability: str = "exit"
+    durability: DurabilityMode = "exit"
     concurrency: int = 16
     batch_size: int = 128
     read_count: int = 128
@@ -73,15 +105,15 @@ class Settings:
     parked_maxlen: int = 10_000
     partitions: int = 16
     lease_ttl: float = 10.0
-    multitask: str = "enqueue"
+    multitask: MultitaskPolicy = "enqueue"
     drain_budget: float = 20.0
     trim_interval: float = 60.0
     wait_aof: bool = False
     analyzer: str = "graph.analysis:heuristic_analyzer"
     escalation_pauses: bool = False
-    log_level: str = "info"
-    log_format: str = "auto"
-    dispatch: str = "actors"
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "auto"
+    dispatch: DispatchMode = "actors"
     ask_timeout: float = 10.0
     actor_workers: int = 2
     actor_read_count: int = 16
@@ -94,8 +126,8 @@ class Settings:
     restart_intensity: int = 5
     restart_period: float = 30.0
     restart_backoff: float = 0.2
-    routing: Mapping[str, object] = field(default_factory=dict)
-    analyzer_policy: Mapping[str, object] = field(default_factory=dict)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    analyzer_policy: AnalyzerPolicy = field(default_factory=AnalyzerPolicy)
 
     @property
     def input_stream(self) -> str:
@@ -180,16 +212,25 @@ def _parse_fraction(name: str, raw: object) -> float:
     return value
 
 
-def _parse_choice(*choices: str) -> Callable[[str, object], str]:
-    def parse(name: str, raw: object) -> str:
+def _parse_choice(choices: tuple[_C, ...]) -> Callable[[str, object], _C]:
+    """A parser of one of ``choices`` (a ``Literal``'s arguments), returning that Literal."""
+
+    def parse(name: str, raw: object) -> _C:
         value = str(raw).strip().lower()
-        if value not in choices:
-            raise ConfigError(
-                f"{name}={raw!r} is not allowed: expected one of {', '.join(choices)}"
-            )
-        return value
+        for choice in choices:
+            if value == choice:
+                return choice
+        raise ConfigError(f"{name}={raw!r} is not allowed: expected one of {', '.join(choices)}")
 
     return parse
+
+
+_CHECKPOINTERS: tuple[CheckpointerName, ...] = get_args(CheckpointerName)
+_DURABILITIES: tuple[DurabilityMode, ...] = get_args(DurabilityMode)
+_MULTITASK_POLICIES: tuple[MultitaskPolicy, ...] = get_args(MultitaskPolicy)
+_LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+_LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
+_DISPATCH_MODES: tuple[DispatchMode, ...] = get_args(DispatchMode)
 
 
 def _parse_bool(name: str, raw: object) -> bool:
@@ -254,9 +295,9 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "stream_prefix": _parse_name,
     "group": _parse_name,
     "instance": _parse_name,
-    "checkpointer": _parse_choice("redis", "memory", "postgres"),
+    "checkpointer": _parse_choice(_CHECKPOINTERS),
     "postgres_url": _parse_url("postgresql", "postgres"),
-    "durability": _parse_choice("sync", "async", "exit"),
+    "durability": _parse_choice(_DURABILITIES),
     "concurrency": _parse_int(1, 4096),
     "batch_size": _parse_int(1, 1000),
     "read_count": _parse_int(1, 10000),
@@ -276,15 +317,15 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "parked_maxlen": _parse_int_or_off(1),
     "partitions": _parse_int(1, 1024),
     "lease_ttl": _parse_float(0.5),
-    "multitask": _parse_choice("enqueue", "reject", "interrupt", "rollback"),
+    "multitask": _parse_choice(_MULTITASK_POLICIES),
     "drain_budget": _parse_float(0.0),
     "trim_interval": _parse_float(0.0),
     "wait_aof": _parse_bool,
     "analyzer": _parse_text,
     "escalation_pauses": _parse_bool,
-    "log_level": _parse_choice("debug", "info", "warning", "error"),
-    "log_format": _parse_choice("auto", "json", "console"),
-    "dispatch": _parse_choice("actors", "local"),
+    "log_level": _parse_choice(_LOG_LEVELS),
+    "log_format": _parse_choice(_LOG_FORMATS),
+    "dispatch": _parse_choice(_DISPATCH_MODES),
     "ask_timeout": _parse_float(0.05),
     "actor_workers": _parse_int(1, 256),
     "actor_read_count": _parse_int(1, 1000),
@@ -308,6 +349,13 @@ def _read_toml(path: Path) -> dict[str, object]:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+
+
+def _table(document: Mapping[str, object], section: str) -> Mapping[str, object]:
+    table = document.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file: [{section}] must be a table")
+    return table
 
 
 def load_settings(
@@ -338,11 +386,10 @@ def load_settings(
                 f"config file {str(config_file)!r} has unknown table(s) {unknown_tables}: "
                 "expected [ctxd], [routing] and [analyzer]"
             )
-        for section, attribute in (("routing", "routing"), ("analyzer", "analyzer_policy")):
-            table = document.get(section, {})
-            if not isinstance(table, dict):
-                raise ConfigError(f"config file: [{section}] must be a table")
-            values[attribute] = table
+        # Parsed here, once: a bad [routing] or [analyzer] value stops start-up like
+        # any other setting, and every user gets the typed record.
+        values["routing"] = RoutingConfig.from_mapping(_table(document, "routing"))
+        values["analyzer_policy"] = AnalyzerPolicy.from_mapping(_table(document, "analyzer"))
         table = document.get("ctxd", {})
         if not isinstance(table, dict):
             raise ConfigError("config file: [ctxd] must be a table")

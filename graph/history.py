@@ -83,7 +83,8 @@ class CheckpointInfo:
 def _checkpoint_id(config: Mapping[str, JSON] | None) -> str | None:
     if not config:
         return None
-    value = config.get("configurable", {}).get("checkpoint_id")
+    configurable = config.get("configurable")
+    value = configurable.get("checkpoint_id") if isinstance(configurable, dict) else None
     return str(value) if value else None
 
 

@@ -25,12 +25,28 @@ from graph.features import (
     choose_route,
     context_drift,
 )
+from graph.json_values import as_float, as_int, as_list, as_object, as_objects, as_str, is_object
+from graph.payloads import (
+    AnalysisPayload,
+    DecisionContext,
+    DecisionReply,
+    MonitoringPayload,
+    ResearchPayload,
+    as_json,
+)
 from graph.quality import quality_score
 from graph.research import needs_research
 from graph.routing import RoutingDecision
 from graph.state import INTEGRITY_FIELDS, JSON, ContextState, integrity_hash
 from graph.tracing import begin_event, record_route
-from graph.work import Dispatch, WorkKind
+from graph.work import (
+    Dispatch,
+    request_analysis,
+    request_decision,
+    request_health,
+    request_research,
+    request_summary,
+)
 
 __all__ = ["RESEARCH_WORKERS", "ContextualNodes", "event_status", "summarize_errors"]
 
@@ -149,22 +165,22 @@ def _event_analyzed(view: _State) -> bool:
     Events taken before this flag existed (a paused event in an older checkpoint) count
     as analysed unless an analysis error was recorded for them.
     """
-    event = view.get("event") or {}
+    event = as_object(view.get("event"))
     if "analyzed" in event:
         return bool(event["analyzed"])
-    return not any(e.get("kind") == "analysis" for e in view.get("errors") or [])
+    return not any(e.get("kind") == "analysis" for e in as_objects(view.get("errors")))
 
 
 def _event_quality(view: _State) -> float:
     """The quality of the event's analysis: 0 when none of its analyses succeeded (the
     stored ``analysis`` is then an older window's, and its quality is not this event's)."""
-    return float(view.get("quality") or 0.0) if _event_analyzed(view) else 0.0
+    return as_float(view.get("quality")) if _event_analyzed(view) else 0.0
 
 
 def _step_errors(view: _State) -> list[dict[str, JSON]]:
     """The event's failed steps: recorded errors, then failed research workers."""
-    failed: list[dict[str, JSON]] = list(view.get("errors") or [])
-    for domain, finding in sorted((view.get("research") or {}).items()):
+    failed = as_objects(view.get("errors"))
+    for domain, finding in sorted(as_object(view.get("research")).items()):
         if isinstance(finding, str) and finding.startswith(_RESEARCH_UNAVAILABLE):
             kind, _, message = finding.removeprefix(_RESEARCH_UNAVAILABLE).partition(": ")
             failed.append({"kind": f"research.{domain}", "type": kind, "message": message})
@@ -183,7 +199,7 @@ def _resolved(record: Mapping[str, JSON], answer: JSON) -> dict[str, JSON]:
     if isinstance(answer, dict):
         value = answer.get("value")
         override = value.get("decision") if isinstance(value, dict) else None
-        if override in {str(d) for d in RoutingDecision}:
+        if isinstance(override, str) and override in {str(d) for d in RoutingDecision}:
             resolved.update(decision=override, reason="human")
     return resolved
 
@@ -214,23 +230,23 @@ class ContextualNodes:
     async def _context_analyzer(self, state: ContextState) -> dict[str, JSON]:
         changes: dict[str, JSON] = {}
         view: ChainMap[str, JSON] = ChainMap(changes, cast(dict[str, JSON], state))
-        outbox: dict[str, JSON] = dict(view.get("outbox") or {})
+        outbox = as_object(view.get("outbox"))
         while True:
             if view.get("event") is None:
-                inbox = list(view.get("inbox") or [])
+                inbox = as_objects(view.get("inbox"))
                 if not inbox:
                     changes["next_route"] = AnalyzerRoute.PROCESSING_COMPLETE.value
                     return changes
                 event = inbox.pop(0)
-                changes["inbox"] = inbox
+                changes["inbox"] = list[JSON](inbox)
                 if str(event["event_id"]) in outbox:
                     continue  # a redelivered event whose result is already durable
                 begin_event(event)  # node spans from here on belong to this event's trace
                 self._take_event(event, view, changes)
             if view.get("analysis_stale"):
                 await self._analyze(view, changes, pass_number=0)
-            changes["iteration"] = int(view.get("iteration") or 0) + 1
-            changes["route"] = [*view.get("route", []), "context_analyzer"]
+            changes["iteration"] = as_int(view.get("iteration")) + 1
+            changes["route"] = [*as_list(view.get("route")), "context_analyzer"]
             choice = choose_route(self._features(view), self._policy)
             self._trace_route(view, choice.route.value, choice.reason)
             changes["route_reason"] = choice.reason
@@ -239,12 +255,12 @@ class ContextualNodes:
                 return changes
             # One JSON string per result: the checkpoint serializer walks every nested
             # value, and the outbox was most of the state (docs/performance.md).
-            outbox[str(view["event"]["event_id"])] = json.dumps(
+            outbox[str(as_object(view["event"])["event_id"])] = json.dumps(
                 self._result(view, choice.budget_exhausted), separators=(",", ":")
             )
             # Never evict a result the ingress has yet to read: this run's, and on a
             # redelivery the previous run's (the newest 2 x run_size entries hold both).
-            kept = max(_OUTBOX_KEPT, 2 * int(view.get("run_size") or 0))
+            kept = max(_OUTBOX_KEPT, 2 * as_int(view.get("run_size")))
             while len(outbox) > kept:
                 outbox.pop(next(iter(outbox)))
             changes["outbox"] = outbox
@@ -254,14 +270,14 @@ class ContextualNodes:
         self, event: Mapping[str, JSON], view: _State, changes: MutableMapping[str, JSON]
     ) -> None:
         content = str(event["content"])
-        window = list(view.get("window") or [])
+        window = [str(text) for text in as_list(view.get("window"))]
         changes["drift"] = context_drift(content, window)
         window = [*window, content[:_WINDOW_CHARS]][-_WINDOW_EVENTS:]
         changes.update(
             event={**event, "started_at": time.time(), "analyzed": False},
-            window=window,
-            workflow_id=str(view.get("workflow_id") or event.get("workflow_id") or ""),
-            events_processed=int(view.get("events_processed") or 0) + 1,
+            window=list[JSON](window),
+            workflow_id=as_str(view.get("workflow_id")) or as_str(event.get("workflow_id")),
+            events_processed=as_int(view.get("events_processed")) + 1,
             iteration=0,
             passes=0,
             monitored=False,
@@ -278,16 +294,17 @@ class ContextualNodes:
     async def _analyze(
         self, view: _State, changes: MutableMapping[str, JSON], *, pass_number: int
     ) -> None:
-        payload = {
-            "workflow_id": view.get("workflow_id", ""),
-            "window": list(view.get("window") or []),
-            "previous_analysis": view.get("analysis") or "",
+        research = as_object(view.get("research"))
+        payload: AnalysisPayload = {
+            "workflow_id": str(view.get("workflow_id", "")),
+            "window": [str(text) for text in as_list(view.get("window"))],
+            "previous_analysis": as_str(view.get("analysis")),
             "pass_number": pass_number,
-            "research": dict(view.get("research") or {}),
+            "research": {domain: str(finding) for domain, finding in research.items()},
         }
         changes["analysis_stale"] = False
         try:
-            reply = await self._dispatch(WorkKind.ANALYSIS, payload)
+            reply = await request_analysis(self._dispatch, payload)
         except PluginError:
             raise  # not a step failure: the run fails (CTXD_DISPATCH=local), see PluginError
         except Exception as exc:  # noqa: BLE001 - recorded in state; the loop routes on it
@@ -298,17 +315,17 @@ class ContextualNodes:
         changes["analysis_fields"] = dict(reply.get("fields") or {})
         changes["quality"] = quality_score(analysis)
         event = view.get("event")
-        if event is not None and not event.get("analyzed"):
+        if is_object(event) and not event.get("analyzed"):
             changes["event"] = {**event, "analyzed": True}
 
     def _features(self, view: _State) -> AnalyzerFeatures:
         health = self._dispatch.health()
-        errors = list(view.get("errors") or [])
-        iteration = int(view.get("iteration") or 1)
+        errors = as_list(view.get("errors"))
+        iteration = as_int(view.get("iteration"), 1)
         return AnalyzerFeatures(
             quality=_event_quality(view),
-            drift=float(view.get("drift") or 0.0),
-            passes=int(view.get("passes") or 0),
+            drift=as_float(view.get("drift")),
+            passes=as_int(view.get("passes")),
             iteration=iteration,
             errors=len(errors),
             error_rate=min(1.0, max(len(errors) / max(iteration, 1), health.error_rate)),
@@ -341,12 +358,13 @@ class ContextualNodes:
         )
 
     def _result(self, view: _State, budget_exhausted: bool) -> dict[str, JSON]:
-        event = view["event"]
-        decision = view.get("decision") or {}
-        name = decision.get("decision") if decision else None
-        errors = list(view.get("errors") or [])
-        health = (view.get("health") or {}) if view.get("monitored") else {}
-        integrity = str(health.get("state_integrity") or "valid")
+        event = as_object(view["event"])
+        decision = as_object(view.get("decision"))
+        raw_name = decision.get("decision")
+        name = None if raw_name is None else str(raw_name)
+        errors = as_list(view.get("errors"))
+        health = as_object(view.get("health")) if view.get("monitored") else {}
+        integrity = as_str(health.get("state_integrity"), "valid")
         analyzed = _event_analyzed(view)
         status = event_status(
             name,
@@ -363,9 +381,9 @@ class ContextualNodes:
             "status": status,
             "state_integrity": integrity,
             "decision": name or "",
-            "route": [*view.get("route", [])],
+            "route": as_list(view.get("route")),
             "quality_score": round(_event_quality(view), 6),
-            "scores": dict(decision.get("scores") or {}) if decision else {},
+            "scores": as_object(decision.get("scores")),
             "error": summarize_errors(_step_errors(view)),
         }
 
@@ -374,9 +392,9 @@ class ContextualNodes:
         view: _State, changes: MutableMapping[str, JSON], kind: str, exc: Exception
     ) -> None:
         message = " ".join(str(exc).split())[:_STEP_ERROR_CHARS]
-        error = {"kind": kind, "type": type(exc).__name__, "message": message}
-        changes["errors"] = [*(view.get("errors") or []), error]
-        changes["error_count"] = int(view.get("error_count") or 0) + 1
+        error: JSON = {"kind": kind, "type": type(exc).__name__, "message": message}
+        changes["errors"] = [*as_list(view.get("errors")), error]
+        changes["error_count"] = as_int(view.get("error_count")) + 1
 
     @staticmethod
     def next_route(state: ContextState) -> str:
@@ -389,9 +407,9 @@ class ContextualNodes:
         """Deepen the analysis of the window by one pass, folding in research."""
         changes: dict[str, JSON] = {}
         view: ChainMap[str, JSON] = ChainMap(changes, cast(dict[str, JSON], state))
-        passes = int(view.get("passes") or 0) + 1
+        passes = as_int(view.get("passes")) + 1
         changes.update(passes=passes, retry_requested=False)
-        changes["route"] = [*view.get("route", []), "adaptive_processor"]
+        changes["route"] = [*as_list(view.get("route")), "adaptive_processor"]
         await self._analyze(view, changes, pass_number=passes)
         return _resealed(state, changes)
 
@@ -416,9 +434,14 @@ class ContextualNodes:
 
     async def research_worker(self, task: Mapping[str, JSON]) -> dict[str, JSON]:
         """One research worker: findings for its domain, merged into ``research``."""
-        payload = {"op": "research", **task}
         try:
-            reply = await self._dispatch(WorkKind.ANALYSIS, payload)
+            payload: ResearchPayload = {
+                "op": "research",
+                "domain": str(task["domain"]),
+                "task_id": str(task["task_id"]),
+                "text": str(task["text"]),
+            }
+            reply = await request_research(self._dispatch, payload)
         except Exception as exc:  # noqa: BLE001 - a missing finding is not fatal
             # Kept as the finding (parallel workers cannot all write ``errors``); the
             # event's ``error`` names it (_step_errors).
@@ -433,16 +456,16 @@ class ContextualNodes:
         """Close the current segment (summary kept, rollback point recorded), open a new one."""
         changes: dict[str, JSON] = {}
         view: ChainMap[str, JSON] = ChainMap(changes, cast(dict[str, JSON], state))
-        window = list(view.get("window") or [])
+        window = [str(text) for text in as_list(view.get("window"))]
         closing, newest = window[:-1], window[-1:]
         try:
-            reply = await self._dispatch(WorkKind.UPDATE, {"window": closing})
+            reply = await request_summary(self._dispatch, {"window": closing})
             summary = str(reply.get("summary", ""))
         except Exception as exc:  # noqa: BLE001 - keep going with a plain summary
             self._record_error(view, changes, "update", exc)
             summary = f"{len(closing)} event(s); summary unavailable"
-        segment = int(view.get("segment") or 0)
-        record = {
+        segment = as_int(view.get("segment"))
+        record: JSON = {
             "segment": segment,
             "summary": summary,
             "events": len(closing),
@@ -450,12 +473,12 @@ class ContextualNodes:
             "closed_at": datetime.now(UTC).isoformat(),
         }
         changes.update(
-            segments=[*(view.get("segments") or []), record][-_SEGMENTS_KEPT:],
+            segments=[*as_list(view.get("segments")), record][-_SEGMENTS_KEPT:],
             segment=segment + 1,
-            window=newest,
+            window=list[JSON](newest),
             segment_rotated=True,
             analysis_stale=True,
-            route=[*view.get("route", []), "context_updater"],
+            route=[*as_list(view.get("route")), "context_updater"],
         )
         return _resealed(state, changes)
 
@@ -465,24 +488,25 @@ class ContextualNodes:
         """The seed's state health check: integrity, error rate, duration, breakers."""
         changes: dict[str, JSON] = {}
         view: ChainMap[str, JSON] = ChainMap(changes, cast(dict[str, JSON], state))
-        event = view.get("event") or {}
-        payload = {
+        event = as_object(view.get("event"))
+        payload: MonitoringPayload = {
             "values": {name: view.get(name) for name in INTEGRITY_FIELDS},
-            "stored_hash": view.get("integrity_hash") or "",
-            "errors": list(view.get("errors") or []),
-            "iterations": int(view.get("iteration") or 1),
-            "duration": time.time() - float(event.get("started_at") or time.time()),
+            "stored_hash": as_str(view.get("integrity_hash")),
+            "errors": as_objects(view.get("errors")),
+            "iterations": as_int(view.get("iteration"), 1),
+            "duration": time.time() - as_float(event.get("started_at"), time.time()),
             "breakers": dict(self._dispatch.health().breaker_states),
         }
+        health: JSON
         try:
-            health = await self._dispatch(WorkKind.MONITORING, payload)
+            health = as_json(await request_health(self._dispatch, payload))
         except Exception as exc:  # noqa: BLE001 - a failed check is itself a finding
             self._record_error(view, changes, "monitoring", exc)
             health = {"state_integrity": "unknown", "recovery_actions": []}
         changes.update(
             health=health,
             monitored=True,
-            route=[*view.get("route", []), "continuous_monitor"],
+            route=[*as_list(view.get("route")), "continuous_monitor"],
         )
         return changes
 
@@ -492,25 +516,30 @@ class ContextualNodes:
         """The seed's routing engine on the state, the event's constraints and live health."""
         changes: dict[str, JSON] = {}
         view: ChainMap[str, JSON] = ChainMap(changes, cast(dict[str, JSON], state))
-        event = view.get("event") or {}
+        event = as_object(view.get("event"))
         health = self._dispatch.health()
-        errors = list(view.get("errors") or [])
-        iteration = int(view.get("iteration") or 1)
-        window_chars = sum(len(t) for t in view.get("window") or [])
-        context: dict[str, JSON] = {
+        errors = as_list(view.get("errors"))
+        iteration = as_int(view.get("iteration"), 1)
+        window_chars = sum(len(str(t)) for t in as_list(view.get("window")))
+        deadline = event.get("deadline")
+        context: DecisionContext = {
             "quality_score": _event_quality(view),
             "performance_score": health.performance_score,
             "error_rate": min(1.0, max(len(errors) / max(iteration, 1), health.error_rate)),
             "resource_utilization": min(1.0, window_chars / (_WINDOW_EVENTS * _WINDOW_CHARS)),
-            "business_priority": str(event.get("priority") or "standard"),
-            "execution_deadline": event.get("deadline"),
+            "business_priority": as_str(event.get("priority"), "standard"),
+            "execution_deadline": None if deadline is None else str(deadline),
             "cost_constraints": (
-                {"max_cost": event["max_cost"]} if event.get("max_cost") is not None else {}
+                {"max_cost": as_float(event["max_cost"])}
+                if event.get("max_cost") is not None
+                else {}
             ),
         }
-        payload = {"context": context, "iteration_count": int(view.get("passes") or 0)}
         try:
-            outcome = await self._dispatch(WorkKind.DECISION, payload)
+            outcome: DecisionReply = await request_decision(
+                self._dispatch,
+                {"context": context, "iteration_count": as_int(view.get("passes"))},
+            )
         except Exception as exc:  # noqa: BLE001 - the seed's safest option, recorded
             self._record_error(view, changes, "decision", exc)
             outcome = {
@@ -520,25 +549,31 @@ class ContextualNodes:
                 "reason": "error",
                 "margin": 0.0,
             }
+        scores = dict(outcome.get("scores") or {})
         record_route(
             policy="enterprise_routing",
             factors={k: v for k, v in context.items() if isinstance(v, int | float | str)},
-            scores=dict(outcome.get("scores") or {}),
+            scores=scores,
             viable=list(outcome.get("viable") or []),
             target=str(outcome["decision"]),
             reason=str(outcome.get("reason", "score_max")),
             margin=float(outcome.get("margin") or 0.0),
-            score=(outcome.get("scores") or {}).get(str(outcome["decision"])),
+            score=scores.get(str(outcome["decision"])),
         )
         decision = str(outcome["decision"])
-        record = {"event_id": event.get("event_id"), **outcome, "context": context}
+        record = {
+            "event_id": event.get("event_id"),
+            **as_json(outcome),
+            "context": as_json(context),
+        }
         retry = decision == "retry_with_improvements"
+        history = [*as_list(view.get("decisions")), _history_entry(record)][-_DECISIONS_KEPT:]
         changes.update(
             decision=record,
-            decisions=[*(view.get("decisions") or []), _history_entry(record)][-_DECISIONS_KEPT:],
+            decisions=history,
             decided=not retry,
             retry_requested=retry,
-            route=[*view.get("route", []), "decision_engine"],
+            route=[*as_list(view.get("route")), "decision_engine"],
         )
         if decision == "escalation_required" and self._escalation_pauses:
             # The pause's own result travels with the interrupt, so the escalated event
@@ -549,7 +584,7 @@ class ContextualNodes:
             answer = interrupt({"event_id": event.get("event_id"), "result": paused})
             resolved = _resolved(record, answer)
             changes["decision"] = resolved
-            changes["decisions"] = [*(view.get("decisions") or [])[:-1], _history_entry(resolved)]
+            changes["decisions"] = [*as_list(view.get("decisions"))[:-1], _history_entry(resolved)]
             retry = resolved["decision"] == "retry_with_improvements"
             changes.update(decided=not retry, retry_requested=retry)
         return changes

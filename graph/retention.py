@@ -94,7 +94,8 @@ async def protected_checkpoints(graph: ContextualGraph, workflow_id: str) -> set
         return set()
     kept = {str(head)}
     values = cast(Mapping[str, JSON], snapshot.values or {})
-    for segment in values.get("segments") or []:
+    segments = values.get("segments")
+    for segment in segments if isinstance(segments, list) else []:
         if isinstance(segment, Mapping) and segment.get("checkpoint_id"):
             kept.add(str(segment["checkpoint_id"]))
     if snapshot.next or not values or not is_intact(values):

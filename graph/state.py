@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, TypedDict, cast
+from typing import Annotated, TypeAlias, TypedDict, cast
 
 __all__ = [
     "INTEGRITY_FIELDS",
@@ -29,7 +29,8 @@ __all__ = [
     "state_problems",
 ]
 
-JSON = Any  # a plain-JSON value; the precise recursive type adds nothing for readers here.
+JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | None
+"""A plain-JSON value: what the state, the work payloads and their replies are made of."""
 
 # Fields the integrity hash covers: the durable context that the graph alone may change.
 INTEGRITY_FIELDS = ("workflow_id", "window", "segments", "analysis", "events_processed")
@@ -47,7 +48,11 @@ def outbox_result(outbox: Mapping[str, JSON] | None, event_id: str) -> dict[str,
     entry = (outbox or {}).get(event_id)
     if entry is None:
         return None
-    return cast(dict[str, JSON], json.loads(entry)) if isinstance(entry, str) else dict(entry)
+    if isinstance(entry, str):
+        return cast(dict[str, JSON], json.loads(entry))
+    if not isinstance(entry, dict):
+        raise TypeError(f"outbox entry {event_id!r} is {type(entry).__name__}, not a result")
+    return dict(entry)
 
 
 def integrity_hash(values: Mapping[str, JSON]) -> str:

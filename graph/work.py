@@ -18,13 +18,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, cast
 
 import anyio
 
 from graph.analysis import AnalysisRequest, AnalysisResult, Analyzer, heuristic_analyzer
 from graph.errors import PluginError, WorkflowError
 from graph.features import terms
+from graph.payloads import (
+    AnalysisPayload,
+    AnalysisReply,
+    DecisionPayload,
+    DecisionReply,
+    MonitoringPayload,
+    MonitoringReply,
+    ResearchPayload,
+    ResearchReply,
+    UpdatePayload,
+    UpdateReply,
+    as_json,
+)
 from graph.research import ResearchDomain, research_task, run_research
 from graph.routing import RoutingConfig, RoutingContext, RoutingEngine
 from graph.state import JSON, integrity_hash
@@ -35,6 +48,11 @@ __all__ = [
     "LocalDispatch",
     "WorkHandlers",
     "WorkKind",
+    "request_analysis",
+    "request_decision",
+    "request_health",
+    "request_research",
+    "request_summary",
 ]
 
 
@@ -97,20 +115,26 @@ class WorkHandlers:
         self._engine = RoutingEngine(routing)
 
     async def handle(self, kind: WorkKind, payload: Mapping[str, JSON]) -> dict[str, JSON]:
-        """Run the handler of ``kind``."""
+        """Run the handler of ``kind`` on a payload of its shape (:mod:`graph.payloads`).
+
+        The payload comes off the wire: the handlers convert each value they read
+        (``str``, ``int``, ``float``), so a payload of the wrong shape fails its request
+        with a ``KeyError``/``TypeError``/``ValueError``, not later.
+        """
+        # The casts name the shape each handler reads; they check nothing themselves.
         if kind is WorkKind.ANALYSIS:
             if payload.get("op") == "research":
-                return await self._research(payload)
-            return await self._analyze(payload)
+                return as_json(await self._research(cast(ResearchPayload, payload)))
+            return as_json(await self._analyze(cast(AnalysisPayload, payload)))
         if kind is WorkKind.UPDATE:
-            return self._summarize(payload)
+            return as_json(self._summarize(cast(UpdatePayload, payload)))
         if kind is WorkKind.MONITORING:
-            return self._check_health(payload)
+            return as_json(self._check_health(cast(MonitoringPayload, payload)))
         if kind is WorkKind.DECISION:
-            return self._decide(payload)
+            return as_json(self._decide(cast(DecisionPayload, payload)))
         raise WorkflowError(f"unknown work kind {kind!r}")
 
-    async def _analyze(self, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+    async def _analyze(self, payload: AnalysisPayload) -> AnalysisReply:
         request = AnalysisRequest(
             workflow_id=str(payload["workflow_id"]),
             window=tuple(str(t) for t in payload["window"]),
@@ -144,20 +168,20 @@ class WorkHandlers:
                 "plug-in raise Exception subclasses"
             ) from exc
 
-    async def _research(self, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+    async def _research(self, payload: ResearchPayload) -> ResearchReply:
         domain = ResearchDomain(str(payload["domain"]))
         task = research_task(domain, str(payload["task_id"]))
         findings = await run_research(task, str(payload["text"]))
         return {"domain": domain.value, "findings": findings}
 
-    def _summarize(self, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+    def _summarize(self, payload: UpdatePayload) -> UpdateReply:
         window = [str(t) for t in payload["window"]]
         top = [term for term, _ in terms(" ".join(window)).most_common(8)]
         first = window[0].split(".")[0][:160] if window else ""
         summary = f"{len(window)} event(s) about {', '.join(top) or 'nothing'}; began: {first}"
         return {"summary": summary}
 
-    def _check_health(self, payload: Mapping[str, JSON]) -> dict[str, JSON]:
+    def _check_health(self, payload: MonitoringPayload) -> MonitoringReply:
         # The seed's _monitor_state_health, with its defect fixed: the hash is compared
         # against the one the graph stored, never recomputed before the check.
         values = dict(payload["values"])
@@ -182,8 +206,8 @@ class WorkHandlers:
             "recovery_actions": actions,
         }
 
-    def _decide(self, payload: Mapping[str, JSON]) -> dict[str, JSON]:
-        ctx = dict(payload["context"])
+    def _decide(self, payload: DecisionPayload) -> DecisionReply:
+        ctx = payload["context"]
         deadline = ctx.get("execution_deadline")
         cost = dict(ctx.get("cost_constraints") or {})
         context = RoutingContext(
@@ -228,7 +252,7 @@ def _passes_through(exc: BaseException) -> bool:
     return isinstance(exc, kinds)
 
 
-def _checked_result(result: object) -> dict[str, JSON]:
+def _checked_result(result: object) -> AnalysisReply:
     """A plug-in's result as the reply, or ``TypeError``/``ValueError`` naming what is
     outside the contract (a failed analysis step, not a run that fails on every retry).
 
@@ -307,3 +331,35 @@ class LocalDispatch:
     def health(self) -> DispatchHealth:
         """Local calls have no breakers: all closed, no errors."""
         return DispatchHealth(breaker_states={k.value: "closed" for k in WorkKind})
+
+
+# -- typed requests -----------------------------------------------------------------
+#
+# What nodes call: each sends its kind's payload and reads the reply as its kind's shape.
+# The reply was written by these handlers (in this process or a worker's); the cast is
+# that trust, stated once per kind.
+
+
+async def request_analysis(dispatch: Dispatch, payload: AnalysisPayload) -> AnalysisReply:
+    """Ask for an analysis of the window."""
+    return cast(AnalysisReply, await dispatch(WorkKind.ANALYSIS, as_json(payload)))
+
+
+async def request_research(dispatch: Dispatch, payload: ResearchPayload) -> ResearchReply:
+    """Ask one research worker for its domain's findings."""
+    return cast(ResearchReply, await dispatch(WorkKind.ANALYSIS, as_json(payload)))
+
+
+async def request_summary(dispatch: Dispatch, payload: UpdatePayload) -> UpdateReply:
+    """Ask for the summary of a closing segment."""
+    return cast(UpdateReply, await dispatch(WorkKind.UPDATE, as_json(payload)))
+
+
+async def request_health(dispatch: Dispatch, payload: MonitoringPayload) -> MonitoringReply:
+    """Ask for the state health check."""
+    return cast(MonitoringReply, await dispatch(WorkKind.MONITORING, as_json(payload)))
+
+
+async def request_decision(dispatch: Dispatch, payload: DecisionPayload) -> DecisionReply:
+    """Ask the decision engine for a decision."""
+    return cast(DecisionReply, await dispatch(WorkKind.DECISION, as_json(payload)))

@@ -173,9 +173,8 @@ async def _stream(
         if mode == "values":
             last_values = cast(dict[str, JSON], chunk)
         elif mode == "checkpoints":
-            checkpoint_id = cast(dict[str, JSON], chunk)["config"]["configurable"].get(
-                "checkpoint_id"
-            )
+            written = cast(RunnableConfig, cast(dict[str, object], chunk)["config"])
+            checkpoint_id = written.get("configurable", {}).get("checkpoint_id")
         elif mode == "updates" and "__interrupt__" in cast(dict[str, JSON], chunk):
             interrupts = cast(tuple[Interrupt, ...], cast(dict[str, JSON], chunk)["__interrupt__"])
             paused = dict(interrupts[0].value) if interrupts else {}
@@ -199,9 +198,9 @@ async def _finish(
     paused_event_id: str | None = None
     if paused is not None:
         paused_event_id = str(paused.get("event_id"))
-        result = paused.get("result")
-        if isinstance(result, dict) and paused_event_id in wanted:
-            results[paused_event_id] = result
+        paused_result = paused.get("result")
+        if isinstance(paused_result, dict) and paused_event_id in wanted:
+            results[paused_event_id] = paused_result
     recovered_to: str | None = None
     if paused is None and any(r.get("state_integrity") == "corrupted" for r in results.values()):
         recovered_to = await last_good_checkpoint(graph, workflow_id)

@@ -13,10 +13,22 @@ from actors.config import Settings
 from actors.service.tree import ActorSystem
 from actors.testing import aread_entries
 
+RawEntries = list[tuple[bytes, dict[bytes, bytes]]]
+"""XRANGE on a bytes client (redis-py's stubs cannot say which client decodes)."""
+
+RawRead = list[tuple[bytes, RawEntries]]
+"""XREAD on a bytes client: per stream, its entries."""
+
+TextEntries = list[tuple[str, dict[str, str]]]
+"""XRANGE on a decoding client."""
+
+TextRead = list[tuple[str, TextEntries]]
+"""XREAD on a decoding client."""
+
 
 def actor_settings(settings: Settings, **changes: object) -> Settings:
     """Small, fast settings for actor tests."""
-    base = {"actor_workers": 2, "ask_timeout": 5.0, "restart_backoff": 0.0}
+    base: dict[str, object] = {"actor_workers": 2, "ask_timeout": 5.0, "restart_backoff": 0.0}
     base.update(changes)
     return replace(settings, **base)  # type: ignore[arg-type]
 

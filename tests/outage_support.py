@@ -132,7 +132,7 @@ def status_shows(env: dict[str, str], outages: int, at_least: float) -> dict[str
         result = run_ctxd(env, "status", "--json")
         assert result.returncode == 0, result.stderr
         doc = json.loads(result.stdout)
-        info = {}
+        info: dict[str, object] = {}
         for instance in doc["instances"]:
             info = instance.get("redis") or {}
             if info.get("outages") == outages and info.get("available"):
@@ -141,7 +141,9 @@ def status_shows(env: dict[str, str], outages: int, at_least: float) -> dict[str
             break
         assert time.monotonic() < deadline, doc["instances"]
         time.sleep(0.5)  # the next heartbeat: a third of the lease TTL away
-    assert float(info["last_seconds"]) >= at_least, info
+    last_seconds = info["last_seconds"]
+    assert isinstance(last_seconds, int | float), info
+    assert last_seconds >= at_least, info
     text = run_ctxd(env, "status")
     assert f"redis outages: {outages}" in text.stdout, text.stdout
     return info
@@ -166,7 +168,9 @@ def worker_shows(env: dict[str, str], outages: int, at_least: float) -> dict[str
             break
         assert time.monotonic() < deadline, workers
         time.sleep(0.5)  # the next heartbeat: a third of the lease TTL away
-    assert float(info["last_seconds"]) >= at_least, info
+    last_seconds = info["last_seconds"]
+    assert isinstance(last_seconds, int | float), info
+    assert last_seconds >= at_least, info
     text = run_ctxd(env, "status")
     assert "workers: 1" in text.stdout, text.stdout
     assert f"redis outages: {outages}" in text.stdout.split("workers:", 1)[1], text.stdout

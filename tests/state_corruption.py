@@ -50,7 +50,7 @@ async def inject_pickled_write(
 ) -> None:
     """A pending write whose value is pickled, stored through the saver's own API."""
     strict = saver.serde
-    saver.serde = _PickleWriter()  # type: ignore[assignment]
+    saver.serde = _PickleWriter()
     try:
         config = thread_config(workflow_id, checkpoint_id)
         config["configurable"]["checkpoint_ns"] = ""
@@ -62,8 +62,18 @@ async def inject_pickled_write(
 Corrupt = Callable[[Redis, str], None]
 
 
-def _set(path: str, value: object) -> Corrupt:
-    return lambda redis, key: redis.json().set(key, path, value)
+def _set(path: str, value: str | int) -> Corrupt:
+    def corrupt(redis: Redis, key: str) -> None:
+        redis.json().set(key, path, value)
+
+    return corrupt
+
+
+def _delete(path: str) -> Corrupt:
+    def corrupt(redis: Redis, key: str) -> None:
+        redis.json().delete(key, path)
+
+    return corrupt
 
 
 CASES: dict[str, tuple[Corrupt, str]] = {
@@ -72,7 +82,7 @@ CASES: dict[str, tuple[Corrupt, str]] = {
         "window: expected list, got int 5",
     ),
     "missing field": (
-        lambda redis, key: redis.json().delete(key, "$.checkpoint.channel_values.window"),
+        _delete("$.checkpoint.channel_values.window"),
         "window: missing (required)",
     ),
     "wrong type deep inside": (

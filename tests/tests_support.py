@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 from redis import Redis
 
@@ -51,14 +52,18 @@ def read_outputs(
     decodes them. Waits on XREAD BLOCK, i.e. on Redis telling us an entry arrived.
     """
     deadline = time.monotonic() + timeout_ms / 1000
-    entries: list[tuple[str, dict[str, str]]] = list(redis.xrange(stream))
+    # A decoding client: ids and fields are text (redis-py's stubs cannot say so).
+    entries = cast(list[tuple[str, dict[str, str]]], redis.xrange(stream))
     last = entries[-1][0] if entries else "0-0"
     while len(entries) < count:
         remaining = int((deadline - time.monotonic()) * 1000)
         if remaining <= 0:
             break
         # Short blocks: the test clients have a socket timeout (a hung Redis fails fast).
-        reply = redis.xread({stream: last}, block=min(remaining, 1000), count=1000)
+        reply = cast(
+            list[tuple[str, list[tuple[str, dict[str, str]]]]] | None,
+            redis.xread({stream: last}, block=min(remaining, 1000), count=1000),
+        )
         for _, new in reply or []:
             entries.extend(new)
             last = new[-1][0]

@@ -41,8 +41,6 @@ from actors.service.stream_metrics import poll_stream_gauges
 from actors.service.tree import ActorSystem
 from graph.analysis import load_analyzer
 from graph.checkpointer import open_checkpointer
-from graph.features import AnalyzerPolicy
-from graph.routing import RoutingConfig
 from graph.tracing import GraphTelemetry
 from graph.work import LocalDispatch, WorkHandlers, WorkKind
 from graph.workflow import build_contextual_workflow
@@ -59,9 +57,7 @@ _log = structlog.get_logger("ctxd.daemon")
 
 def build_handlers(settings: Settings) -> WorkHandlers:
     """The work handlers for this configuration (analysis plug-in, routing numbers)."""
-    return WorkHandlers(
-        load_analyzer(settings.analyzer), RoutingConfig.from_mapping(settings.routing)
-    )
+    return WorkHandlers(load_analyzer(settings.analyzer), settings.routing)
 
 
 async def serve(
@@ -90,7 +86,7 @@ async def serve(
         else GraphTelemetry.from_global()
     )
     handlers = build_handlers(settings)
-    policy = AnalyzerPolicy.from_mapping(settings.analyzer_policy)
+    policy = settings.analyzer_policy
     kinds = tuple(WorkKind) if settings.dispatch == "actors" else ()
     connections = pool_size(settings, ingress=True, kinds=kinds)
     redis = open_service_client(redis_url, settings, connections)

@@ -27,7 +27,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import anyio
 import structlog
@@ -48,11 +48,11 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from actors.config import Settings
 from actors.runtime.backoff import jittered_backoff
 from graph.errors import CtxdError, exception_chain
 
 __all__ = [
+    "AvailabilitySettings",
     "OutageKind",
     "OutageStatistics",
     "RedisAvailability",
@@ -195,6 +195,19 @@ class OutageStatistics:
         }
 
 
+class AvailabilitySettings(Protocol):
+    """What :meth:`RedisAvailability.for_settings` reads (``actors.config.Settings`` has it)."""
+
+    @property
+    def redis_max_outage(self) -> float:
+        """Seconds an outage may last before the process gives up; 0 = forever."""
+        ...
+
+    def key(self, *parts: str) -> str:
+        """A key under the deployment's prefix."""
+        ...
+
+
 class RedisAvailability:
     """The process's view of Redis: available, or in an outage being waited out.
 
@@ -239,7 +252,7 @@ class RedisAvailability:
         self._down = anyio.Event()
 
     @classmethod
-    def for_settings(cls, redis: Redis, settings: Settings) -> RedisAvailability:
+    def for_settings(cls, redis: Redis, settings: AvailabilitySettings) -> RedisAvailability:
         """The monitor of ``settings`` (probe key under the prefix, the max outage)."""
         return cls(redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage)
 

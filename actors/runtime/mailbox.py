@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, TypeAlias, cast
 
 import anyio
 import structlog
@@ -28,19 +28,19 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 
-from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.redis_io import text
 from graph.errors import CtxdError
-from graph.state import JSON
 from telemetry.propagation import inject_fields
 from telemetry.spans import send_span, set_message_id
 
 __all__ = [
+    "JSON",
     "ActorError",
     "ActorReply",
     "ActorRequest",
     "Mailbox",
+    "MailboxSettings",
     "MailboxStatistics",
     "mailbox_stream",
     "reply_stream",
@@ -49,13 +49,43 @@ __all__ = [
 _log = structlog.get_logger("ctxd.mailbox")
 _TRIM_EVERY = 256  # replies read between two trims of the reply stream
 
+JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | None
+"""A plain-JSON value, as payloads and replies travel in mailbox fields.
 
-def mailbox_stream(settings: Settings, kind: str) -> str:
+The same shape as :data:`graph.state.JSON`, written again here because the runtime does
+not import the domain; mypy treats the two aliases as one type.
+"""
+
+
+class MailboxSettings(Protocol):
+    """What a mailbox reads from the process's settings (``actors.config.Settings`` has it).
+
+    The runtime names the options it needs instead of importing the application's
+    configuration, so it can be built from anything that carries them.
+    """
+
+    @property
+    def stream_prefix(self) -> str:
+        """The prefix of every stream name (``ctxd``)."""
+        ...
+
+    @property
+    def instance(self) -> str:
+        """This process's stable name; reply streams and consumers carry it."""
+        ...
+
+    @property
+    def block_ms(self) -> int:
+        """How long one blocking read waits, in milliseconds."""
+        ...
+
+
+def mailbox_stream(settings: MailboxSettings, kind: str) -> str:
     """The mailbox stream of an actor kind: ``{prefix}:actor:{kind}``."""
     return f"{settings.stream_prefix}:actor:{kind}"
 
 
-def reply_stream(settings: Settings) -> str:
+def reply_stream(settings: MailboxSettings) -> str:
     """This instance's reply stream: ``{prefix}:reply:{instance}``."""
     return f"{settings.stream_prefix}:reply:{settings.instance}"
 
@@ -193,7 +223,7 @@ class Mailbox:
     def __init__(
         self,
         redis: Redis,
-        settings: Settings,
+        settings: MailboxSettings,
         *,
         tracer: Tracer | None = None,
         availability: RedisAvailability | None = None,

@@ -3,13 +3,14 @@
 Each worker is a consumer named ``{instance}:{kind}:{slot}``: on (re)start it reads its
 own pending entries first (``0``), then new ones (``>``), ``COUNT``-bounded and
 ``BLOCK``-bounded, and handles each batch concurrently with the kind's
-:class:`~graph.work.WorkHandlers`. A request is answered and acknowledged together
-(reply ``XADD`` + ``XACK`` + ``XDEL`` in one ``MULTI``), so a worker that crashes
-mid-message leaves it pending and its restarted self handles it. A handler that
-raises is not a crash: the asker gets an error reply. The one exception is a
-:class:`~graph.errors.PluginError` (the analyzer plug-in raised a ``BaseException``):
-the worker crashes and is restarted, the request stays pending, and why it crashed is
-kept (``{mailbox}:crashes``) for its DLQ entry should it become poison.
+:data:`RequestHandler` (the service's ``graph.work.WorkHandlers``). A request is
+answered and acknowledged together (reply ``XADD`` + ``XACK`` + ``XDEL`` in one
+``MULTI``), so a worker that crashes mid-message leaves it pending and its restarted
+self handles it. A handler that raises is not a crash: the asker gets an error reply.
+The one exception is a :class:`~graph.errors.PluginError` (the analyzer plug-in raised
+a ``BaseException``): the worker crashes and is restarted, the request stays pending,
+and why it crashed is kept (``{mailbox}:crashes``) for its DLQ entry should it become
+poison.
 
 A reclaimer per pool (consumer ``{instance}:{kind}:reclaim``) takes over entries idle
 longer than twice the ask timeout with ``XAUTOCLAIM`` (never ``JUSTID``: the delivery
@@ -24,7 +25,7 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Literal
+from typing import Literal, Protocol
 
 import anyio
 import structlog
@@ -34,18 +35,22 @@ from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
-from actors.runtime.mailbox import ActorReply, ActorRequest, mailbox_stream
-from actors.runtime.redis_io import Entry, autoclaim, read_group, text
+from actors.runtime.mailbox import JSON, ActorReply, ActorRequest, MailboxSettings, mailbox_stream
+from actors.runtime.redis_io import Entry, autoclaim, ensure_group, read_group, text
 from actors.runtime.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
-from actors.service.streams import dead_letter, ensure_group
 from graph.errors import PluginError
-from graph.work import WorkHandlers, WorkKind
 from telemetry.propagation import extract_context
 from telemetry.spans import process_span, record_error, send_span
 
-__all__ = ["ActorPool", "FaultHook", "FaultPoint"]
+__all__ = [
+    "ActorPool",
+    "DeadLetter",
+    "FaultHook",
+    "FaultPoint",
+    "PoolSettings",
+    "RequestHandler",
+]
 
 _log = structlog.get_logger("ctxd.actors")
 _CRASH_CHARS = 500
@@ -91,6 +96,67 @@ FaultPoint = Literal["received", "handled"]
 FaultHook = Callable[[FaultPoint, ActorRequest], Awaitable[None]]
 """Test seam: awaited at each :data:`FaultPoint`; raising there crashes the worker."""
 
+RequestHandler = Callable[[JSON], Awaitable[dict[str, JSON]]]
+"""The work of one kind: a request's decoded payload in, the reply's JSON object out.
+
+Raising answers the asker with the error; raising :class:`~graph.errors.PluginError`
+crashes the worker instead.
+"""
+
+
+class DeadLetter(Protocol):
+    """Writes a request the pool gives up on to the dead-letter stream and acknowledges it.
+
+    The DLQ entry's layout belongs to the stream service, so the service passes this in.
+    """
+
+    async def __call__(
+        self,
+        *,
+        stream: str,
+        source_id: str,
+        fields: Mapping[str, str],
+        reason: str,
+        error: str,
+        attempts: int,
+    ) -> None:
+        """Dead-letter entry ``source_id`` of ``stream`` (fields decoded) with why."""
+        ...
+
+
+class PoolSettings(MailboxSettings, Protocol):
+    """What a pool reads from the process's settings (``actors.config.Settings`` has it)."""
+
+    @property
+    def group(self) -> str:
+        """The consumer group every mailbox is read through."""
+        ...
+
+    @property
+    def actor_workers(self) -> int:
+        """Workers per kind in this process."""
+        ...
+
+    @property
+    def actor_read_count(self) -> int:
+        """Requests one worker reads at a time."""
+        ...
+
+    @property
+    def ask_timeout(self) -> float:
+        """Seconds an asker waits; entries idle twice as long are reclaimed."""
+        ...
+
+    @property
+    def max_deliveries(self) -> int:
+        """Deliveries after which a request is poison."""
+        ...
+
+    @property
+    def reply_maxlen(self) -> int:
+        """Approximate bound of a reply stream (0: none)."""
+        ...
+
 
 class ActorPool:
     """The workers and the reclaimer of one actor kind, under a one_for_one supervisor.
@@ -99,7 +165,8 @@ class ActorPool:
         redis: the client (bytes replies).
         settings: group, instance, worker count, read count, ask timeout, deliveries.
         kind: the actor kind served.
-        handlers: the work itself.
+        handler: the work itself.
+        dead_letter: where poison and invalid requests go.
         tracer: for the ``process`` and reply ``send`` spans.
         fault: test seam, see :data:`FaultHook`.
         availability: the process's Redis monitor; workers and the reclaimer wait out
@@ -109,10 +176,11 @@ class ActorPool:
     def __init__(
         self,
         redis: Redis,
-        settings: Settings,
-        kind: WorkKind,
-        handlers: WorkHandlers,
+        settings: PoolSettings,
+        kind: str,
+        handler: RequestHandler,
         *,
+        dead_letter: DeadLetter,
         tracer: Tracer | None = None,
         fault: FaultHook | None = None,
         availability: RedisAvailability | None = None,
@@ -120,11 +188,12 @@ class ActorPool:
         self._redis = redis
         self._availability = availability
         self._settings = settings
-        self._kind = kind
-        self._handlers = handlers
+        self._kind = str(kind)
+        self._handler = handler
+        self._dead_letter_to = dead_letter
         self._tracer = tracer or trace.get_tracer("ctxd.actors")
         self._fault = fault
-        self._stream = mailbox_stream(settings, kind.value)
+        self._stream = mailbox_stream(settings, self._kind)
         self._crashes = f"{self._stream}:crashes"
         self._finish_script = redis.register_script(_FINISH_LUA)
         self.handled = 0
@@ -137,7 +206,7 @@ class ActorPool:
 
     def consumer(self, slot: int | str) -> str:
         """The consumer name of a worker slot (or ``reclaim``)."""
-        return f"{self._settings.instance}:{self._kind.value}:{slot}"
+        return f"{self._settings.instance}:{self._kind}:{slot}"
 
     def supervisor(
         self,
@@ -148,12 +217,12 @@ class ActorPool:
     ) -> Supervisor:
         """A one_for_one supervisor over this pool's workers and its reclaimer."""
         children = [
-            ChildSpec(f"{self._kind.value}.{slot}", self._worker_start(slot))
+            ChildSpec(f"{self._kind}.{slot}", self._worker_start(slot))
             for slot in range(self._settings.actor_workers)
         ]
-        children.append(ChildSpec(f"{self._kind.value}.reclaim", self._reclaim))
+        children.append(ChildSpec(f"{self._kind}.reclaim", self._reclaim))
         return Supervisor(
-            f"actor.{self._kind.value}", children, config, clock=clock, on_restart=on_restart
+            f"actor.{self._kind}", children, config, clock=clock, on_restart=on_restart
         )
 
     def _worker_start(self, slot: int) -> Callable[[TaskStatus[None]], Awaitable[None]]:
@@ -262,9 +331,7 @@ class ActorPool:
                         cursor=cursor,
                     )
                     if claimed:
-                        _log.info(
-                            "reclaimed idle requests", kind=self._kind.value, count=len(claimed)
-                        )
+                        _log.info("reclaimed idle requests", kind=self._kind, count=len(claimed))
                         counts = await self._delivery_counts([eid for eid, _ in claimed])
                         await self._serve_batch(consumer, claimed, counts)
                 except Exception as exc:  # noqa: BLE001 - re-raised unless an outage
@@ -307,8 +374,8 @@ class ActorPool:
         except (KeyError, ValueError) as exc:
             await self._dead_letter(entry_id, fields, "invalid_request", repr(exc), deliveries)
             return
-        if request.kind != self._kind.value:
-            problem = f"kind {request.kind!r} sent to the {self._kind.value} mailbox"
+        if request.kind != self._kind:
+            problem = f"kind {request.kind!r} sent to the {self._kind} mailbox"
             await self._dead_letter(entry_id, fields, "invalid_request", problem, deliveries)
             return
         crash = await self._redis.hget(self._crashes, entry_id) if deliveries > 1 else None
@@ -334,7 +401,7 @@ class ActorPool:
             )
             return
         if request.reply_to and request.deadline < time.time():
-            _log.info("request expired before it was handled", kind=self._kind.value, id=request.id)
+            _log.info("request expired before it was handled", kind=self._kind, id=request.id)
             done.append((entry_id, "", None))
             return
         with process_span(
@@ -353,23 +420,21 @@ class ActorPool:
                 # The asker gives up at the deadline; a handler that hangs past it would
                 # only hold a worker hostage, so it is cancelled there too.
                 with anyio.fail_after(max(request.deadline - time.time(), 0.0)):
-                    result = await self._handlers.handle(self._kind, json.loads(request.payload))
+                    result = await self._handler(json.loads(request.payload))
                 reply = ActorReply(request.id, True, json.dumps(result), consumer)
             except PluginError as exc:
                 # Not a handler failure: the plug-in raised a BaseException. The worker
                 # crashes (its supervisor restarts it) and the request stays pending; on
                 # its next delivery the recorded crash sends it to the DLQ (see _serve).
                 record_error(span, exc)
-                _log.error(
-                    "analyzer plug-in crashed its worker", kind=self._kind.value, error=str(exc)
-                )
+                _log.error("analyzer plug-in crashed its worker", kind=self._kind, error=str(exc))
                 await self._remember_crash(entry_id, f"{type(exc).__name__}: {exc}")
                 raise
             except Exception as exc:  # noqa: BLE001 - the asker gets the error, not a crash
                 record_error(span, exc)
                 _log.warning(
                     "actor handler failed",
-                    kind=self._kind.value,
+                    kind=self._kind,
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 reply = ActorReply(request.id, False, f"{type(exc).__name__}: {exc}", consumer)
@@ -409,19 +474,14 @@ class ActorPool:
     async def _dead_letter(
         self, entry_id: str, fields: dict[str, str], reason: str, error: str, attempts: int
     ) -> None:
-        await dead_letter(
-            self._redis,
-            dlq_stream=self._settings.dlq_stream,
-            input_stream=self._stream,
-            group=self._settings.group,
+        await self._dead_letter_to(
+            stream=self._stream,
             source_id=entry_id,
-            fields={**fields, "kind": self._kind.value},
+            fields={**fields, "kind": self._kind},
             reason=reason,
             error=error,
             attempts=attempts,
-            field_bytes=self._settings.dlq_field_bytes,
-            max_fields=self._settings.max_fields,
         )
         _log.error(
-            "actor request dead-lettered", kind=self._kind.value, source_id=entry_id, reason=reason
+            "actor request dead-lettered", kind=self._kind, source_id=entry_id, reason=reason
         )

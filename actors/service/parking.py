@@ -41,8 +41,8 @@ from actors.service.streams import (
 )
 from actors.service.validation import Event, decode_fields, parse_event
 from graph.errors import CtxdError, InvalidEntryError
-from graph.features import AnalyzerPolicy
 from graph.history import fork_checkpoint
+from graph.json_values import as_object, as_objects
 from graph.recovery import StateRecovery, load_checked_state
 from graph.state import JSON, outbox_result
 from graph.workflow import (
@@ -140,7 +140,7 @@ class WorkflowRunner:
         self._redis = redis
         self._settings = settings
         self._graph = graph
-        self._budget = AnalyzerPolicy.from_mapping(settings.analyzer_policy).iteration_budget
+        self._budget = settings.analyzer_policy.iteration_budget
         self._committer = committer or OutputCommitter.from_settings(redis, settings)
         self._replay_commit = redis.register_script(_REPLAY_COMMIT_LUA)
 
@@ -247,7 +247,7 @@ class _Run:
             self.workflow_id,
             [self.state_of(e) for e, _ in segment],
             base_checkpoint_id=self.checkpoint_id,
-            durability=self.r._settings.durability,  # type: ignore[arg-type]
+            durability=self.r._settings.durability,
             iteration_budget=self.r._budget,
         )
         self._absorb(run)
@@ -332,7 +332,7 @@ class _Run:
             self.workflow_id,
             event.value,
             control_event_id=event.event_id,
-            durability=self.r._settings.durability,  # type: ignore[arg-type]
+            durability=self.r._settings.durability,
             iteration_budget=self.r._budget,
         )
         self.paused = False
@@ -343,12 +343,13 @@ class _Run:
     async def _earlier_resume(self, event: Event) -> dict[str, JSON] | None:
         snapshot = await self.graph.aget_state(thread_config(self.workflow_id))
         values: Mapping[str, JSON] = snapshot.values or {}
-        for record in reversed(list(values.get("decisions") or [])):
+        for record in reversed(as_objects(values.get("decisions"))):
             resolution = record.get("resolution")
             if isinstance(resolution, dict) and (
                 resolution.get("control_event_id") == event.event_id
             ):
-                resumed = outbox_result(values.get("outbox"), str(record.get("event_id"))) or {}
+                outbox = as_object(values.get("outbox"))
+                resumed = outbox_result(outbox, str(record.get("event_id"))) or {}
                 return self._control_result(event, str(resumed.get("status", "ok")), resumed)
         return None
 
@@ -491,7 +492,7 @@ class _Run:
                 self.workflow_id,
                 [self.state_of(event)],
                 base_checkpoint_id=self.checkpoint_id,
-                durability=settings.durability,  # type: ignore[arg-type]
+                durability=settings.durability,
                 iteration_budget=self.r._budget,
             )
             self._absorb(run)

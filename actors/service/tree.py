@@ -19,7 +19,7 @@ that exceeds its own raises :class:`~actors.runtime.supervisor.SupervisorEscalat
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import anyio
 import structlog
@@ -30,11 +30,12 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability
-from actors.runtime.mailbox import Mailbox
-from actors.runtime.pool import ActorPool, FaultHook
+from actors.runtime.mailbox import JSON, Mailbox
+from actors.runtime.pool import ActorPool, DeadLetter, FaultHook, RequestHandler
 from actors.runtime.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
 from actors.runtime.telemetry_hooks import actor_restarts
 from actors.service.dispatch import ActorDispatch
+from actors.service.streams import dead_letter
 from graph.work import WorkHandlers, WorkKind
 from telemetry.metrics import Instruments
 
@@ -101,8 +102,9 @@ class ActorSystem:
             kind: ActorPool(
                 redis,
                 settings,
-                kind,
-                handlers,
+                kind.value,
+                _handler(handlers, kind),
+                dead_letter=_dead_letter(redis, settings),
                 tracer=tracer,
                 fault=fault,
                 availability=self.availability,
@@ -174,3 +176,43 @@ class ActorSystem:
             SupervisorEscalation: the root gave up (restart intensity exceeded).
         """
         await self.root.run(task_status=task_status)
+
+
+def _handler(handlers: WorkHandlers, kind: WorkKind) -> RequestHandler:
+    """The pool's handler of ``kind``: a payload that is no JSON object is a failed request."""
+
+    async def handle(payload: JSON) -> dict[str, JSON]:
+        if not isinstance(payload, Mapping):
+            raise TypeError(f"a {kind.value} request's payload must be a JSON object")
+        return await handlers.handle(kind, payload)
+
+    return handle
+
+
+def _dead_letter(redis: Redis, settings: Settings) -> DeadLetter:
+    """The pools' dead-letter writer: the service's DLQ entry, bounded as settings say."""
+
+    async def write(
+        *,
+        stream: str,
+        source_id: str,
+        fields: Mapping[str, str],
+        reason: str,
+        error: str,
+        attempts: int,
+    ) -> None:
+        await dead_letter(
+            redis,
+            dlq_stream=settings.dlq_stream,
+            input_stream=stream,
+            group=settings.group,
+            source_id=source_id,
+            fields=fields,
+            reason=reason,
+            error=error,
+            attempts=attempts,
+            field_bytes=settings.dlq_field_bytes,
+            max_fields=settings.max_fields,
+        )
+
+    return write

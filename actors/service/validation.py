@@ -21,10 +21,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from graph.errors import InvalidEntryError
 from graph.routing import PRIORITIES
+from graph.state import JSON
 
 if TYPE_CHECKING:
     from actors.config import Settings
@@ -83,14 +84,14 @@ class Event:
     priority: str = "standard"
     deadline: str | None = None
     max_cost: float | None = None
-    metadata: Mapping[str, object] = field(default_factory=dict)
+    metadata: Mapping[str, JSON] = field(default_factory=dict)
     carrier: Mapping[str, str] = field(default_factory=dict)
     # A control entry (``ctxd resume`` / ``ctxd rollback``) instead of an event:
     control: str | None = None
-    value: object = None
+    value: JSON = None
     checkpoint_id: str | None = None
 
-    def as_state(self) -> dict[str, object]:
+    def as_state(self) -> dict[str, JSON]:
         """A plain-JSON form for the workflow state (no datetimes, no custom types)."""
         return {
             "source_id": self.source_id,
@@ -313,7 +314,7 @@ def _json_depth(raw: str) -> int:
     return deepest
 
 
-def _load_json(raw: str, *, what: str) -> object:
+def _load_json(raw: str, *, what: str) -> JSON:
     """Parse bounded JSON: depth, 64-bit integers, finite numbers, encodable strings.
 
     Raises:
@@ -341,6 +342,7 @@ def _load_json(raw: str, *, what: str) -> object:
         raise _JSONRejected(
             f"{what} holds a lone UTF-16 surrogate (\\ud800-\\udfff): send valid text"
         ) from None
+    value = cast(JSON, value)  # json.loads makes nothing else
     marker = _serializer_marker(value, "")
     if marker is not None:
         where = repr(marker[:_MESSAGE_VALUE_MAX]) if marker else "its top"
@@ -382,7 +384,7 @@ def _serializer_marker(value: object, path: str) -> str | None:
     return None
 
 
-def _metadata(raw: str) -> dict[str, object]:
+def _metadata(raw: str) -> dict[str, JSON]:
     try:
         value = _load_json(raw, what="metadata")
     except _JSONRejected as exc:
@@ -487,7 +489,7 @@ def _parse(entry_id: str, fields: Mapping[str, str | bytes], max_content_bytes: 
 @dataclass(frozen=True)
 class _Control:
     control: str
-    value: object = None
+    value: JSON = None
     checkpoint_id: str | None = None
 
 

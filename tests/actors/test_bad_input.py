@@ -5,8 +5,10 @@ reason a person can act on, nothing is checkpointed for it, and the service keep
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import pytest
+from actor_support import RawEntries
 from redis import Redis
 
 from tests_support import ServiceProcess, read_outputs
@@ -47,7 +49,10 @@ def test_bad_entries_go_to_the_dlq_and_the_service_keeps_running(
     pid = service.proc.pid
     stream = f"{prefix}:in"
     redis.xadd(stream, {"workflow_id": "good-1", "content": "first", "event_id": "g1"})
-    sources = {label: redis.xadd(stream, fields) for label, fields, _, _ in CASES}  # type: ignore[arg-type]
+    sources = {
+        label: cast(str, redis.xadd(stream, fields))  # type: ignore[arg-type]
+        for label, fields, _, _ in CASES
+    }
     redis.xadd(stream, {"workflow_id": "good-1", "content": "again", "event_id": "g1"})
     redis.xadd(stream, {"workflow_id": "good-2", "content": "second", "event_id": "g2"})
 
@@ -56,7 +61,7 @@ def test_bad_entries_go_to_the_dlq_and_the_service_keeps_running(
     read_outputs(raw, f"{prefix}:dlq", len(CASES))
     dead = [
         (eid, {k.decode(): v.decode(errors="replace") for k, v in fields.items()})
-        for eid, fields in raw.xrange(f"{prefix}:dlq")
+        for eid, fields in cast(RawEntries, raw.xrange(f"{prefix}:dlq"))
     ]
     raw.close()
     by_source = {fields["source_id"]: fields for _, fields in dead}

@@ -15,8 +15,10 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import pytest
+from actor_support import TextEntries, TextRead
 from redis import Redis
 
 from actors.config import Settings
@@ -59,7 +61,7 @@ def _wait_for_progress(redis: Redis, prefix: str, target: int, timeout: float) -
     deadline = time.monotonic() + timeout
     last = "$"
     while (done := _count(redis, prefix)) < target and time.monotonic() < deadline:
-        reply = redis.xread({f"{prefix}:out": last}, block=500, count=1000)
+        reply = cast(TextRead, redis.xread({f"{prefix}:out": last}, block=500, count=1000))
         if reply:
             last = reply[0][1][-1][0]
     return done
@@ -143,8 +145,9 @@ async def test_sigkill_chaos_keeps_every_guarantee(
 
     done = _wait_for_progress(redis, prefix, EVENTS, timeout=150)
     elapsed = time.monotonic() - started
-    outputs = [(f["workflow_id"], f["event_id"]) for _, f in redis.xrange(f"{prefix}:out")]
-    dead = [f.get("event_id", "") for _, f in redis.xrange(f"{prefix}:dlq")]
+    out = cast(TextEntries, redis.xrange(f"{prefix}:out"))
+    outputs = [(f["workflow_id"], f["event_id"]) for _, f in out]
+    dead = [f.get("event_id", "") for _, f in cast(TextEntries, redis.xrange(f"{prefix}:dlq"))]
     verdict = check_history(inputs, outputs, dead)
     lines = [line for p in everyone for line in p.lines]
     print(

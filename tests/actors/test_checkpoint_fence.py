@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from redis.asyncio import Redis
@@ -51,7 +52,7 @@ async def _put(saver: BaseCheckpointSaver[str], thread: str, events: int) -> str
     checkpoint = empty_checkpoint()
     checkpoint["id"] = str(uuid6())
     checkpoint["channel_values"] = {"events_processed": events}
-    config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+    config: RunnableConfig = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
     await saver.aput(config, checkpoint, {"source": "loop", "step": events}, {})
     return checkpoint["id"]
 

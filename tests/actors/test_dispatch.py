@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import cast
 
 import anyio
 import pytest
 import structlog
-from actor_support import actor_settings, open_redis, read_stream, running
+from actor_support import TextEntries, actor_settings, open_redis, read_stream, running
+from opentelemetry.sdk.metrics.export import NumberDataPoint
 from opentelemetry.trace import SpanKind
 from redis import Redis as SyncRedis
 
@@ -102,12 +104,15 @@ async def test_breaker_opens_rejects_without_sending_then_recovers_with_probes(
         ]
     assert stats.not_permitted_calls == 1
     prefix = "ctxd.circuit_breaker.state"
-    moves = [(s.attributes[f"{prefix}.from"], s.attributes[f"{prefix}.to"]) for s in spans]
+    moves = [
+        ((s.attributes or {})[f"{prefix}.from"], (s.attributes or {})[f"{prefix}.to"])
+        for s in spans
+    ]
     assert moves == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
     caller = capture.named("caller")
     assert spans[0].parent is not None
     assert spans[0].parent.span_id == caller.context.span_id  # inside the failing call
-    assert spans[0].attributes["ctxd.circuit_breaker.failure_rate"] == 1.0
+    assert (spans[0].attributes or {})["ctxd.circuit_breaker.failure_rate"] == 1.0
     assert spans[1].parent is None  # timer-driven: a root...
     assert [link.context.span_id for link in spans[1].links] == [spans[0].context.span_id]
     assert all(s.kind is SpanKind.INTERNAL for s in spans)
@@ -137,9 +142,10 @@ async def test_breaker_transitions_set_the_state_gauge(settings: Settings) -> No
                         await system.dispatch(WorkKind.ANALYSIS, WINDOW)
         points = metrics.points("ctxd.circuit_breaker.state")
     states = {
-        p.attributes["ctxd.circuit_breaker.state"]: p.value
+        (p.attributes or {})["ctxd.circuit_breaker.state"]: p.value
         for p in points
-        if p.attributes["ctxd.circuit_breaker.name"] == "actor.analysis"
+        if isinstance(p, NumberDataPoint)
+        and (p.attributes or {})["ctxd.circuit_breaker.name"] == "actor.analysis"
     }
     assert states == {"closed": 0, "open": 1, "half_open": 0, "forced_open": 0}
 
@@ -176,8 +182,9 @@ async def test_in_flight_asks_are_bounded_by_the_semaphore(settings: Settings) -
         assert dispatch is not None
         assert mailbox is not None
         async with running(system), anyio.create_task_group() as tg:
+            update: dict[str, JSON] = {"window": ["x"]}
             for _ in range(30):  # a 10x burst over the bound
-                tg.start_soon(dispatch, WorkKind.UPDATE, {"window": ["x"]})
+                tg.start_soon(dispatch, WorkKind.UPDATE, update)
             with anyio.fail_after(10):
                 while handlers.arrived < 3:
                     await handlers.some_arrived.wait()
@@ -229,7 +236,7 @@ async def test_outage_drives_fallback_decisions_pauses_reading_and_loses_nothing
                         break
                     await anyio.sleep(0.01)
             assert dispatch.breakers["analysis"].state is BreakerState.OPEN
-            during = redis.xrange(settings.output_stream)
+            during = cast(TextEntries, redis.xrange(settings.output_stream))
             lag = _unread(redis, settings)
             switch.failing = False
             clock.now += 300.0
@@ -262,8 +269,10 @@ def _streams(settings: Settings) -> list[str]:
     ]
 
 
-def _groups(redis: SyncRedis, stream: str) -> list[dict[str, object]]:
-    return list(redis.xinfo_groups(stream)) if redis.exists(stream) else []
+def _groups(redis: SyncRedis, stream: str) -> list[dict[str, int | str | None]]:
+    if not redis.exists(stream):
+        return []
+    return cast(list[dict[str, int | str | None]], redis.xinfo_groups(stream))
 
 
 def _unread(redis: SyncRedis, settings: Settings) -> int:
@@ -273,7 +282,7 @@ def _unread(redis: SyncRedis, settings: Settings) -> int:
 
 def _pending(redis: SyncRedis, settings: Settings) -> int:
     """Entries read and not acknowledged, over ctxd:in and its partitions."""
-    return sum(int(g["pending"]) for s in _streams(settings) for g in _groups(redis, s))
+    return sum(int(g["pending"] or 0) for s in _streams(settings) for g in _groups(redis, s))
 
 
 class RefusingGraph:

@@ -85,7 +85,7 @@ def test_unexpected_exceptions_become_invalid_entry() -> None:
     """Whatever breaks inside parsing is reported as invalid_entry naming the exception."""
 
     class Exploding(dict[str, str]):
-        def get(self, key: str, default: object = None) -> str:  # type: ignore[override]
+        def get(self, key: str, default: object = None) -> str:
             raise RuntimeError("a bug in reading " + "x" * 5000)
 
     with pytest.raises(InvalidEntryError) as info:

@@ -59,7 +59,7 @@ def test_forget_deletes_one_workflow_and_nothing_else(
     assert any(":checkpoint:" in k for k in mine)
     assert any(":checkpoint_write:" in k for k in mine)  # the pause's writes
     assert len(theirs) >= 4
-    docs = int(redis.ft(f"{prefix}:checkpoint").info()["num_docs"])
+    docs = int(redis.ft(f"{prefix}:checkpoint").info()["num_docs"])  # type: ignore[no-untyped-call]
     checkpoints = sum(":checkpoint:" in k for k in mine)
 
     forgot = run_ctxd(env, "forget", target)
@@ -70,7 +70,8 @@ def test_forget_deletes_one_workflow_and_nothing_else(
     )
     assert _keys_of(redis, prefix, target) == set()
     assert _keys_of(redis, prefix, other) == theirs
-    assert int(redis.ft(f"{prefix}:checkpoint").info()["num_docs"]) == docs - checkpoints
+    index = redis.ft(f"{prefix}:checkpoint")
+    assert int(index.info()["num_docs"]) == docs - checkpoints  # type: ignore[no-untyped-call]
     assert redis.zscore(f"{prefix}:workflows:{partition_of(target, 16)}", target) is None
     state = run_ctxd(env, "state", target)
     assert state.returncode == 1

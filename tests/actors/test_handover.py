@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from typing import cast
 
+from actor_support import TextEntries
 from redis import Redis
 
 from tests_support import ServiceProcess, read_outputs
@@ -39,7 +41,7 @@ def test_a_second_instance_joining_mid_drain_dead_letters_nothing(
     second = start_service("run", env={**env, "CTXD_INSTANCE": f"{prefix}-b"})
     second.wait_ready()
     outputs = read_outputs(redis, f"{prefix}:out", _EVENTS, timeout_ms=90_000)
-    dead = redis.xrange(f"{prefix}:dlq")
+    dead = cast(TextEntries, redis.xrange(f"{prefix}:dlq"))
     assert dead == [], f"healthy events dead-lettered: {dead[:3]}"
     counts = Counter(fields["event_id"] for _, fields in outputs)
     assert len(counts) == _EVENTS

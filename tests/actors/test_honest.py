@@ -12,8 +12,10 @@ import json
 import signal
 import time
 from collections.abc import Callable
+from typing import cast
 
 import pytest
+from actor_support import TextEntries
 from redis import Redis
 
 from actors.app.cli.events import format_output
@@ -147,8 +149,9 @@ def test_a_dlq_entry_written_after_a_restart_still_says_what_failed(
     dead-lettered by the next one: with the recorded error, or, when the runs ended
     with the process, saying so."""
     stream, attempts = f"{prefix}:part:0", f"{prefix}:attempts"
-    raised = redis.xadd(stream, {"workflow_id": "wf-r1", "content": "raised"})
-    died = redis.xadd(stream, {"workflow_id": "wf-r2", "content": "died"})
+    # A decoding client: the ids are text.
+    raised = cast(str, redis.xadd(stream, {"workflow_id": "wf-r1", "content": "raised"}))
+    died = cast(str, redis.xadd(stream, {"workflow_id": "wf-r2", "content": "died"}))
     redis.xgroup_create(stream, "ctxd", id="0", mkstream=True)
     redis.xreadgroup("ctxd", "owner", {stream: ">"}, count=10)  # pending with the owner
     redis.hset(
@@ -198,7 +201,7 @@ def test_a_plugin_base_exception_restarts_only_its_actor(
     assert outputs["wf-b"]["status"] in ("fallback", "error")
     assert "it crashed its worker: PluginError: " in outputs["wf-b"]["error"]
     assert outputs["wf-c"]["error"] == outputs["wf-d"]["error"] == ""
-    dead = [f for _, f in redis.xrange(f"{prefix}:dlq")]
+    dead = [f for _, f in cast(TextEntries, redis.xrange(f"{prefix}:dlq"))]
     assert [(f["kind"], f["reason"], f["attempts"]) for f in dead] == [("analysis", "poison", "2")]
     assert "Boom: the plug-in blew up on boom" in dead[0]["error"]
     assert service.proc.poll() is None

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import cast
 
 import pytest
+from actor_support import RawEntries, TextEntries
 from redis import Redis
 
 from actors.service.partitions import partition_of
@@ -15,14 +17,16 @@ from tests_support import ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow
 
-W = {"workflow_id": "bad-w", "content": "text"}  # a valid base the cases break one way
-BAD_UTF8 = b"\xff\xfe\xc3\x28"
-
 Fields = dict[str | bytes, str | bytes]
+
+W: Fields = {"workflow_id": "bad-w", "content": "text"}  # a valid base the cases break
+BAD_UTF8 = b"\xff\xfe\xc3\x28"
 
 
 def _with(**changes: str | bytes) -> Fields:
-    return {**W, **changes}
+    fields = dict(W)
+    fields.update(changes)
+    return fields
 
 
 def _deep(depth: int) -> str:
@@ -162,7 +166,7 @@ def test_every_malformed_entry_is_dead_lettered_once_and_the_service_keeps_runni
     sources: dict[str, str] = {}
     normal: list[str] = []
     for i, (label, fields, _) in enumerate(CASES):
-        sources[label] = raw.xadd(stream, fields).decode()
+        sources[label] = cast(bytes, raw.xadd(stream, fields)).decode()  # type: ignore[arg-type]
         event_id = f"n{i}"
         raw.xadd(
             stream, {"workflow_id": f"ok-{i % 4}", "content": f"normal {i}", "event_id": event_id}
@@ -170,11 +174,12 @@ def test_every_malformed_entry_is_dead_lettered_once_and_the_service_keeps_runni
         normal.append(event_id)
     for i, (_, extra) in enumerate(TOLERATED):
         event_id = f"t{i}"
-        raw.xadd(stream, {"workflow_id": "ok-t", "content": "odd", "event_id": event_id, **extra})
+        odd = {"workflow_id": "ok-t", "content": "odd", "event_id": event_id, **extra}
+        raw.xadd(stream, odd)  # type: ignore[arg-type]
         normal.append(event_id)
 
-    outputs = read_outputs(raw, f"{prefix}:out", len(normal), timeout_ms=60_000)
-    dead = read_outputs(raw, f"{prefix}:dlq", len(CASES), timeout_ms=20_000)
+    outputs = cast(RawEntries, read_outputs(raw, f"{prefix}:out", len(normal), timeout_ms=60_000))
+    dead = cast(RawEntries, read_outputs(raw, f"{prefix}:dlq", len(CASES), timeout_ms=20_000))
     out_ids = sorted(f[b"event_id"].decode() for _, f in outputs)
     assert out_ids == sorted(normal), "every normal and odd-but-valid event has one output"
     by_source: dict[str, list[dict[bytes, bytes]]] = {}
@@ -211,18 +216,19 @@ def test_entries_too_large_or_odd_to_copy_reach_the_dlq_cut_without_failing_thei
     stream = f"{prefix}:in"
     # All written before the service starts: the router reads them in one batch.
     raw.xadd(stream, {"workflow_id": "ok-a", "content": "before", "event_id": "v1"})
-    many = raw.xadd(
-        stream, {"workflow_id": "x", "content": "y", **{f"f{i}": "v" for i in range(10_000)}}
-    )
+    wide: Fields = {"workflow_id": "x", "content": "y", **{f"f{i}": "v" for i in range(10_000)}}
+    many = cast(bytes, raw.xadd(stream, wide))  # type: ignore[arg-type]
     raw.xadd(stream, {"workflow_id": "ok-b", "content": "between", "event_id": "v2"})
-    huge = raw.xadd(stream, {"workflow_id": "x", "content": "y", "blob": b"z" * (10 << 20)})
-    binary = raw.xadd(stream, {"workflow_id": "x", "content": b"\xfe" * 10_000})
+    huge = cast(
+        bytes, raw.xadd(stream, {"workflow_id": "x", "content": "y", "blob": b"z" * (10 << 20)})
+    )
+    binary = cast(bytes, raw.xadd(stream, {"workflow_id": "x", "content": b"\xfe" * 10_000}))
     raw.xadd(stream, {"workflow_id": "ok-a", "content": "after", "event_id": "v3"})
     service = start_service("run", env={"CTXD_DLQ_FIELD_BYTES": "4096"})
     service.wait_ready()
 
-    outputs = read_outputs(raw, f"{prefix}:out", 3, timeout_ms=60_000)
-    dead = read_outputs(raw, f"{prefix}:dlq", 3, timeout_ms=20_000)
+    outputs = cast(RawEntries, read_outputs(raw, f"{prefix}:out", 3, timeout_ms=60_000))
+    dead = cast(RawEntries, read_outputs(raw, f"{prefix}:dlq", 3, timeout_ms=20_000))
     assert sorted(f[b"event_id"] for _, f in outputs) == [b"v1", b"v2", b"v3"]
     by_source = {f[b"source_id"]: f for _, f in dead}
     assert set(by_source) == {many, huge, binary}
@@ -275,7 +281,7 @@ def test_event_id_is_an_idempotency_key_within_its_workflow(
     read_outputs(redis, f"{prefix}:out", 3)
     # wf-a's "later" came after its repeat, so the repeat has been handled by now.
     service.wait_for_line(lambda line: "duplicate event suppressed" in line)
-    outputs = redis.xrange(f"{prefix}:out")
+    outputs = cast(TextEntries, redis.xrange(f"{prefix}:out"))
     assert sorted((f["workflow_id"], f["event_id"]) for _, f in outputs) == [
         ("wf-a", "later"),
         ("wf-a", "same"),
@@ -307,12 +313,12 @@ def test_hostile_entries_appended_straight_to_a_partition_are_contained_by_the_i
     ]  # fmt: skip
     ids = []
     for i, (_, fields, _) in enumerate(cases):
-        ids.append(raw.xadd(part, fields))
+        ids.append(raw.xadd(part, fields))  # type: ignore[arg-type]
         raw.xadd(part, {"workflow_id": "ok-p", "content": f"fine {i}", "event_id": f"p{i}"})
     service = start_service("run")
     service.wait_ready()
-    outputs = read_outputs(raw, f"{prefix}:out", len(cases), timeout_ms=60_000)
-    dead = read_outputs(raw, f"{prefix}:dlq", len(cases), timeout_ms=20_000)
+    outputs = cast(RawEntries, read_outputs(raw, f"{prefix}:out", len(cases), timeout_ms=60_000))
+    dead = cast(RawEntries, read_outputs(raw, f"{prefix}:dlq", len(cases), timeout_ms=20_000))
     assert [f[b"event_id"] for _, f in outputs] == [f"p{i}".encode() for i in range(len(cases))]
     assert [f[b"reason"].decode() for _, f in dead] == [reason for _, _, reason in cases]
     assert all(len(f) <= 64 + 5 for _, f in dead)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import replace
+from typing import cast
 
+from actor_support import RawEntries
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis import Redis
@@ -151,7 +153,7 @@ def _write_some(redis_url: str, prefix: str, raw: dict[bytes, bytes]) -> None:
     asyncio.run(write())
     sync = Redis.from_url(redis_url)
     try:
-        for _, stored in sync.xrange(f"{prefix}:dlq")[-2:]:
+        for _, stored in cast(RawEntries, sync.xrange(f"{prefix}:dlq"))[-2:]:
             _check_dlq_copy(raw, stored)
     finally:
         sync.close()

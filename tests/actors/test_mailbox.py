@@ -19,7 +19,7 @@ from graph.state import JSON
 from graph.work import WorkHandlers, WorkKind
 from telemetry.testing import capture_spans
 
-DECIDE = {
+DECIDE: dict[str, JSON] = {
     "context": {
         "quality_score": 0.9,
         "performance_score": 0.9,
@@ -150,4 +150,4 @@ async def test_worker_span_is_a_child_of_the_askers_send_span(settings: Settings
     assert process.context.trace_id == send.context.trace_id
     assert process.parent is not None
     assert process.parent.span_id == send.context.span_id
-    assert process.attributes["messaging.consumer.group.name"] == settings.group
+    assert (process.attributes or {})["messaging.consumer.group.name"] == settings.group

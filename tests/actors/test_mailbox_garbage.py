@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import cast
 
 import pytest
+from actor_support import RawEntries
 from redis import Redis
 
 from tests_support import TECH, ServiceProcess, read_outputs
@@ -53,17 +55,23 @@ def test_garbage_in_a_mailbox_neither_restarts_workers_nor_stops_the_service(
             "deadline": later,
         },
     )
-    replies = read_outputs(raw, f"{prefix}:r", 1, timeout_ms=30_000)
+    replies = cast(
+        RawEntries, read_outputs(raw, f"{prefix}:r", 1, timeout_ms=30_000)
+    )  # a bytes client
     assert [f[b"id"] for _, f in replies] == [b"r2"]
-    dead = read_outputs(raw, f"{prefix}:dlq", 1, timeout_ms=30_000)
+    dead = cast(
+        RawEntries, read_outputs(raw, f"{prefix}:dlq", 1, timeout_ms=30_000)
+    )  # a bytes client
     assert [(f[b"source_id"], f[b"reason"]) for _, f in dead] == [(binary, b"invalid_request")]
     assert b"UTF-8" in dead[0][1][b"error"]
     for i in range(3):
         raw.xadd(f"{prefix}:in", {"workflow_id": f"after-{i}", "content": TECH})
-    outputs = read_outputs(raw, f"{prefix}:out", 3, timeout_ms=60_000)
+    outputs = cast(
+        RawEntries, read_outputs(raw, f"{prefix}:out", 3, timeout_ms=60_000)
+    )  # a bytes client
     assert [f[b"error"] for _, f in outputs] == [b""] * 3
     assert raw.xpending(mailbox, "ctxd")["pending"] == 0
-    assert wrong not in {eid for eid, _ in raw.xrange(mailbox)}
+    assert wrong not in {eid for eid, _ in cast(RawEntries, raw.xrange(mailbox))}
     assert not any('"actor restarted"' in line for line in service.lines)
     assert service.proc.poll() is None
     raw.close()
@@ -89,7 +97,9 @@ def test_garbage_in_a_reply_stream_is_skipped(
     raw.xadd(f"{prefix}:reply:{instance}", garbage)  # type: ignore[arg-type]
     for i in range(3):
         raw.xadd(f"{prefix}:in", {"workflow_id": f"after-{i}", "content": TECH})
-    outputs = read_outputs(raw, f"{prefix}:out", 3, timeout_ms=60_000)
+    outputs = cast(
+        RawEntries, read_outputs(raw, f"{prefix}:out", 3, timeout_ms=60_000)
+    )  # a bytes client
     assert [f[b"error"] for _, f in outputs] == [b""] * 3, "\n".join(service.lines[-10:])
     assert not any('"actor restarted"' in line for line in service.lines)
     assert service.proc.poll() is None

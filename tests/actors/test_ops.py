@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import Callable
+from typing import cast
 
 import pytest
+from actor_support import TextEntries, TextRead
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
@@ -66,13 +68,13 @@ def test_status_and_dlq_replay(
     assert replay.returncode == 0, replay.stdout + replay.stderr
     new_id = replay.stdout.split()[-1]
     assert redis.xrange(f"{prefix}:dlq", dead[0][0], dead[0][0]) == []
-    assert redis.xrange(f"{prefix}:in", new_id, new_id)[0][1] == {
+    assert cast(TextEntries, redis.xrange(f"{prefix}:in", new_id, new_id))[0][1] == {
         "workflow_id": "wf-ops",
         "content": "x",
         "priority": "p9",
     }
     # Still invalid, so it comes back to the DLQ once more, with the same reason.
-    reply = redis.xread({f"{prefix}:dlq": dead[0][0]}, block=4000)
+    reply = cast(TextRead, redis.xread({f"{prefix}:dlq": dead[0][0]}, block=4000))
     again = reply[0][1][0][1]
     assert (again["source_id"], again["reason"]) == (new_id, "invalid_priority")
     assert run_ctxd(env, "dlq", "replay", "--id", "1-1").returncode == 1  # unknown id
@@ -89,10 +91,10 @@ async def test_trim_only_below_the_lowest_pending_entry(redis_url: str, prefix: 
         await client.xreadgroup("g", "c", {stream: ">"}, count=6)  # 0..5 delivered
         await client.xack(stream, "g", *ids[:3], ids[4])  # 3 and 5 still pending
         assert await trim_acknowledged(client, stream) == 3
-        assert [e for e, _ in await client.xrange(stream)] == ids[3:]
+        assert [e for e, _ in cast(TextEntries, await client.xrange(stream))] == ids[3:]
         await client.xack(stream, "g", ids[3], ids[5])
         assert await trim_acknowledged(client, stream) == 3  # up to the last delivered
-        assert [e for e, _ in await client.xrange(stream)] == ids[6:]
+        assert [e for e, _ in cast(TextEntries, await client.xrange(stream))] == ids[6:]
     finally:
         await client.delete(stream)
         await client.aclose()

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import cast
 
 import pytest
+from actor_support import RawEntries
 from langgraph.checkpoint.memory import InMemorySaver
 from redis.asyncio import Redis
 
@@ -47,7 +49,8 @@ async def _entry(
 ) -> tuple[Event, dict[str, str]]:
     """XADD to ctxd:in and read it through the group, as the ingress does."""
     await ensure_group(aredis, settings.input_stream, settings.group)
-    entry_id = (await aredis.xadd(settings.input_stream, fields)).decode()  # type: ignore[arg-type]
+    added = await aredis.xadd(settings.input_stream, fields)  # type: ignore[arg-type]
+    entry_id = cast(bytes, added).decode()  # a bytes client
     await aredis.xreadgroup(settings.group, "test", {settings.input_stream: ">"}, count=100)
     return parse_event(entry_id, fields), fields
 
@@ -112,13 +115,12 @@ async def test_parked_events_left_by_a_crash_are_replayed_before_newer_ones(
     workflow_id = f"{prefix}-w"
     stream = parked_stream(paused_settings, workflow_id)
     for event_id in ("p1", "p2"):
-        await aredis.xadd(
-            stream, {**_event(workflow_id, event_id, TECH), "source_id": f"0-{event_id[1]}"}
-        )
+        parked = {**_event(workflow_id, event_id, TECH), "source_id": f"0-{event_id[1]}"}
+        await aredis.xadd(stream, parked)  # type: ignore[arg-type]
     runner = WorkflowRunner(aredis, paused_settings, _graph())
     newer = await _entry(aredis, paused_settings, _event(workflow_id, "n1", TECH))
     run = await runner.run(workflow_id, [newer])
-    outputs = await aredis.xrange(paused_settings.output_stream)
+    outputs = cast(RawEntries, await aredis.xrange(paused_settings.output_stream))
     assert [f[b"event_id"] for _, f in outputs] == [b"p1", b"p2"]
     assert await aredis.xlen(stream) == 0
     assert "n1" in run.results  # the ingress commits it, after the replayed ones
@@ -133,15 +135,16 @@ async def test_a_parked_entry_that_no_longer_validates_is_dead_lettered_not_retr
     workflow_id = f"{prefix}-w"
     stream = parked_stream(paused_settings, workflow_id)
     big = _event(workflow_id, "p1", "x" * 3000)
-    await aredis.xadd(stream, {**big, "source_id": "0-1"})
-    await aredis.xadd(stream, {**_event(workflow_id, "p2", TECH), "source_id": "0-2"})
+    await aredis.xadd(stream, {**big, "source_id": "0-1"})  # type: ignore[dict-item]
+    second = {**_event(workflow_id, "p2", TECH), "source_id": "0-2"}
+    await aredis.xadd(stream, second)  # type: ignore[arg-type]
     strict = replace(paused_settings, max_content_bytes=1000)
     runner = WorkflowRunner(aredis, strict, _graph())
     newer = await _entry(aredis, strict, _event(workflow_id, "n1", TECH))
     run = await runner.run(workflow_id, [newer])
-    outputs = await aredis.xrange(strict.output_stream)
+    outputs = cast(RawEntries, await aredis.xrange(strict.output_stream))
     assert [f[b"event_id"] for _, f in outputs] == [b"p2"]
-    dead = await aredis.xrange(strict.dlq_stream)
+    dead = cast(RawEntries, await aredis.xrange(strict.dlq_stream))
     assert [(f[b"reason"], f[b"source_id"], f[b"event_id"]) for _, f in dead] == [
         (b"oversized_content", b"0-1", b"p1")
     ]
@@ -167,14 +170,17 @@ async def test_events_behind_the_pause_in_one_batch_are_parked_and_replayed_in_o
     assert set(run.results) == {"e1"}
     assert run.handled == {batch[1][0].source_id, batch[2][0].source_id}
     stream = parked_stream(paused_settings, workflow_id)
-    assert [f[b"event_id"] for _, f in await aredis.xrange(stream)] == [b"e2", b"e3"]
+    assert [f[b"event_id"] for _, f in cast(RawEntries, await aredis.xrange(stream))] == [
+        b"e2",
+        b"e3",
+    ]
     pending = await aredis.xpending(paused_settings.input_stream, paused_settings.group)
     assert pending["pending"] == 3 - 2  # e1 waits for the ingress's commit
 
     resume = await _entry(aredis, paused_settings, resume_fields(workflow_id, None))
     done = await runner.run(workflow_id, [resume])
     assert done.results[resume[0].event_id]["status"] == "ok"
-    outputs = await aredis.xrange(paused_settings.output_stream)
+    outputs = cast(RawEntries, await aredis.xrange(paused_settings.output_stream))
     assert [f[b"event_id"] for _, f in outputs] == [b"e2", b"e3"]
     assert await aredis.xlen(stream) == 0
     values = (await graph.aget_state({"configurable": {"thread_id": workflow_id}})).values
@@ -206,5 +212,5 @@ async def test_a_replayed_parked_event_keeps_its_own_trace(
 
     resume = await _entry(aredis, paused_settings, resume_fields(workflow_id, None))
     await runner.run(workflow_id, [resume])
-    outputs = await aredis.xrange(paused_settings.output_stream)
+    outputs = cast(RawEntries, await aredis.xrange(paused_settings.output_stream))
     assert [(f[b"event_id"], f[b"trace_id"]) for _, f in outputs] == [(b"t2", trace_id.encode())]

@@ -13,8 +13,10 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
+from actor_support import TextEntries
 from redis import Redis
 
 from tests_support import TECH, ServiceProcess, read_outputs
@@ -37,7 +39,7 @@ def test_a_plugins_own_cancelled_error_crashes_only_its_actor(
     assert outputs["wf-x"]["status"] in ("fallback", "error")
     assert "CancelledError" in outputs["wf-x"]["error"]
     assert outputs["wf-c"]["error"] == outputs["wf-d"]["error"] == ""
-    dead = [f for _, f in redis.xrange(f"{prefix}:dlq")]
+    dead = [f for _, f in cast(TextEntries, redis.xrange(f"{prefix}:dlq"))]
     assert [(f["kind"], f["reason"]) for f in dead] == [("analysis", "poison")]
     assert "CancelledError" in dead[0]["error"]
     assert service.proc.poll() is None
@@ -92,7 +94,7 @@ def _outputs_or_exit(
         if redis.xlen(f"{prefix}:out") >= count:
             break
         time.sleep(0.1)  # polling two conditions (an output, the exit) with a deadline
-    return [f for _, f in redis.xrange(f"{prefix}:out")]
+    return [f for _, f in cast(TextEntries, redis.xrange(f"{prefix}:out"))]
 
 
 @pytest.mark.parametrize(

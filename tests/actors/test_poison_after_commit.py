@@ -10,6 +10,7 @@ results for one input. The DLQ write checks the event's dedupe key in the same s
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 from redis import Redis
@@ -32,10 +33,18 @@ def test_a_committed_event_past_its_delivery_limit_is_acknowledged_not_dead_lett
     n = partition_of(wf, PARTITIONS)
     stream = f"{prefix}:part:{n}"
     redis.xgroup_create(stream, "ctxd", id="0", mkstream=True)
-    entry_id = redis.xadd(
-        stream,
-        {"workflow_id": wf, "event_id": "e1", "content": "done already", "ctxd_source_id": "1-1"},
-    )
+    entry_id = cast(
+        str,
+        redis.xadd(
+            stream,
+            {
+                "workflow_id": wf,
+                "event_id": "e1",
+                "content": "done already",
+                "ctxd_source_id": "1-1",
+            },
+        ),
+    )  # a decoding client
     redis.xreadgroup("ctxd", "owner", {stream: ">"})  # pending, as a crashed owner left it
     redis.hset(f"{prefix}:attempts", f"{n}/{entry_id}", 5)  # the limit (CTXD_MAX_DELIVERIES)
     redis.set(f"{prefix}:done:{wf}/e1", "1-0")  # its output was committed

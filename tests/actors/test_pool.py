@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from typing import cast
 
 import anyio
 import pytest
-from actor_support import actor_settings, open_redis, running
+from actor_support import RawEntries, RawRead, actor_settings, open_redis, running
 from redis.asyncio import Redis
 
 from actors.config import Settings
@@ -16,10 +17,11 @@ from actors.runtime.pool import FaultPoint
 from actors.runtime.redis_io import text
 from actors.runtime.supervisor import SupervisorEscalation
 from actors.service.tree import ROOT_INTENSITY, ActorSystem
+from graph.state import JSON
 from graph.work import WorkHandlers, WorkKind
 from telemetry.testing import capture_metrics
 
-WINDOW = {"workflow_id": "w", "window": ["checkout latency rose after the deploy"]}
+WINDOW: dict[str, JSON] = {"workflow_id": "w", "window": ["checkout latency rose after the deploy"]}
 
 
 def _restart_total(capture: object) -> int:
@@ -80,8 +82,8 @@ async def test_request_delivered_too_often_is_dead_lettered_and_the_asker_told(
         system = ActorSystem(redis, settings, WorkHandlers(), ask=False)
         async with running(system):
             with anyio.fail_after(20):
-                got = await redis.xread({reply_to: "0-0"}, block=15000, count=1)
-        dlq = await redis.xrange(settings.dlq_stream)
+                got = cast(RawRead, await redis.xread({reply_to: "0-0"}, block=15000, count=1))
+        dlq = cast(RawEntries, await redis.xrange(settings.dlq_stream))
         pending = await redis.xpending(mailbox_stream(settings, "decision"), settings.group)
     reply = ActorReply.from_fields({text(k): text(v) for k, v in got[0][1][0][1].items()})
     assert (reply.id, reply.ok) == ("poison-1", False)
@@ -116,7 +118,7 @@ async def test_idle_request_of_a_dead_consumer_is_reclaimed_and_answered(
         system = ActorSystem(redis, settings, WorkHandlers(), ask=False)
         async with running(system):
             with anyio.fail_after(20):
-                got = await redis.xread({reply_to: "0-0"}, block=15000, count=1)
+                got = cast(RawRead, await redis.xread({reply_to: "0-0"}, block=15000, count=1))
     reply = ActorReply.from_fields({text(k): text(v) for k, v in got[0][1][0][1].items()})
     assert reply.ok, reply.body
     assert reply.consumer == f"{settings.instance}:decision:reclaim"

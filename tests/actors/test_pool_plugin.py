@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from typing import cast
 
 import anyio
-from actor_support import actor_settings, open_redis, running
+from actor_support import RawEntries, RawRead, actor_settings, open_redis, running
 
 from actors.config import Settings
 from actors.runtime.mailbox import ActorReply, ActorRequest, mailbox_stream
@@ -48,7 +49,7 @@ async def test_a_crashing_request_takes_down_only_itself_and_only_once(
             last = "0-0"
             with anyio.fail_after(30):
                 while len(replies) < 2:
-                    got = await redis.xread({reply_to: last}, block=1000)
+                    got = cast(RawRead | None, await redis.xread({reply_to: last}, block=1000))
                     for _, entries in got or []:
                         for entry_id, raw in entries:
                             last = text(entry_id)
@@ -57,9 +58,8 @@ async def test_a_crashing_request_takes_down_only_itself_and_only_once(
                             )
                             replies[reply.id] = reply
             stats = system.supervisors[WorkKind.ANALYSIS].statistics()
-        dlq = [{text(k): text(v) for k, v in f.items()} for _, f in await redis.xrange(
-            settings.dlq_stream
-        )]  # fmt: skip
+        dead = cast(RawEntries, await redis.xrange(settings.dlq_stream))
+        dlq = [{text(k): text(v) for k, v in f.items()} for _, f in dead]
         pending = await redis.xpending(stream, settings.group)
     assert replies["good"].ok, replies["good"].body
     assert not replies["bad"].ok

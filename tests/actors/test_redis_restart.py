@@ -10,8 +10,10 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
+from actor_support import TextEntries
 from redis import Redis
 from redis_helpers import free_port, start_redis
 
@@ -53,7 +55,7 @@ def test_redis_sigkill_and_restart_loses_nothing_acknowledged(
                 client.xadd(f"{prefix}:in", {"workflow_id": wf, "event_id": event_id,
                                              "content": f"event {i} of {wf}"})  # fmt: skip
                 inputs.append((wf, event_id))
-            client.execute_command("WAITAOF", 1, 0, 5000)  # the producer's own durability
+            client.execute_command("WAITAOF", 1, 0, 5000)  # type: ignore[no-untyped-call]
 
         produce(0, EVENTS // 2)
         seen_before = read_outputs(client, f"{prefix}:out", 60)
@@ -69,7 +71,7 @@ def test_redis_sigkill_and_restart_loses_nothing_acknowledged(
         assert len(seen_before) < EVENTS // 2, "the kill came after the first half was done"
         out_ids = {entry_id for entry_id, _ in outputs}
         assert {entry_id for entry_id, _ in seen_before} <= out_ids, "a seen output was lost"
-        dead = [f.get("event_id", "") for _, f in client.xrange(f"{prefix}:dlq")]
+        dead = [f.get("event_id", "") for _, f in cast(TextEntries, client.xrange(f"{prefix}:dlq"))]
         verdict = check_history(
             inputs, [(f["workflow_id"], f["event_id"]) for _, f in outputs], dead
         )

@@ -9,10 +9,11 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import cast
 
 import anyio
 import pytest
-from actor_support import actor_settings, running
+from actor_support import RawEntries, actor_settings, running
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -108,7 +109,8 @@ async def test_output_and_dlq_are_trimmed_to_their_bounds(
 
 async def _entry(aredis: AsyncRedis, settings: Settings, fields: dict[str, str]) -> Event:
     await ensure_group(aredis, settings.input_stream, settings.group)
-    entry_id = (await aredis.xadd(settings.input_stream, fields)).decode()  # type: ignore[arg-type]
+    added = await aredis.xadd(settings.input_stream, fields)  # type: ignore[arg-type]
+    entry_id = cast(bytes, added).decode()  # a bytes client
     await aredis.xreadgroup(settings.group, "test", {settings.input_stream: ">"}, count=100)
     return parse_event(entry_id, fields)
 
@@ -130,7 +132,7 @@ async def test_a_full_parked_stream_sends_further_events_to_the_dlq(
     run = await runner.run(workflow_id, batch)
     assert run.results["e1"]["status"] == "escalated"
     assert await aredis.xlen(parked_stream(paused, workflow_id)) == 1
-    dead = await aredis.xrange(paused.dlq_stream)
+    dead = cast(RawEntries, await aredis.xrange(paused.dlq_stream))
     assert [(f[b"event_id"], f[b"reason"]) for _, f in dead] == [(b"e3", b"parked_full")]
     assert b"CTXD_PARKED_MAXLEN=1" in dead[0][1][b"error"]
     assert dead[0][1][b"source_id"] == batch[2][0].source_id.encode()

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import cast
 
 import pytest
+from actor_support import RawEntries
 from redis import Redis
 
 from actors.service.validation import parse_event
@@ -96,8 +98,12 @@ def test_a_running_service_dead_letters_marker_shaped_json_and_keeps_the_workflo
             )
         )
         raw.xadd(stream, {"workflow_id": f"m{i}", "content": "fine", "event_id": f"ok{i}"})
-    outputs = read_outputs(raw, f"{prefix}:out", len(MARKERS), timeout_ms=60_000)
-    dead = read_outputs(raw, f"{prefix}:dlq", len(sources), timeout_ms=20_000)
+    outputs = cast(
+        RawEntries, read_outputs(raw, f"{prefix}:out", len(MARKERS), timeout_ms=60_000)
+    )  # a bytes client
+    dead = cast(
+        RawEntries, read_outputs(raw, f"{prefix}:dlq", len(sources), timeout_ms=20_000)
+    )  # a bytes client
     assert sorted(f[b"event_id"] for _, f in outputs) == sorted(
         f"ok{i}".encode() for i in range(len(MARKERS))
     )

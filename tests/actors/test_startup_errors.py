@@ -75,7 +75,7 @@ def acl_user(redis: Redis, prefix: str) -> Iterator[Callable[..., str]]:
         name = f"ctxd-{prefix}-{len(names)}"
         rules = [r for r in acl_rules(prefix) if r not in without]
         assert len(rules) == len(acl_rules(prefix)) - len(without)
-        redis.execute_command("ACL", "SETUSER", name, "reset", f">{password}", *rules)
+        redis.execute_command("ACL", "SETUSER", name, "reset", f">{password}", *rules)  # type: ignore[no-untyped-call]
         names.append(name)
         return name
 
@@ -174,7 +174,7 @@ def test_the_service_runs_as_a_user_with_exactly_the_documented_rules(
         rule.replace("~ctxd:*", f"~{prefix}:*").replace(">CHANGE-ME", f">{PASSWORD}")
         for rule in documented[3:]
     ]
-    redis.execute_command("ACL", "SETUSER", user, "reset", *rules)
+    redis.execute_command("ACL", "SETUSER", user, "reset", *rules)  # type: ignore[no-untyped-call]
     try:
         url = _encoded_url(redis_url, user)
         env = _env(url, prefix, tmp_path)

@@ -7,22 +7,24 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import anyio
 import pytest
-from actor_support import actor_settings, open_redis, running
+from actor_support import TextRead, actor_settings, open_redis, running
 from redis import Redis
 
 from actors.config import Settings
 from actors.runtime.mailbox import ActorReply, ActorRequest, mailbox_stream
 from actors.service.tree import ROOT_INTENSITY, ActorSystem
+from graph.state import JSON
 from graph.work import WorkHandlers
 from tests_support import ServiceProcess, read_outputs
 
 pytestmark = pytest.mark.slow
 
 PLUGIN = f"{Path(__file__).with_name('flaky_analyzer.py')}:analyze"
-WINDOW = {"workflow_id": "w", "window": ["checkout latency rose after the deploy"]}
+WINDOW: dict[str, JSON] = {"workflow_id": "w", "window": ["checkout latency rose after the deploy"]}
 
 
 def _json_lines(process: ServiceProcess) -> list[dict[str, object]]:
@@ -106,12 +108,12 @@ async def test_sigkilled_worker_process_requests_are_reclaimed_by_another_proces
     doomed.signal(signal.SIGKILL)
     assert doomed.wait() == -signal.SIGKILL
     pending = redis.xpending_range(mailbox_stream(settings, "analysis"), "ctxd", "-", "+", 10)
-    assert [p["consumer"].split(":")[-3] for p in pending] == [str(doomed.proc.pid)]
+    assert [str(p["consumer"]).split(":")[-3] for p in pending] == [str(doomed.proc.pid)]
 
     redis.delete(f"{prefix}:test:analyzer")
     rescuer = start_service("worker", "--kinds", "analysis", env=env)
     rescuer.wait_ready()
-    got = redis.xread({reply_to: "0-0"}, block=30000, count=1)
+    got = cast(TextRead, redis.xread({reply_to: "0-0"}, block=30000, count=1))
     assert got, "no process answered the reclaimed request"
     reply = ActorReply.from_fields(got[0][1][0][1])
     assert reply.ok, reply.body

@@ -25,6 +25,7 @@ from redis import Redis
 from graph.checkpointer import open_checkpointer, strict_serializer
 from graph.errors import WorkflowError
 from graph.history import checkpoint_history, fork_checkpoint, is_intact, latest_checkpoint_id
+from graph.json_values import as_list, as_object
 from graph.work import LocalDispatch
 from graph.workflow import (
     ContextualGraph,
@@ -235,8 +236,9 @@ async def test_state_changed_outside_the_graph_is_detected_and_rolled_back(
     assert run.recovered_to == good.checkpoint_id
     history = await checkpoint_history(graph, workflow_id)
     monitored = next(h for h in history if h.values.get("inbox") == [] and not h.intact)
-    assert monitored.values["health"]["state_integrity"] == "corrupted"
-    assert "initiate_state_recovery" in monitored.values["health"]["recovery_actions"]
+    health = as_object(monitored.values["health"])
+    assert health["state_integrity"] == "corrupted"
+    assert "initiate_state_recovery" in as_list(health["recovery_actions"])
     current = await graph.aget_state(thread_config(workflow_id))
     assert current.config["configurable"]["checkpoint_id"] == run.checkpoint_id
     assert current.values["analysis"] == good_values["analysis"]

@@ -17,6 +17,7 @@ from actors.runtime.breaker import BreakerState, CallNotPermittedError
 from graph.analysis import AnalysisRequest, AnalysisResult, heuristic_analyzer
 from graph.checkpointer import strict_serializer
 from graph.errors import CtxdError, PluginError
+from graph.json_values import as_float
 from graph.nodes import event_status, summarize_errors
 from graph.state import JSON
 from graph.work import DispatchHealth, LocalDispatch, WorkHandlers, WorkKind
@@ -84,7 +85,7 @@ async def test_failed_analysis_after_a_good_event_does_not_reuse_its_quality() -
     dispatch = FailingDispatch({})
     graph = _graph(dispatch)
     first = await run_events(graph, "w", [{"event_id": "e1", "content": MARKET}])
-    assert first.results["e1"]["quality_score"] > 0.0
+    assert as_float(first.results["e1"]["quality_score"]) > 0.0
     dispatch.failing["analysis"] = TimeoutError("no reply")
     second = await run_events(graph, "w", [{"event_id": "e2", "content": MARKET + " More."}])
     assert second.results["e2"]["status"] == "fallback"
@@ -128,7 +129,7 @@ def test_event_status_rules() -> None:
 
 
 def test_summarize_errors_is_bounded_and_counts_the_rest() -> None:
-    errors: list[JSON] = [
+    errors: list[dict[str, JSON]] = [
         {"kind": "analysis", "type": "TimeoutError", "message": "x" * 2000},
         {"kind": "update", "type": "RuntimeError", "message": "no"},
         {"kind": "decision", "type": "OSError", "message": "gone"},

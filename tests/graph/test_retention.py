@@ -62,7 +62,7 @@ def _census(redis: Redis, namespace: str, workflow_id: str) -> collections.Count
 
 
 def _docs(redis: Redis, index: str) -> int:
-    return int(redis.ft(index).info()["num_docs"])
+    return int(redis.ft(index).info()["num_docs"])  # type: ignore[no-untyped-call]
 
 
 async def _events(graph: ContextualGraph, workflow_id: str, count: int, start: int = 0) -> None:

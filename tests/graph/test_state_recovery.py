@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -121,7 +122,7 @@ async def test_a_workflow_whose_only_checkpoint_is_bad_starts_a_fresh_segment(
         [{"event_id": "e1", "content": TECH}, {"event_id": "e2", "content": MARKET}],
     )
     key = checkpoint_key(redis, workflow_id, str(only.checkpoint_id))
-    segment = redis.json().get(key, "$.checkpoint.channel_values.segment")[0]
+    segment = cast(list[int], redis.json().get(key, "$.checkpoint.channel_values.segment"))[0]
     redis.json().set(key, "$.checkpoint.channel_values.window", 5)
 
     run = await run_events(graph, workflow_id, [{"event_id": "e3", "content": TECH}])

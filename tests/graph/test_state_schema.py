@@ -12,7 +12,7 @@ import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 
 from graph.checkpointer import strict_serializer
-from graph.state import state_problems
+from graph.state import JSON, state_problems
 from graph.work import LocalDispatch
 from graph.workflow import build_contextual_workflow, run_events, thread_config
 from tests_support import MARKET, TECH
@@ -47,10 +47,10 @@ async def test_a_paused_state_with_a_large_validated_event_fits() -> None:
     graph = build_contextual_workflow(
         LocalDispatch(), InMemorySaver(serde=strict_serializer()), escalation_pauses=True
     )
-    deep: object = "leaf"
+    deep: JSON = "leaf"
     for _ in range(150):
         deep = {"d": deep}
-    event = {
+    event: dict[str, JSON] = {
         "event_id": "e1",
         "content": "ok " * 700_000,
         "priority": "critical",

@@ -11,8 +11,9 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from graph.analysis import load_analyzer
 from graph.checkpointer import strict_serializer
+from graph.json_values import as_float, as_int, as_list, as_object, as_str
 from graph.routing import RoutingContext, RoutingEngine
-from graph.state import JSON
+from graph.state import JSON, ContextState
 from graph.work import DispatchHealth, LocalDispatch, WorkHandlers, WorkKind
 from graph.workflow import (
     ContextualGraph,
@@ -46,8 +47,8 @@ def _graph(dispatch: object | None = None, *, pauses: bool = False) -> Contextua
     )
 
 
-async def _values(graph: ContextualGraph, workflow_id: str) -> dict[str, JSON]:
-    return dict((await graph.aget_state(thread_config(workflow_id))).values)
+async def _values(graph: ContextualGraph, workflow_id: str) -> ContextState:
+    return cast(ContextState, dict((await graph.aget_state(thread_config(workflow_id))).values))
 
 
 async def test_adaptive_processor_raises_quality_over_passes() -> None:
@@ -55,16 +56,16 @@ async def test_adaptive_processor_raises_quality_over_passes() -> None:
     graph = _graph()
     qualities: list[float] = []
     visits: list[str] = []
-    run_input = {"workflow_id": "w", "inbox": [{"event_id": "e1", "content": MARKET}]}
+    run_input: ContextState = {"workflow_id": "w", "inbox": [{"event_id": "e1", "content": MARKET}]}
     async for update in graph.astream(
-        cast(dict[str, JSON], run_input),  # type: ignore[arg-type]
+        run_input,
         thread_config("w"),
         stream_mode="updates",
     ):
         for node, changes in cast(dict[str, dict[str, JSON]], update).items():
             visits.append(node)
             if changes and "quality" in changes:
-                qualities.append(float(changes["quality"]))
+                qualities.append(as_float(changes["quality"]))
     assert visits.count("adaptive_processor") >= 2
     assert len(qualities) >= 3
     assert qualities == sorted(qualities)
@@ -91,10 +92,11 @@ async def test_context_updater_records_a_real_checkpoint_as_rollback_point() -> 
     assert run1.checkpoint_id
     restarted = build_contextual_workflow(LocalDispatch(), saver)
     run2 = await run_events(restarted, "w", [{"event_id": "e2", "content": MARKET}])
-    assert "context_updater" in run2.results["e2"]["route"]
+    assert "context_updater" in as_list(run2.results["e2"]["route"])
     segment = (await _values(restarted, "w"))["segments"][-1]
     assert segment["checkpoint_id"] == run1.checkpoint_id
-    assert TECH.split(";")[0][:40] in segment["summary"] or segment["summary"]
+    summary = as_str(segment["summary"])
+    assert TECH.split(";")[0][:40] in summary or summary
     old = await restarted.aget_state(thread_config("w", run1.checkpoint_id))
     assert old.values["events_processed"] == 1
 
@@ -109,7 +111,7 @@ async def test_decision_engine_uses_event_constraints_and_live_health() -> None:
     )
     graph = _graph(HealthDispatch(health))
     deadline = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
-    event = {
+    event: dict[str, JSON] = {
         "event_id": "e1",
         "content": TECH,
         "priority": "high",
@@ -122,7 +124,7 @@ async def test_decision_engine_uses_event_constraints_and_live_health() -> None:
     record = values["decisions"][-1]
     assert record["decision"] == result["decision"]
     assert record["scores"] == result["scores"]
-    assert set(record["scores"]) == {
+    assert set(as_object(record["scores"])) == {
         "high_quality_path",
         "standard_quality_path",
         "retry_with_improvements",
@@ -131,8 +133,10 @@ async def test_decision_engine_uses_event_constraints_and_live_health() -> None:
         "escalation_required",
     }
     # The history keeps decision and scores; the current record also keeps its context.
-    assert values["decision"]["scores"] == record["scores"]
-    context = values["decision"]["context"]
+    current = values["decision"]
+    assert current is not None
+    assert current["scores"] == record["scores"]
+    context = as_object(current["context"])
     assert context["error_rate"] == 0.8
     assert context["performance_score"] == 0.2
     assert context["business_priority"] == "high"
@@ -141,10 +145,10 @@ async def test_decision_engine_uses_event_constraints_and_live_health() -> None:
     # The same context through the engine gives the same decision and scores.
     expected = RoutingEngine().decide(
         RoutingContext(
-            quality_score=context["quality_score"],
+            quality_score=as_float(context["quality_score"]),
             performance_score=0.2,
             error_rate=0.8,
-            resource_utilization=context["resource_utilization"],
+            resource_utilization=as_float(context["resource_utilization"]),
             business_priority="high",
             execution_deadline=datetime.fromisoformat(deadline),
             cost_constraints={"max_cost": 5.0},
@@ -164,7 +168,7 @@ async def test_failing_workers_drive_the_decision_to_circuit_breaker_mode() -> N
     run = await run_events(graph, "w", [{"event_id": "e1", "content": TECH}])
     assert run.results["e1"]["decision"] == "circuit_breaker_mode"
     assert run.results["e1"]["status"] == "fallback"
-    assert "adaptive_processor" not in run.results["e1"]["route"]  # the breaker is open
+    assert "adaptive_processor" not in as_list(run.results["e1"]["route"])  # breaker open
 
 
 async def test_escalation_pauses_and_resume_continues_with_the_answer() -> None:
@@ -208,7 +212,7 @@ async def test_example_plugin_runs_in_the_workflow() -> None:
     values = await _values(graph, "w")
     assert values["analysis"].startswith("Analysis: ")
     assert "an incident is under way" in values["analysis"]
-    assert values["analysis_fields"]["keywords"] >= 5
+    assert as_int(values["analysis_fields"]["keywords"]) >= 5
 
 
 async def test_a_run_larger_than_the_outbox_bound_returns_every_result() -> None:
@@ -224,4 +228,4 @@ async def test_a_run_larger_than_the_outbox_bound_returns_every_result() -> None
     again = await run_events(graph, "wf-big", [{"event_id": "big-200", "content": TECH}])
     assert list(again.results) == ["big-200"]
     outbox = (await _values(graph, "wf-big"))["outbox"]
-    assert 128 <= len(cast(dict[str, str], outbox)) <= 201
+    assert 128 <= len(outbox) <= 201

@@ -17,6 +17,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 from graph.checkpointer import strict_serializer
 from graph.features import AnalyzerPolicy
+from graph.json_values import as_list
 from graph.state import JSON
 from graph.work import DispatchHealth, LocalDispatch, WorkKind
 from graph.workflow import build_contextual_workflow, run_events
@@ -106,11 +107,11 @@ def test_every_event_of_the_real_workflow_ends_within_the_budget(
 ) -> None:
     policy = AnalyzerPolicy(iteration_budget=budget)
     graph = build_contextual_workflow(
-        RandomHealthDispatch(figures, seed),  # type: ignore[arg-type]
+        RandomHealthDispatch(figures, seed),
         InMemorySaver(serde=strict_serializer()),
         policy=policy,
     )
-    events = [
+    events: list[dict[str, JSON]] = [
         {"event_id": f"e{i}", "content": text, "priority": priorities[i]}
         for i, text in enumerate(texts)
     ]
@@ -118,14 +119,14 @@ def test_every_event_of_the_real_workflow_ends_within_the_budget(
     async def run_all() -> None:
         # One run with every event, then one run per event on the same thread.
         batch = await run_events(graph, "batch", events, iteration_budget=budget)
-        singles = {}
+        singles: dict[str, Mapping[str, JSON]] = {}
         for event in events:
             run = await run_events(graph, "single", [event], iteration_budget=budget)
             singles.update(run.results)
         for results in (batch.results, singles):
             assert set(results) == {e["event_id"] for e in events}
             for result in results.values():
-                route = list(result["route"])
+                route = as_list(result["route"])
                 assert 1 <= route.count("context_analyzer") <= budget
                 assert route[0] == "context_analyzer"
                 assert route[-1] == "context_analyzer"

@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections import defaultdict
 
 from langgraph.checkpoint.memory import InMemorySaver
+from opentelemetry.sdk.metrics.export import NumberDataPoint
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
 from graph.checkpointer import strict_serializer
+from graph.state import JSON
 from graph.tracing import GraphTelemetry, event_trace_fields
 from graph.work import LocalDispatch
 from graph.workflow import build_contextual_workflow, run_events
@@ -30,7 +32,7 @@ _NODES = {
 }
 
 
-def _event(event_id: str, content: str, **extra: str) -> dict[str, object]:
+def _event(event_id: str, content: str, **extra: str) -> dict[str, JSON]:
     return {
         "source_id": f"{event_id}-0",
         "event_id": event_id,
@@ -56,7 +58,7 @@ async def test_each_event_of_a_batch_is_its_own_trace_with_nodes_and_routes() ->
         graph = build_contextual_workflow(
             LocalDispatch(), _saver(), telemetry=GraphTelemetry(cap.tracer, met.instruments)
         )
-        events = []
+        events: list[dict[str, JSON]] = []
         process_spans = []
         texts = [
             "Checkout latency rose after the deploy; the API and database look slow.",
@@ -112,10 +114,11 @@ async def test_each_event_of_a_batch_is_its_own_trace_with_nodes_and_routes() ->
             final = max(analyzer_routes, key=lambda s: s.start_time or 0)
             assert (final.attributes or {})["ctxd.routing.result.target"] == ("processing_complete")
 
-        decisions_counted = sum(int(p.value) for p in met.points("ctxd.routing.decisions"))
+        counts = met.points("ctxd.routing.decisions")
+        decisions_counted = sum(int(p.value) for p in counts if isinstance(p, NumberDataPoint))
         assert decisions_counted == sum(1 for s in spans if s.name.startswith("route "))
         node_points = met.points("ctxd.graph.node.duration")
-        assert {dict(p.attributes)["ctxd.graph.node"] for p in node_points} >= {
+        assert {dict(p.attributes or {})["ctxd.graph.node"] for p in node_points} >= {
             "context_analyzer",
             "decision_engine",
         }

@@ -29,6 +29,7 @@ from graph.history import (
     inspect_checkpoint,
     is_intact,
 )
+from graph.json_values import as_float, as_int, as_list, as_object, as_objects
 from graph.state import JSON
 from graph.work import LocalDispatch
 from graph.workflow import build_contextual_workflow
@@ -163,22 +164,22 @@ def format_state(
     parked: int = 0,
 ) -> str:
     """A workflow's state as a person reads it: key values, segments, last decisions."""
-    health = values.get("health") or {}
+    health = as_object(values.get("health"))
     lines = [
         f"workflow {workflow_id}",
         f"  checkpoint       {checkpoint_id or '-'}",
         f"  status           {'PAUSED (waiting for `ctxd resume`)' if paused else 'active'}"
         + (f", {parked} event(s) parked" if parked else ""),
-        f"  events processed {int(values.get('events_processed') or 0)}",
-        f"  quality          {float(values.get('quality') or 0.0):.3f}",
+        f"  events processed {as_int(values.get('events_processed'))}",
+        f"  quality          {as_float(values.get('quality')):.3f}",
         f"  integrity        {'intact' if is_intact(values) else 'CHANGED OUTSIDE THE GRAPH'}"
         f" (last check: {health.get('state_integrity', '-')})",
-        f"  errors           {int(values.get('error_count') or 0)}",
+        f"  errors           {as_int(values.get('error_count'))}",
         f"  analysis         {_short(str(values.get('analysis') or '-'), 100)}",
-        f"  segment          #{int(values.get('segment') or 0)}, "
-        f"{len(values.get('window') or [])} event(s) in the window",
+        f"  segment          #{as_int(values.get('segment'))}, "
+        f"{len(as_list(values.get('window')))} event(s) in the window",
     ]
-    segments = list(values.get("segments") or [])
+    segments = as_objects(values.get("segments"))
     if segments:
         lines.append("closed segments:")
         for seg in segments[-5:]:
@@ -186,12 +187,12 @@ def format_state(
                 f"  #{seg.get('segment')} {seg.get('events')} event(s), rollback point "
                 f"{seg.get('checkpoint_id') or '-'}: {_short(str(seg.get('summary', '')), 80)}"
             )
-    decisions = list(values.get("decisions") or [])
+    decisions = as_objects(values.get("decisions"))
     if decisions:
         lines.append("last decisions:")
         for record in decisions[-5:]:
             name = str(record.get("decision", "?"))
-            score = (record.get("scores") or {}).get(name)
+            score = as_object(record.get("scores")).get(name)
             shown = f" score={float(score):.3f}" if isinstance(score, int | float) else ""
             resolved = " (resolved by a person)" if "resolution" in record else ""
             lines.append(f"  event {record.get('event_id')}: {name}{shown}{resolved}")

@@ -24,8 +24,8 @@ resource utilization (seed defaults in brackets)::
     escalation_required    score[.9] if priority is "critical" and
                            (q < quality_below[.6] or e > error_rate_above[.4]); otherwise 0
 
-The numbers live in :mod:`graph.routing_config` (re-exported here): the
-``[routing]`` table of the TOML config file, read with :meth:`RoutingConfig.from_mapping`.
+The numbers live in :mod:`graph.routing.config`: the ``[routing]`` table of the TOML
+config file, read with :meth:`RoutingConfig.from_mapping`.
 """
 
 from __future__ import annotations
@@ -38,45 +38,14 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
 
-from graph.routing_config import (
-    BreakerGate,
-    BusinessConstraints,
-    CircuitBreakerWeights,
-    CriticalFactors,
-    DeadlineFactors,
-    EscalationRule,
-    FallbackWeights,
-    HighQualityWeights,
-    LowBudgetFactors,
-    QualityGate,
-    RetryWeights,
-    RoutingConfig,
-    ScoreWeights,
-    StandardQualityWeights,
-    Thresholds,
-)
+from graph.routing.config import QualityGate, RoutingConfig
 
 __all__ = [
     "PRIORITIES",
-    "BreakerGate",
-    "BusinessConstraints",
-    "CircuitBreakerWeights",
-    "CriticalFactors",
-    "DeadlineFactors",
-    "EscalationRule",
-    "FallbackWeights",
-    "HighQualityWeights",
-    "LowBudgetFactors",
-    "QualityGate",
-    "RetryWeights",
-    "RoutingConfig",
     "RoutingContext",
     "RoutingDecision",
     "RoutingEngine",
     "RoutingOutcome",
-    "ScoreWeights",
-    "StandardQualityWeights",
-    "Thresholds",
 ]
 
 PRIORITIES: Final = ("low", "standard", "high", "critical")
