@@ -35,7 +35,7 @@ from actors.runtime.availability import (
 from actors.runtime.supervisor import SupervisorEscalation
 from actors.service.connections import open_service_client, pool_size
 from actors.service.ingress import Ingress
-from actors.service.lease import fence_checkpoints
+from actors.service.lease import CheckpointFence, fence_checkpoints
 from actors.service.stream_metrics import poll_stream_gauges
 from actors.service.tree import ActorSystem
 from graph.analysis import load_analyzer
@@ -111,7 +111,7 @@ async def serve(
                 redis_url, settings.stream_prefix, modules=settings.checkpointer == "redis"
             )
             saver = await _open_checkpointer(stack, settings, redis_url, redis, availability)
-            fence = _Fence()
+            fence = CheckpointFence(redis, settings)
             actors = (
                 ActorSystem(
                     redis,
@@ -141,7 +141,6 @@ async def serve(
                 tracer=graph_telemetry.tracer,
                 availability=availability,
             )
-            fence.ingress = ingress
             if actors is not None:
                 ingress.extra_stats = actors.status
             async with anyio.create_task_group() as tg:
@@ -239,16 +238,6 @@ def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
 
 def _exports_metrics(settings: TelemetrySettings) -> bool:
     return not settings.disabled and settings.metrics.exporter != "none"
-
-
-class _Fence:
-    """Checkpoint writes go through the ingress's partition-lease check."""
-
-    ingress: Ingress | None = None
-
-    async def check(self, workflow_id: str) -> None:
-        if self.ingress is not None:
-            await self.ingress.check_fence(workflow_id)
 
 
 async def _wait_for_ingress_end(ingress: Ingress) -> None:
