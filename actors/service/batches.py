@@ -40,10 +40,11 @@ from actors.service.parking import AckTarget, WorkflowRunner
 from actors.service.partitions import lease_key, partition_stream
 from actors.service.retention import Retention
 from actors.service.router import TRANSIENT_ERRORS
-from actors.service.streams import done_key
+from actors.service.streams import done_key, event_result
 from actors.service.validation import Event
 from graph.errors import FencedError, exception_chain
 from graph.history import is_store_failure
+from graph.state import JSON
 from graph.tracing import event_trace_fields
 from graph.workflow import ContextualGraph, thread_config
 from telemetry.metrics import Instruments
@@ -482,15 +483,11 @@ def _is_transient(exc: BaseException) -> bool:
     )
 
 
-def _interrupted_result(event: Event, strategy: str) -> dict[str, object]:
-    return {
-        "workflow_id": event.workflow_id,
-        "event_id": event.event_id,
-        "source_id": event.source_id,
-        "status": "error",
-        "decision": "",
-        "route": [],
-        "scores": {},
-        "quality_score": 0.0,
-        "error": f"interrupted by a newer event of the workflow (CTXD_MULTITASK={strategy})",
-    }
+def _interrupted_result(event: Event, strategy: str) -> dict[str, JSON]:
+    return event_result(
+        event.workflow_id,
+        event.event_id,
+        event.source_id,
+        status="error",
+        error=f"interrupted by a newer event of the workflow (CTXD_MULTITASK={strategy})",
+    )

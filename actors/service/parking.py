@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.service.gateway import Lease, OutputCommitter, dead_letter, output_item
+from actors.service.streams import event_result
 from actors.service.validation import Event, decode_fields, parse_event
 from graph.errors import CtxdError, FencedError, InvalidEntryError
 from graph.features import AnalyzerPolicy
@@ -279,13 +280,14 @@ class _Run:
     ) -> dict[str, JSON]:
         """A control entry's output; ``error`` says why it failed (``ctxd rollback`` and
         ``ctxd resume`` print it)."""
-        result: dict[str, JSON] = {
-            "workflow_id": self.workflow_id,
-            "decision": "",
-            "route": [str(event.control)],
-            "quality_score": 0.0,
-            "scores": {},
-            "error": "",
+        result = {
+            **event_result(
+                self.workflow_id,
+                event.event_id,
+                event.source_id,
+                status=status,
+                route=[str(event.control)],
+            ),
             **(base or {}),
         }
         result.update(event_id=event.event_id, source_id=event.source_id, status=status)

@@ -1,6 +1,7 @@
 """The records ctxd writes to its streams, and the streams' upkeep.
 
-- :func:`output_fields` is the one builder of a ``ctxd:out`` entry, :func:`dlq_entry`
+- :func:`output_fields` is the one builder of a ``ctxd:out`` entry (from a result, the
+  graph's or :func:`event_result`), :func:`dlq_entry`
   of a DLQ entry (each field cut to a prefix, with a marker), :func:`done_key` of an
   event's dedupe key.
 - :func:`ensure_group` creates a consumer group (``MKSTREAM``), tolerating ``BUSYGROUP``;
@@ -13,12 +14,13 @@ The writes themselves (commits, DLQ moves, fenced reads) are in
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from actors.config import Settings
+from graph.state import JSON
 
 __all__ = [
     "DLQ_CUT_FIELD",
@@ -29,6 +31,7 @@ __all__ = [
     "done_key",
     "done_key_pattern",
     "ensure_group",
+    "event_result",
     "output_fields",
     "trim_acknowledged",
     "trim_bounded_streams",
@@ -182,6 +185,31 @@ def output_fields(
         "trace_id": trace_id,
         "checkpoint_id": checkpoint_id,
         "error": bounded_error(str(result.get("error") or "")),
+    }
+
+
+def event_result(
+    workflow_id: str,
+    event_id: str,
+    source_id: str,
+    *,
+    status: str,
+    route: Sequence[str] = (),
+    error: str = "",
+) -> dict[str, JSON]:
+    """The result of an event the graph gave none for (a control entry, an interrupted
+    run): every field :func:`output_fields` reads, so such an output has the same
+    shape as any other."""
+    return {
+        "workflow_id": workflow_id,
+        "event_id": event_id,
+        "source_id": source_id,
+        "status": status,
+        "decision": "",
+        "route": list(route),
+        "quality_score": 0.0,
+        "scores": {},
+        "error": error,
     }
 
 
