@@ -194,13 +194,15 @@ class BatchProcessor:
             try:
                 with CheckpointFence.tenure(lease):
                     await self._run_and_commit(workflow_id, wf, batch, spans, lease)
-            except FencedError:
-                _log.warning(
-                    "partition lease lost during a run; the new owner redoes it",
-                    workflow_id=workflow_id,
-                )
-                outcome = "lost"
             except Exception as exc:  # noqa: BLE001 - the events are retried in order
+                # A refused commit, or a checkpoint write refused inside the graph (and
+                # perhaps wrapped by it): the partition's new owner redoes the batch.
+                if any(isinstance(e, FencedError) for e in exception_chain(exc)):
+                    _log.warning(
+                        "partition lease lost during a run; the new owner redoes it",
+                        workflow_id=workflow_id,
+                    )
+                    return "lost"
                 if _refused_by_breaker(exc):
                     _log.warning(
                         "circuit breaker open; batch stays pending", workflow_id=workflow_id
