@@ -9,8 +9,8 @@ so nothing else needs reviving.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from langgraph.checkpoint.redis.aio import AsyncRedisSaver
 
 __all__ = [
+    "PointerWriter",
     "check_redis_modules",
     "checkpoint_key_prefixes",
     "open_checkpointer",
@@ -32,6 +33,17 @@ __all__ = [
 ]
 
 _REQUIRED_MODULES = {"ReJSON": "RedisJSON", "search": "RediSearch"}
+
+PointerWriter = Callable[[Redis, str, str], Awaitable[object]]
+"""Writes a thread's latest-checkpoint pointer: ``(client, pointer key, checkpoint key)``.
+
+The Redis saver stores each checkpoint under its own key and then moves one pointer per
+thread to it; reads without a checkpoint id follow the pointer. The pointer is therefore
+the one write that decides what the workflow's state *is*. The service passes a writer
+that moves it only while the run's partition lease still holds, in the same script
+(:func:`actors.service.lease.fenced_pointer_writer`), so an instance that paused past its
+lease cannot move a workflow's state back under the new owner.
+"""
 
 
 def strict_serializer(
@@ -82,8 +94,29 @@ def checkpoint_key_prefixes(namespace: str) -> tuple[str, str, str]:
     )
 
 
+def _pointer_guarded(client: Redis, pointer_prefix: str, write: PointerWriter) -> Redis:
+    """A client on ``client``'s pool whose plain ``SET`` of a pointer key goes to ``write``.
+
+    The saver writes the latest-checkpoint pointer with a bare ``SET`` and offers no hook;
+    this is the narrowest place to put one. Every other command is ``client``'s own.
+    """
+
+    class PointerGuardedRedis(Redis):
+        def set(self, name: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+            key = name.decode() if isinstance(name, bytes) else name
+            if isinstance(key, str) and key.startswith(pointer_prefix) and not args and not kwargs:
+                target = value.decode() if isinstance(value, bytes) else str(value)
+                return write(client, key, target)
+            return super().set(name, value, *args, **kwargs)
+
+    return PointerGuardedRedis(connection_pool=client.connection_pool)
+
+
 def _namespaced_redis_saver(
-    redis_url: str, namespace: str, redis_client: Redis | None = None
+    redis_url: str,
+    namespace: str,
+    redis_client: Redis | None = None,
+    pointer_writer: PointerWriter | None = None,
 ) -> AsyncRedisSaver:
     """An ``AsyncRedisSaver`` whose every key and index lives under ``namespace``.
 
@@ -111,6 +144,9 @@ def _namespaced_redis_saver(
             self._key_registry = NamespacedRegistry(self._redis)
 
     if redis_client is not None:  # shared with the service (and not closed by the saver)
+        if pointer_writer is not None:
+            pointer_prefix = f"{checkpoints}_latest:"
+            redis_client = _pointer_guarded(redis_client, pointer_prefix, pointer_writer)
         return NamespacedRedisSaver(
             redis_client=redis_client,
             checkpoint_prefix=checkpoints,
@@ -199,6 +235,7 @@ async def open_checkpointer(
     redis_url: str | None = None,
     postgres_url: str | None = None,
     redis_client: Redis | None = None,
+    pointer_writer: PointerWriter | None = None,
 ) -> AsyncIterator[BaseCheckpointSaver[str]]:
     """Open the checkpointer of ``kind`` with the strict serializer.
 
@@ -210,6 +247,8 @@ async def open_checkpointer(
         postgres_url: for ``postgres`` (needs the ``postgres`` extra).
         redis_client: for ``redis``, a client the saver shares (and does not close),
             so the service's connection pool is sized for both; its own if None.
+        pointer_writer: for ``redis`` with ``redis_client``, how the latest-checkpoint
+            pointer is written (:data:`PointerWriter`); a plain ``SET`` if None.
 
     Raises:
         ConfigError: unknown kind, missing URL or missing extra.
@@ -225,7 +264,9 @@ async def open_checkpointer(
             await check_redis_modules(probe)
         finally:
             await probe.aclose()
-        saver = _namespaced_redis_saver(redis_url, namespace, redis_client)
+        if pointer_writer is not None and redis_client is None:
+            raise ConfigError("a checkpoint pointer writer needs the service's redis_client")
+        saver = _namespaced_redis_saver(redis_url, namespace, redis_client, pointer_writer)
         try:
             await _create_indexes(saver)
         except BaseException:

@@ -35,7 +35,7 @@ from actors.runtime.availability import (
 from actors.runtime.supervisor import SupervisorEscalation
 from actors.service.connections import open_service_client, pool_size
 from actors.service.ingress import Ingress
-from actors.service.lease import CheckpointFence, fence_checkpoints
+from actors.service.lease import CheckpointFence, fence_checkpoints, fenced_pointer_writer
 from actors.service.stream_metrics import poll_stream_gauges
 from actors.service.tree import ActorSystem
 from graph.analysis import load_analyzer
@@ -186,7 +186,8 @@ async def _open_checkpointer(
     availability: RedisAvailability,
 ) -> BaseCheckpointSaver[str]:
     """Open the checkpointer on ``stack``, waiting out Redis outages (any other error is
-    fatal). The Redis saver shares the service's pool, sized for both."""
+    fatal). The Redis saver shares the service's pool, sized for both, and moves a
+    workflow's latest-checkpoint pointer only under the run's partition lease."""
     while True:
         await availability.wait_available()
         try:
@@ -197,6 +198,7 @@ async def _open_checkpointer(
                     redis_url=redis_url,
                     postgres_url=settings.postgres_url,
                     redis_client=redis,
+                    pointer_writer=fenced_pointer_writer(CheckpointFence.current),
                 )
             )
         except Exception as exc:

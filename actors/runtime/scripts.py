@@ -31,6 +31,7 @@ __all__ = [
     "COMMIT",
     "DEAD_LETTER",
     "DLQ_REPLAY",
+    "FENCED_POINTER",
     "FENCED_READ",
     "LEASE_ACQUIRE",
     "LEASE_RELEASE",
@@ -133,6 +134,13 @@ entries into a pending list the new holder has already read).
 KEYS: lease, stream. ARGV: lease value, group, consumer, count, cursor ('>' or an id).
 Reply: {the XREADGROUP reply, the stream's last entry (XREVRANGE COUNT 1)}.
 Error FENCED when the lease moved.
+"""
+
+FENCED_POINTER: Final = _FENCE + "return redis.call('SET', KEYS[2], ARGV[2])\n"
+"""Move a workflow's latest-checkpoint pointer while holding the run's partition lease.
+
+KEYS: lease, the pointer key. ARGV: the run's lease value, the checkpoint key it points to.
+Reply: OK. Error FENCED when the lease moved (the checkpoint stays unreferenced).
 """
 
 MOVE: Final = (

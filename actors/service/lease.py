@@ -32,7 +32,13 @@ from actors.runtime.scripts import call_script
 from actors.service.partitions import lease_key, partition_of
 from graph.errors import FencedError
 
-__all__ = ["CheckpointFence", "LeaseLostError", "Leases", "fence_checkpoints"]
+__all__ = [
+    "CheckpointFence",
+    "LeaseLostError",
+    "Leases",
+    "fence_checkpoints",
+    "fenced_pointer_writer",
+]
 
 _S = TypeVar("_S", bound=BaseCheckpointSaver[str])
 
@@ -125,6 +131,11 @@ class CheckpointFence:
         finally:
             _TENURE.reset(token)
 
+    @staticmethod
+    def current() -> tuple[str, str] | None:
+        """The lease (key, value) of the running tenure; None outside any."""
+        return _TENURE.get()
+
     async def check(self, workflow_id: str) -> None:
         """Return if the running tenure's lease is still ours and guards ``workflow_id``.
 
@@ -168,3 +179,39 @@ def fence_checkpoints(saver: _S, check: Callable[[str], Awaitable[None]]) -> _S:
     saver.aput = aput  # type: ignore[method-assign]
     saver.aput_writes = aput_writes  # type: ignore[method-assign]
     return saver
+
+
+def fenced_pointer_writer(
+    tenure: Callable[[], tuple[str, str] | None],
+) -> Callable[[Redis, str, str], Awaitable[object]]:
+    """A checkpoint pointer writer (:data:`graph.checkpointer.PointerWriter`) fenced by
+    the lease the current run holds.
+
+    :func:`fence_checkpoints` checks the lease before a write, but a process can pause
+    between that check and the write (SIGSTOP, a long GC, a VM freeze) and lose its lease
+    meanwhile. The pointer is what makes a checkpoint the workflow's state, so its write
+    and the lease check are one script (:data:`~actors.runtime.scripts.FENCED_POINTER`):
+    a zombie's checkpoint may land, unreferenced, but never becomes what the next run
+    starts from.
+
+    Args:
+        tenure: the ``(lease key, lease value)`` the current graph run was started under
+            (:meth:`CheckpointFence.current`), or None outside a run (commands, tests),
+            whose writes are not fenced.
+
+    The writer raises :class:`~graph.errors.FencedError` when the lease moved.
+    """
+
+    async def write(redis: Redis, pointer_key: str, checkpoint_key: str) -> object:
+        run = tenure()
+        if run is None:
+            return await redis.set(pointer_key, checkpoint_key)
+        lease_key, lease_value = run
+        return await call_script(
+            redis,
+            scripts.FENCED_POINTER,
+            keys=[lease_key, pointer_key],
+            args=[lease_value, checkpoint_key],
+        )
+
+    return write
