@@ -11,6 +11,7 @@ from collections.abc import Iterator
 __all__ = [
     "ConfigError",
     "CtxdError",
+    "FencedError",
     "InvalidEntryError",
     "PluginError",
     "RedisModulesMissingError",
@@ -25,6 +26,16 @@ class CtxdError(Exception):
 
 class ConfigError(CtxdError, ValueError):
     """A setting has a value ctxd cannot use; raised at start-up, before any work."""
+
+
+class FencedError(CtxdError):
+    """A write fenced by a lease was refused: this process no longer holds the lease.
+
+    Raised in place of Redis's ``FENCED`` script error (one place turns one into the
+    other: :func:`actors.runtime.scripts.call_script`), and when a lease could not be
+    renewed. It is never the event's fault: the lease's new holder redoes the work, so
+    callers stop what they were doing under the lease instead of retrying it.
+    """
 
 
 class InvalidEntryError(CtxdError, ValueError):

@@ -33,10 +33,9 @@ from actors.runtime.availability import (
     quiet_library_outage_logs,
 )
 from actors.runtime.supervisor import SupervisorEscalation
-from actors.service.batches import run_tenure
 from actors.service.connections import open_service_client, pool_size
 from actors.service.ingress import Ingress
-from actors.service.lease import fence_checkpoints, fenced_pointer_writer
+from actors.service.lease import CheckpointFence, fence_checkpoints, fenced_pointer_writer
 from actors.service.stream_metrics import poll_stream_gauges
 from actors.service.tree import ActorSystem
 from graph.analysis import load_analyzer
@@ -108,7 +107,7 @@ async def serve(
                 redis_url, settings.stream_prefix, modules=settings.checkpointer == "redis"
             )
             saver = await _open_checkpointer(stack, settings, redis_url, redis, availability)
-            fence = _Fence()
+            fence = CheckpointFence(redis, settings)
             actors = (
                 ActorSystem(
                     redis,
@@ -138,7 +137,6 @@ async def serve(
                 tracer=graph_telemetry.tracer,
                 availability=availability,
             )
-            fence.ingress = ingress
             if actors is not None:
                 ingress.extra_stats = actors.status
             async with anyio.create_task_group() as tg:
@@ -196,7 +194,7 @@ async def _open_checkpointer(
                     redis_url=redis_url,
                     postgres_url=settings.postgres_url,
                     redis_client=redis,
-                    pointer_writer=fenced_pointer_writer(run_tenure),
+                    pointer_writer=fenced_pointer_writer(CheckpointFence.current),
                 )
             )
         except Exception as exc:
@@ -238,16 +236,6 @@ def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
 
 def _exports_metrics(settings: TelemetrySettings) -> bool:
     return not settings.disabled and settings.metrics.exporter != "none"
-
-
-class _Fence:
-    """Checkpoint writes go through the ingress's partition-lease check."""
-
-    ingress: Ingress | None = None
-
-    async def check(self, workflow_id: str) -> None:
-        if self.ingress is not None:
-            await self.ingress.check_fence(workflow_id)
 
 
 async def _wait_for_ingress_end(ingress: Ingress) -> None:

@@ -20,6 +20,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from actors.runtime import scripts
 from actors.runtime.redis_errors import ACL_DOCS, RedisStartupError, describe_redis_error
 from graph.checkpointer import check_redis_modules
 from graph.errors import CtxdError
@@ -134,21 +135,6 @@ _KEY_FAMILIES: Final = (
     ("{prefix}:write_keys_zset:acl-check", "{prefix}:write_keys_zset:*"),
 )
 
-# Asks the server, without running anything, which probes the user may not run.
-_CHECK_SCRIPT: Final = """
-local denied = {}
-local i = 1
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  local args = {}
-  for j = 1, n do args[j] = ARGV[i + j] end
-  local ok, allowed = pcall(redis.acl_check_cmd, unpack(args))
-  if ok and not allowed then denied[#denied + 1] = tostring(i - 1) end
-  i = i + n + 1
-end
-return denied
-"""
-
 
 def acl_rules(prefix: str) -> tuple[str, ...]:
     """The ACL rules for a deployment whose ``CTXD_STREAM_PREFIX`` is ``prefix``."""
@@ -235,7 +221,7 @@ async def check_redis_access(client: Redis, prefix: str) -> None:
     for probe in _probes(prefix):
         offsets[len(argv)] = probe
         argv += [str(len(probe[2])), *probe[2]]
-    script = client.register_script(_CHECK_SCRIPT)
+    script = client.register_script(scripts.ACL_CHECK)  # which probes are denied
     denied_offsets = await script(keys=[], args=argv)
     denied = [offsets[int(x)] for x in denied_offsets]
     if not denied:

@@ -1,6 +1,8 @@
 """actors.runtime: the actor runtime, with no knowledge of workflows.
 
 Supervisors, circuit breakers, backoff, Redis-stream mailboxes and the worker pools that serve
-them, and the Redis availability monitor every loop waits on. It imports nothing from the
+them, the Redis availability monitor every loop waits on, and every Lua script ctxd runs
+(``scripts``: streams, leases and keys only, with one place that turns a fenced refusal
+into ``graph.errors.FencedError``). It imports nothing from the
 stream service or the application, and from ``graph`` only its errors.
 """

@@ -35,9 +35,11 @@ from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from actors.runtime import scripts
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.mailbox import JSON, ActorReply, ActorRequest, MailboxSettings, mailbox_stream
 from actors.runtime.redis_io import Entry, autoclaim, ensure_group, read_group, text
+from actors.runtime.scripts import call_script
 from actors.runtime.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
 from graph.errors import PluginError
 from telemetry.propagation import extract_context
@@ -55,37 +57,6 @@ __all__ = [
 _log = structlog.get_logger("ctxd.actors")
 _CRASH_CHARS = 500
 _CRASH_TTL = 86_400  # seconds; a crash matters until its request is answered or dead
-
-# KEYS: the mailbox, then one reply stream per item (the mailbox again when none).
-# ARGV: group, maxlen, n, then per item: entry id, nfields, field/value pairs.
-# Answers, acknowledges and deletes every item atomically, in one round trip.
-_FINISH_LUA = """
-local group, maxlen, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local pos = 4
-for i = 1, n do
-  local entry_id, nfields = ARGV[pos], tonumber(ARGV[pos + 1])
-  if nfields > 0 then
-    local fields = {}
-    for j = 1, nfields * 2 do fields[j] = ARGV[pos + 1 + j] end
-    -- pcall: a reply_to that is no stream (WRONGTYPE) loses only its own reply, not
-    -- the batch; the request is acknowledged all the same.
-    local added
-    if maxlen == '0' then  -- CTXD_REPLY_MAXLEN=0: no bound
-      added = redis.pcall('XADD', KEYS[1 + i], '*', unpack(fields))
-    else
-      added = redis.pcall('XADD', KEYS[1 + i], 'MAXLEN', '~', maxlen, '*', unpack(fields))
-    end
-    if type(added) ~= 'table' or not added.err then
-      -- The reply stream of an asker that died goes away a day after its last reply.
-      redis.call('EXPIRE', KEYS[1 + i], 86400)
-    end
-  end
-  pos = pos + 2 + nfields * 2
-  redis.call('XACK', KEYS[1], group, entry_id)
-  redis.call('XDEL', KEYS[1], entry_id)
-end
-return n
-"""
 
 _Done = tuple[str, str, "ActorReply | None"]
 """A handled entry: its id, the stream to answer on ("" for none), the answer."""
@@ -195,7 +166,6 @@ class ActorPool:
         self._fault = fault
         self._stream = mailbox_stream(settings, self._kind)
         self._crashes = f"{self._stream}:crashes"
-        self._finish_script = redis.register_script(_FINISH_LUA)
         self.handled = 0
         """Requests answered by this pool since start."""
 
@@ -467,9 +437,9 @@ class ActorPool:
         streams = sorted({k for k in keys[1:] if k != self._stream})
         if streams:
             with send_span(self._tracer, stream=streams[0]):
-                await self._finish_script(keys=keys, args=args)
+                await call_script(self._redis, scripts.POOL_FINISH, keys=keys, args=args)
         else:
-            await self._finish_script(keys=keys, args=args)
+            await call_script(self._redis, scripts.POOL_FINISH, keys=keys, args=args)
 
     async def _dead_letter(
         self, entry_id: str, fields: dict[str, str], reason: str, error: str, attempts: int

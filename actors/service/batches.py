@@ -19,7 +19,6 @@ acknowledgements in one fenced script, and says how it went (:data:`Outcome`):
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -35,15 +34,17 @@ from redis.exceptions import RedisError, ResponseError
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.breaker import CallNotPermittedError
-from actors.service.lease import LeaseLostError
+from actors.service.gateway import CommitItem, OutputCommitter, output_item
+from actors.service.lease import CheckpointFence
 from actors.service.parking import AckTarget, WorkflowRunner
 from actors.service.partitions import lease_key, partition_stream
 from actors.service.retention import Retention
 from actors.service.router import TRANSIENT_ERRORS
-from actors.service.streams import CommitItem, OutputCommitter, done_key, output_fields
+from actors.service.streams import done_key, event_result
 from actors.service.validation import Event
-from graph.errors import exception_chain
+from graph.errors import FencedError, exception_chain
 from graph.history import is_store_failure
+from graph.state import JSON
 from graph.tracing import event_trace_fields
 from graph.workflow import ContextualGraph, thread_config
 from telemetry.metrics import Instruments
@@ -59,24 +60,12 @@ __all__ = [
     "describe_failure",
     "error_field",
     "poison_error",
-    "run_tenure",
 ]
 
 _log = structlog.get_logger("ctxd.ingress")  # the ingress's lines, as before the split
 
 Outcome = Literal["done", "lost", "refused", "transient", "retry"]
 """How a batch went (see the module's docstring)."""
-
-_TENURE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
-    "ctxd_tenure", default=None
-)
-"""The partition lease (key, value) a graph run was started under; checkpoint writes
-are fenced by it, so a run from an earlier tenure of this instance is refused too."""
-
-
-def run_tenure() -> tuple[str, str] | None:
-    """The partition lease (key, value) the current graph run was started under."""
-    return _TENURE.get()
 
 
 @dataclass
@@ -200,18 +189,18 @@ class BatchProcessor:
                 )
                 for p in batch
             ]
+            # Checkpoint writes of the run are fenced by the lease its batch was read under.
+            lease = (lease_key(self._settings, f"part:{batch[0].partition}")[0], batch[0].lease)
             try:
-                await self._run_and_commit(workflow_id, wf, batch, spans)
-            except LeaseLostError:
-                _log.warning(
-                    "partition lease lost during a run; the new owner redoes it",
-                    workflow_id=workflow_id,
-                )
-                outcome = "lost"
+                with CheckpointFence.tenure(lease):
+                    await self._run_and_commit(workflow_id, wf, batch, spans, lease)
             except Exception as exc:  # noqa: BLE001 - the events are retried in order
-                if isinstance(exc, ResponseError) and "FENCED" in str(exc):
+                # A refused commit, or a checkpoint write refused inside the graph (and
+                # perhaps wrapped by it): the partition's new owner redoes the batch.
+                if any(isinstance(e, FencedError) for e in exception_chain(exc)):
                     _log.warning(
-                        "commit fenced: the partition has a new owner", workflow_id=workflow_id
+                        "partition lease lost during a run; the new owner redoes it",
+                        workflow_id=workflow_id,
                     )
                     return "lost"
                 if _refused_by_breaker(exc):
@@ -248,6 +237,7 @@ class BatchProcessor:
         wf: WorkflowQueue,
         batch: list[PendingEntry],
         spans: list[trace.Span],
+        lease: tuple[str, str],
     ) -> None:
         s = self._settings
         started = time.monotonic()
@@ -264,9 +254,7 @@ class BatchProcessor:
         results: Mapping[str, Mapping[str, object]] = {}
         handled: frozenset[str] = frozenset()
         checkpoint_id = ""
-        n, tenure = batch[0].partition, batch[0].lease
-        lease = (lease_key(s, f"part:{n}")[0], tenure)
-        _TENURE.set(lease)
+        n = batch[0].partition
         if fresh:
             attempts = s.key("attempts")
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -322,20 +310,18 @@ class BatchProcessor:
             else:
                 results, handled = run.results, run.handled
                 checkpoint_id = run.checkpoint_id or ""
-        items: list[CommitItem] = []
-        for pending, span, dup in zip(batch, spans, flags, strict=True):
-            trace_id = format(span.get_span_context().trace_id, "032x")
-            result = results.get(pending.event.event_id) if not dup else None
-            fields: dict[str, str] = {}
-            if result is not None:
-                fields = output_fields(result, trace_id=trace_id, checkpoint_id=checkpoint_id)
-            items.append(
-                CommitItem(
-                    source_id=pending.entry_id,
-                    done_key=done_key(s, workflow_id, pending.event.event_id),
-                    fields=fields,
-                )
+        items = [
+            output_item(
+                s,
+                workflow_id,
+                pending.event.event_id,
+                pending.entry_id,
+                results.get(pending.event.event_id) if not dup else None,
+                trace_id=format(span.get_span_context().trace_id, "032x"),
+                checkpoint_id=checkpoint_id,
             )
+            for pending, span, dup in zip(batch, spans, flags, strict=True)
+        ]
         ids = await self._committer.commit(items, input_stream=partition_stream(s, n), lease=lease)
         if s.wait_aof:  # outputs on disk before anyone is told: WAITAOF (Redis >= 7.2)
             await self._redis.execute_command(  # type: ignore[no-untyped-call]
@@ -499,15 +485,11 @@ def _is_transient(exc: BaseException) -> bool:
     )
 
 
-def _interrupted_result(event: Event, strategy: str) -> dict[str, object]:
-    return {
-        "workflow_id": event.workflow_id,
-        "event_id": event.event_id,
-        "source_id": event.source_id,
-        "status": "error",
-        "decision": "",
-        "route": [],
-        "scores": {},
-        "quality_score": 0.0,
-        "error": f"interrupted by a newer event of the workflow (CTXD_MULTITASK={strategy})",
-    }
+def _interrupted_result(event: Event, strategy: str) -> dict[str, JSON]:
+    return event_result(
+        event.workflow_id,
+        event.event_id,
+        event.source_id,
+        status="error",
+        error=f"interrupted by a newer event of the workflow (CTXD_MULTITASK={strategy})",
+    )

@@ -33,32 +33,26 @@ from redis.exceptions import ResponseError
 
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
-from actors.runtime.redis_io import text
 from actors.service.batches import (
     BatchProcessor,
     PendingEntry,
     WorkflowQueue,
     attempt_field,
     poison_error,
-    run_tenure,
 )
+from actors.service.gateway import FencedReader, dead_letter
 from actors.service.heartbeat import Heartbeat
 from actors.service.lease import LeaseLostError, Leases
 from actors.service.partitions import (
     OWNER_CONSUMER,
     assignment,
     lease_key,
-    partition_of,
     partition_stream,
 )
 from actors.service.router import SOURCE_FIELD, TRANSIENT_ERRORS, Router
-from actors.service.streams import (
-    FencedReader,
-    dead_letter,
-    done_key,
-    ensure_group,
-)
+from actors.service.streams import done_key, ensure_group
 from actors.service.validation import RawFields, as_invalid_entry, decode_fields, parse_entry
+from graph.errors import FencedError
 from graph.workflow import ContextualGraph
 from telemetry.metrics import Instruments
 
@@ -201,16 +195,6 @@ class Ingress:
         self._made_room()
         for scope in self._readers.values():
             scope.cancel()
-
-    async def check_fence(self, workflow_id: str) -> None:
-        """Raise :class:`LeaseLostError` unless the run's lease tenure is still current."""
-        n = partition_of(workflow_id, self._settings.partitions)
-        key, _ = lease_key(self._settings, f"part:{n}")
-        tenure = run_tenure()
-        value = tenure[1] if tenure is not None and tenure[0] == key else self._owned.get(n)
-        current = await self._redis.get(key)
-        if value is None or current is None or text(current) != value:
-            raise LeaseLostError(f"partition {n} of workflow {workflow_id!r} is not ours")
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -388,14 +372,14 @@ class Ingress:
                     elif not entries:
                         await self._reader.wait(stream, last, s.block_ms)
                         continue
+                except FencedError:
+                    _log.warning("partition lease lost; stop reading it", partition=n)
+                    self._drop_partition(n)
+                    return
                 except ResponseError as exc:
                     if is_outage(exc):
                         self._availability.report(exc)
                         continue
-                    if "FENCED" in str(exc):
-                        _log.warning("partition lease lost; stop reading it", partition=n)
-                        self._drop_partition(n)
-                        return
                     if "NOGROUP" not in str(exc):
                         raise
                     _log.error("consumer group gone; recreating it", stream=stream)
@@ -530,27 +514,22 @@ class Ingress:
         value = self._owned.get(n)
         if value is None:
             raise LeaseLostError(f"partition {n} is not ours any more")
-        try:
-            dlq_id = await dead_letter(
-                self._redis,
-                dlq_stream=self._settings.dlq_stream,
-                input_stream=partition_stream(self._settings, n),
-                group=self._settings.group,
-                source_id=entry_id,
-                fields=fields,
-                original_id=source_id,
-                reason=reason,
-                error=error,
-                attempts=attempts,
-                lease=(lease_key(self._settings, f"part:{n}")[0], value),
-                field_bytes=self._settings.dlq_field_bytes,
-                max_fields=self._settings.max_fields,
-                done_key=done_key,
-            )
-        except ResponseError as exc:
-            if "FENCED" in str(exc):
-                raise LeaseLostError(f"partition {n} is not ours any more") from exc
-            raise
+        dlq_id = await dead_letter(  # FencedError when the partition is not ours any more
+            self._redis,
+            dlq_stream=self._settings.dlq_stream,
+            input_stream=partition_stream(self._settings, n),
+            group=self._settings.group,
+            source_id=entry_id,
+            fields=fields,
+            original_id=source_id,
+            reason=reason,
+            error=error,
+            attempts=attempts,
+            lease=(lease_key(self._settings, f"part:{n}")[0], value),
+            field_bytes=self._settings.dlq_field_bytes,
+            max_fields=self._settings.max_fields,
+            done_key=done_key,
+        )
         if not dlq_id:  # its output was committed (a lost commit reply): acknowledged only
             self._counts["duplicates"] += 1
             _log.info("committed event acknowledged, not dead-lettered", source_id=source_id)

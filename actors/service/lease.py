@@ -1,4 +1,4 @@
-"""Leases with fencing tokens, kept in Redis.
+"""Leases with fencing tokens, kept in Redis, and the fence of checkpoint writes.
 
 A lease is a key holding ``"{owner}|{token}"`` with a short TTL. The token comes from a
 counter (``INCR`` on the lease's fence key) that only grows, so every new holder gets a
@@ -6,54 +6,45 @@ larger token than any holder before it. The holder renews the lease well within 
 if it stops (SIGKILL, network cut, a long pause) the key expires and another process
 acquires it with a new token. Every write that must come from the current holder only
 checks, inside the same Lua script as the write, that the key still holds its value —
-a holder that lost its lease (a "zombie") is fenced off instead of writing.
+a holder that lost its lease (a "zombie") is fenced off instead of writing
+(:mod:`actors.service.gateway`).
+
+Checkpoint writes cannot be scripted (the saver writes them), so they are fenced by a
+check just before each write: a batch runs its graph inside :meth:`CheckpointFence.tenure`
+with the partition lease it was read under, and the saver asks
+:meth:`CheckpointFence.check` before every write (:func:`fence_checkpoints`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import contextlib
+import contextvars
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar, cast
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+
+from actors.config import Settings
+from actors.runtime import scripts
+from actors.runtime.redis_io import text
+from actors.runtime.scripts import call_script
+from actors.service.partitions import lease_key, partition_of
+from graph.errors import FencedError
 
 __all__ = [
+    "CheckpointFence",
     "LeaseLostError",
     "Leases",
-    "fence_check_lua",
     "fence_checkpoints",
     "fenced_pointer_writer",
 ]
 
 _S = TypeVar("_S", bound=BaseCheckpointSaver[str])
 
-_ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local value = ARGV[1] .. '|' .. redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
-return value
-"""
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-def fence_check_lua(key_index: int, arg_index: int) -> str:
-    """Lua that aborts the script (error ``FENCED``) unless the lease still holds our value."""
-    return (
-        f"if redis.call('GET', KEYS[{key_index}]) ~= ARGV[{arg_index}] then "
-        "return redis.error_reply('FENCED the lease was lost to another instance') end\n"
-    )
-
-
-class LeaseLostError(Exception):
-    """A fenced write was refused: this process no longer holds the lease."""
+LeaseLostError = FencedError
+"""The name this error had before :class:`~graph.errors.FencedError`; new code catches
+``FencedError``."""
 
 
 class Leases:
@@ -69,20 +60,26 @@ class Leases:
         self._redis = redis
         self._owner = owner
         self._ttl_ms = max(1, int(ttl * 1000))
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
 
     async def acquire(self, key: str, fence_key: str) -> str | None:
         """Take the lease if it is free; return its value (``owner|token``) or None."""
-        value = await self._acquire(keys=[key, fence_key], args=[self._owner, self._ttl_ms])
+        value = await call_script(
+            self._redis,
+            scripts.LEASE_ACQUIRE,
+            keys=[key, fence_key],
+            args=[self._owner, self._ttl_ms],
+        )
         if value is None:
             return None
-        return value.decode() if isinstance(value, bytes) else str(value)
+        return text(cast(bytes | str, value))
 
     async def renew(self, key: str, value: str) -> bool:
         """Extend the lease if it still holds ``value``; False means it was lost."""
-        return bool(await self._renew(keys=[key], args=[value, self._ttl_ms]))
+        return bool(
+            await call_script(
+                self._redis, scripts.LEASE_RENEW, keys=[key], args=[value, self._ttl_ms]
+            )
+        )
 
     async def renew_many(self, leases: list[tuple[str, str]]) -> list[bool]:
         """Renew several leases in one round trip; False where one was lost."""
@@ -90,22 +87,84 @@ class Leases:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, value in leases:
-                await self._renew(keys=[key], args=[value, self._ttl_ms], client=pipe)
+                await call_script(
+                    self._redis,
+                    scripts.LEASE_RENEW,
+                    keys=[key],
+                    args=[value, self._ttl_ms],
+                    client=pipe,
+                )
             return [bool(x) for x in await pipe.execute()]
 
     async def release(self, key: str, value: str) -> bool:
         """Give the lease up (only if it still holds ``value``)."""
-        return bool(await self._release(keys=[key], args=[value]))
+        return bool(await call_script(self._redis, scripts.LEASE_RELEASE, keys=[key], args=[value]))
+
+
+_TENURE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "ctxd_tenure", default=None
+)
+"""The partition lease (key, value) the running graph run was started under. A context
+variable because the saver is called deep inside LangGraph, which copies the context
+into the tasks it starts, and offers no other way to say which run writes."""
+
+
+class CheckpointFence:
+    """Refuses checkpoint writes of a run whose partition lease tenure is over.
+
+    Args:
+        redis: the client.
+        settings: the partition count and key prefix (which lease guards a workflow).
+    """
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._settings = settings
+
+    @staticmethod
+    @contextlib.contextmanager
+    def tenure(lease: tuple[str, str]) -> Iterator[None]:
+        """Checkpoint writes inside this block are fenced by ``lease`` (key, value)."""
+        token = _TENURE.set(lease)
+        try:
+            yield
+        finally:
+            _TENURE.reset(token)
+
+    @staticmethod
+    def current() -> tuple[str, str] | None:
+        """The lease (key, value) of the running tenure; None outside any."""
+        return _TENURE.get()
+
+    async def check(self, workflow_id: str) -> None:
+        """Return if the running tenure's lease is still ours and guards ``workflow_id``.
+
+        Raises:
+            FencedError: the lease moved, guards another partition, or the write comes
+                from outside any tenure (only a partition owner's runs write state).
+        """
+        n = partition_of(workflow_id, self._settings.partitions)
+        key, _ = lease_key(self._settings, f"part:{n}")
+        tenure = _TENURE.get()
+        if tenure is None or tenure[0] != key:
+            raise FencedError(
+                f"checkpoint write of workflow {workflow_id!r} outside a run of its "
+                f"partition {n}: only the partition owner's runs write its state"
+            )
+        current = await self._redis.get(key)
+        if current is None or text(current) != tenure[1]:
+            raise FencedError(f"partition {n} of workflow {workflow_id!r} is not ours any more")
 
 
 def fence_checkpoints(saver: _S, check: Callable[[str], Awaitable[None]]) -> _S:
     """Make ``saver`` call ``check(thread_id)`` before every checkpoint write.
 
-    ``check`` raises :class:`LeaseLostError` when this instance no longer owns the
-    workflow, so a zombie (an instance whose lease expired) does not write state the new
-    owner builds on. The check and the write are two steps (the savers offer no
-    conditional write); the window between them is one round trip, and the output
-    commit that follows is fenced atomically, so such a write never becomes an output.
+    ``check`` (:meth:`CheckpointFence.check`) raises :class:`~graph.errors.FencedError`
+    when this instance no longer owns the workflow, so a zombie (an instance whose lease
+    expired) does not write state the new owner builds on. The check and the write are
+    two steps (the savers offer no conditional write); the window between them is one
+    round trip, and the output commit that follows is fenced atomically, so such a write
+    never becomes an output.
     """
     put, put_writes = saver.aput, saver.aput_writes
 
@@ -122,10 +181,6 @@ def fence_checkpoints(saver: _S, check: Callable[[str], Awaitable[None]]) -> _S:
     return saver
 
 
-_FENCED_POINTER = fence_check_lua(1, 1) + "return redis.call('SET', KEYS[2], ARGV[2])\n"
-"""KEYS: lease, pointer; ARGV: the run's lease value, the checkpoint key."""
-
-
 def fenced_pointer_writer(
     tenure: Callable[[], tuple[str, str] | None],
 ) -> Callable[[Redis, str, str], Awaitable[object]]:
@@ -135,30 +190,28 @@ def fenced_pointer_writer(
     :func:`fence_checkpoints` checks the lease before a write, but a process can pause
     between that check and the write (SIGSTOP, a long GC, a VM freeze) and lose its lease
     meanwhile. The pointer is what makes a checkpoint the workflow's state, so its write
-    and the lease check are one script: a zombie's checkpoint may land, unreferenced, but
-    never becomes what the next run starts from.
+    and the lease check are one script (:data:`~actors.runtime.scripts.FENCED_POINTER`):
+    a zombie's checkpoint may land, unreferenced, but never becomes what the next run
+    starts from.
 
     Args:
-        tenure: the ``(lease key, lease value)`` the current graph run was started under,
-            or None outside a run (commands, tests), whose writes are not fenced.
+        tenure: the ``(lease key, lease value)`` the current graph run was started under
+            (:meth:`CheckpointFence.current`), or None outside a run (commands, tests),
+            whose writes are not fenced.
+
+    The writer raises :class:`~graph.errors.FencedError` when the lease moved.
     """
-    holder: dict[int, Any] = {}
 
     async def write(redis: Redis, pointer_key: str, checkpoint_key: str) -> object:
         run = tenure()
         if run is None:
             return await redis.set(pointer_key, checkpoint_key)
-        script = holder.get(id(redis))
-        if script is None:
-            script = holder[id(redis)] = redis.register_script(_FENCED_POINTER)
         lease_key, lease_value = run
-        try:
-            return await script(keys=[lease_key, pointer_key], args=[lease_value, checkpoint_key])
-        except ResponseError as exc:
-            if "FENCED" in str(exc):
-                raise LeaseLostError(
-                    f"checkpoint of {pointer_key!r} refused: lease {lease_key!r} was lost"
-                ) from None
-            raise
+        return await call_script(
+            redis,
+            scripts.FENCED_POINTER,
+            keys=[lease_key, pointer_key],
+            args=[lease_value, checkpoint_key],
+        )
 
     return write

@@ -31,16 +31,10 @@ import structlog
 from redis.asyncio import Redis
 
 from actors.config import Settings
-from actors.service.streams import (
-    CommitItem,
-    OutputCommitter,
-    dead_letter,
-    dlq_entry,
-    done_key,
-    output_fields,
-)
+from actors.service.gateway import Lease, OutputCommitter, dead_letter, output_item
+from actors.service.streams import event_result
 from actors.service.validation import Event, decode_fields, parse_event
-from graph.errors import CtxdError, InvalidEntryError
+from graph.errors import CtxdError, FencedError, InvalidEntryError
 from graph.history import fork_checkpoint
 from graph.json_values import as_object, as_objects
 from graph.recovery import StateRecovery, load_checked_state
@@ -69,19 +63,6 @@ _TRACE_PREFIX = "ctxd_trace_"
 
 Fields = Mapping[str, str | bytes]
 
-# KEYS: out, parked, done. ARGV: parked entry id, ttl, then field/value pairs.
-_REPLAY_COMMIT_LUA = """
-local id = ''
-if #ARGV > 2 and redis.call('SET', KEYS[3], 'pending', 'NX', 'EX', tonumber(ARGV[2])) then
-  local fields = {}
-  for j = 3, #ARGV do fields[j - 2] = ARGV[j] end
-  id = redis.call('XADD', KEYS[1], '*', unpack(fields))
-  redis.call('SET', KEYS[3], id, 'EX', tonumber(ARGV[2]))
-end
-redis.call('XDEL', KEYS[2], ARGV[1])
-return id
-"""
-
 
 def parked_stream(settings: Settings, workflow_id: str) -> str:
     """Where a paused workflow's events wait: ``{prefix}:parked:{workflow_id}``."""
@@ -100,7 +81,7 @@ class AckTarget:
 
     stream: str
     entry_ids: Mapping[str, str]
-    lease: tuple[str, str] | None = None
+    lease: Lease | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +123,6 @@ class WorkflowRunner:
         self._graph = graph
         self._budget = settings.analyzer_policy.iteration_budget
         self._committer = committer or OutputCommitter.from_settings(redis, settings)
-        self._replay_commit = redis.register_script(_REPLAY_COMMIT_LUA)
 
     async def run(
         self,
@@ -300,13 +280,14 @@ class _Run:
     ) -> dict[str, JSON]:
         """A control entry's output; ``error`` says why it failed (``ctxd rollback`` and
         ``ctxd resume`` print it)."""
-        result: dict[str, JSON] = {
-            "workflow_id": self.workflow_id,
-            "decision": "",
-            "route": [str(event.control)],
-            "quality_score": 0.0,
-            "scores": {},
-            "error": "",
+        result = {
+            **event_result(
+                self.workflow_id,
+                event.event_id,
+                event.source_id,
+                status=status,
+                route=[str(event.control)],
+            ),
             **(base or {}),
         }
         result.update(event_id=event.event_id, source_id=event.source_id, status=status)
@@ -356,6 +337,8 @@ class _Run:
     async def _rollback(self, event: Event) -> dict[str, JSON]:
         try:
             forked = await fork_checkpoint(self.graph, self.workflow_id, str(event.checkpoint_id))
+        except FencedError:
+            raise  # not the rollback's fault: the partition's new owner redoes it
         except CtxdError as exc:
             _log.warning("rollback refused", workflow_id=self.workflow_id, error=str(exc))
             return self._control_result(event, "error", error=f"{type(exc).__name__}: {exc}")
@@ -436,18 +419,14 @@ class _Run:
         if not self.held:
             return
         items = [
-            CommitItem(
-                source_id=self.ack.entry_ids[e.source_id],
-                done_key=done_key(self.r._settings, self.workflow_id, e.event_id),
-                fields=(
-                    output_fields(
-                        self.results[e.event_id],
-                        trace_id=self.trace_ids.get(e.source_id, ""),
-                        checkpoint_id=self.checkpoint_id or "",
-                    )
-                    if e.event_id in self.results
-                    else {}
-                ),
+            output_item(
+                self.r._settings,
+                self.workflow_id,
+                e.event_id,
+                self.ack.entry_ids[e.source_id],
+                self.results.get(e.event_id),
+                trace_id=self.trace_ids.get(e.source_id, ""),
+                checkpoint_id=self.checkpoint_id or "",
             )
             for e in self.held
         ]
@@ -497,24 +476,20 @@ class _Run:
             )
             self._absorb(run)
             result = run.results.get(event.event_id)
-            out: dict[str, str] = {}
             if result is not None:
                 result = self._noted(result)
-                out = output_fields(
-                    result,
-                    trace_id=self.trace_ids.get(source_id, ""),
-                    checkpoint_id=self.checkpoint_id or "",
-                )
-            args: list[str | int] = [parked_id, settings.dedupe_ttl]
-            for name, value in out.items():
-                args += [name, value]
-            await self.r._replay_commit(
-                keys=[
-                    settings.output_stream,
-                    stream,
-                    done_key(settings, self.workflow_id, event.event_id),
-                ],
-                args=args,
+            # The one commit path, fenced like the batch's: the parked entry is deleted.
+            item = output_item(
+                settings,
+                self.workflow_id,
+                event.event_id,
+                parked_id,
+                result,
+                trace_id=self.trace_ids.get(source_id, ""),
+                checkpoint_id=self.checkpoint_id or "",
+            )
+            await self.r._committer.commit(
+                [item], input_stream=stream, lease=self.ack.lease, settle="delete"
             )
             _log.info(
                 "parked event replayed",
@@ -527,21 +502,24 @@ class _Run:
         self, parked_id: str, source_id: str, fields: Fields, exc: InvalidEntryError
     ) -> None:
         """A parked entry that no longer validates goes to the DLQ instead of failing
-        every later batch of its workflow (DLQ write and removal in one MULTI)."""
+        every later batch of its workflow (DLQ write and removal in one script)."""
         settings = self.r._settings
-        entry = dlq_entry(
-            fields,
+        await dead_letter(
+            self.r._redis,
+            dlq_stream=settings.dlq_stream,
+            input_stream=parked_stream(settings, self.workflow_id),
+            group=settings.group,
+            source_id=parked_id,
+            original_id=source_id,
+            fields=fields,
             reason=exc.reason,
             error=str(exc),
             attempts=1,
-            source_id=source_id,
             field_bytes=settings.dlq_field_bytes,
             max_fields=settings.max_fields,
+            lease=self.ack.lease,
+            settle="delete",
         )
-        async with self.r._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(settings.dlq_stream, entry)  # type: ignore[arg-type]
-            pipe.xdel(parked_stream(settings, self.workflow_id), parked_id)
-            await pipe.execute()
         _log.warning(
             "parked entry dead-lettered",
             workflow_id=self.workflow_id,

@@ -29,12 +29,13 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from redis.asyncio import Redis
 
 from actors.config import Settings
+from actors.runtime import scripts
 from actors.runtime.availability import is_outage
 from actors.runtime.redis_io import text
-from actors.service.lease import LeaseLostError
+from actors.runtime.scripts import call_script
 from actors.service.parking import parked_stream
 from actors.service.partitions import lease_key, partition_of
-from graph.errors import ConfigError
+from graph.errors import ConfigError, FencedError
 from graph.retention import (
     CheckpointStore,
     checkpoint_store,
@@ -54,16 +55,6 @@ _SWEEP_BATCH = 100
 
 _COUNTERS_KEPT = 100_000
 """Workflows whose runs since their last prune are counted in memory (then reset)."""
-
-# KEYS: workflows zset. ARGV: workflow id, cutoff. Forget the workflow only if it did
-# not commit again since the sweep read its score.
-_ZREM_IF_IDLE_LUA = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) <= tonumber(ARGV[2]) then
-  return redis.call('ZREM', KEYS[1], ARGV[1])
-end
-return 0
-"""
 
 
 def workflows_key(settings: Settings, partition: int) -> str:
@@ -104,7 +95,6 @@ class Retention:
         # Prune every quarter of the bound: at most retain * 1.25 checkpoints between prunes.
         self._every = max(1, settings.retain_checkpoints // 4)
         self._runs: dict[str, int] = {}
-        self._zrem_if_idle = redis.register_script(_ZREM_IF_IDLE_LUA)
         self.pruned = 0
         """Checkpoints deleted by pruning since start."""
         self.expired = 0
@@ -136,7 +126,7 @@ class Retention:
                 s.retain_checkpoints,
                 before_delete=lambda: self._check_lease(lease),
             )
-        except LeaseLostError:
+        except FencedError:
             _log.info("prune skipped: the partition has a new owner", workflow_id=workflow_id)
         except Exception as exc:  # noqa: BLE001 - the batch is committed; the next prune retries
             if is_outage(exc):  # logged once by the availability monitor
@@ -150,7 +140,7 @@ class Retention:
     async def _check_lease(self, lease: tuple[str, str]) -> None:
         current = await self._redis.get(lease[0])
         if current is None or text(current) != lease[1]:
-            raise LeaseLostError(f"lease {lease[0]} is not ours any more")
+            raise FencedError(f"lease {lease[0]} is not ours any more")
 
     async def sweep(
         self,
@@ -177,7 +167,7 @@ class Retention:
                     return
                 try:
                     await self.sweep_partition(n, value, busy)
-                except LeaseLostError:
+                except FencedError:
                     continue
                 except Exception as exc:  # noqa: BLE001 - a sweep never stops the service
                     if is_outage(exc):  # the availability monitor logs it, once
@@ -200,7 +190,7 @@ class Retention:
             How many workflows were deleted.
 
         Raises:
-            LeaseLostError: the partition is not ours any more.
+            FencedError: the partition is not ours any more.
         """
         s = self._settings
         if self._store is None or not s.idle_workflow_ttl:
@@ -227,7 +217,10 @@ class Retention:
                 continue
             await self._check_lease(lease)
             checkpoints = await self._store.delete_thread(workflow_id)
-            await self._zrem_if_idle(keys=[key], args=[workflow_id, cutoff])
+            # Forgotten only if it did not commit again since its score was read.
+            await call_script(
+                self._redis, scripts.ZREM_IF_IDLE, keys=[key], args=[workflow_id, cutoff]
+            )
             deleted += 1
             self.expired += 1
             _log.info(

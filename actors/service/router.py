@@ -4,7 +4,7 @@ Exactly one instance routes at a time: the holder of the router lease (with a fe
 token). It reads ``ctxd:in`` through the consumer group under the fixed consumer name
 ``router``, so a new router first reads the pending entries of the one before it and
 the input order is kept across failovers. Reads are fenced by the lease too
-(:class:`~actors.service.streams.FencedReader`): a router that lost its lease cannot move
+(:class:`~actors.service.gateway.FencedReader`): a router that lost its lease cannot move
 entries into that pending list behind the new router's back. Each entry is validated
 and, in one Lua script that first checks the router lease, appended to its partition
 stream (valid) or to the DLQ (invalid, with the reason) and acknowledged in
@@ -24,22 +24,22 @@ import anyio
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.redis_io import autoclaim
-from actors.service.lease import LeaseLostError, Leases, fence_check_lua
+from actors.service.gateway import FencedReader, route_entries
+from actors.service.lease import Leases
 from actors.service.partitions import lease_key, partition_of, partition_stream
 from actors.service.streams import (
-    FencedReader,
     dlq_entry,
     ensure_group,
     trim_acknowledged,
     trim_bounded_streams,
 )
 from actors.service.validation import as_invalid_entry, parse_entry
+from graph.errors import FencedError
 
 __all__ = ["ROUTER_CONSUMER", "SOURCE_FIELD", "Router"]
 
@@ -48,27 +48,6 @@ SOURCE_FIELD = "ctxd_source_id"
 """Partition entries carry the id of their ``ctxd:in`` entry in this field."""
 
 _log = structlog.get_logger("ctxd.router")
-
-# KEYS: lease, in, target_1..target_n. ARGV: lease value, group, n, then per item:
-# source_id, nfields, field/value pairs. Every item's fields are bounded (a valid entry
-# has at most CTXD_MAX_FIELDS + 1, a DLQ copy at most that + 5, CTXD_MAX_FIELDS <= 1000),
-# so unpack stays far below Lua's limit of about 8,000 values.
-_MOVE_LUA = (
-    fence_check_lua(1, 1)
-    + """
-local group, n = ARGV[2], tonumber(ARGV[3])
-local pos = 4
-for i = 1, n do
-  local source_id, nfields = ARGV[pos], tonumber(ARGV[pos + 1])
-  local fields = {}
-  for j = 1, nfields * 2 do fields[j] = ARGV[pos + 1 + j] end
-  pos = pos + 2 + nfields * 2
-  redis.call('XADD', KEYS[2 + i], '*', unpack(fields))
-  redis.call('XACK', KEYS[2], group, source_id)
-end
-return n
-"""
-)
 
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -97,7 +76,6 @@ class Router:
         self._reading_allowed = reading_allowed or (lambda: True)
         self._settings = settings
         self._leases = leases
-        self._move = redis.register_script(_MOVE_LUA)
         self._reader = FencedReader(redis, group=settings.group, consumer=ROUTER_CONSUMER)
         self._key, self._fence = lease_key(settings, "router")
         self.active = False
@@ -125,7 +103,7 @@ class Router:
                         self.active = False
                         with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                             await self._leases.release(self._key, value)
-            except LeaseLostError:
+            except FencedError:
                 _log.warning("router lease lost; another instance routes now")
             except Exception as exc:
                 if not is_outage(exc):
@@ -146,21 +124,16 @@ class Router:
         while not stopping.is_set():
             if time.monotonic() - renewed >= renew_every:
                 if not await self._leases.renew(self._key, value):
-                    raise LeaseLostError
+                    raise FencedError(f"router lease {self._key} expired before its renewal")
                 renewed = time.monotonic()
             if not self._availability.available:
                 return  # an outage: run() waits it out, then takes the lease again
             if not self._reading_allowed():  # a breaker is open: leave the input unread
                 await _sleep_unless(stopping, min(renew_every, s.block_ms / 1000))
                 continue
-            try:
-                entries, last = await self._reader.read(
-                    s.input_stream, cursor, s.read_count, lease=(self._key, value)
-                )
-            except ResponseError as exc:
-                if "FENCED" in str(exc):
-                    raise LeaseLostError from exc
-                raise
+            entries, last = await self._reader.read(
+                s.input_stream, cursor, s.read_count, lease=(self._key, value)
+            )
             if cursor != ">":
                 if not entries:
                     cursor = ">"
@@ -201,28 +174,19 @@ class Router:
         self, value: str, entries: list[tuple[str, dict[bytes, bytes] | None]]
     ) -> None:
         s = self._settings
-        keys = [self._key, s.input_stream]
-        args: list[str | bytes | int] = [value, s.group, 0]
-        moved = 0
+        moves: list[tuple[str, str, Mapping[bytes, bytes]]] = []
         for entry_id, raw in entries:
             if raw is None:  # trimmed while pending: nothing to route
                 await self._redis.xack(s.input_stream, s.group, entry_id)
                 continue
-            target, out = self._target(entry_id, raw)
-            keys.append(target)
-            args += [entry_id, len(out)]
-            for name, v in out.items():
-                args += [name, v]
-            moved += 1
-        if not moved:
-            return
-        args[2] = moved
-        try:
-            await self._move(keys=keys, args=args)
-        except ResponseError as exc:
-            if "FENCED" in str(exc):
-                raise LeaseLostError from exc
-            raise
+            moves.append((entry_id, *self._target(entry_id, raw)))
+        await route_entries(
+            self._redis,
+            lease=(self._key, value),
+            input_stream=s.input_stream,
+            group=s.group,
+            moves=moves,
+        )
 
     def _target(self, entry_id: str, raw: Mapping[bytes, bytes]) -> tuple[str, dict[bytes, bytes]]:
         """Where the entry goes, and the fields it goes with: the partition (fields as

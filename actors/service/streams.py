@@ -1,71 +1,42 @@
-"""Redis Streams operations with the delivery guarantees in them.
+"""The records ctxd writes to its streams, and the streams' upkeep.
 
-- :func:`ensure_group` creates a consumer group (``MKSTREAM``), tolerating ``BUSYGROUP``.
-- :class:`OutputCommitter` writes results effectively-once: for each event, in one Lua
-  script, ``SET done:{workflow_id}/{event_id} NX`` (:func:`done_key`) then ``XADD out``
-  only if the key was new, then ``XACK`` the input. A crash before the script leaves
-  the input pending (it will be redelivered, and the workflow's outbox answers it
-  without reprocessing); a crash after it leaves nothing to redo. A repeated
-  ``event_id`` within a workflow is acknowledged without a second output.
-- :func:`dead_letter` moves an entry to the DLQ and acknowledges it in one MULTI; the
-  copy is bounded by :func:`dlq_entry` (each field cut to a prefix, with a marker).
+- :func:`output_fields` is the one builder of a ``ctxd:out`` entry (from a result, the
+  graph's or :func:`event_result`), :func:`dlq_entry`
+  of a DLQ entry (each field cut to a prefix, with a marker), :func:`done_key` of an
+  event's dedupe key.
+- :func:`ensure_group` creates a consumer group (``MKSTREAM``), tolerating ``BUSYGROUP``;
+  :func:`trim_acknowledged` and :func:`trim_bounded_streams` keep streams bounded.
+
+The writes themselves (commits, DLQ moves, fenced reads) are in
+:mod:`actors.service.gateway`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from actors.config import Settings
 from actors.runtime.redis_io import ensure_group
+from graph.state import JSON
 
 __all__ = [
     "DLQ_CUT_FIELD",
+    "DLQ_MIN_FIELDS",
     "OUTPUT_ERROR_CHARS",
-    "CommitItem",
-    "FencedReader",
-    "OutputCommitter",
     "bounded_error",
-    "dead_letter",
     "dlq_entry",
     "done_key",
     "done_key_pattern",
     "ensure_group",
+    "event_result",
     "output_fields",
     "trim_acknowledged",
     "trim_bounded_streams",
 ]
-
-# KEYS: out, in, lease, done_1..done_n. ARGV: group, ttl, n, lease value ("" = unfenced),
-# then per item: source_id, nfields, field/value pairs. Returns, per item, the output
-# entry id or "" for a duplicate; an error FENCED when the lease is not ours any more.
-_COMMIT_LUA = """
-local group, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then
-  return redis.error_reply('FENCED the partition lease was lost to another instance')
-end
-local pos, ids = 5, {}
-for i = 1, n do
-  local source_id, nfields = ARGV[pos], tonumber(ARGV[pos + 1])
-  local fields = {}
-  for j = 1, nfields * 2 do fields[j] = ARGV[pos + 1 + j] end
-  pos = pos + 2 + nfields * 2
-  local done = KEYS[3 + i]
-  if nfields > 0 and redis.call('SET', done, 'pending', 'NX', 'EX', ttl) then
-    local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
-    redis.call('SET', done, id, 'EX', ttl)
-    ids[i] = id
-  else
-    ids[i] = ''
-  end
-  redis.call('XACK', KEYS[2], group, source_id)
-end
-return ids
-"""
 
 
 def done_key(settings: Settings, workflow_id: str, event_id: str) -> str:
@@ -81,103 +52,6 @@ def done_key(settings: Settings, workflow_id: str, event_id: str) -> str:
 def done_key_pattern(settings: Settings, workflow_id: str) -> str:
     """``SCAN MATCH`` pattern of one workflow's dedupe keys (its ids hold no glob characters)."""
     return settings.key("done", f"{workflow_id}/*")
-
-
-@dataclass(frozen=True)
-class CommitItem:
-    """One event's output, ready to commit.
-
-    Attributes:
-        source_id: the input entry id to acknowledge.
-        done_key: the dedupe key of the event id.
-        fields: the output entry's fields.
-    """
-
-    source_id: str
-    done_key: str
-    fields: Mapping[str, str]
-
-
-class OutputCommitter:
-    """Writes outputs and acknowledges inputs atomically, suppressing duplicates.
-
-    Args:
-        redis: the client.
-        input_stream: the stream whose entries are acknowledged.
-        output_stream: the stream results are appended to.
-        group: the consumer group.
-        dedupe_ttl: seconds a done key lives (the window in which duplicates are caught).
-    """
-
-    def __init__(
-        self, redis: Redis, *, input_stream: str, output_stream: str, group: str, dedupe_ttl: int
-    ) -> None:
-        self._script = redis.register_script(_COMMIT_LUA)
-        self._input = input_stream
-        self._output = output_stream
-        self._group = group
-        self._ttl = dedupe_ttl
-
-    @classmethod
-    def from_settings(cls, redis: Redis, settings: Settings) -> OutputCommitter:
-        """The committer of ``ctxd:in`` → ``ctxd:out`` for these settings."""
-        return cls(
-            redis,
-            input_stream=settings.input_stream,
-            output_stream=settings.output_stream,
-            group=settings.group,
-            dedupe_ttl=settings.dedupe_ttl,
-        )
-
-    async def commit(
-        self,
-        items: Sequence[CommitItem],
-        *,
-        input_stream: str | None = None,
-        lease: tuple[str, str] | None = None,
-    ) -> list[str]:
-        """Commit ``items`` in one script; return output ids ("" where a duplicate).
-
-        Args:
-            items: the events' outputs.
-            input_stream: the stream to acknowledge in (default: the committer's).
-            lease: ``(key, value)`` of the lease the write is fenced by; the script
-                refuses (``ResponseError`` "FENCED ...") when the key holds another value.
-        """
-        if not items:
-            return []
-        lease_key, lease_value = lease or (self._output, "")
-        keys = [
-            self._output,
-            input_stream or self._input,
-            lease_key,
-            *(item.done_key for item in items),
-        ]
-        args: list[str | int] = [self._group, self._ttl, len(items), lease_value]
-        for item in items:
-            args += [item.source_id, len(item.fields)]
-            for name, value in item.fields.items():
-                args += [name, value]
-        result = await self._script(keys=keys, args=args)
-        return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
-
-
-# KEYS: lease, dlq, in. ARGV: lease value, group, source id, then field/value pairs
-# (bounded by dlq_entry, so unpack stays far below Lua's limit of about 8,000 values).
-_FENCED_DLQ_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('FENCED the lease was lost to another instance')
-end
-if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
-  return ''
-end
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
-redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
-return id
-"""
 
 
 DLQ_CUT_FIELD = "ctxd_cut"
@@ -277,61 +151,6 @@ def _cut(value: bytes, limit: int) -> tuple[bytes, bool]:
     return value[:end] + f"…[cut {len(value) - end} bytes]".encode(), True
 
 
-async def dead_letter(
-    redis: Redis,
-    *,
-    dlq_stream: str,
-    input_stream: str,
-    group: str,
-    source_id: str,
-    fields: Mapping[str, str | bytes] | Mapping[bytes, bytes] | Mapping[str | bytes, str | bytes],
-    reason: str,
-    error: str,
-    attempts: int,
-    lease: tuple[str, str] | None = None,
-    field_bytes: int = 4096,
-    max_fields: int = DLQ_MIN_FIELDS,
-    original_id: str | None = None,
-    done_key: str | None = None,
-) -> str:
-    """Append the entry to the DLQ with why, and acknowledge it, atomically.
-
-    With ``done_key`` (needs ``lease``), an event whose output is already committed is
-    only acknowledged and "" returned: a run whose commit reply was lost looks failed to
-    its process, and must not end as a dead letter as well as an output.
-
-    The copy is bounded by :func:`dlq_entry` (``field_bytes``, ``max_fields``), which
-    also says where the DLQ's ``source_id`` comes from (``original_id`` first).
-    With ``lease`` (key, value) the write is fenced like a commit: refused with
-    "FENCED ..." unless the lease still holds the value.
-    """
-    entry = dlq_entry(
-        fields,
-        reason=reason,
-        error=error,
-        attempts=attempts,
-        source_id=source_id,
-        field_bytes=field_bytes,
-        max_fields=max_fields,
-        original_id=original_id,
-    )
-    if lease is not None:
-        flat: list[str | bytes] = [lease[1], group, source_id]
-        for name, value in entry.items():
-            flat += [name, value]
-        keys = [lease[0], dlq_stream, input_stream, *([done_key] if done_key else [])]
-        script = redis.register_script(_FENCED_DLQ_LUA)
-        dlq_id = await script(keys=keys, args=flat)
-    else:
-        if done_key is not None:
-            raise ValueError("dead_letter(done_key=...) is checked in the fenced script only")
-        async with redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(dlq_stream, entry)  # type: ignore[arg-type]
-            pipe.xack(input_stream, group, source_id)
-            dlq_id, _ = await pipe.execute()
-    return dlq_id.decode() if isinstance(dlq_id, bytes) else str(dlq_id)
-
-
 OUTPUT_ERROR_CHARS = 500
 """Upper bound of an output's ``error`` field, in characters (a marker shows a cut)."""
 
@@ -358,6 +177,31 @@ def output_fields(
         "trace_id": trace_id,
         "checkpoint_id": checkpoint_id,
         "error": bounded_error(str(result.get("error") or "")),
+    }
+
+
+def event_result(
+    workflow_id: str,
+    event_id: str,
+    source_id: str,
+    *,
+    status: str,
+    route: Sequence[str] = (),
+    error: str = "",
+) -> dict[str, JSON]:
+    """The result of an event the graph gave none for (a control entry, an interrupted
+    run): every field :func:`output_fields` reads, so such an output has the same
+    shape as any other."""
+    return {
+        "workflow_id": workflow_id,
+        "event_id": event_id,
+        "source_id": source_id,
+        "status": status,
+        "decision": "",
+        "route": list(route),
+        "quality_score": 0.0,
+        "scores": {},
+        "error": error,
     }
 
 
@@ -417,70 +261,3 @@ def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
     text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
-
-
-# KEYS: lease, stream. ARGV: lease value, group, consumer, count, cursor.
-_FENCED_READ_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('FENCED the lease was lost to another instance')
-end
-local got = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
-                       'STREAMS', KEYS[2], ARGV[5])
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-return {got, last}
-"""
-
-
-class FencedReader:
-    """``XREADGROUP`` that only reads while the caller holds a lease.
-
-    A reader whose lease expired (a paused process, a "zombie") must not move new
-    entries into the group's pending list: the new lease holder has already read that
-    list and would never see them, and they would be lost or reordered. Checking the
-    lease and reading in one script closes that gap. Scripts cannot block, so when
-    nothing new is there the caller waits with a plain ``XREAD BLOCK`` (:meth:`wait`)
-    from the stream's last id.
-
-    Args:
-        redis: the client.
-        group: the consumer group.
-        consumer: the consumer name.
-    """
-
-    def __init__(self, redis: Redis, *, group: str, consumer: str) -> None:
-        self._redis = redis
-        self._script = redis.register_script(_FENCED_READ_LUA)
-        self._group = group
-        self._consumer = consumer
-
-    async def read(
-        self, stream: str, cursor: str, count: int, *, lease: tuple[str, str]
-    ) -> tuple[list[tuple[str, dict[bytes, bytes] | None]], str]:
-        """Read up to ``count`` entries after ``cursor`` (``>`` or a PEL id).
-
-        Returns:
-            The entries and the stream's last entry id ("0-0" when empty).
-
-        Raises:
-            ResponseError: "FENCED ..." when the lease no longer holds our value.
-        """
-        got, last = await self._script(
-            keys=[lease[0], stream], args=[lease[1], self._group, self._consumer, count, cursor]
-        )
-        entries: list[tuple[str, dict[bytes, bytes] | None]] = []
-        for _, stream_entries in got or []:
-            for entry_id, flat in stream_entries:
-                fields = None
-                if flat is not None:
-                    fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-                entries.append((_text(entry_id), fields))
-        last_id = _text(last[0][0]) if last else "0-0"
-        return entries, last_id
-
-    async def wait(self, stream: str, after: str, block_ms: int) -> None:
-        """Block until ``stream`` has an entry after ``after`` (or ``block_ms`` passed)."""
-        await self._redis.xread({stream: after}, count=1, block=block_ms)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -35,7 +35,7 @@ from actors.runtime.pool import ActorPool, DeadLetter, FaultHook, RequestHandler
 from actors.runtime.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
 from actors.runtime.telemetry_hooks import actor_restarts
 from actors.service.dispatch import ActorDispatch
-from actors.service.streams import dead_letter
+from actors.service.gateway import dead_letter
 from graph.work import WorkHandlers, WorkKind
 from telemetry.metrics import Instruments
 

@@ -177,18 +177,13 @@ def parse_entry(
     """
     try:
         check_entry(raw, max_fields=settings.max_fields, max_entry_bytes=settings.max_entry_bytes)
-        fields = decode_fields(raw)
+        # The limits hold for the decoded fields too (decoding keeps every byte), so the
+        # fields are parsed without checking them a second time.
+        return _parse(entry_id, decode_fields(raw), settings.max_content_bytes)
     except InvalidEntryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the bytes: never past this point
         raise as_invalid_entry(exc) from None
-    return parse_event(
-        entry_id,
-        fields,
-        max_content_bytes=settings.max_content_bytes,
-        max_fields=settings.max_fields,
-        max_entry_bytes=settings.max_entry_bytes,
-    )
 
 
 def as_invalid_entry(exc: Exception) -> InvalidEntryError:

@@ -18,7 +18,8 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from actors.config import Settings
-from actors.service.streams import DLQ_CUT_FIELD, DLQ_MIN_FIELDS, dead_letter, dlq_entry
+from actors.service.gateway import dead_letter
+from actors.service.streams import DLQ_CUT_FIELD, DLQ_MIN_FIELDS, dlq_entry
 from actors.service.validation import parse_entry, parse_event
 from graph.errors import InvalidEntryError
 

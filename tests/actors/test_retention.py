@@ -20,7 +20,6 @@ from redis.asyncio import Redis as AsyncRedis
 
 from actors.config import Settings, load_settings
 from actors.runtime.mailbox import ActorRequest, mailbox_stream
-from actors.service.lease import LeaseLostError
 from actors.service.parking import WorkflowRunner, parked_stream, resume_fields
 from actors.service.partitions import lease_key, partition_of
 from actors.service.retention import Retention, workflows_key
@@ -28,7 +27,7 @@ from actors.service.streams import ensure_group, trim_bounded_streams
 from actors.service.tree import ActorSystem
 from actors.service.validation import Event, parse_event
 from graph.checkpointer import open_checkpointer
-from graph.errors import ConfigError
+from graph.errors import ConfigError, FencedError
 from graph.work import LocalDispatch, WorkHandlers
 from graph.workflow import ContextualGraph, build_contextual_workflow, run_events, thread_config
 from tests_support import MARKET, TECH, ServiceProcess, read_outputs, run_ctxd
@@ -175,7 +174,7 @@ async def test_idle_workflows_are_deleted_by_their_partition_owner_only(
     await retention.after_commit("recent", lease)
     clock.now += 1000  # idle, paused, busy: 4000 s idle; recent: 1000 s
 
-    with pytest.raises(LeaseLostError):
+    with pytest.raises(FencedError):
         await retention.sweep_partition(0, "tenure-0", set())
     assert _checkpoint_keys(redis, prefix, "idle")
 

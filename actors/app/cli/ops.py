@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 
 from actors.app.cli.common import Subcommands, client_redis
 from actors.config import Settings
+from actors.runtime import scripts
 from actors.service.footprint import SAMPLES, collect_footprint, format_bytes
 from actors.service.heartbeat import instance_key, instances_key, worker_key, workers_key
 from actors.service.partitions import lease_key, partition_stream
@@ -28,39 +29,6 @@ from actors.service.partitions import lease_key, partition_stream
 __all__ = ["collect_status", "register", "replay_dead_letters"]
 
 _DLQ_ONLY = ("reason", "error", "attempts", "source_id")
-
-# KEYS: dlq, in. ARGV: ids. Returns the new input ids ("" where the DLQ id was not found,
-# "cut" where the DLQ copy was cut: its fields are not the original any more).
-_REPLAY_LUA = """
-local out = {}
-for i, id in ipairs(ARGV) do
-  local found = redis.call('XRANGE', KEYS[1], id, id)
-  local cut = false
-  if #found > 0 then
-    for j = 1, #found[1][2], 2 do
-      if found[1][2][j] == 'ctxd_cut' then cut = true end
-    end
-  end
-  if #found == 0 then
-    out[i] = ''
-  elseif cut then
-    out[i] = 'cut'
-  else
-    local flat, fields = found[1][2], {}
-    for j = 1, #flat, 2 do
-      local name = flat[j]
-      if name ~= 'reason' and name ~= 'error' and name ~= 'attempts' and name ~= 'source_id' then
-        fields[#fields + 1] = name
-        fields[#fields + 1] = flat[j + 1]
-      end
-    end
-    if #fields == 0 then fields = {'replayed_from', id} end
-    out[i] = redis.call('XADD', KEYS[2], '*', unpack(fields))
-    redis.call('XDEL', KEYS[1], id)
-  end
-end
-return out
-"""
 
 
 def register(commands: Subcommands) -> None:
@@ -261,7 +229,7 @@ def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
 def replay_dead_letters(redis: SyncRedis, settings: Settings, ids: list[str]) -> list[str]:
     """Move DLQ entries ``ids`` back to the input stream atomically; return the new ids
     ("" for an id not in the DLQ, "cut" for an entry whose DLQ copy was cut: not moved)."""
-    script = redis.register_script(_REPLAY_LUA)
+    script = redis.register_script(scripts.DLQ_REPLAY)  # sync client: no gateway call
     result = script(keys=[settings.dlq_stream, settings.input_stream], args=ids)
     return [str(x) for x in cast(list[str], result)]
 

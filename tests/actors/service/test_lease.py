@@ -13,11 +13,13 @@ from actor_support import open_redis
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.memory import InMemorySaver
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from actors.config import Settings
-from actors.service.lease import LeaseLostError, Leases, fence_check_lua, fence_checkpoints
+from actors.runtime import scripts
+from actors.runtime.scripts import call_script
+from actors.service.lease import LeaseLostError, Leases, fence_checkpoints
 from actors.service.partitions import lease_key
+from graph.errors import FencedError
 
 TTL = 10.0
 
@@ -131,9 +133,10 @@ async def test_a_fenced_write_is_refused_once_the_lease_is_lost(
     client: Redis, keys: tuple[str, str], settings: Settings
 ) -> None:
     """The check runs inside the writing script: a zombie's write never lands."""
-    write = client.register_script(
-        fence_check_lua(1, 1) + "return redis.call('SET', KEYS[2], ARGV[2])"
-    )
+
+    async def write(*, keys: list[str], args: list[str]) -> object:
+        return await call_script(client, scripts.FENCED_POINTER, keys=keys, args=args)
+
     target = settings.key("fenced-target")
     a, b = Leases(client, "inst-a", TTL), Leases(client, "inst-b", TTL)
     old = await a.acquire(*keys)
@@ -143,7 +146,7 @@ async def test_a_fenced_write_is_refused_once_the_lease_is_lost(
     await expire_now(client, keys[0])
     new = await b.acquire(*keys)
     assert new is not None
-    with pytest.raises(ResponseError, match="FENCED"):
+    with pytest.raises(FencedError):
         await write(keys=[keys[0], target], args=[old, "from the zombie"])
     assert await client.get(target) == b"from a"
     await write(keys=[keys[0], target], args=[new, "from b"])

@@ -1,0 +1,287 @@
+"""The fenced-write gateway: every write the stream service makes with a guarantee.
+
+Each function here runs one script of :mod:`actors.runtime.scripts` and says, in its
+types, what it writes. A write fenced by a lease raises
+:class:`~graph.errors.FencedError` when the lease moved (the script checked it in the
+same step as the write), so callers catch a type, not an error string.
+
+- :class:`OutputCommitter` is the one commit path: for each event, ``SET
+  done:{workflow_id}/{event_id} NX`` (:func:`~actors.service.streams.done_key`), then
+  ``XADD out`` only if the key was new, then settle the input — acknowledged in a
+  partition (a batch) or deleted from a parked stream (a replay). A crash before the
+  script leaves the input pending (redelivered; the workflow's outbox answers it
+  without reprocessing); a crash after it leaves nothing to redo. A repeated
+  ``event_id`` within a workflow is settled without a second output.
+- :func:`dead_letter` is the one DLQ path, for stream entries and actor requests: the
+  bounded copy (:func:`~actors.service.streams.dlq_entry`) and the settling in one script.
+- :class:`FencedReader` reads a consumer group only while holding a lease.
+- :func:`route_entries` is the router's move of ``ctxd:in`` entries to partitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, cast
+
+from redis.asyncio import Redis
+
+from actors.config import Settings
+from actors.runtime import scripts
+from actors.runtime.redis_io import text
+from actors.runtime.scripts import call_script
+from actors.service.streams import DLQ_MIN_FIELDS, dlq_entry, done_key, output_fields
+
+__all__ = [
+    "CommitItem",
+    "FencedReader",
+    "Lease",
+    "OutputCommitter",
+    "Settle",
+    "dead_letter",
+    "output_item",
+    "route_entries",
+]
+
+Lease = tuple[str, str]
+"""A lease a write is fenced by: its key and the value this process holds in it."""
+
+_XReadReply = list[tuple[bytes, list[tuple[bytes, list[bytes] | None]]]]
+
+Settle = Literal["ack", "delete"]
+"""How a consumed input is settled: acknowledged in its group, or deleted (parked)."""
+
+
+@dataclass(frozen=True)
+class CommitItem:
+    """One event's output, ready to commit.
+
+    Attributes:
+        source_id: the input entry id to settle.
+        done_key: the dedupe key of the event id.
+        fields: the output entry's fields (none: settle the input only).
+    """
+
+    source_id: str
+    done_key: str
+    fields: Mapping[str, str]
+
+
+def output_item(
+    settings: Settings,
+    workflow_id: str,
+    event_id: str,
+    source_id: str,
+    result: Mapping[str, object] | None,
+    *,
+    trace_id: str,
+    checkpoint_id: str,
+) -> CommitItem:
+    """What one event commits: its output (:func:`~actors.service.streams.output_fields`)
+    under its done key, settling input entry ``source_id``; no output when ``result`` is
+    None (a duplicate, or an event settled elsewhere). Every commit builds its items here.
+    """
+    fields = {}
+    if result is not None:
+        fields = output_fields(result, trace_id=trace_id, checkpoint_id=checkpoint_id)
+    return CommitItem(
+        source_id=source_id, done_key=done_key(settings, workflow_id, event_id), fields=fields
+    )
+
+
+class OutputCommitter:
+    """Writes outputs and settles inputs atomically, suppressing duplicates.
+
+    Args:
+        redis: the client.
+        input_stream: the stream whose entries are acknowledged by default.
+        output_stream: the stream results are appended to.
+        group: the consumer group.
+        dedupe_ttl: seconds a done key lives (the window in which duplicates are caught).
+    """
+
+    def __init__(
+        self, redis: Redis, *, input_stream: str, output_stream: str, group: str, dedupe_ttl: int
+    ) -> None:
+        self._redis = redis
+        self._input = input_stream
+        self._output = output_stream
+        self._group = group
+        self._ttl = dedupe_ttl
+
+    @classmethod
+    def from_settings(cls, redis: Redis, settings: Settings) -> OutputCommitter:
+        """The committer of ``ctxd:in`` → ``ctxd:out`` for these settings."""
+        return cls(
+            redis,
+            input_stream=settings.input_stream,
+            output_stream=settings.output_stream,
+            group=settings.group,
+            dedupe_ttl=settings.dedupe_ttl,
+        )
+
+    async def commit(
+        self,
+        items: Sequence[CommitItem],
+        *,
+        input_stream: str | None = None,
+        lease: Lease | None = None,
+        settle: Settle = "ack",
+    ) -> list[str]:
+        """Commit ``items`` in one script; return output ids ("" where a duplicate).
+
+        Args:
+            items: the events' outputs.
+            input_stream: the stream their inputs are in (default: the committer's).
+            lease: the lease the write is fenced by (unfenced when None).
+            settle: ``ack`` the inputs in the group, or ``delete`` them (parked entries).
+
+        Raises:
+            FencedError: ``lease`` does not hold our value any more; nothing was written.
+        """
+        if not items:
+            return []
+        lease_key, lease_value = lease or (self._output, "")
+        keys = [
+            lease_key,
+            self._output,
+            input_stream or self._input,
+            *(item.done_key for item in items),
+        ]
+        args: list[str | int] = [lease_value, self._group, self._ttl, settle, len(items)]
+        for item in items:
+            args += [item.source_id, len(item.fields)]
+            for name, value in item.fields.items():
+                args += [name, value]
+        result = await call_script(self._redis, scripts.COMMIT, keys=keys, args=args)
+        return [text(r) if isinstance(r, bytes) else str(r) for r in cast(list[object], result)]
+
+
+async def dead_letter(
+    redis: Redis,
+    *,
+    dlq_stream: str,
+    input_stream: str,
+    group: str,
+    source_id: str,
+    fields: Mapping[str, str | bytes] | Mapping[bytes, bytes] | Mapping[str | bytes, str | bytes],
+    reason: str,
+    error: str,
+    attempts: int,
+    lease: Lease | None = None,
+    field_bytes: int = 4096,
+    max_fields: int = DLQ_MIN_FIELDS,
+    original_id: str | None = None,
+    done_key: str | None = None,
+    settle: Settle = "ack",
+) -> str:
+    """Append the entry to the DLQ with why, and settle it, atomically.
+
+    With ``done_key``, an event whose output is already committed is only settled and
+    "" returned: a run whose commit reply was lost looks failed to its process, and
+    must not end as a dead letter as well as an output.
+
+    The copy is bounded by :func:`~actors.service.streams.dlq_entry` (``field_bytes``,
+    ``max_fields``), which also says where the DLQ's ``source_id`` comes from
+    (``original_id`` first).
+
+    Raises:
+        FencedError: ``lease`` does not hold our value any more; nothing was written.
+    """
+    entry = dlq_entry(
+        fields,
+        reason=reason,
+        error=error,
+        attempts=attempts,
+        source_id=source_id,
+        field_bytes=field_bytes,
+        max_fields=max_fields,
+        original_id=original_id,
+    )
+    lease_key, lease_value = lease or (dlq_stream, "")
+    args: list[str | bytes] = [lease_value, group, source_id, settle]
+    for name, value in entry.items():
+        args += [name, value]
+    keys = [lease_key, dlq_stream, input_stream, *([done_key] if done_key else [])]
+    dlq_id = await call_script(redis, scripts.DEAD_LETTER, keys=keys, args=args)
+    return text(dlq_id) if isinstance(dlq_id, bytes) else str(dlq_id)
+
+
+async def route_entries(
+    redis: Redis,
+    *,
+    lease: Lease,
+    input_stream: str,
+    group: str,
+    moves: Sequence[tuple[str, str, Mapping[bytes, bytes]]],
+) -> None:
+    """Append each ``(source_id, target_stream, fields)`` to its target and acknowledge
+    its source in ``input_stream``, all in one script fenced by the router's lease.
+
+    Raises:
+        FencedError: the router lease does not hold our value any more.
+    """
+    if not moves:
+        return
+    keys = [lease[0], input_stream]
+    args: list[str | bytes | int] = [lease[1], group, len(moves)]
+    for source_id, target, fields in moves:
+        keys.append(target)
+        args += [source_id, len(fields)]
+        for name, value in fields.items():
+            args += [name, value]
+    await call_script(redis, scripts.MOVE, keys=keys, args=args)
+
+
+class FencedReader:
+    """``XREADGROUP`` that only reads while the caller holds a lease.
+
+    A reader whose lease expired (a paused process, a "zombie") must not move new
+    entries into the group's pending list: the new lease holder has already read that
+    list and would never see them, and they would be lost or reordered. Checking the
+    lease and reading in one script closes that gap. Scripts cannot block, so when
+    nothing new is there the caller waits with a plain ``XREAD BLOCK`` (:meth:`wait`)
+    from the stream's last id.
+
+    Args:
+        redis: the client.
+        group: the consumer group.
+        consumer: the consumer name.
+    """
+
+    def __init__(self, redis: Redis, *, group: str, consumer: str) -> None:
+        self._redis = redis
+        self._group = group
+        self._consumer = consumer
+
+    async def read(
+        self, stream: str, cursor: str, count: int, *, lease: Lease
+    ) -> tuple[list[tuple[str, dict[bytes, bytes] | None]], str]:
+        """Read up to ``count`` entries after ``cursor`` (``>`` or a PEL id).
+
+        Returns:
+            The entries and the stream's last entry id ("0-0" when empty).
+
+        Raises:
+            FencedError: the lease no longer holds our value; nothing was read.
+        """
+        reply = await call_script(
+            self._redis,
+            scripts.FENCED_READ,
+            keys=[lease[0], stream],
+            args=[lease[1], self._group, self._consumer, count, cursor],
+        )
+        got, last = cast(tuple[_XReadReply, list[tuple[bytes, object]]], reply)
+        entries: list[tuple[str, dict[bytes, bytes] | None]] = []
+        for _, stream_entries in got or []:
+            for entry_id, flat in stream_entries:
+                fields = None
+                if flat is not None:
+                    fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+                entries.append((text(entry_id), fields))
+        last_id = text(last[0][0]) if last else "0-0"
+        return entries, last_id
+
+    async def wait(self, stream: str, after: str, block_ms: int) -> None:
+        """Block until ``stream`` has an entry after ``after`` (or ``block_ms`` passed)."""
+        await self._redis.xread({stream: after}, count=1, block=block_ms)
