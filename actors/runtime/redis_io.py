@@ -11,11 +11,13 @@ from typing import Any, cast
 
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 __all__ = [
     "Entry",
     "TextEntry",
     "autoclaim",
+    "ensure_group",
     "read_group",
     "text",
     "xread_text",
@@ -32,6 +34,15 @@ TextEntry = tuple[str, dict[str, str]]
 def text(value: bytes | str) -> str:
     """Decode a Redis reply value."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+    """Create ``group`` on ``stream`` from the beginning, creating the stream if needed."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
 
 
 def _entries(raw: Any) -> list[Entry]:

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from actors.config import Settings
+from actors.runtime.redis_io import ensure_group  # re-exported: callers import it from here
 
 __all__ = [
     "DLQ_CUT_FIELD",
@@ -80,15 +81,6 @@ def done_key(settings: Settings, workflow_id: str, event_id: str) -> str:
 def done_key_pattern(settings: Settings, workflow_id: str) -> str:
     """``SCAN MATCH`` pattern of one workflow's dedupe keys (its ids hold no glob characters)."""
     return settings.key("done", f"{workflow_id}/*")
-
-
-async def ensure_group(redis: Redis, stream: str, group: str) -> None:
-    """Create ``group`` on ``stream`` from the beginning, creating the stream if needed."""
-    try:
-        await redis.xgroup_create(stream, group, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 @dataclass(frozen=True)
