@@ -28,6 +28,7 @@ from actors.config import Settings
 from actors.runtime.availability import RedisAvailability
 from actors.runtime.consumer import consume_group
 from actors.runtime.redis_io import Entry
+from actors.runtime.supervisor import crash_unwrapped
 from actors.service.fenced_source import FencedGroupSource
 from actors.service.lease import LeaseLostError
 from actors.service.ownership import Ownership
@@ -102,14 +103,15 @@ class PartitionReaders:
         """
         self._running.clear()
         period = self._settings.lease_ttl / 3
-        async with anyio.create_task_group() as tg:
-            task_status.started()
-            while not self._stopping.is_set():
-                self._changed = anyio.Event()
-                self._reconcile(tg)
-                with anyio.move_on_after(period):  # a missed change is caught up soon
-                    await _first(self._changed, self._stopping)
-            tg.cancel_scope.cancel()
+        with crash_unwrapped():
+            async with anyio.create_task_group() as tg:
+                task_status.started()
+                while not self._stopping.is_set():
+                    self._changed = anyio.Event()
+                    self._reconcile(tg)
+                    with anyio.move_on_after(period):  # a missed change is caught up soon
+                        await _first(self._changed, self._stopping)
+                tg.cancel_scope.cancel()
 
     def _reconcile(self, tg: TaskGroup) -> None:
         wanted = self._ownership.readable()

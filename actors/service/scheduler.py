@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 import structlog
@@ -33,8 +34,9 @@ from redis.exceptions import ResponseError
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability
 from actors.runtime.backoff import jittered_backoff
+from actors.runtime.supervisor import crash_unwrapped
 from actors.service.batches import (
-    BatchProcessor,
+    BatchReport,
     PendingEntry,
     RunSlot,
     attempt_field,
@@ -47,13 +49,24 @@ from actors.service.streams import dead_letter, done_key
 from actors.service.validation import RawFields, as_invalid_entry, decode_fields, parse_entry
 from telemetry.metrics import Instruments
 
-__all__ = ["Scheduler", "SchedulerCounts", "WorkflowQueue"]
+__all__ = ["Runner", "Scheduler", "SchedulerCounts", "WorkflowQueue"]
 
 _log = structlog.get_logger("ctxd.ingress")  # the ingress's lines, as before the split
 
 _RETRY_BASE = 0.2
 """Seconds before the first retry of a failed run (doubling, jittered, up to 10 s)."""
 _RETRY_MAX = 10.0
+
+
+class Runner(Protocol):
+    """Runs and commits one batch and says how it went: the
+    :class:`~actors.service.batches.BatchProcessor` (or a scripted one in tests)."""
+
+    async def process(
+        self, workflow_id: str, slot: RunSlot, batch: list[PendingEntry]
+    ) -> BatchReport:
+        """Run ``batch`` (one workflow's entries of one partition tenure) in ``slot``."""
+        ...
 
 
 @dataclass
@@ -101,7 +114,7 @@ class Scheduler:
         self,
         redis: Redis,
         settings: Settings,
-        runner: BatchProcessor,
+        runner: Runner,
         *,
         lease_of: Callable[[int], str | None],
         reading_allowed: Callable[[], bool],
@@ -181,11 +194,12 @@ class Scheduler:
         """
         self._begin_epoch()
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                task_status.started()
-                await self._stopping.wait()
-                self.stop()
+            with crash_unwrapped():
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    task_status.started()
+                    await self._stopping.wait()
+                    self.stop()
         finally:
             self._tg = None
             # After a crash its runs are gone: nothing is in flight here any more.

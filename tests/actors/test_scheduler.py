@@ -1,0 +1,186 @@
+"""The scheduler on its own: admission (CTXD_MULTITASK, poison), order, epochs.
+
+A real Redis (the DLQ script, the lease fence, the partition's pending list) and a
+scripted runner in place of the graph: each test decides how every run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import anyio
+import pytest
+from actor_support import open_redis
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from stream_support import ScriptedRunner, add_partition_entries, hold_lease
+
+from actors.config import Settings
+from actors.runtime.availability import RedisAvailability
+from actors.runtime.redis_io import xrevrange_text
+from actors.service.partitions import partition_stream
+from actors.service.scheduler import Scheduler
+
+_LEASE = "7|test"
+
+
+@contextlib.asynccontextmanager
+async def running_scheduler(
+    client: Redis, settings: Settings, runner: ScriptedRunner
+) -> AsyncIterator[Scheduler]:
+    """A scheduler owning partition 0 under ``_LEASE``, running until the block ends."""
+    await hold_lease(client, settings, 0, _LEASE)
+    scheduler = Scheduler(
+        client,
+        settings,
+        runner,
+        lease_of=lambda n: _LEASE if n == 0 else None,
+        reading_allowed=lambda: True,
+        availability=RedisAvailability.for_settings(client, settings),
+        stopping=anyio.Event(),
+        rng=random.Random(7),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(scheduler.run)
+        yield scheduler
+        tg.cancel_scope.cancel()
+
+
+async def settled(scheduler: Scheduler) -> None:
+    """Wait until nothing is queued, running or in flight."""
+    with anyio.fail_after(10):
+        while scheduler.busy:
+            await scheduler.wait_for_room()
+
+
+async def accept_all(
+    scheduler: Scheduler, entries: list[tuple[str, dict[bytes, bytes]]], deliveries: int = 1
+) -> None:
+    for entry_id, raw in entries:
+        await scheduler.accept(
+            0, _LEASE, entry_id, raw, deliveries=deliveries, epoch=scheduler.epoch
+        )
+
+
+def dlq(redis: SyncRedis, settings: Settings) -> list[dict[str, str]]:
+    return [fields for _, fields in xrevrange_text(redis, settings.dlq_stream, 100)[::-1]]
+
+
+def pending(redis: SyncRedis, settings: Settings) -> int:
+    return int(redis.xpending(partition_stream(settings, 0), settings.group)["pending"])
+
+
+async def test_enqueue_runs_a_busy_workflows_next_event_after_the_running_one(
+    settings: Settings,
+) -> None:
+    runner = ScriptedRunner(hold=True)
+    async with open_redis(settings) as client, running_scheduler(client, settings, runner) as sc:
+        first, second = await add_partition_entries(
+            client, settings, 0, [("wf", "e1"), ("wf", "e2")]
+        )
+        await accept_all(sc, [first])
+        with anyio.fail_after(10):
+            await runner.started.wait()
+        await accept_all(sc, [second])
+        assert sc.in_flight == 2
+        runner.hold.set()
+        await settled(sc)
+        counts = sc.counts()
+    assert runner.batches == [["e1"], ["e2"]]
+    assert (counts.processed, counts.dead_lettered, counts.interrupted) == (2, 0, 0)
+
+
+async def test_reject_dead_letters_an_event_for_a_busy_workflow(
+    settings: Settings, redis: SyncRedis
+) -> None:
+    settings = replace(settings, multitask="reject")
+    runner = ScriptedRunner(hold=True)
+    async with open_redis(settings) as client, running_scheduler(client, settings, runner) as sc:
+        first, second = await add_partition_entries(
+            client, settings, 0, [("wf", "e1"), ("wf", "e2")]
+        )
+        await accept_all(sc, [first])
+        with anyio.fail_after(10):
+            await runner.started.wait()
+        await accept_all(sc, [second])
+        runner.hold.set()
+        await settled(sc)
+        counts = sc.counts()
+    assert runner.batches == [["e1"]]
+    [dead] = dlq(redis, settings)
+    assert (dead["event_id"], dead["reason"]) == ("e2", "workflow_busy")
+    assert "CTXD_MULTITASK=reject" in dead["error"]
+    assert (counts.processed, counts.dead_lettered) == (1, 1)
+
+
+@pytest.mark.parametrize("strategy", ["interrupt", "rollback"])
+async def test_interrupt_and_rollback_cancel_the_running_event_for_the_newer_one(
+    settings: Settings, redis: SyncRedis, strategy: str
+) -> None:
+    settings = replace(settings, multitask=strategy)
+    runner = ScriptedRunner(hold=True)
+    async with open_redis(settings) as client, running_scheduler(client, settings, runner) as sc:
+        first, second = await add_partition_entries(
+            client, settings, 0, [("wf", "e1"), ("wf", "e2")]
+        )
+        await accept_all(sc, [first])
+        with anyio.fail_after(10):
+            await runner.started.wait()
+            await accept_all(sc, [second])
+            await runner.finished.wait()  # the interrupted run of e1 returned
+        runner.hold.set()
+        await settled(sc)
+        counts = sc.counts()
+    assert runner.batches == [["e1"], ["e2"]]
+    assert (counts.interrupted, counts.processed, counts.dead_lettered) == (1, 1, 0)
+    assert dlq(redis, settings) == []
+
+
+async def test_a_failing_event_is_retried_in_place_then_dead_lettered_as_poison(
+    settings: Settings, redis: SyncRedis
+) -> None:
+    settings = replace(settings, max_deliveries=2)
+    runner = ScriptedRunner(["retry", "retry"])
+    async with open_redis(settings) as client, running_scheduler(client, settings, runner) as sc:
+        entries = await add_partition_entries(client, settings, 0, [("wf", "e1"), ("wf", "e2")])
+        await accept_all(sc, entries)
+        await settled(sc)
+        counts = sc.counts()
+    # The batch fails once; then the head runs alone (isolating the poison) and fails
+    # again: it goes to the DLQ after max_deliveries runs, and e2 runs after it.
+    assert runner.batches == [["e1", "e2"], ["e1"], ["e2"]]
+    [dead] = dlq(redis, settings)
+    assert (dead["event_id"], dead["reason"], dead["attempts"]) == ("e1", "poison", "2")
+    assert "limit 2" in dead["error"]
+    assert (counts.failed_runs, counts.dead_lettered, counts.processed) == (2, 1, 1)
+    assert pending(redis, settings) == 1  # e2: the scripted runner does not acknowledge
+
+
+async def test_an_entry_read_more_often_than_the_limit_is_poison_without_a_run(
+    settings: Settings, redis: SyncRedis
+) -> None:
+    settings = replace(settings, max_deliveries=3)
+    runner = ScriptedRunner()
+    async with open_redis(settings) as client, running_scheduler(client, settings, runner) as sc:
+        entries = await add_partition_entries(client, settings, 0, [("wf", "e1")])
+        await accept_all(sc, entries, deliveries=4)
+        await settled(sc)
+    assert runner.batches == []
+    [dead] = dlq(redis, settings)
+    assert (dead["reason"], dead["attempts"]) == ("poison", "3")
+    assert pending(redis, settings) == 0
+
+
+async def test_an_entry_read_for_an_earlier_epoch_is_not_admitted(settings: Settings) -> None:
+    runner = ScriptedRunner()
+    async with open_redis(settings) as client, running_scheduler(client, settings, runner) as sc:
+        [(entry_id, raw)] = await add_partition_entries(client, settings, 0, [("wf", "e1")])
+        await sc.accept(0, _LEASE, entry_id, raw, deliveries=1, epoch=sc.epoch - 1)
+        assert not sc.busy
+        await accept_all(sc, [(entry_id, raw)])
+        await accept_all(sc, [(entry_id, raw)])  # read twice in one tenure: admitted once
+        await settled(sc)
+    assert runner.batches == [["e1"]]
