@@ -96,6 +96,12 @@ class Ownership:
         """This instance's lease value on partition ``n``, or None if not ours."""
         return self.owned.get(n)
 
+    def reading(self, n: int, value: str) -> bool:
+        """Whether partition ``n`` is still to be read under lease ``value``: owned with
+        that value and not being handed over (checked before every read and admission,
+        so a reader stops at once, not when its task is cancelled)."""
+        return self.owned.get(n) == value and n not in self._releasing
+
     def readable(self) -> dict[int, str]:
         """The partitions to read now: owned and not being handed over."""
         return {n: v for n, v in self.owned.items() if n not in self._releasing}

@@ -146,7 +146,7 @@ class PartitionReaders:
         )
 
         async def ready() -> int | None:
-            if self._ownership.value(n) != value or scheduler.epoch != epoch:
+            if not self._ownership.reading(n, value) or scheduler.epoch != epoch:
                 return None
             if not self._reading_allowed():
                 with anyio.move_on_after(s.block_ms / 1000):  # a breaker is open
@@ -162,8 +162,8 @@ class PartitionReaders:
                 await self._hook(n, entries)
             counts = await scheduler.attempts(n, [e for e, _ in entries]) if redelivered else {}
             for entry_id, raw in entries:
-                if self._ownership.value(n) != value:
-                    break
+                if not self._ownership.reading(n, value):
+                    break  # handed over or lost meanwhile: the rest stays pending
                 deliveries = counts.get(entry_id, 0) + 1
                 await scheduler.accept(n, value, entry_id, raw, deliveries=deliveries, epoch=epoch)
 

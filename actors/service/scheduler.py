@@ -139,7 +139,9 @@ class Scheduler:
         self._max_in_flight = settings.concurrency * settings.batch_size
         self.workflows: dict[str, WorkflowQueue] = {}
         """The active workflows (queued or running), by id; live, for the idle sweep."""
-        self._in_flight: dict[str, tuple[int, str]] = {}  # entry id → (partition, lease)
+        # (partition, entry id) → lease: entry ids are unique per stream only, and the
+        # router fills many partition streams in the same millisecond.
+        self._in_flight: dict[tuple[int, str], str] = {}
         self._slots = anyio.CapacityLimiter(settings.concurrency)
         self._room = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -170,7 +172,7 @@ class Scheduler:
 
     def holds(self, n: int) -> bool:
         """Whether an entry of partition ``n`` is queued or running here."""
-        return any(p == n for p, _ in self._in_flight.values())
+        return any(p == n for p, _ in self._in_flight)
 
     def room(self) -> int:
         """How many more entries may be read now."""
@@ -228,7 +230,7 @@ class Scheduler:
             kept = [p for p in wf.queue if p.partition != n]
             for p in wf.queue:
                 if p.partition == n:
-                    self._in_flight.pop(p.entry_id, None)
+                    self._in_flight.pop((n, p.entry_id), None)
             wf.queue[:] = kept
         self._made_room()
 
@@ -264,7 +266,7 @@ class Scheduler:
         s = self._settings
         if self._tg is None or epoch != self.epoch:
             return  # read for a scheduler that is gone: the re-read after its restart
-        if self._in_flight.get(entry_id) == (n, lease):
+        if self._in_flight.get((n, entry_id)) == lease:
             return  # already queued or running in this tenure
         stream = partition_stream(s, n)
         if self._instruments is not None:
@@ -311,7 +313,7 @@ class Scheduler:
                 deliveries,
             )
             return
-        self._in_flight[entry_id] = (n, lease)
+        self._in_flight[n, entry_id] = lease
         pending = PendingEntry(
             event=event,
             entry_id=entry_id,
@@ -442,8 +444,8 @@ class Scheduler:
 
     def _forget(self, batch: list[PendingEntry]) -> None:
         for item in batch:
-            if self._in_flight.get(item.entry_id) == (item.partition, item.lease):
-                del self._in_flight[item.entry_id]
+            if self._in_flight.get((item.partition, item.entry_id)) == item.lease:
+                del self._in_flight[item.partition, item.entry_id]
         self._made_room()
 
     def _made_room(self) -> None:

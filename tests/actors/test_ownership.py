@@ -149,6 +149,7 @@ async def test_a_partition_is_released_only_once_its_running_batch_finished(
                 await a.ownership.reconcile()
             assert a.ownership.value(moving) == value  # still renewed while it runs
             assert moving not in a.ownership.readable()  # but no longer read
+            assert not a.ownership.reading(moving, value)
             runner.hold.set()
             with anyio.fail_after(10):
                 while a.scheduler.busy:

@@ -31,13 +31,14 @@ _LEASE = "7|test"
 async def running_scheduler(
     client: Redis, settings: Settings, runner: ScriptedRunner
 ) -> AsyncIterator[Scheduler]:
-    """A scheduler owning partition 0 under ``_LEASE``, running until the block ends."""
+    """A scheduler owning every partition under ``_LEASE`` (partition 0 in Redis too),
+    running until the block ends."""
     await hold_lease(client, settings, 0, _LEASE)
     scheduler = Scheduler(
         client,
         settings,
         runner,
-        lease_of=lambda n: _LEASE if n == 0 else None,
+        lease_of=lambda n: _LEASE,
         reading_allowed=lambda: True,
         availability=RedisAvailability.for_settings(client, settings),
         stopping=anyio.Event(),
@@ -184,3 +185,28 @@ async def test_an_entry_read_for_an_earlier_epoch_is_not_admitted(settings: Sett
         await accept_all(sc, [(entry_id, raw)])  # read twice in one tenure: admitted once
         await settled(sc)
     assert runner.batches == [["e1"]]
+
+
+async def test_entries_with_one_id_in_two_partitions_are_tracked_apart(settings: Settings) -> None:
+    """The router fills many partition streams in one millisecond, so their entry ids
+    repeat: dropping one partition's queued entry must not forget another's running one
+    (else that partition would be released while its batch still runs)."""
+    settings = replace(settings, concurrency=1)
+    runner = ScriptedRunner(hold=True)
+    same_id = "1700000000000-3"
+    fields: dict[bytes, bytes] = {b"event_id": b"e", b"content": b"text"}
+    async with open_redis(settings) as client, running_scheduler(client, settings, runner) as sc:
+        raw = {**fields, b"workflow_id": b"wf-running"}
+        await sc.accept(0, _LEASE, same_id, raw, deliveries=1, epoch=sc.epoch)
+        with anyio.fail_after(10):
+            await runner.started.wait()
+        raw = {**fields, b"workflow_id": b"wf-waiting"}  # waits for the one slot
+        await sc.accept(1, _LEASE, same_id, raw, deliveries=1, epoch=sc.epoch)
+        assert sc.in_flight == 2
+        sc.unqueue(1)  # partition 1 is handed over: its queued entry goes
+        assert sc.holds(0)
+        assert not sc.holds(1)
+        assert sc.in_flight == 1
+        runner.hold.set()
+        await settled(sc)
+    assert runner.batches == [["e"]]
