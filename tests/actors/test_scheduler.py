@@ -21,6 +21,7 @@ from stream_support import ScriptedRunner, add_partition_entries, hold_lease
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability
 from actors.runtime.redis_io import xrevrange_text
+from actors.service.batches import BatchReport, PendingEntry, RunSlot
 from actors.service.partitions import partition_stream
 from actors.service.scheduler import Scheduler
 
@@ -210,3 +211,56 @@ async def test_entries_with_one_id_in_two_partitions_are_tracked_apart(settings:
         runner.hold.set()
         await settled(sc)
     assert runner.batches == [["e"]]
+
+
+class CrashingRunner(ScriptedRunner):
+    """A runner with a bug: its first run raises out of the drain."""
+
+    async def process(
+        self, workflow_id: str, slot: RunSlot, batch: list[PendingEntry]
+    ) -> BatchReport:
+        if not self.batches:
+            self.batches.append([p.event.event_id for p in batch])
+            raise RuntimeError("a bug in the runner")
+        return await super().process(workflow_id, slot, batch)
+
+
+async def test_a_crashed_scheduler_starts_a_new_epoch_with_nothing_in_flight(
+    settings: Settings,
+) -> None:
+    """A drain's crash is the scheduler's (as itself, for the supervisor's log); the
+    restart forgets what was in flight and tells the readers to read pending again."""
+    restarted: list[int] = []
+    async with open_redis(settings) as client:
+        await hold_lease(client, settings, 0, _LEASE)
+        scheduler = Scheduler(
+            client,
+            settings,
+            CrashingRunner(),
+            lease_of=lambda n: _LEASE,
+            reading_allowed=lambda: True,
+            availability=RedisAvailability.for_settings(client, settings),
+            stopping=anyio.Event(),
+            on_restart=lambda: restarted.append(scheduler.epoch),
+        )
+        entries = await add_partition_entries(client, settings, 0, [("wf", "e1")])
+
+        async def crash() -> None:
+            async with anyio.create_task_group() as tg:
+                await tg.start(scheduler.run)
+                await accept_all(scheduler, entries)
+
+        with anyio.fail_after(10), pytest.raises(ExceptionGroup) as raised:
+            await crash()
+        # scheduler.run raised the error itself, not a group of its drains' errors
+        assert raised.group_contains(RuntimeError, match="a bug", depth=1)
+        assert (scheduler.busy, scheduler.accepting, restarted) == (False, False, [])
+        await accept_all(scheduler, entries)  # read while it is down: not admitted
+        assert not scheduler.busy
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)
+            assert restarted == [2]
+            await accept_all(scheduler, entries)  # the readers' re-read, new epoch
+            await settled(scheduler)
+            tg.cancel_scope.cancel()
+    assert scheduler.counts().processed == 1
