@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from actors.config import Settings
-from actors.runtime.availability import RedisAvailability
+from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.backoff import jittered_backoff
 from actors.runtime.supervisor import crash_unwrapped
 from actors.service.batches import (
@@ -56,6 +56,9 @@ _log = structlog.get_logger("ctxd.ingress")  # the ingress's lines, as before th
 _RETRY_BASE = 0.2
 """Seconds before the first retry of a failed run (doubling, jittered, up to 10 s)."""
 _RETRY_MAX = 10.0
+
+_LEFT_PENDING = (LeaseLostError, *TRANSIENT_ERRORS)
+"""Errors of a poison event's DLQ write that leave it pending for the next try."""
 
 
 class Runner(Protocol):
@@ -419,8 +422,13 @@ class Scheduler:
                     else:
                         try:
                             await self._redeliver_or_poison(wf)
-                        except (LeaseLostError, *TRANSIENT_ERRORS) as exc:
-                            # left pending: the next owner (or the next retry) decides
+                        except Exception as exc:
+                            # left pending: the next owner (or the next retry) decides; an
+                            # outage is waited out by the next retry, never a crash
+                            if not isinstance(exc, _LEFT_PENDING):
+                                if not is_outage(exc):
+                                    raise
+                                self._availability.report(exc)
                             _log.warning("dead-lettering a poison event failed", error=repr(exc))
                 else:
                     failures = 0
