@@ -1,6 +1,8 @@
 """The daemon: wires settings, Redis, checkpointer, workflow and ingress, and runs them.
 
-It is the root of the supervision tree: it runs until SIGTERM or SIGINT, then stops
+It runs the root of the supervision tree (actors/service/tree.py): the actor pools'
+supervisors and the ingress with its own supervised loops (router, ownership, readers,
+scheduler, retention) are its children. It runs until SIGTERM or SIGINT, then stops
 reading, lets in-flight work finish within the drain budget (the rest stays pending for
 another instance), flushes telemetry and returns. A fatal error propagates, and the
 command line turns it into a non-zero exit so systemd or Docker restarts the service.
@@ -37,7 +39,7 @@ from actors.service.connections import open_service_client, pool_size
 from actors.service.ingress import Ingress
 from actors.service.lease import CheckpointFence, fence_checkpoints, fenced_pointer_writer
 from actors.service.stream_metrics import poll_stream_gauges
-from actors.service.tree import ActorSystem
+from actors.service.tree import ActorSystem, restart_reporter, root_supervisor
 from graph.analysis import load_analyzer
 from graph.checkpointer import open_checkpointer
 from graph.tracing import GraphTelemetry
@@ -128,6 +130,7 @@ async def serve(
                 escalation_pauses=settings.escalation_pauses,
                 telemetry=graph_telemetry,
             )
+            on_restart = restart_reporter(graph_telemetry.instruments)
             ingress = Ingress(
                 redis,
                 settings,
@@ -136,14 +139,18 @@ async def serve(
                 instruments=graph_telemetry.instruments,
                 tracer=graph_telemetry.tracer,
                 availability=availability,
+                on_restart=on_restart,
             )
             if actors is not None:
                 ingress.extra_stats = actors.status
+            root = root_supervisor(
+                settings,
+                [*(actors.children if actors is not None else ()), ingress.as_child()],
+                on_restart=on_restart,
+            )
             async with anyio.create_task_group() as tg:
-                if actors is not None:
-                    await tg.start(actors.run)
                 stopper.ingress = ingress
-                await tg.start(ingress.run)
+                await tg.start(root.run)
                 if telemetry is not None and _exports_metrics(telemetry.settings):
                     interval = min(max(telemetry.settings.metric_export_interval, 0.2), 15.0)
                     streams = [

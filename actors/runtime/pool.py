@@ -37,8 +37,9 @@ from redis.exceptions import RedisError
 
 from actors.runtime import scripts
 from actors.runtime.availability import RedisAvailability, is_outage
+from actors.runtime.consumer import PlainGroupSource, consume_group
 from actors.runtime.mailbox import JSON, ActorReply, ActorRequest, MailboxSettings, mailbox_stream
-from actors.runtime.redis_io import Entry, autoclaim, ensure_group, read_group, text
+from actors.runtime.redis_io import Entry, autoclaim, ensure_group, text
 from actors.runtime.scripts import call_script
 from actors.runtime.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
 from graph.errors import PluginError
@@ -204,34 +205,31 @@ class ActorPool:
     async def run_worker(
         self, slot: int, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """One worker: own pending entries first, then new ones, until cancelled."""
+        """One worker: own pending entries first, then new ones, until cancelled.
+
+        The read loop is :func:`~actors.runtime.consumer.consume_group`: an outage is
+        waited out there (not a crash), anything else crashes the worker.
+        """
         consumer = self.consumer(slot)
-        group = self._settings.group
         await self._ensure_group()
         task_status.started()
-        cursor = "0"
-        while True:
-            try:
-                entries = await read_group(
-                    self._redis,
-                    group=group,
-                    consumer=consumer,
-                    stream=self._stream,
-                    cursor=cursor,
-                    count=self._settings.actor_read_count,
-                    block=None if cursor != ">" else self._settings.block_ms,
-                )
-                deliveries: Mapping[str, int] = {}
-                if cursor != ">":
-                    if not entries:
-                        cursor = ">"
-                        continue
-                    cursor = entries[-1][0]
-                    deliveries = await self._delivery_counts([eid for eid, _ in entries])
-                await self._serve_batch(consumer, entries, deliveries)
-            except Exception as exc:  # noqa: BLE001 - re-raised unless an outage
-                await self._wait_out(exc)
-                cursor = "0"  # what was read stays pending for us: read it again
+        source = PlainGroupSource(
+            self._redis,
+            stream=self._stream,
+            group=self._settings.group,
+            consumer=consumer,
+            block_ms=self._settings.block_ms,
+        )
+
+        async def handle(entries: list[Entry], redelivered: bool) -> None:
+            deliveries: Mapping[str, int] = {}
+            if redelivered:
+                deliveries = await self._delivery_counts([eid for eid, _ in entries])
+            await self._serve_batch(consumer, entries, deliveries)
+
+        await consume_group(
+            source, handle, count=self._settings.actor_read_count, availability=self._availability
+        )
 
     async def _ensure_group(self) -> None:
         if self._availability is None:

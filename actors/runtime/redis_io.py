@@ -36,10 +36,6 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _entries(raw: Any) -> list[Entry]:
-    return [(text(entry_id), fields) for entry_id, fields in raw or []]
-
-
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
     """Create ``group`` on ``stream`` from the beginning, creating the stream if needed."""
     try:
@@ -47,6 +43,10 @@ async def ensure_group(redis: Redis, stream: str, group: str) -> None:
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+def _entries(raw: Any) -> list[Entry]:
+    return [(text(entry_id), fields) for entry_id, fields in raw or []]
 
 
 async def read_group(

@@ -41,11 +41,12 @@ bound their own children.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +67,7 @@ __all__ = [
     "SupervisorConfig",
     "SupervisorEscalation",
     "SupervisorStatistics",
+    "crash_unwrapped",
 ]
 
 RestartType = Literal["permanent", "transient", "temporary"]
@@ -550,3 +552,20 @@ class Supervisor:
             incarnation.scope.cancel()
             with anyio.move_on_after(child.spec.shutdown):
                 await incarnation.done.wait()
+
+
+@contextlib.contextmanager
+def crash_unwrapped() -> Iterator[None]:
+    """Let a child's task group crash as its first error, not as an ExceptionGroup.
+
+    A child that runs tasks of its own (readers, drains) would otherwise always crash
+    with ``ExceptionGroup``, and its restarts would be logged and counted under that
+    name instead of the error that happened; the group stays the error's context.
+    """
+    try:
+        yield
+    except ExceptionGroup as group:
+        first: Exception = group
+        while isinstance(first, ExceptionGroup):
+            first = first.exceptions[0]
+        raise first  # noqa: B904 - the group is kept as __context__

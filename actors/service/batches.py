@@ -1,19 +1,21 @@
-"""One batch of one workflow, start to end: a graph run, its outputs, its outcome.
+"""The runner: one batch of one workflow, start to end: a graph run, its outputs, its outcome.
 
-The ingress (actors/service/ingress.py) owns partitions, reads them and keeps a queue per
-workflow. For each batch it takes from a queue it calls :meth:`BatchProcessor.process`,
+The scheduler (actors/service/scheduler.py) keeps a queue per workflow. For each batch it
+takes from a queue it calls :meth:`BatchProcessor.process`,
 which opens the events' ``process`` spans, suppresses events whose ``event_id`` is done
 already in their workflow (:func:`~actors.service.streams.done_key`), counts the run's start in
 ``{prefix}:attempts``, runs the batch through the
 :class:`~actors.service.parking.WorkflowRunner` under the partition's lease, commits outputs and
-acknowledgements in one fenced script, and says how it went (:data:`Outcome`):
+acknowledgements in one fenced script, and says how it went (a :class:`BatchReport`
+with its :data:`Outcome` and what it counted); it never touches the scheduler's queues
+or counters:
 
 - ``done``: committed;
 - ``lost``: the partition's lease was lost; its next owner redoes the batch;
 - ``refused``: an open circuit breaker refused a call; the batch waits, in order;
 - ``transient``: Redis was unavailable; retried, and not counted as an attempt;
 - ``retry``: the run failed; retried, and after ``CTXD_MAX_DELIVERIES`` starts the
-  ingress dead-letters the event as poison.
+  scheduler dead-letters the event as poison.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple
 
 import anyio
 import structlog
@@ -53,9 +55,10 @@ from telemetry.spans import process_span
 
 __all__ = [
     "BatchProcessor",
+    "BatchReport",
     "Outcome",
     "PendingEntry",
-    "WorkflowQueue",
+    "RunSlot",
     "attempt_field",
     "describe_failure",
     "error_field",
@@ -81,14 +84,63 @@ class PendingEntry:
     read_at: float = field(default_factory=time.monotonic)
 
 
-@dataclass
-class WorkflowQueue:
-    """One workflow's entries: queued in order, and the batch running now."""
+class RunSlot:
+    """Where one workflow's running graph run can be interrupted from.
 
-    queue: list[PendingEntry] = field(default_factory=list)
-    running: list[PendingEntry] = field(default_factory=list)
-    scope: anyio.CancelScope | None = None
-    cancelled: bool = False
+    The runner opens it around the graph run; the scheduler, seeing a newer event under
+    ``CTXD_MULTITASK=interrupt|rollback``, calls :meth:`interrupt`.
+    """
+
+    def __init__(self) -> None:
+        self._scope: anyio.CancelScope | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether a graph run is in progress now."""
+        return self._scope is not None
+
+    def interrupt(self) -> bool:
+        """Cancel the run in progress, if any; True when there was one."""
+        if self._scope is None:
+            return False
+        self._scope.cancel()
+        return True
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[anyio.CancelScope]:
+        """The scope of one run; :meth:`interrupt` cancels it while it is open."""
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            try:
+                yield scope
+            finally:
+                self._scope = None
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """How one batch went, and what it counts towards the service's statistics.
+
+    Attributes:
+        outcome: see :data:`Outcome`.
+        processed: events with an output written.
+        duplicates: events suppressed because their event_id was done already.
+        interrupted: events cancelled by the interrupt/rollback strategies.
+        failed: whether the graph run raised (a failed run, counted even when the
+            outcome turns out ``transient``).
+    """
+
+    outcome: Outcome
+    processed: int = 0
+    duplicates: int = 0
+    interrupted: int = 0
+    failed: bool = False
+
+
+class _Tally(NamedTuple):
+    processed: int
+    duplicates: int
+    interrupted: int
 
 
 class BatchProcessor:
@@ -99,8 +151,6 @@ class BatchProcessor:
         settings: validated settings.
         graph: the compiled contextual workflow.
         consumer: the consumer name on the partition streams (for the spans).
-        counts: the ingress's counters; ``processed``, ``duplicates``, ``failed_runs``
-            and ``interrupted`` are counted here.
         instruments: where the messaging metrics go; none recorded if None.
         metric_attributes: the attributes every messaging metric point carries.
         tracer: for the ``process`` spans.
@@ -116,7 +166,6 @@ class BatchProcessor:
         graph: ContextualGraph,
         *,
         consumer: str,
-        counts: dict[str, int],
         instruments: Instruments | None,
         metric_attributes: Mapping[str, str],
         tracer: trace.Tracer,
@@ -127,7 +176,6 @@ class BatchProcessor:
         self._settings = settings
         self._graph = graph
         self._consumer = consumer
-        self._counts = counts
         self._instruments = instruments
         self._metric_attributes = metric_attributes
         self._tracer = tracer
@@ -137,17 +185,24 @@ class BatchProcessor:
         """Pruning after commits and the idle sweep (actors/service/retention.py)."""
 
     async def process(
-        self, workflow_id: str, wf: WorkflowQueue, batch: list[PendingEntry]
-    ) -> Outcome:
+        self, workflow_id: str, slot: RunSlot, batch: list[PendingEntry]
+    ) -> BatchReport:
         """Run and commit ``batch`` (one workflow's entries of one partition tenure).
 
         A run that ends ``lost``, ``transient`` or ``refused`` is not the events' fault:
         its start is taken back from ``{prefix}:attempts``.
+
+        Args:
+            workflow_id: the batch's workflow.
+            slot: the workflow's run slot, opened around the graph run.
+            batch: the entries, in order.
         """
         generation = self._availability.generation
-        outcome = await self._process(workflow_id, wf, batch)
+        report = await self._process(workflow_id, slot, batch)
+        outcome = report.outcome
         if outcome == "retry" and self._availability.disturbed_since(generation):
             outcome = "transient"  # Redis went away during the run: not the events' fault
+            report = replace(report, outcome=outcome)
         if outcome in ("lost", "transient", "refused"):
 
             async def take_back() -> None:
@@ -165,13 +220,13 @@ class BatchProcessor:
             else:
                 with contextlib.suppress(*TRANSIENT_ERRORS):
                     await take_back()
-        return outcome
+        return report
 
     async def _process(
-        self, workflow_id: str, wf: WorkflowQueue, batch: list[PendingEntry]
-    ) -> Outcome:
+        self, workflow_id: str, slot: RunSlot, batch: list[PendingEntry]
+    ) -> BatchReport:
         started = time.monotonic()
-        outcome: Outcome = "done"
+        report = BatchReport("done")
         with contextlib.ExitStack() as stack:
             spans = [
                 stack.enter_context(
@@ -193,7 +248,8 @@ class BatchProcessor:
             lease = (lease_key(self._settings, f"part:{batch[0].partition}")[0], batch[0].lease)
             try:
                 with CheckpointFence.tenure(lease):
-                    await self._run_and_commit(workflow_id, wf, batch, spans, lease)
+                    tally = await self._run_and_commit(workflow_id, slot, batch, spans, lease)
+                report = BatchReport("done", *tally)
             except Exception as exc:  # noqa: BLE001 - the events are retried in order
                 # A refused commit, or a checkpoint write refused inside the graph (and
                 # perhaps wrapped by it): the partition's new owner redoes the batch.
@@ -202,20 +258,19 @@ class BatchProcessor:
                         "partition lease lost during a run; the new owner redoes it",
                         workflow_id=workflow_id,
                     )
-                    return "lost"
+                    return BatchReport("lost")
                 if _refused_by_breaker(exc):
                     _log.warning(
                         "circuit breaker open; batch stays pending", workflow_id=workflow_id
                     )
-                    return "refused"
+                    return BatchReport("refused")
                 if is_outage(exc) or _is_transient(exc):
                     # One line per outage (the monitor's), not one per workflow.
                     self._availability.report(exc)
                     _log.debug("workflow run met a Redis outage", workflow_id=workflow_id)
-                    return "transient"
+                    return BatchReport("transient")
                 self._record_failed(len(batch), exc, time.monotonic() - started)
-                self._counts["failed_runs"] += 1
-                outcome = "retry"
+                report = BatchReport("retry", failed=True)
                 await self._remember_failure(batch, exc)
                 _log.error(
                     "workflow run failed; its events are retried",
@@ -229,16 +284,16 @@ class BatchProcessor:
             events=len(batch),
             seconds=time.monotonic() - started,
         )
-        return outcome
+        return report
 
     async def _run_and_commit(
         self,
         workflow_id: str,
-        wf: WorkflowQueue,
+        slot: RunSlot,
         batch: list[PendingEntry],
         spans: list[trace.Span],
         lease: tuple[str, str],
-    ) -> None:
+    ) -> _Tally:
         s = self._settings
         started = time.monotonic()
         done_keys = [done_key(s, workflow_id, p.event.event_id) for p in batch]
@@ -254,6 +309,7 @@ class BatchProcessor:
         results: Mapping[str, Mapping[str, object]] = {}
         handled: frozenset[str] = frozenset()
         checkpoint_id = ""
+        interrupted = 0
         n = batch[0].partition
         if fresh:
             attempts = s.key("attempts")
@@ -271,7 +327,6 @@ class BatchProcessor:
                     if is_store_failure(exc):
                         raise
                     # It does not decode: the runner recovers it before the run (no base).
-            wf.running, wf.cancelled = fresh, False
             _log.debug(
                 "run started",
                 workflow_id=workflow_id,
@@ -279,34 +334,31 @@ class BatchProcessor:
             )
             timeout = s.event_timeout * max(1, math.ceil(len(fresh) / 4))
             run = None
-            with anyio.CancelScope() as scope:
-                wf.scope = scope
-                with _run_deadline(timeout, s.event_timeout):
-                    # actors/service/parking.py: control entries, parking while paused, replays.
-                    run = await self._runner.run(
-                        workflow_id,
-                        [(p.event, p.fields) for p in fresh],
-                        trace_ids={
-                            p.event.source_id: format(sp.get_span_context().trace_id, "032x")
-                            for p, sp in zip(batch, spans, strict=True)
-                        },
-                        carriers={
-                            p.event.source_id: event_trace_fields(sp)
-                            for p, sp in zip(batch, spans, strict=True)
-                        },
-                        ack=AckTarget(
-                            stream=partition_stream(s, n),
-                            entry_ids={p.event.source_id: p.entry_id for p in fresh},
-                            lease=lease,
-                        ),
-                    )
-            wf.scope, wf.running = None, []
+            with slot.open(), _run_deadline(timeout, s.event_timeout):
+                # actors/service/parking.py: control entries, parking while paused, replays.
+                run = await self._runner.run(
+                    workflow_id,
+                    [(p.event, p.fields) for p in fresh],
+                    trace_ids={
+                        p.event.source_id: format(sp.get_span_context().trace_id, "032x")
+                        for p, sp in zip(batch, spans, strict=True)
+                    },
+                    carriers={
+                        p.event.source_id: event_trace_fields(sp)
+                        for p, sp in zip(batch, spans, strict=True)
+                    },
+                    ack=AckTarget(
+                        stream=partition_stream(s, n),
+                        entry_ids={p.event.source_id: p.entry_id for p in fresh},
+                        lease=lease,
+                    ),
+                )
             if run is None:  # cancelled by a newer event (interrupt / rollback)
                 await self._after_interrupt(workflow_id, base)
                 results = {
                     p.event.event_id: _interrupted_result(p.event, s.multitask) for p in fresh
                 }
-                self._counts["interrupted"] += len(fresh)
+                interrupted = len(fresh)
             else:
                 results, handled = run.results, run.handled
                 checkpoint_id = run.checkpoint_id or ""
@@ -334,19 +386,21 @@ class BatchProcessor:
         if fresh:
             await self.retention.after_commit(workflow_id, lease)
         self._record_processed(items, ids, time.monotonic() - started)
+        processed = duplicates = 0
         for pending, out_id in zip(batch, ids, strict=True):
             if out_id:
-                self._counts["processed"] += 1
+                processed += 1
             elif pending.event.source_id in handled:  # parked or committed by the runner
                 continue
             else:
-                self._counts["duplicates"] += 1
+                duplicates += 1
                 _log.info(
                     "duplicate event suppressed",
                     workflow_id=workflow_id,
                     event_id=pending.event.event_id,
                     source_id=pending.event.source_id,
                 )
+        return _Tally(processed, duplicates, interrupted)
 
     # -- metrics ----------------------------------------------------------------------
 

@@ -34,17 +34,12 @@ from graph.errors import FencedError
 
 __all__ = [
     "CheckpointFence",
-    "LeaseLostError",
     "Leases",
     "fence_checkpoints",
     "fenced_pointer_writer",
 ]
 
 _S = TypeVar("_S", bound=BaseCheckpointSaver[str])
-
-LeaseLostError = FencedError
-"""The name this error had before :class:`~graph.errors.FencedError`; new code catches
-``FencedError``."""
 
 
 class Leases:

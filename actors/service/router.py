@@ -28,7 +28,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
-from actors.runtime.redis_io import autoclaim
+from actors.runtime.consumer import consume_group
+from actors.runtime.redis_io import Entry, autoclaim
+from actors.service.fenced_source import FencedGroupSource
 from actors.service.gateway import FencedReader, route_entries
 from actors.service.lease import Leases
 from actors.service.partitions import lease_key, partition_of, partition_stream
@@ -119,36 +121,46 @@ class Router:
         renew_every = s.lease_ttl / 3
         renewed = time.monotonic()
         await self._adopt_strays()
-        cursor = "0"  # the previous router's pending entries first: input order is kept
-        block = max(1, min(s.block_ms, int(renew_every * 1000)))
-        while not stopping.is_set():
+        # The previous router's pending entries first (the loop reads cursor 0 before
+        # >): the input order is kept. Outages are raised to run(), which waits them
+        # out and takes the lease again.
+        source = FencedGroupSource(
+            self._redis,
+            self._reader,
+            stream=s.input_stream,
+            group=s.group,
+            lease=(self._key, value),
+            block_ms=max(1, min(s.block_ms, int(renew_every * 1000))),
+        )
+
+        async def ready() -> int | None:
+            nonlocal renewed
             if time.monotonic() - renewed >= renew_every:
                 if not await self._leases.renew(self._key, value):
                     raise FencedError(f"router lease {self._key} expired before its renewal")
                 renewed = time.monotonic()
             if not self._availability.available:
-                return  # an outage: run() waits it out, then takes the lease again
+                return None  # an outage: run() waits it out, then takes the lease again
+            await self._trim_if_due()
             if not self._reading_allowed():  # a breaker is open: leave the input unread
                 await _sleep_unless(stopping, min(renew_every, s.block_ms / 1000))
-                continue
-            entries, last = await self._reader.read(
-                s.input_stream, cursor, s.read_count, lease=(self._key, value)
-            )
-            if cursor != ">":
-                if not entries:
-                    cursor = ">"
-                    continue
-                cursor = entries[-1][0]
-            elif not entries:
-                await self._reader.wait(s.input_stream, last, block)
-            if entries:
-                await self._move_entries(value, entries)
-            if s.trim_interval and time.monotonic() - self._last_trim >= s.trim_interval:
-                self._last_trim = time.monotonic()
-                streams = [s.input_stream] + [partition_stream(s, n) for n in range(s.partitions)]
-                for stream in streams:
-                    await trim_acknowledged(self._redis, stream)
-                await trim_bounded_streams(self._redis, s)  # ctxd:out and the DLQ
+                return 0
+            return s.read_count
+
+        async def handle(entries: list[Entry], redelivered: bool) -> None:
+            await self._move_entries(value, entries)
+
+        await consume_group(source, handle, count=s.read_count, ready=ready, stop=stopping)
+
+    async def _trim_if_due(self) -> None:
+        """Trim acknowledged entries every ``CTXD_TRIM_INTERVAL`` (and the bounded streams)."""
+        s = self._settings
+        if s.trim_interval and time.monotonic() - self._last_trim >= s.trim_interval:
+            self._last_trim = time.monotonic()
+            streams = [s.input_stream] + [partition_stream(s, n) for n in range(s.partitions)]
+            for stream in streams:
+                await trim_acknowledged(self._redis, stream)
+            await trim_bounded_streams(self._redis, s)  # ctxd:out and the DLQ
 
     async def _adopt_strays(self) -> None:
         """Claim ``ctxd:in`` entries pending for other consumer names (a deployment of

@@ -9,7 +9,10 @@
     │   └── analysis.reclaim            XAUTOCLAIM of dead consumers' requests
     ├── actor.update …
     ├── actor.monitoring …
-    └── actor.decision …
+    ├── actor.decision …
+    └── ingress                      ``ctxd run`` only: leases, drain (actors/service/ingress.py)
+        └── stream (one_for_one, intensity 5/period)
+            └── scheduler, readers, ownership, router, retention
 
 A kind's supervisor that exceeds its intensity escalates: the root restarts it; a root
 that exceeds its own raises :class:`~actors.runtime.supervisor.SupervisorEscalation` out of
@@ -19,7 +22,7 @@ that exceeds its own raises :class:`~actors.runtime.supervisor.SupervisorEscalat
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import anyio
 import structlog
@@ -39,12 +42,75 @@ from actors.service.gateway import dead_letter
 from graph.work import WorkHandlers, WorkKind
 from telemetry.metrics import Instruments
 
-__all__ = ["ROOT_INTENSITY", "ActorSystem"]
+__all__ = [
+    "ROOT_INTENSITY",
+    "ActorSystem",
+    "restart_config",
+    "restart_reporter",
+    "root_supervisor",
+]
 
 ROOT_INTENSITY = 3
 """Restarts of kind supervisors the root allows within the restart period."""
 
 _log = structlog.get_logger("ctxd.supervision")
+
+
+def restart_config(settings: Settings) -> SupervisorConfig:
+    """The restart policy of the actor pools' and the ingress's supervisors
+    (``CTXD_RESTART_INTENSITY``, ``CTXD_RESTART_PERIOD``, ``CTXD_RESTART_BACKOFF``)."""
+    return SupervisorConfig(
+        strategy="one_for_one",
+        intensity=settings.restart_intensity,
+        period=settings.restart_period,
+        backoff_initial=settings.restart_backoff,
+        backoff_max=max(settings.restart_backoff, 10.0),
+    )
+
+
+def root_supervisor(
+    settings: Settings,
+    children: Sequence[ChildSpec | Supervisor],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    on_restart: Callable[[RestartEvent], None] | None = None,
+) -> Supervisor:
+    """The process's root, ``ctxd``: one_for_one over ``children``, at most
+    :data:`ROOT_INTENSITY` restarts per restart period; beyond, it raises
+    :class:`~actors.runtime.supervisor.SupervisorEscalation` and the process exits 1."""
+    return Supervisor(
+        "ctxd",
+        children,
+        SupervisorConfig(
+            strategy="one_for_one",
+            intensity=ROOT_INTENSITY,
+            period=settings.restart_period,
+            backoff_initial=settings.restart_backoff,
+            backoff_max=max(settings.restart_backoff, 10.0),
+        ),
+        clock=clock,
+        on_restart=on_restart,
+    )
+
+
+def restart_reporter(instruments: Instruments | None) -> Callable[[RestartEvent], None]:
+    """What every supervisor of this process calls on a restart: one log line, and
+    ``ctxd.actor.restarts`` when metrics are on."""
+    count = actor_restarts(instruments) if instruments is not None else None
+
+    def restarted(event: RestartEvent) -> None:
+        _log.warning(
+            "actor restarted",
+            supervisor=event.supervisor,
+            child=event.child,
+            error_type=event.error_type,
+            restarts=event.restart_count,
+            backoff=round(event.backoff, 3),
+        )
+        if count is not None:
+            count(event)
+
+    return restarted
 
 
 class ActorSystem:
@@ -63,6 +129,7 @@ class ActorSystem:
         fault: test seam passed to every pool.
         availability: the process's Redis monitor, shared by every loop here (one is
             made if None): an outage is waited out, never counted as a crash.
+        on_restart: told of each restart (default: :func:`restart_reporter`).
     """
 
     def __init__(
@@ -78,11 +145,12 @@ class ActorSystem:
         instruments: Instruments | None = None,
         fault: FaultHook | None = None,
         availability: RedisAvailability | None = None,
+        on_restart: Callable[[RestartEvent], None] | None = None,
     ) -> None:
         tracer = tracer or trace.get_tracer("ctxd.actors")
         self.availability = availability or RedisAvailability.for_settings(redis, settings)
         """The Redis monitor every loop of this tree reports outages to."""
-        self._count_restart = actor_restarts(instruments) if instruments is not None else None
+        self._restarted = on_restart or restart_reporter(instruments)
         self.mailbox = (
             Mailbox(redis, settings, tracer=tracer, availability=self.availability) if ask else None
         )
@@ -111,13 +179,7 @@ class ActorSystem:
             )
             for kind in serve
         }
-        kind_config = SupervisorConfig(
-            strategy="one_for_one",
-            intensity=settings.restart_intensity,
-            period=settings.restart_period,
-            backoff_initial=settings.restart_backoff,
-            backoff_max=max(settings.restart_backoff, 10.0),
-        )
+        kind_config = restart_config(settings)
         self.supervisors = {
             kind: pool.supervisor(kind_config, on_restart=self._restarted, clock=clock)
             for kind, pool in self.pools.items()
@@ -127,19 +189,11 @@ class ActorSystem:
         if self.mailbox is not None:
             children.append(ChildSpec("replies", self._reply_reader))
         children += self.supervisors.values()
-        self.root = Supervisor(
-            "ctxd",
-            children,
-            SupervisorConfig(
-                strategy="one_for_one",
-                intensity=ROOT_INTENSITY,
-                period=settings.restart_period,
-                backoff_initial=settings.restart_backoff,
-                backoff_max=max(settings.restart_backoff, 10.0),
-            ),
-            clock=clock,
-            on_restart=self._restarted,
-        )
+        self.children: tuple[ChildSpec | Supervisor, ...] = tuple(children)
+        """The root's children: the reply reader and the kinds' supervisors."""
+        self.root = root_supervisor(settings, children, clock=clock, on_restart=self._restarted)
+        """The root of this tree when it runs alone (``ctxd worker``, tests); ``ctxd
+        run`` puts :attr:`children` under its own root, beside the ingress."""
 
     def status(self) -> dict[str, object]:
         """Breaker states and pool supervision figures, for the heartbeat (``ctxd status``)."""
@@ -156,18 +210,6 @@ class ActorSystem:
     async def _reply_reader(self, task_status: TaskStatus[None]) -> None:
         assert self.mailbox is not None
         await self.mailbox.run(task_status=task_status)
-
-    def _restarted(self, event: RestartEvent) -> None:
-        _log.warning(
-            "actor restarted",
-            supervisor=event.supervisor,
-            child=event.child,
-            error_type=event.error_type,
-            restarts=event.restart_count,
-            backoff=round(event.backoff, 3),
-        )
-        if self._count_restart is not None:
-            self._count_restart(event)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start the tree, then supervise it until cancelled.

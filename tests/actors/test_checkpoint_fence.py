@@ -19,8 +19,9 @@ from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from redis.asyncio import Redis
 
-from actors.service.lease import LeaseLostError, fenced_pointer_writer
+from actors.service.lease import fenced_pointer_writer
 from graph.checkpointer import open_checkpointer
+from graph.errors import FencedError
 
 _TENURE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "test_tenure", default=None
@@ -77,7 +78,7 @@ async def test_write_from_a_lost_tenure_is_refused_and_latest_stays(
     await _put(saver, thread, 40)  # the new owner went on
 
     _TENURE.set((lease, "a|1"))  # the zombie wakes up past its fence check
-    with pytest.raises(LeaseLostError):
+    with pytest.raises(FencedError):
         await _put(saver, thread, 38)
     assert await _latest_events(saver, thread) == 40
 

@@ -30,7 +30,7 @@ from actors.service.batches import (
     BatchProcessor,
     Outcome,
     PendingEntry,
-    WorkflowQueue,
+    RunSlot,
     attempt_field,
     error_field,
     poison_error,
@@ -126,17 +126,29 @@ class Harness:
             for i, f in raw
         ]
 
-    workflow: WorkflowQueue = field(default_factory=WorkflowQueue)
+    slot: RunSlot = field(default_factory=RunSlot)
+    running: list[PendingEntry] = field(default_factory=list)
 
     async def process(self, batch: list[PendingEntry]) -> Outcome:
-        with anyio.fail_after(10):
-            return await self.processor.process(WORKFLOW, self.workflow, batch)
+        """Process ``batch`` and count its report as the scheduler does."""
+        self.running = batch
+        try:
+            with anyio.fail_after(10):
+                report = await self.processor.process(WORKFLOW, self.slot, batch)
+        finally:
+            self.running = []
+        self.counts.update(
+            processed=report.processed,
+            duplicates=report.duplicates,
+            interrupted=report.interrupted,
+            failed_runs=int(report.failed),
+        )
+        return report.outcome
 
     def interrupt(self) -> list[str]:
-        """Cancel the running batch as the ingress does for a newer event; its entry ids."""
-        running = [p.entry_id for p in self.workflow.running]
-        assert self.workflow.scope is not None
-        self.workflow.scope.cancel()
+        """Cancel the running batch as the scheduler does for a newer event; its entry ids."""
+        running = [p.entry_id for p in self.running]
+        assert self.slot.interrupt()
         return running
 
     async def outputs(self) -> list[dict[str, str]]:
@@ -175,7 +187,7 @@ async def harness(settings: Settings) -> AsyncIterator[Harness]:
         availability = RedisAvailability(redis, probe_key=s.key("probe"), backoff_base=0.001)
         counts: Counter[str] = Counter()
         processor = BatchProcessor(
-            redis, s, cast("ContextualGraph", graph), consumer=OWNER_CONSUMER, counts=counts,
+            redis, s, cast("ContextualGraph", graph), consumer=OWNER_CONSUMER,
             instruments=None, metric_attributes={}, tracer=NoOpTracer(), availability=availability,
         )  # fmt: skip
         yield Harness(redis, s, graph, processor, availability, counts, n, lease)

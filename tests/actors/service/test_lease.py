@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from actors.config import Settings
 from actors.runtime import scripts
 from actors.runtime.scripts import call_script
-from actors.service.lease import LeaseLostError, Leases, fence_checkpoints
+from actors.service.lease import Leases, fence_checkpoints
 from actors.service.partitions import lease_key
 from graph.errors import FencedError
 
@@ -158,15 +158,15 @@ async def test_fenced_checkpoints_are_not_written_by_an_instance_that_lost_the_w
 
     async def check(thread_id: str) -> None:
         if thread_id in lost:
-            raise LeaseLostError
+            raise FencedError
 
     saver = fence_checkpoints(InMemorySaver(), check)
     for thread_id in ("w-kept", "w-lost"):
         config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
         if thread_id in lost:
-            with pytest.raises(LeaseLostError):
+            with pytest.raises(FencedError):
                 await saver.aput(config, empty_checkpoint(), {}, {})  # type: ignore[arg-type]
-            with pytest.raises(LeaseLostError):
+            with pytest.raises(FencedError):
                 await saver.aput_writes(config, [("x", 1)], "task")  # type: ignore[arg-type]
         else:
             await saver.aput(config, empty_checkpoint(), {}, {})  # type: ignore[arg-type]

@@ -1,0 +1,222 @@
+"""Ownership on its own: acquire, renew, hand over and release partition leases.
+
+Real Redis (leases, heartbeats), two :class:`Ownership` objects standing for two
+instances, reconciled step by step (no loop, no sleeps); an injected clock for the
+handover time limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+import anyio
+import pytest
+from actor_support import open_redis
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from stream_support import ScriptedRunner, add_partition_entries
+
+from actors.config import Settings
+from actors.runtime.availability import RedisAvailability
+from actors.service.heartbeat import Heartbeat, instance_key
+from actors.service.lease import CheckpointFence, Leases
+from actors.service.ownership import Ownership
+from actors.service.partitions import assignment, lease_key, partition_of
+from actors.service.scheduler import Scheduler
+from graph.errors import FencedError
+
+_PARTITIONS = 8
+
+
+@dataclass
+class Instance:
+    """One instance's ownership, with its scheduler and a record of change calls."""
+
+    name: str
+    ownership: Ownership
+    scheduler: Scheduler
+    clock: list[float]
+    changes: list[int] = field(default_factory=list)
+
+
+def make_instance(
+    client: Redis, settings: Settings, name: str, runner: ScriptedRunner | None = None
+) -> Instance:
+    settings = replace(settings, instance=name, partitions=_PARTITIONS)
+    stopping = anyio.Event()
+    availability = RedisAvailability.for_settings(client, settings)
+    clock = [0.0]
+    holder: list[Ownership] = []
+    scheduler = Scheduler(
+        client,
+        settings,
+        runner or ScriptedRunner(),
+        lease_of=lambda n: holder[0].value(n),
+        reading_allowed=lambda: True,
+        availability=availability,
+        stopping=stopping,
+        rng=random.Random(3),
+    )
+    changes: list[int] = []
+    ownership = Ownership(
+        client,
+        settings,
+        Leases(client, name, settings.lease_ttl),
+        Heartbeat(client, settings),
+        scheduler,
+        availability=availability,
+        stopping=stopping,
+        on_change=lambda: changes.append(1),
+        clock=lambda: clock[0],
+    )
+    holder.append(ownership)
+    return Instance(name, ownership, scheduler, clock, changes)
+
+
+@contextlib.asynccontextmanager
+async def running(instance: Instance) -> AsyncIterator[Instance]:
+    async with anyio.create_task_group() as tg:
+        await tg.start(instance.scheduler.run)
+        yield instance
+        tg.cancel_scope.cancel()
+
+
+def lease_value(redis: SyncRedis, settings: Settings, n: int) -> str | None:
+    value = redis.get(lease_key(settings, f"part:{n}")[0])
+    return None if value is None else str(value)
+
+
+async def test_a_lone_instance_acquires_every_partition_and_publishes_its_heartbeat(
+    settings: Settings, redis: SyncRedis
+) -> None:
+    async with open_redis(settings) as client:
+        a = make_instance(client, settings, "a")
+        assert await a.ownership.reconcile() is True
+        assert await a.ownership.reconcile() is True  # this beat lists what it owns
+    owned = a.ownership.owned
+    assert sorted(owned) == list(range(_PARTITIONS))
+    assert all(lease_value(redis, settings, n) == v for n, v in owned.items())
+    assert all(v.startswith("a|") for v in owned.values())
+    beat = json.loads(str(redis.get(instance_key(settings, "a"))))
+    assert beat["partitions"] == list(range(_PARTITIONS))
+    assert a.changes  # the readers were told
+
+
+async def test_a_joining_instance_gets_its_rendezvous_share_after_a_handover(
+    settings: Settings, redis: SyncRedis
+) -> None:
+    share = assignment(["a", "b"], _PARTITIONS)
+    async with open_redis(settings) as client:
+        a, b = make_instance(client, settings, "a"), make_instance(client, settings, "b")
+        assert await a.ownership.reconcile() is True
+        assert await b.ownership.reconcile() is False  # its share is still a's
+        assert b.ownership.owned == {}
+        assert await a.ownership.reconcile() is False  # hands b's share over...
+        assert set(a.ownership.readable()) == {n for n, who in share.items() if who == "a"}
+        await a.ownership.reconcile()  # ...and releases it (nothing of it runs)
+        assert await b.ownership.reconcile() is True
+        assert await a.ownership.reconcile() is True
+    assert set(a.ownership.owned) == {n for n, who in share.items() if who == "a"}
+    assert set(b.ownership.owned) == {n for n, who in share.items() if who == "b"}
+    assert all(lease_value(redis, settings, n) == v for n, v in b.ownership.owned.items())
+
+
+async def test_a_partition_is_released_only_once_its_running_batch_finished(
+    settings: Settings, redis: SyncRedis
+) -> None:
+    share = assignment(["a", "b"], _PARTITIONS)
+    moving = min(n for n, who in share.items() if who == "b")
+    runner = ScriptedRunner(hold=True)
+    async with open_redis(settings) as client:
+        a = make_instance(client, settings, "a", runner)
+        b = make_instance(client, settings, "b")
+        async with running(a):
+            await a.ownership.reconcile()
+            value = a.ownership.owned[moving]
+            [(entry_id, raw)] = await add_partition_entries(
+                client, replace(settings, partitions=_PARTITIONS), moving, [("wf", "e1")]
+            )
+            await a.scheduler.accept(
+                moving, value, entry_id, raw, deliveries=1, epoch=a.scheduler.epoch
+            )
+            with anyio.fail_after(10):
+                await runner.started.wait()
+            await b.ownership.reconcile()
+            for _ in range(3):
+                await a.ownership.reconcile()
+            assert a.ownership.value(moving) == value  # still renewed while it runs
+            assert moving not in a.ownership.readable()  # but no longer read
+            assert not a.ownership.reading(moving, value)
+            runner.hold.set()
+            with anyio.fail_after(10):
+                while a.scheduler.busy:
+                    await a.scheduler.wait_for_room()
+            await a.ownership.reconcile()
+            assert a.ownership.value(moving) is None
+            await b.ownership.reconcile()
+    assert lease_value(redis, settings, moving) == b.ownership.value(moving)
+
+
+async def test_a_handover_stops_renewing_a_stuck_run_after_one_event_timeout(
+    settings: Settings, redis: SyncRedis
+) -> None:
+    share = assignment(["a", "b"], _PARTITIONS)
+    moving = min(n for n, who in share.items() if who == "b")
+    kept = min(n for n, who in share.items() if who == "a")
+    runner = ScriptedRunner(hold=True)  # never finishes
+    async with open_redis(settings) as client:
+        a = make_instance(client, settings, "a", runner)
+        b = make_instance(client, settings, "b")
+        async with running(a):
+            await a.ownership.reconcile()
+            [(entry_id, raw)] = await add_partition_entries(
+                client, replace(settings, partitions=_PARTITIONS), moving, [("wf", "e1")]
+            )
+            value = a.ownership.owned[moving]
+            await a.scheduler.accept(
+                moving, value, entry_id, raw, deliveries=1, epoch=a.scheduler.epoch
+            )
+            with anyio.fail_after(10):
+                await runner.started.wait()
+            await b.ownership.reconcile()
+            await a.ownership.reconcile()  # the handover of `moving` begins
+            for n in (moving, kept):
+                await client.pexpire(lease_key(settings, f"part:{n}")[0], 500)
+            a.clock[0] += settings.event_timeout + 0.1
+            await a.ownership.reconcile()
+            ttl_moving = await client.pttl(lease_key(settings, f"part:{moving}")[0])
+            ttl_kept = await client.pttl(lease_key(settings, f"part:{kept}")[0])
+            runner.hold.set()
+    assert ttl_moving <= 500  # not renewed: the next owner gets it once it expires
+    assert ttl_kept > 500  # renewed as usual
+
+
+async def test_a_lost_lease_is_dropped_at_the_next_renewal_and_fences_checkpoints(
+    settings: Settings, redis: SyncRedis
+) -> None:
+    async with open_redis(settings) as client:
+        a = make_instance(client, settings, "a")
+        await a.ownership.reconcile()
+        workflow = "wf-fenced"
+        n = partition_of(workflow, _PARTITIONS)
+        fence = CheckpointFence(client, replace(settings, partitions=_PARTITIONS))
+        tenure = a.ownership.value(n)
+        assert tenure is not None
+        with CheckpointFence.tenure((lease_key(settings, f"part:{n}")[0], tenure)):
+            await fence.check(workflow)  # ours: no error
+            await client.set(lease_key(settings, f"part:{n}")[0], "zombie|99")
+            with pytest.raises(FencedError):
+                await fence.check(workflow)
+        changes = len(a.changes)
+        await a.ownership.reconcile()
+        assert a.ownership.value(n) is None
+        assert len(a.changes) > changes
+        await a.ownership.leave()
+    assert a.ownership.owned == {}
+    assert lease_value(redis, settings, n) == "zombie|99"  # not ours: left alone
+    assert all(lease_value(redis, settings, m) is None for m in range(_PARTITIONS) if m != n)
+    assert redis.get(instance_key(settings, "a")) is None
