@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from actors.config import Settings
 from actors.runtime.redis_io import read_group
 from actors.service.batches import BatchReport, Outcome, PendingEntry, RunSlot
-from actors.service.partitions import lease_key, partition_stream
+from actors.service.partitions import lease_key, partition_of, partition_stream
 from actors.service.streams import ensure_group
 
 
@@ -53,14 +53,26 @@ class ScriptedRunner:
         return BatchReport(outcome, failed=outcome == "retry")
 
 
+def workflow_in(settings: Settings, n: int, stem: str) -> str:
+    """A workflow id named after ``stem`` that hashes to partition ``n`` (the scheduler
+    moves an entry to its workflow's partition before anything else)."""
+    return next(
+        f"{stem}-{i}"
+        for i in range(100_000)
+        if partition_of(f"{stem}-{i}", settings.partitions) == n
+    )
+
+
 async def add_partition_entries(
     redis: Redis, settings: Settings, n: int, events: Sequence[tuple[str, str]]
 ) -> list[tuple[str, dict[bytes, bytes]]]:
-    """Append ``(workflow_id, event_id)`` events to partition ``n`` and read them as the
-    group's ``owner`` (so they are pending, as a reader leaves them)."""
+    """Append ``(workflow, event_id)`` events to partition ``n`` and read them as the
+    group's ``owner`` (so they are pending, as a reader leaves them). Each workflow is
+    the :func:`workflow_in` partition ``n`` named after the given one."""
     stream = partition_stream(settings, n)
     await ensure_group(redis, stream, settings.group)
-    for workflow_id, event_id in events:
+    for workflow, event_id in events:
+        workflow_id = workflow_in(settings, n, workflow)
         await redis.xadd(
             stream, {"workflow_id": workflow_id, "event_id": event_id, "content": "text"}
         )

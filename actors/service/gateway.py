@@ -216,10 +216,11 @@ async def route_entries(
     moves: Sequence[tuple[str, str, Mapping[bytes, bytes]]],
 ) -> None:
     """Append each ``(source_id, target_stream, fields)`` to its target and acknowledge
-    its source in ``input_stream``, all in one script fenced by the router's lease.
+    its source in ``input_stream``, all in one script fenced by ``lease`` (the router's,
+    or a partition's when an entry is moved to the partition its workflow hashes to).
 
     Raises:
-        FencedError: the router lease does not hold our value any more.
+        FencedError: the lease does not hold our value any more.
     """
     if not moves:
         return

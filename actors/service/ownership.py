@@ -167,8 +167,14 @@ class Ownership:
                 self._on_change()  # its reader starts (it recreates a missing group too)
         return not self._releasing and wanted <= set(self.owned)
 
-    def drop(self, n: int) -> None:
-        """Forget partition ``n``: its reader stops, its queued (not running) events go."""
+    def drop(self, n: int, value: str | None = None) -> None:
+        """Forget partition ``n``: its reader stops, its queued (not running) events go.
+
+        With ``value``, only while ``n`` is still held under that lease value: a reader
+        fenced under an old tenure must not drop the lease this instance has taken again.
+        """
+        if value is not None and self.owned.get(n) != value:
+            return
         self.owned.pop(n, None)
         self._releasing.pop(n, None)
         self._scheduler.unqueue(n)

@@ -178,7 +178,7 @@ class PartitionReaders:
             )
         except FencedError:
             _log.warning("partition lease lost; stop reading it", partition=n)
-            self._ownership.drop(n)
+            self._ownership.drop(n, value)
 
 
 async def _first(*events: anyio.Event) -> None:

@@ -40,7 +40,7 @@ from actors.service.streams import (
     trim_acknowledged,
     trim_bounded_streams,
 )
-from actors.service.validation import as_invalid_entry, parse_entry
+from actors.service.validation import as_invalid_entry, routing_key
 from graph.errors import FencedError
 
 __all__ = ["ROUTER_CONSUMER", "SOURCE_FIELD", "Router"]
@@ -202,11 +202,12 @@ class Router:
 
     def _target(self, entry_id: str, raw: Mapping[bytes, bytes]) -> tuple[str, dict[bytes, bytes]]:
         """Where the entry goes, and the fields it goes with: the partition (fields as
-        read, unchanged) or the DLQ (a bounded copy with the reason)."""
+        read, unchanged; the owner validates them) or, when it is too large to move or
+        names no usable workflow, the DLQ (a bounded copy with the reason)."""
         s = self._settings
         own = {k: v for k, v in raw.items() if k != _SOURCE_KEY}  # a producer's is not ours
         try:
-            event = parse_entry(entry_id, raw, s)
+            workflow_id = routing_key(raw, s)
         except Exception as exc:  # noqa: BLE001 - one entry's problem never stops the router
             invalid = as_invalid_entry(exc)
             self.dead_lettered += 1
@@ -225,7 +226,7 @@ class Router:
             return s.dlq_stream, out
         self.routed += 1
         own[_SOURCE_KEY] = entry_id.encode()
-        return partition_stream(s, partition_of(event.workflow_id, s.partitions)), own
+        return partition_stream(s, partition_of(workflow_id, s.partitions)), own
 
 
 _SOURCE_KEY = SOURCE_FIELD.encode()

@@ -41,8 +41,8 @@ from actors.service.batches import (
     attempt_field,
     poison_error,
 )
-from actors.service.gateway import dead_letter
-from actors.service.partitions import lease_key, partition_stream
+from actors.service.gateway import dead_letter, route_entries
+from actors.service.partitions import lease_key, partition_of, partition_stream
 from actors.service.router import SOURCE_FIELD, TRANSIENT_ERRORS
 from actors.service.streams import done_key
 from actors.service.validation import RawFields, as_invalid_entry, decode_fields, parse_entry
@@ -288,6 +288,10 @@ class Scheduler:
             invalid = as_invalid_entry(exc)
             await self._dead_letter(n, entry_id, source_id, own, invalid.reason, str(invalid), 1)
             return
+        home = partition_of(event.workflow_id, s.partitions)
+        if home != n:
+            await self._move_home(n, lease, entry_id, raw, home)
+            return
         fields = decode_fields(own)
         if deliveries > s.max_deliveries:
             error = await poison_error(self._redis, s, n, entry_id, deliveries - 1)
@@ -332,6 +336,29 @@ class Scheduler:
         wf.queue.append(pending)
         if s.multitask in ("interrupt", "rollback"):
             wf.slot.interrupt()
+
+    async def _move_home(
+        self, n: int, lease: str, entry_id: str, raw: dict[bytes, bytes], home: int
+    ) -> None:
+        """Move an entry to the partition its workflow hashes to.
+
+        An entry can sit in another partition after ``CTXD_PARTITIONS`` changed, or when
+        a producer appended straight to a partition with another hash. Running it here
+        would give its workflow a second writer (the owner of ``home`` runs the rest),
+        so it is appended there and settled here in one script fenced by this
+        partition's lease, with its fields (and source id) as they are.
+        """
+        s = self._settings
+        await route_entries(
+            self._redis,
+            lease=(lease_key(s, f"part:{n}")[0], lease),
+            input_stream=partition_stream(s, n),
+            group=s.group,
+            moves=[(entry_id, partition_stream(s, home), raw)],
+        )
+        _log.warning(
+            "entry moved to its workflow's partition", entry_id=entry_id, partition=n, to=home
+        )
 
     async def _dead_letter(
         self,

@@ -39,6 +39,7 @@ __all__ = [
     "decode_fields",
     "parse_entry",
     "parse_event",
+    "routing_key",
 ]
 
 JSON_MAX_DEPTH = 32
@@ -170,7 +171,8 @@ def parse_entry(
 ) -> Event:
     """Check the whole-entry limits on ``raw``, then decode and validate it.
 
-    This is what the router and the ingress call on every entry they read.
+    The partition owner calls it once on every entry it reads (the router only reads
+    the :func:`routing_key`).
 
     Raises:
         InvalidEntryError: only this, whatever the bytes.
@@ -422,7 +424,36 @@ def parse_event(
         raise as_invalid_entry(exc) from None
 
 
-def _parse(entry_id: str, fields: Mapping[str, str | bytes], max_content_bytes: int) -> Event:
+def routing_key(raw: RawFields, settings: Settings) -> str:
+    """The workflow id of a raw ``ctxd:in`` entry, which is all the router needs.
+
+    An entry's content is validated once, by the partition owner that runs it
+    (:func:`parse_entry`), because producers may also append straight to a partition
+    stream. The router checks only what moving the entry needs: the whole-entry limits
+    (a move copies every field inside one script) and this one field. An entry that
+    fails them cannot be moved and goes to the DLQ from the router.
+
+    Raises:
+        InvalidEntryError: a whole-entry limit, ``missing_workflow_id``,
+            ``invalid_workflow_id`` or ``invalid_utf8``; nothing else.
+    """
+    try:
+        check_entry(raw, max_fields=settings.max_fields, max_entry_bytes=settings.max_entry_bytes)
+        value = raw.get(b"workflow_id", raw.get("workflow_id"))  # type: ignore[call-overload]
+        fields: dict[str, str | bytes] = {}
+        if value is not None:
+            try:
+                fields["workflow_id"] = value.decode() if isinstance(value, bytes) else value
+            except UnicodeDecodeError:
+                fields["workflow_id"] = value
+        return _workflow_id(fields)
+    except InvalidEntryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes: never past this point
+        raise as_invalid_entry(exc) from None
+
+
+def _workflow_id(fields: Mapping[str, str | bytes]) -> str:
     workflow_id = _text(fields, "workflow_id", 1024)
     if workflow_id is None or not workflow_id:
         raise InvalidEntryError(
@@ -434,6 +465,11 @@ def _parse(entry_id: str, fields: Mapping[str, str | bytes], max_content_bytes: 
             f"workflow_id {workflow_id[:60]!r} is invalid: use 1-200 characters of "
             "letters, digits and _ . : -",
         )
+    return workflow_id
+
+
+def _parse(entry_id: str, fields: Mapping[str, str | bytes], max_content_bytes: int) -> Event:
+    workflow_id = _workflow_id(fields)
     control = _control(fields)
     content = _text(fields, "content", max_content_bytes)
     if control is not None:

@@ -220,3 +220,20 @@ async def test_a_lost_lease_is_dropped_at_the_next_renewal_and_fences_checkpoint
     assert lease_value(redis, settings, n) == "zombie|99"  # not ours: left alone
     assert all(lease_value(redis, settings, m) is None for m in range(_PARTITIONS) if m != n)
     assert redis.get(instance_key(settings, "a")) is None
+
+
+async def test_a_reader_fenced_under_an_old_tenure_does_not_drop_the_new_one(
+    settings: Settings,
+) -> None:
+    """A paused instance loses a partition and takes it again (a new lease value); its
+    old reader's fenced read then comes back refused. Dropping the partition then would
+    leave the new lease held but never renewed, stalling the partition for a TTL."""
+    async with open_redis(settings) as client:
+        a = make_instance(client, settings, "a")
+        await a.ownership.reconcile()
+        n, current = next(iter(a.ownership.owned.items()))
+        a.ownership.drop(n, "a|0")  # the old tenure's reader
+        assert a.ownership.owned[n] == current
+        a.ownership.drop(n, current)
+        assert n not in a.ownership.owned
+        await a.ownership.leave()

@@ -16,13 +16,14 @@ import pytest
 from actor_support import open_redis
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from stream_support import ScriptedRunner, add_partition_entries, hold_lease
+from redis.typing import EncodableT, FieldT
+from stream_support import ScriptedRunner, add_partition_entries, hold_lease, workflow_in
 
 from actors.config import MultitaskPolicy, Settings
 from actors.runtime.availability import RedisAvailability
-from actors.runtime.redis_io import xrevrange_text
+from actors.runtime.redis_io import ensure_group, read_group, xrevrange_text
 from actors.service.batches import BatchReport, PendingEntry, RunSlot
-from actors.service.partitions import partition_stream
+from actors.service.partitions import partition_of, partition_stream
 from actors.service.scheduler import Scheduler
 
 _LEASE = "7|test"
@@ -197,11 +198,12 @@ async def test_entries_with_one_id_in_two_partitions_are_tracked_apart(settings:
     same_id = "1700000000000-3"
     fields: dict[bytes, bytes] = {b"event_id": b"e", b"content": b"text"}
     async with open_redis(settings) as client, running_scheduler(client, settings, runner) as sc:
-        raw = {**fields, b"workflow_id": b"wf-running"}
+        raw = {**fields, b"workflow_id": workflow_in(settings, 0, "wf-running").encode()}
         await sc.accept(0, _LEASE, same_id, raw, deliveries=1, epoch=sc.epoch)
         with anyio.fail_after(10):
             await runner.started.wait()
-        raw = {**fields, b"workflow_id": b"wf-waiting"}  # waits for the one slot
+        # waits for the one slot
+        raw = {**fields, b"workflow_id": workflow_in(settings, 1, "wf-waiting").encode()}
         await sc.accept(1, _LEASE, same_id, raw, deliveries=1, epoch=sc.epoch)
         assert sc.in_flight == 2
         sc.unqueue(1)  # partition 1 is handed over: its queued entry goes
@@ -264,3 +266,33 @@ async def test_a_crashed_scheduler_starts_a_new_epoch_with_nothing_in_flight(
             await settled(scheduler)
             tg.cancel_scope.cancel()
     assert scheduler.counts().processed == 1
+
+
+async def test_an_entry_in_a_partition_its_workflow_does_not_hash_to_is_moved_there(
+    settings: Settings, redis: SyncRedis
+) -> None:
+    """After a change of CTXD_PARTITIONS (or a producer that hashed differently) an entry
+    can sit in a partition its workflow does not belong to. Running it there would give
+    the workflow two writers; it is moved, fenced by the partition's lease, to the
+    partition its workflow's events are run in, with its fields and source id."""
+    runner = ScriptedRunner()
+    elsewhere = workflow_in(settings, 3, "wf-moved")
+    stream = partition_stream(settings, 0)
+    async with open_redis(settings) as client, running_scheduler(client, settings, runner) as sc:
+        await ensure_group(client, stream, settings.group)
+        fields: dict[FieldT, EncodableT] = {
+            "ctxd_source_id": "1-1", "workflow_id": elsewhere, "event_id": "e1", "content": "text",
+        }  # fmt: skip
+        await client.xadd(stream, fields)
+        entries = await read_group(
+            client, group=settings.group, consumer="owner", stream=stream, cursor=">",
+            count=10, block=None,
+        )  # fmt: skip
+        await accept_all(sc, [(i, f) for i, f in entries if f is not None])
+        await settled(sc)
+    assert partition_of(elsewhere, settings.partitions) == 3
+    assert runner.batches == []  # not run in partition 0
+    assert pending(redis, settings) == 0  # settled in partition 0
+    [(_, moved)] = xrevrange_text(redis, partition_stream(settings, 3), 10)
+    assert moved == fields
+    assert dlq(redis, settings) == []

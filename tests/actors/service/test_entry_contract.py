@@ -15,7 +15,13 @@ import pytest
 
 from actors.config import Settings
 from actors.service.streams import DLQ_CUT_FIELD, DLQ_MIN_FIELDS, dlq_entry
-from actors.service.validation import JSON_MAX_DEPTH, Event, as_invalid_entry, parse_entry
+from actors.service.validation import (
+    JSON_MAX_DEPTH,
+    Event,
+    as_invalid_entry,
+    parse_entry,
+    routing_key,
+)
 from graph.errors import InvalidEntryError
 
 LIMITS = replace(Settings(), max_content_bytes=10, max_fields=8, max_entry_bytes=1024)
@@ -238,3 +244,35 @@ def test_a_dlq_copy_of_a_hostile_entry_stays_within_its_bounds() -> None:
     assert len(copy[b"error"]) <= 1000 + len("…[cut 4000 bytes]".encode())
     assert copy[b"source_id"] == b"7-0"
     assert f"{10_000 - DLQ_MIN_FIELDS} field(s) not copied" in copy[DLQ_CUT_FIELD.encode()].decode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({b"workflow_id": b"wf-1", b"content": b"\x00 not text \xfe"}, "wf-1"),
+        ({b"workflow_id": b"wf-2", b"metadata": b"{not json", b"priority": b"urgent!"}, "wf-2"),
+        ({"workflow_id": "wf-3"}, "wf-3"),  # no content: the owner refuses it, not the router
+    ],
+)
+def test_the_router_reads_only_the_routing_key(raw: Mapping[bytes, bytes], expected: str) -> None:
+    """An entry's content is validated once, by its partition's owner; the router only
+    needs the workflow id (and the whole-entry limits, to move the entry)."""
+    assert routing_key(raw, LIMITS) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ({b"content": b"no workflow"}, "missing_workflow_id"),
+        ({b"workflow_id": b"a b"}, "invalid_workflow_id"),
+        ({b"workflow_id": b"\xfe\xff"}, "invalid_utf8"),
+        ({b"workflow_id": b"wf", **{f"f{i}".encode(): b"v" for i in range(9)}}, "too_many_fields"),
+        ({b"workflow_id": b"wf", b"blob": b"z" * 2048}, "oversized_entry"),
+    ],
+)
+def test_an_entry_the_router_cannot_move_is_refused_with_its_reason(
+    raw: Mapping[bytes, bytes], reason: str
+) -> None:
+    with pytest.raises(InvalidEntryError) as refused:
+        routing_key(raw, LIMITS)
+    assert refused.value.reason == reason
