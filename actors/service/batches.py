@@ -41,7 +41,6 @@ from actors.service.lease import CheckpointFence
 from actors.service.parking import AckTarget, WorkflowRunner
 from actors.service.partitions import lease_key, partition_stream
 from actors.service.retention import Retention
-from actors.service.router import TRANSIENT_ERRORS
 from actors.service.streams import done_key, event_result
 from actors.service.validation import Event
 from graph.errors import FencedError, exception_chain
@@ -215,11 +214,10 @@ class BatchProcessor:
                         )
                     await pipe.execute()
 
-            if outcome == "transient":  # an outage must never count as an attempt
-                await self._availability.call(take_back)
-            else:
-                with contextlib.suppress(*TRANSIENT_ERRORS):
-                    await take_back()
+            # Not the events' fault, so never an attempt: should Redis refuse the write
+            # too (an outage, or maxmemory, which is what often opens a breaker), it is
+            # waited out like any outage rather than raised into the scheduler.
+            await self._availability.call(take_back)
         return report
 
     async def _process(
@@ -432,11 +430,15 @@ class BatchProcessor:
         for the DLQ entry should the entry become poison (:func:`poison_error`)."""
         error = describe_failure(exc)
         key = self._settings.key("attempts")
-        with contextlib.suppress(*TRANSIENT_ERRORS):
+        try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for p in batch:
                     pipe.hset(key, error_field(p.partition, p.entry_id), error)
                 await pipe.execute()
+        except Exception as write_error:
+            if not is_outage(write_error):
+                raise
+            self._availability.report(write_error)  # only the DLQ's explanation is lost
 
     async def _after_interrupt(self, workflow_id: str, base: str | None) -> None:
         """Rollback: make the checkpoint before the cancelled run the head again."""

@@ -10,9 +10,11 @@ outcome is then read back from Redis (outputs, acknowledgements, attempts, dedup
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import cast
 
 import anyio
@@ -22,6 +24,7 @@ from opentelemetry.trace import NoOpTracer
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import EncodableT, FieldT
+from redis_helpers import free_port, start_redis
 
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability
@@ -55,6 +58,8 @@ class ScriptedGraph:
         self._real = real
         self.mode = "run"
         self.started = anyio.Event()
+        self.before_refusal: Callable[[], Awaitable[object]] | None = None
+        """Awaited by a refused run just before the refusal (e.g. to fill Redis)."""
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)  # state reads and writes go to the real graph
@@ -64,19 +69,30 @@ class ScriptedGraph:
         if self.mode == "fail":
             raise RuntimeError(FAILURE)
         if self.mode == "refuse":
-            raise CallNotPermittedError(
-                "test breaker open", breaker="actor.analysis", state=BreakerState.OPEN,
-                next_probe_at=None, retry_after=None,
-            )  # fmt: skip
+            if self.before_refusal is not None:
+                return self._refuse_after(self.before_refusal)
+            raise _refusal()
         if self.mode == "outage":
             raise RedisConnectionError("Error 111 connecting to redis. Connection refused.")
         if self.mode == "hang":
             return self._hang()
         return self._real.astream(*args, **kwargs)  # type: ignore[call-overload]
 
+    async def _refuse_after(self, hook: Callable[[], Awaitable[object]]) -> AsyncIterator[object]:
+        await hook()
+        raise _refusal()
+        yield None  # pragma: no cover - never reached
+
     async def _hang(self) -> AsyncIterator[object]:
         await anyio.sleep_forever()
         yield None  # pragma: no cover - never reached
+
+
+def _refusal() -> CallNotPermittedError:
+    return CallNotPermittedError(
+        "test breaker open", breaker="actor.analysis", state=BreakerState.OPEN,
+        next_probe_at=None, retry_after=None,
+    )  # fmt: skip
 
 
 @dataclass
@@ -172,8 +188,9 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-@pytest.fixture
-async def harness(settings: Settings) -> AsyncIterator[Harness]:
+@contextlib.asynccontextmanager
+async def open_harness(settings: Settings) -> AsyncIterator[Harness]:
+    """One partition of ``WORKFLOW`` owned by the test, on ``settings.redis_url``."""
     s = replace(settings, partitions=4, max_deliveries=3, multitask="interrupt")
     n = partition_of(WORKFLOW, s.partitions)
     async with (
@@ -191,6 +208,12 @@ async def harness(settings: Settings) -> AsyncIterator[Harness]:
             instruments=None, metric_attributes={}, tracer=NoOpTracer(), availability=availability,
         )  # fmt: skip
         yield Harness(redis, s, graph, processor, availability, counts, n, lease)
+
+
+@pytest.fixture
+async def harness(settings: Settings) -> AsyncIterator[Harness]:
+    async with open_harness(settings) as opened:
+        yield opened
 
 
 async def test_a_batch_is_committed_once_and_a_repeated_event_id_is_a_duplicate(
@@ -303,3 +326,41 @@ async def test_an_interrupted_run_commits_an_interrupted_output(harness: Harness
     )
     assert h.counts["interrupted"] == 1
     assert await h.pending() == 0
+
+
+async def test_a_refused_batch_waits_out_maxmemory_instead_of_crashing_the_scheduler(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """At maxmemory (noeviction) a breaker opens and batches come back refused; taking
+    their start back is a write Redis refuses too. That is an outage to wait out, never
+    an error that crashes the scheduler (which would count toward restart intensity)."""
+    port = free_port()
+    server = start_redis(tmp_path / "redis", port)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        async with open_harness(replace(settings, redis_url=url)) as h:
+            batch = await h.entries("a")
+
+            async def fill() -> None:
+                await h.redis.config_set("maxmemory-policy", "noeviction")
+                used = int((await h.redis.info("memory"))["used_memory"])
+                await h.redis.config_set("maxmemory", used // 2)
+
+            h.graph.mode = "refuse"
+            h.graph.before_refusal = fill
+            outcome: list[Outcome] = []
+            async with anyio.create_task_group() as tg:
+
+                async def process() -> None:
+                    outcome.append(await h.process(batch))
+
+                tg.start_soon(process)
+                with anyio.fail_after(10):
+                    await h.availability.wait_unavailable()  # the take-back was refused
+                await h.redis.config_set("maxmemory", 0)  # the operator makes room
+            assert outcome == ["refused"]
+            assert await h.attempts(batch[0]) == {"runs": "0", "error": None}
+            assert h.availability.statistics().outages == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
