@@ -128,6 +128,8 @@ class Settings:
     restart_backoff: float = 0.2
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     analyzer_policy: AnalyzerPolicy = field(default_factory=AnalyzerPolicy)
+    cluster: bool = False
+    """Whether ``CTXD_REDIS_URL`` names a Redis Cluster (found when the client connects)."""
 
     @property
     def input_stream(self) -> str:

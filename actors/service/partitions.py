@@ -24,9 +24,15 @@ from actors.config import Settings
 __all__ = [
     "OWNER_CONSUMER",
     "assignment",
+    "dlq_stream_of",
     "lease_key",
+    "output_stream_of",
+    "partition_key",
+    "partition_lease",
     "partition_of",
     "partition_stream",
+    "partition_tag",
+    "workflow_partition",
 ]
 
 OWNER_CONSUMER = "owner"
@@ -38,9 +44,50 @@ def partition_of(workflow_id: str, partitions: int) -> int:
     return zlib.crc32(workflow_id.encode()) % partitions
 
 
+def workflow_partition(settings: Settings, workflow_id: str) -> int:
+    """The partition of a workflow under ``settings.partitions``."""
+    return partition_of(workflow_id, settings.partitions)
+
+
+def partition_tag(settings: Settings, n: int) -> str:
+    """The common start of partition ``n``'s keys: ``{prefix}:{p<n>}``.
+
+    The braces are a Redis Cluster hash tag: every key of one partition hashes to one
+    slot (so its commit script may touch them all), and the partitions spread over the
+    cluster's shards. On a single node the tag is only part of the name.
+    """
+    return f"{settings.stream_prefix}:{{p{n}}}"
+
+
+def partition_key(settings: Settings, n: int, *parts: str) -> str:
+    """A key of partition ``n``: ``partition_key(s, 3, "attempts")`` → ``ctxd:{p3}:attempts``."""
+    return ":".join((partition_tag(settings, n), *parts))
+
+
 def partition_stream(settings: Settings, n: int) -> str:
-    """The stream of partition ``n``."""
-    return settings.key("part", str(n))
+    """The stream of partition ``n``: ``{prefix}:{p<n>}:stream``."""
+    return partition_key(settings, n, "stream")
+
+
+def partition_lease(settings: Settings, n: int) -> tuple[str, str]:
+    """Partition ``n``'s lease key and fence counter key (in the partition's slot)."""
+    return partition_key(settings, n, "lease"), partition_key(settings, n, "fence")
+
+
+def output_stream_of(settings: Settings, n: int) -> str:
+    """Where partition ``n``'s results go.
+
+    ``ctxd:out`` on a single node (the contract); on a Redis Cluster each partition has
+    its own output stream in its own slot, ``{prefix}:{p<n>}:out``, so the commit that
+    appends the result stays one atomic script (docs/operations.md, "Reading results
+    from a cluster").
+    """
+    return partition_key(settings, n, "out") if settings.cluster else settings.output_stream
+
+
+def dlq_stream_of(settings: Settings, n: int) -> str:
+    """Partition ``n``'s dead letters: ``ctxd:dlq``, or ``{prefix}:{p<n>}:dlq`` on a cluster."""
+    return partition_key(settings, n, "dlq") if settings.cluster else settings.dlq_stream
 
 
 def lease_key(settings: Settings, name: str) -> tuple[str, str]:
