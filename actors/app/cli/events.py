@@ -1,14 +1,23 @@
-"""``ctxd send`` and ``ctxd tail``: put events in, read results out."""
+"""``ctxd send`` and ``ctxd tail``: put events in, read results out.
+
+``tail`` reads every output stream of the deployment (:func:`actors.results.output_streams`):
+``ctxd:out`` on a single node, one stream per partition on a Redis Cluster, merged by entry
+id (:mod:`actors.app.cli.merged`). Each workflow's results come in commit order; results
+of different workflows only roughly in time order.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from datetime import datetime
 
 from actors.app.cli.common import Subcommands, client_redis
+from actors.app.cli.merged import Follower, newest, partition_count, workflow_partitions
 from actors.config import Settings
-from actors.runtime.redis_io import xread_text, xrevrange_text
+from actors.results import output_streams
+from actors.service.partitions import output_stream_of
 from graph.routing import PRIORITIES
 
 __all__ = ["format_output", "register"]
@@ -33,7 +42,8 @@ def register(commands: Subcommands) -> None:
     tail = commands.add_parser(
         "tail",
         help="print results from the output stream",
-        description="Print ctxd:out entries readably, oldest first.",
+        description="Print results readably, oldest first: ctxd:out, or on a Redis Cluster "
+        "every partition's output stream, merged (each workflow's results in order).",
     )
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new results")
     tail.add_argument("--workflow", "-w", help="only this workflow's results")
@@ -56,7 +66,7 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def format_output(entry_id: str, fields: dict[str, str]) -> str:
+def format_output(entry_id: str, fields: Mapping[str, str]) -> str:
     """One readable line for a ``ctxd:out`` entry."""
     millis = int(entry_id.split("-")[0])
     stamp = datetime.fromtimestamp(millis / 1000).strftime("%H:%M:%S")
@@ -70,27 +80,32 @@ def format_output(entry_id: str, fields: dict[str, str]) -> str:
 
 
 def _tail(settings: Settings, args: argparse.Namespace) -> int:
-    stream = settings.output_stream
-
-    def wanted(fields: dict[str, str]) -> bool:
+    def wanted(fields: Mapping[str, str]) -> bool:
         return not args.workflow or fields.get("workflow_id") == args.workflow
 
     with client_redis(settings) as redis:
+        streams = output_streams(settings, partition_count(redis, settings))
+        if args.workflow and settings.cluster:
+            # A workflow's results are all in its partition's stream.
+            parts = workflow_partitions(redis, settings, args.workflow)
+            streams = [output_stream_of(settings, n) for n in parts]
         # With a workflow filter, look further back so --last N still finds N of them.
-        recent = xrevrange_text(redis, stream, max(args.last, 1) * (20 if args.workflow else 1))
-        last_id = recent[0][0] if recent else "0-0"
-        shown = [(eid, f) for eid, f in reversed(recent) if wanted(f)]
-        for entry_id, fields in shown[-args.last :] if args.last > 0 else []:
-            _print_entry(entry_id, fields, as_json=args.json)
+        recent = newest(redis, streams, max(args.last, 1) * (20 if args.workflow else 1))
+        cursors = dict.fromkeys(streams, "0-0")
+        for entry in recent:  # oldest first: each stream's cursor ends at its newest
+            cursors[entry.stream] = entry.entry_id
+        shown = [entry for entry in recent if wanted(entry.fields)]
+        for entry in shown[-args.last :] if args.last > 0 else []:
+            _print_entry(entry.entry_id, entry.fields, as_json=args.json)
+        follower = Follower(redis, cursors)
         while args.follow:
-            for entry_id, fields in xread_text(redis, stream, last_id, block=1000):
-                last_id = entry_id
-                if wanted(fields):
-                    _print_entry(entry_id, fields, as_json=args.json)
+            for entry in follower.read(block_ms=1000):
+                if wanted(entry.fields):
+                    _print_entry(entry.entry_id, entry.fields, as_json=args.json)
     return 0
 
 
-def _print_entry(entry_id: str, fields: dict[str, str], *, as_json: bool) -> None:
+def _print_entry(entry_id: str, fields: Mapping[str, str], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"id": entry_id, **fields}), flush=True)
     else:
