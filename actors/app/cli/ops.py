@@ -23,7 +23,13 @@ from actors.config import Settings
 from actors.results import dead_letter_streams, output_streams
 from actors.service.footprint import SAMPLES, collect_footprint, format_bytes
 from actors.service.heartbeat import instance_key, instances_key, worker_key, workers_key
-from actors.service.partitions import dlq_stream_of, lease_key, output_stream_of, partition_stream
+from actors.service.partitions import (
+    dlq_stream_of,
+    lease_key,
+    output_stream_of,
+    partition_lease,
+    partition_stream,
+)
 
 __all__ = ["collect_status", "register"]
 
@@ -87,7 +93,7 @@ def collect_status(
     for n in range(settings.partitions):
         stream = partition_stream(settings, n)
         groups = _groups(redis, stream)
-        owner = cast(str | None, redis.get(lease_key(settings, f"part:{n}")[0]))
+        owner = cast(str | None, redis.get(partition_lease(settings, n)[0]))
         partitions.append(
             {
                 "partition": n,
