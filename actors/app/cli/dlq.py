@@ -139,19 +139,12 @@ def replay_across_slots(redis: SyncRedis, settings: Settings, ref: DeadLetterRef
 def _resolve(
     redis: SyncRedis, streams: list[str], wanted: list[str]
 ) -> tuple[list[DeadLetterRef], list[str]]:
-    """The dead letters ``wanted`` names (``ID`` or ``STREAM/ID``), and the problems."""
-    refs: list[DeadLetterRef] = []
-    problems: list[str] = []
-    bare: list[str] = []
-    for item in wanted:
-        stream, _, entry_id = item.rpartition("/")
-        if not stream:
-            bare.append(item)
-        elif stream in streams:
-            refs.append(DeadLetterRef(stream, entry_id))
-        else:
-            problems.append(f"{item}: {stream} is not a DLQ of this deployment")
+    """The dead letters ``wanted`` names (``ID`` or ``STREAM/ID``), in the order given,
+    and the problems (unknown stream, an id in no DLQ or in several)."""
+    bare = [item for item in wanted if "/" not in item]
+    holders: dict[str, list[str]] = {}
     if bare:
+        # A bare id is looked up in every DLQ: one XRANGE per stream, pipelined.
         pipe = redis.pipeline(transaction=False)
         for entry_id in bare:
             for stream in streams:
@@ -159,15 +152,24 @@ def _resolve(
         replies = iter(pipe.execute())
         for entry_id in bare:
             found = [next(replies) for _ in streams]
-            holders = [s for s, reply in zip(streams, found, strict=True) if reply]
-            if len(holders) == 1:
-                refs.append(DeadLetterRef(holders[0], entry_id))
-            elif holders:
-                problems.append(
-                    f"{entry_id}: in {len(holders)} DLQs ({', '.join(holders)}): give STREAM/ID"
-                )
+            holders[entry_id] = [s for s, reply in zip(streams, found, strict=True) if reply]
+    refs: list[DeadLetterRef] = []
+    problems: list[str] = []
+    for item in wanted:
+        stream, _, entry_id = item.rpartition("/")
+        if stream:
+            if stream in streams:
+                refs.append(DeadLetterRef(stream, entry_id))
             else:
-                problems.append(f"{entry_id}: not in any DLQ")
+                problems.append(f"{item}: {stream} is not a DLQ of this deployment")
+            continue
+        where = holders[item]
+        if len(where) == 1:
+            refs.append(DeadLetterRef(where[0], item))
+        elif where:
+            problems.append(f"{item}: in {len(where)} DLQs ({', '.join(where)}): give STREAM/ID")
+        else:
+            problems.append(f"{item}: not in any DLQ")
     return refs, problems
 
 
