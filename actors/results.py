@@ -212,14 +212,20 @@ class ResultConsumer:
         """
         await self._refresh()
         deadline = self._clock() + block_ms / 1000
-        if not self._per_stream:
-            results = await self._read_one_command(block_ms)
-        else:
-            results = await self._read_per_stream()
-            while not results and self._clock() < deadline:
-                await anyio.sleep(min(self._poll, deadline - self._clock()))
-                results = await self._read_per_stream()
+        reading_pending = any(c != ">" for c in self._cursors.values())
+        results = await self._read_once(block_ms)
+        while not results and reading_pending:  # own pending done: now new ones
+            reading_pending = any(c != ">" for c in self._cursors.values())
+            results = await self._read_once(block_ms)
+        while self._per_stream and not results and self._clock() < deadline:
+            await anyio.sleep(min(self._poll, deadline - self._clock()))
+            results = await self._read_once(block_ms)
         return sorted(results, key=lambda r: entry_order(r.entry_id))
+
+    async def _read_once(self, block_ms: int) -> list[Result]:
+        if self._per_stream:
+            return await self._read_per_stream()
+        return await self._read_one_command(block_ms)
 
     async def ack(self, results: Iterable[Result]) -> int:
         """Acknowledge ``results`` in their streams; returns how many were pending."""
@@ -266,7 +272,9 @@ class ResultConsumer:
     async def _read_one_command(self, block_ms: int) -> list[Result]:
         """Every stream in one XREADGROUP (a single node: no slots to respect)."""
         # Own pending entries are served at once; only a read of new ones blocks.
-        block = block_ms if all(c == ">" for c in self._cursors.values()) else None
+        # (BLOCK 0 would wait for ever: 0 here means no wait.)
+        waiting = block_ms > 0 and all(c == ">" for c in self._cursors.values())
+        block = block_ms if waiting else None
         try:
             reply = await self._redis.xreadgroup(
                 self._group,
