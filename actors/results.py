@@ -174,7 +174,7 @@ class ResultConsumer:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         settings: Settings,
         *,
         group: str,

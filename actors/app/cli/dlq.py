@@ -25,7 +25,7 @@ from typing import Any, cast
 from redis import Redis as SyncRedis
 from redis.client import NEVER_DECODE
 
-from actors.app.cli.common import Subcommands, client_redis
+from actors.app.cli.common import Subcommands, client_redis, command_settings
 from actors.app.cli.merged import oldest, partition_count
 from actors.config import Settings
 from actors.results import dead_letter_streams
@@ -75,8 +75,9 @@ def register(commands: Subcommands) -> None:
     replay.set_defaults(handler=_dlq_replay)
 
 
-def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
-    with client_redis(settings) as redis:
+def _dlq_list(configured: Settings, args: argparse.Namespace) -> int:
+    with client_redis(configured) as redis:
+        settings = command_settings(configured, redis)
         streams = dead_letter_streams(settings, partition_count(redis, settings))
         entries = oldest(redis, streams, args.count)
     for entry in entries:
@@ -173,11 +174,12 @@ def _resolve(
     return refs, problems
 
 
-def _dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
+def _dlq_replay(configured: Settings, args: argparse.Namespace) -> int:
     if not args.ids and not args.all:
         print("ctxd dlq replay: give --id ID (repeatable) or --all")
         return 2
-    with client_redis(settings) as redis:
+    with client_redis(configured) as redis:
+        settings = command_settings(configured, redis)
         if not settings.cluster:
             return _replay_single(redis, settings, args)
         streams = dead_letter_streams(settings, partition_count(redis, settings))

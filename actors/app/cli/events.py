@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 
-from actors.app.cli.common import Subcommands, client_redis
+from actors.app.cli.common import Subcommands, client_redis, command_settings
 from actors.app.cli.merged import Follower, newest, partition_count, workflow_partitions
 from actors.config import Settings
 from actors.results import output_streams
@@ -79,11 +79,12 @@ def format_output(entry_id: str, fields: Mapping[str, str]) -> str:
     )
 
 
-def _tail(settings: Settings, args: argparse.Namespace) -> int:
+def _tail(configured: Settings, args: argparse.Namespace) -> int:
     def wanted(fields: Mapping[str, str]) -> bool:
         return not args.workflow or fields.get("workflow_id") == args.workflow
 
-    with client_redis(settings) as redis:
+    with client_redis(configured) as redis:
+        settings = command_settings(configured, redis)
         streams = output_streams(settings, partition_count(redis, settings))
         if args.workflow and settings.cluster:
             # A workflow's results are all in its partition's stream.

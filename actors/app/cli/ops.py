@@ -17,7 +17,7 @@ from typing import cast
 from redis import Redis as SyncRedis
 from redis.exceptions import ResponseError
 
-from actors.app.cli.common import Subcommands, client_redis
+from actors.app.cli.common import Subcommands, client_redis, command_settings
 from actors.app.cli.merged import partition_count, stream_lengths
 from actors.config import Settings
 from actors.results import dead_letter_streams, output_streams
@@ -134,8 +134,9 @@ def collect_status(
     }
 
 
-def _status(settings: Settings, args: argparse.Namespace) -> int:
-    with client_redis(settings) as redis:
+def _status(configured: Settings, args: argparse.Namespace) -> int:
+    with client_redis(configured) as redis:
+        settings = command_settings(configured, redis)
         doc = collect_status(redis, settings, scan_limit=max(args.scan_limit, 0))
     if args.json:
         print(json.dumps(doc, sort_keys=True, default=str))

@@ -19,7 +19,12 @@ from typing import cast
 import anyio
 from redis import Redis as SyncRedis
 
-from actors.app.cli.common import Subcommands, client_redis, open_command_checkpointer
+from actors.app.cli.common import (
+    Subcommands,
+    client_redis,
+    command_settings,
+    open_command_checkpointer,
+)
 from actors.app.cli.merged import workflow_partitions
 from actors.config import Settings
 from actors.runtime.redis_io import xread_text, xrevrange_text
@@ -233,8 +238,9 @@ def _format_checkpoint(info: CheckpointInfo, *, current: bool) -> str:
 # -- control entries ----------------------------------------------------------------
 
 
-def _append_and_wait(settings: Settings, fields: dict[str, str], wait: float) -> int:
-    with client_redis(settings) as redis:
+def _append_and_wait(configured: Settings, fields: dict[str, str], wait: float) -> int:
+    with client_redis(configured) as redis:
+        settings = command_settings(configured, redis)
         # The entry ends in an output or, refused by the input checks, in the DLQ.
         outputs, dead_letters = _result_streams(redis, settings, fields["workflow_id"])
         last = {
