@@ -131,7 +131,8 @@ async def test_result_consumer_on_the_cluster(
     redis_cluster: LocalCluster, cluster_client: RedisCluster, on_cluster: Settings
 ) -> None:
     """One consumer group over the 8 partitions' output streams on 3 masters: every
-    result once, each workflow's in order, nothing left pending after the acks."""
+    result once, each workflow's in order, nothing left pending after the acks; another
+    consumer joins the group."""
     layout = replace(on_cluster, cluster=True)
     wfs = _workflows(layout)
     written = [(wfs[i % 8], f"e{i}") for i in range(40)]
@@ -145,6 +146,10 @@ async def test_result_consumer_on_the_cluster(
         while batch := await consumer.read(block_ms=200):
             seen += [(r.workflow_id, r.event_id) for r in batch]
             await consumer.ack(batch)
+        # A second consumer joins the existing group on every stream (BUSYGROUP is fine)
+        # and finds nothing left.
+        other = ResultConsumer(client, layout, group="app", consumer="b")
+        assert await other.read(block_ms=0) == []
     finally:
         await client.aclose()
     assert sorted(seen) == sorted(written)
