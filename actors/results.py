@@ -222,11 +222,6 @@ class ResultConsumer:
             results = await self._read_once(block_ms)
         return sorted(results, key=lambda r: entry_order(r.entry_id))
 
-    async def _read_once(self, block_ms: int) -> list[Result]:
-        if self._per_stream:
-            return await self._read_per_stream()
-        return await self._read_one_command(block_ms)
-
     async def ack(self, results: Iterable[Result]) -> int:
         """Acknowledge ``results`` in their streams; returns how many were pending."""
         by_stream: dict[str, list[str]] = {}
@@ -238,6 +233,11 @@ class ResultConsumer:
         for stream, ids in by_stream.items():
             pipe.xack(stream, self._group, *ids)
         return sum(int(n) for n in await pipe.execute())
+
+    async def _read_once(self, block_ms: int) -> list[Result]:
+        if self._per_stream:
+            return await self._read_per_stream()
+        return await self._read_one_command(block_ms)
 
     async def _refresh(self) -> None:
         """Join the output streams of every partition that can hold results."""
