@@ -19,7 +19,7 @@ from redis.exceptions import NoPermissionError
 
 from actors.app.cli import build_parser
 from actors.app.cli.dlq import DeadLetterRef, replay_across_slots
-from actors.app.cli.merged import Follower
+from actors.app.cli.merged import Follower, newest
 from actors.app.cli.ops import collect_status
 from actors.config import Settings
 from actors.results import dead_letter_streams, output_streams
@@ -100,6 +100,26 @@ def test_tail_merges_every_partition_output_stream(
     assert _run(s, "tail", "--json", "--workflow", wfs[2], "--last", "2") == 0
     mine = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["event_id"] for r in mine] == ["e6", "e10"]
+
+
+def test_a_follow_starts_after_every_streams_newest_entry(
+    redis: Redis, cluster_settings: Settings
+) -> None:
+    """tail's starting point: each stream's own newest id, also for streams none of
+    whose entries made the merged --last cut (else a follow would print their history)."""
+    s = cluster_settings
+    wfs = _workflows(s)
+    last: dict[str, str] = {}
+    for i in range(12):
+        wf = wfs[i // 3]  # partition 0's entries first, partition 3's last
+        last[output_stream_of(s, workflow_partition(s, wf))] = _commit(redis, s, wf, f"e{i}")
+    recent = newest(redis, output_streams(s), 2)
+    assert [r.event_id for r in recent.entries] == ["e10", "e11"]
+    assert recent.cursors == last
+    follower = Follower(redis, recent.cursors, poll_interval=0.01)
+    assert follower.read(block_ms=20) == []
+    _commit(redis, s, wfs[0], "new")
+    assert [r.event_id for r in follower.read(block_ms=1000)] == ["new"]
 
 
 @pytest.mark.parametrize("per_stream", [False, True], ids=["one-xread", "per-stream"])

@@ -7,8 +7,16 @@ across slots, and an application's :class:`actors.results.ResultConsumer`.
 from __future__ import annotations
 
 import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -157,3 +165,144 @@ async def test_result_consumer_on_the_cluster(
         assert [e for w, e in seen if w == wf] == [e for w, e in written if w == wf]
     for stream in output_streams(layout):
         assert cluster_client.xpending(stream, "app")["pending"] == 0
+
+
+class _LineReader:
+    """The JSON lines a process prints, handed over by a thread as they come (a pipe's
+    buffered reader would hide lines from ``select``)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        self._stdout = process.stdout
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        for line in self._stdout:
+            self._lines.put(line)
+
+    def take(self, count: int, within: float) -> list[dict[str, str]]:
+        """``count`` lines, waiting at most ``within`` seconds in all."""
+        found: list[dict[str, str]] = []
+        deadline = time.monotonic() + within
+        while len(found) < count:
+            left = deadline - time.monotonic()
+            try:
+                found.append(json.loads(self._lines.get(timeout=max(left, 0.001))))
+            except queue.Empty:
+                raise AssertionError(f"only {len(found)} of {count} lines: {found}") from None
+        return found
+
+
+def test_tail_follow_process_reads_across_slots_through_a_failover(
+    redis_cluster: LocalCluster,
+    cluster_client: RedisCluster,
+    on_cluster: Settings,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    """``ctxd tail -f`` as a real process on the cluster URL (found to be a cluster):
+    prints new results of every partition, and goes on printing the results of a
+    partition whose master was switched to its replica (CLUSTER FAILOVER) meanwhile."""
+    layout = replace(on_cluster, cluster=True)
+    wfs = _workflows(layout)
+
+    def commit(wf: str, event: str) -> None:
+        stream = output_stream_of(layout, workflow_partition(layout, wf))
+        cluster_client.xadd(stream, {"workflow_id": wf, "event_id": event, "route": "[]"})
+
+    commit(wfs[0], "ready")  # the newest result: tail prints it once it has its cursors
+    env = {
+        **os.environ,
+        "CTXD_REDIS_URL": redis_cluster.url,
+        "CTXD_STREAM_PREFIX": prefix,
+        "CTXD_PARTITIONS": "8",
+        "CTXD_STATE_DIR": str(tmp_path / "state"),
+    }
+    env.pop("CTXD_CONFIG", None)
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "actors.app.cli", "tail", "-f", "--json", "--last", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = _LineReader(tail)
+    try:
+        assert [r["event_id"] for r in lines.take(1, 30)] == ["ready"]
+        for wf in wfs:
+            commit(wf, "before")
+        before = lines.take(len(wfs), 15)
+        assert sorted(r["workflow_id"] for r in before) == sorted(wfs)
+
+        stream = output_stream_of(layout, workflow_partition(layout, wfs[3]))
+        master = redis_cluster.master_of_slot(int(cluster_client.keyslot(stream)))  # type: ignore[no-untyped-call]
+        took = redis_cluster.failover(redis_cluster.replica_of(master))
+        for event in ("after-1", "after-2"):
+            commit(wfs[3], event)
+        commit(wfs[5], "after-3")
+        after = lines.take(3, 30)
+        assert [r["event_id"] for r in after if r["workflow_id"] == wfs[3]] == [
+            "after-1",
+            "after-2",
+        ]
+        print(f"CLUSTER FAILOVER took {took:.2f} s; tail -f went on")
+    finally:
+        tail.send_signal(signal.SIGINT)
+        _, err = tail.communicate(timeout=15)
+    assert tail.returncode == 130, err
+
+
+def test_tail_follow_process_waits_out_a_killed_master(
+    redis_cluster: LocalCluster,
+    cluster_client: RedisCluster,
+    on_cluster: Settings,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    """A master SIGKILLed under ``ctxd tail -f``: tail waits the outage out (one line when
+    it begins, one when it ends), its replica takes over within seconds, and tail goes on
+    printing that partition's results. (Last in this module: the cluster is left with a
+    master without a replica.)"""
+    layout = replace(on_cluster, cluster=True)
+    wfs = _workflows(layout)
+
+    def commit(wf: str, event: str) -> None:
+        stream = output_stream_of(layout, workflow_partition(layout, wf))
+        cluster_client.xadd(stream, {"workflow_id": wf, "event_id": event, "route": "[]"})
+
+    commit(wfs[0], "ready")
+    env = {
+        **os.environ,
+        "CTXD_REDIS_URL": redis_cluster.url,
+        "CTXD_STREAM_PREFIX": prefix,
+        "CTXD_PARTITIONS": "8",
+        "CTXD_STATE_DIR": str(tmp_path / "state"),
+    }
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "actors.app.cli", "tail", "-f", "--json", "--last", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = _LineReader(tail)
+    try:
+        assert [r["event_id"] for r in lines.take(1, 30)] == ["ready"]
+        stream = output_stream_of(layout, workflow_partition(layout, wfs[2]))
+        slot = int(cluster_client.keyslot(stream))  # type: ignore[no-untyped-call]
+        replica = redis_cluster.kill_master(redis_cluster.master_of_slot(slot))
+        took = redis_cluster.wait_takeover(replica)
+        for event in ("after-1", "after-2"):
+            commit(wfs[2], event)
+        after = lines.take(2, 60)
+        assert [r["event_id"] for r in after] == ["after-1", "after-2"]
+        print(f"replica took over in {took:.2f} s; tail -f went on")
+    finally:
+        tail.send_signal(signal.SIGINT)
+        _, err = tail.communicate(timeout=15)
+    assert tail.returncode == 130, err
+    # One line when the outage began, one when it ended.
+    assert err.count("ctxd tail: Redis unavailable") == 1, err
+    assert err.count("ctxd tail: Redis is back") == 1, err

@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping
 from datetime import datetime
+
+from redis.exceptions import ClusterError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.app.cli.common import Subcommands, client_redis, command_settings
 from actors.app.cli.merged import Follower, newest, partition_count, workflow_partitions
 from actors.config import Settings
 from actors.results import output_streams
+from actors.runtime.backoff import jittered_backoff
 from actors.service.partitions import output_stream_of
 from graph.routing import PRIORITIES
 
@@ -92,18 +100,48 @@ def _tail(configured: Settings, args: argparse.Namespace) -> int:
             streams = [output_stream_of(settings, n) for n in parts]
         # With a workflow filter, look further back so --last N still finds N of them.
         recent = newest(redis, streams, max(args.last, 1) * (20 if args.workflow else 1))
-        cursors = dict.fromkeys(streams, "0-0")
-        for entry in recent:  # oldest first: each stream's cursor ends at its newest
-            cursors[entry.stream] = entry.entry_id
-        shown = [entry for entry in recent if wanted(entry.fields)]
+        shown = [entry for entry in recent.entries if wanted(entry.fields)]
         for entry in shown[-args.last :] if args.last > 0 else []:
             _print_entry(entry.entry_id, entry.fields, as_json=args.json)
-        follower = Follower(redis, cursors)
-        while args.follow:
-            for entry in follower.read(block_ms=1000):
-                if wanted(entry.fields):
-                    _print_entry(entry.entry_id, entry.fields, as_json=args.json)
+        if args.follow:
+            _follow(Follower(redis, recent.cursors), wanted, as_json=args.json)
     return 0
+
+
+_OUTAGE_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+"""What a follow waits out: Redis restarting, a cluster master failing over."""
+
+
+def _follow(
+    follower: Follower, wanted: Callable[[Mapping[str, str]], bool], *, as_json: bool
+) -> None:
+    """Print new results until interrupted; Redis outages (a restart, a master failing
+    over to its replica) are waited out with backoff, one line when one begins and one
+    when it ends, as the service does."""
+    failures = 0
+    rng = random.Random()
+    while True:
+        try:
+            entries = follower.read(block_ms=1000)
+        except _OUTAGE_ERRORS as exc:
+            if not failures:
+                cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+                print(f"ctxd tail: Redis unavailable ({cause}); waiting", file=sys.stderr)
+            time.sleep(jittered_backoff(0.2, 2.0, failures, 5.0, 0.2, rng))
+            failures += 1
+            continue
+        if failures:
+            print(f"ctxd tail: Redis is back after {failures} retries", file=sys.stderr)
+            failures = 0
+        for entry in entries:
+            if wanted(entry.fields):
+                _print_entry(entry.entry_id, entry.fields, as_json=as_json)
 
 
 def _print_entry(entry_id: str, fields: Mapping[str, str], *, as_json: bool) -> None:

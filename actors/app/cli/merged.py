@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from redis import Redis as SyncRedis
 from redis.cluster import RedisCluster
@@ -26,6 +26,7 @@ from actors.service.partitions import partition_of
 
 __all__ = [
     "Follower",
+    "Newest",
     "is_cluster_client",
     "newest",
     "oldest",
@@ -70,18 +71,29 @@ def _entries(stream: str, reply: object) -> list[Result]:
     ]
 
 
-def newest(redis: SyncRedis, streams: Sequence[str], count: int) -> list[Result]:
-    """The newest ``count`` entries over ``streams``, oldest first."""
+class Newest(NamedTuple):
+    """The newest entries over several streams, and where a follow goes on from."""
+
+    entries: list[Result]
+    """The newest ``count`` over all the streams, oldest first."""
+    cursors: dict[str, str]
+    """Per stream, the id of its newest entry (``0-0`` when empty): a follow from these
+    misses nothing and repeats nothing, whichever entries made the merged cut."""
+
+
+def newest(redis: SyncRedis, streams: Sequence[str], count: int) -> Newest:
+    """The newest ``count`` entries over ``streams``, and each stream's newest id."""
     pipe = redis.pipeline(transaction=False)
     for stream in streams:
-        pipe.xrevrange(stream, count=count)
-    merged = [
-        entry
-        for stream, reply in zip(streams, pipe.execute(), strict=True)
-        for entry in _entries(stream, reply)
-    ]
+        pipe.xrevrange(stream, count=max(count, 1))
+    merged: list[Result] = []
+    cursors: dict[str, str] = {}
+    for stream, reply in zip(streams, pipe.execute(), strict=True):
+        entries = _entries(stream, reply)
+        cursors[stream] = entries[0].entry_id if entries else "0-0"
+        merged += entries
     merged.sort(key=lambda r: entry_order(r.entry_id))
-    return merged[-count:] if count > 0 else []
+    return Newest(merged[-count:] if count > 0 else [], cursors)
 
 
 def oldest(redis: SyncRedis, streams: Sequence[str], count: int) -> list[Result]:
