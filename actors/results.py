@@ -158,6 +158,10 @@ class ResultConsumer:
     Results cut by retention (``CTXD_OUTPUT_MAXLEN``) before they were read are gone;
     their pending ids are acknowledged and not returned.
 
+    Redis errors are the caller's: during an outage or a master's fail-over :meth:`read`
+    raises redis-py's ``ConnectionError`` (or ``ClusterDownError``); wait and call it
+    again, nothing is lost (unacknowledged results stay pending, read first again).
+
     Args:
         redis: an asyncio client (``redis.asyncio.Redis`` or ``RedisCluster``).
         settings: the deployment's settings (its layout and prefix).
