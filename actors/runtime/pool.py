@@ -38,12 +38,20 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from actors.runtime import scripts
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.consumer import PlainGroupSource, consume_group
 from actors.runtime.mailbox import JSON, ActorReply, ActorRequest, MailboxSettings, mailbox_stream
-from actors.runtime.redis_io import Entry, autoclaim, claim_from, ensure_group, text
+from actors.runtime.redis_io import (
+    Entry,
+    autoclaim,
+    claim_from,
+    ensure_group,
+    is_cluster_client,
+    text,
+)
 from actors.runtime.scripts import call_script
 from actors.runtime.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
 from graph.errors import PluginError
@@ -62,6 +70,7 @@ __all__ = [
 _log = structlog.get_logger("ctxd.actors")
 _CRASH_CHARS = 500
 _CRASH_TTL = 86_400  # seconds; a crash matters until its request is answered or dead
+_REPLY_STREAM_TTL = 86_400  # seconds after its last reply; as POOL_FINISH does
 
 _Done = tuple[str, str, "ActorReply | None"]
 """A handled entry: its id, the stream to answer on ("" for none), the answer."""
@@ -483,6 +492,9 @@ class ActorPool:
         """Answer (where anyone asked), acknowledge and delete, atomically."""
         if not done:
             return
+        if is_cluster_client(self._redis):
+            await self._finish_across_slots(done)
+            return
         keys = [self._stream]
         args: list[str | int] = [self._settings.group, self._settings.reply_maxlen, len(done)]
         for entry_id, reply_to, reply in done:
@@ -497,6 +509,49 @@ class ActorPool:
                 await call_script(self._redis, scripts.POOL_FINISH, keys=keys, args=args)
         else:
             await call_script(self._redis, scripts.POOL_FINISH, keys=keys, args=args)
+
+    async def _finish_across_slots(self, done: list[_Done]) -> None:
+        """:meth:`_finish` on a Redis Cluster, where the reply streams and the mailbox
+        are in different slots and no one script may touch them all.
+
+        Replies first, then acknowledge and delete: a crash between the two leaves the
+        requests pending, so they are handled and answered again; the asker takes the
+        first answer by request id and drops a late one. Answering after acknowledging
+        could lose an answer instead.
+        """
+        replies = [
+            (reply_to, reply.to_fields())
+            for _, reply_to, reply in done
+            if reply_to and reply is not None
+        ]
+        if replies:
+            maxlen = self._settings.reply_maxlen or None  # 0: no bound
+            with send_span(self._tracer, stream=sorted({r for r, _ in replies})[0]):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for stream, fields in replies:
+                        body: dict[FieldT, EncodableT] = dict(fields.items())
+                        pipe.xadd(stream, body, maxlen=maxlen, approximate=True)
+                    # A reply_to that is no stream (WRONGTYPE) loses only its own reply.
+                    added = await pipe.execute(raise_on_error=False)
+                answered = sorted(
+                    {
+                        r
+                        for (r, _), a in zip(replies, added, strict=True)
+                        if not isinstance(a, Exception)
+                    }
+                )
+                if answered:
+                    # The reply stream of an asker that died goes away a day after its
+                    # last reply (only streams a reply went to: never another key).
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for stream in answered:
+                            pipe.expire(stream, _REPLY_STREAM_TTL)
+                        await pipe.execute()
+        ids = [entry_id for entry_id, _, _ in done]
+        async with self._redis.pipeline(transaction=False) as pipe:  # one slot: the mailbox
+            pipe.xack(self._stream, self._settings.group, *ids)
+            pipe.xdel(self._stream, *ids)
+            await pipe.execute()
 
     async def _dead_letter(
         self, entry_id: str, fields: dict[str, str], reason: str, error: str, attempts: int

@@ -11,6 +11,8 @@ from typing import Any, cast
 
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.cluster import RedisCluster as SyncRedisCluster
 from redis.exceptions import ResponseError
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "autoclaim",
     "claim_from",
     "ensure_group",
+    "is_cluster_client",
     "read_group",
     "text",
     "xread_text",
@@ -35,6 +38,13 @@ TextEntry = tuple[str, dict[str, str]]
 def text(value: bytes | str) -> str:
     """Decode a Redis reply value."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def is_cluster_client(redis: Redis | SyncRedis) -> bool:
+    """Whether ``redis`` is redis-py's Redis Cluster client (typed as ``Redis`` in ctxd:
+    actors/service/connections.py). On a cluster no script or ``MULTI`` may span slots,
+    and redis-py refuses ``EVALSHA`` inside a pipeline."""
+    return isinstance(redis, RedisCluster | SyncRedisCluster)
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:

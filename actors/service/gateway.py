@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 from redis.asyncio import Redis
+from redis.crc import key_slot
+from redis.typing import EncodableT, FieldT
 
 from actors.config import Settings
 from actors.runtime import scripts
-from actors.runtime.redis_io import text
+from actors.runtime.redis_io import is_cluster_client, text
 from actors.runtime.scripts import call_script
 from actors.service.streams import DLQ_MIN_FIELDS, dlq_entry, done_key, output_fields
 
@@ -41,6 +43,7 @@ __all__ = [
     "dead_letter",
     "output_item",
     "route_entries",
+    "same_slot",
 ]
 
 Lease = tuple[str, str]
@@ -202,6 +205,10 @@ async def dead_letter(
         max_fields=max_fields,
         original_id=original_id,
     )
+    if lease is None and done_key is None and not same_slot(redis, dlq_stream, input_stream):
+        return await _dead_letter_across_slots(
+            redis, dlq_stream, input_stream, group, source_id, entry, settle
+        )
     lease_key, lease_value = lease or (dlq_stream, "")
     args: list[str | bytes] = [lease_value, group, source_id, settle]
     for name, value in entry.items():
@@ -209,6 +216,39 @@ async def dead_letter(
     keys = [lease_key, dlq_stream, input_stream, *([done_key] if done_key else [])]
     dlq_id = await call_script(redis, scripts.DEAD_LETTER, keys=keys, args=args)
     return text(dlq_id) if isinstance(dlq_id, bytes) else str(dlq_id)
+
+
+def same_slot(redis: Redis, *keys: str) -> bool:
+    """Whether one script may touch all ``keys``: always on one server; on a Redis
+    Cluster only when they hash to one slot."""
+    return not is_cluster_client(redis) or len({key_slot(k.encode()) for k in keys}) == 1
+
+
+async def _dead_letter_across_slots(
+    redis: Redis,
+    dlq_stream: str,
+    input_stream: str,
+    group: str,
+    source_id: str,
+    entry: Mapping[bytes, bytes],
+    settle: Settle,
+) -> str:
+    """An unfenced dead letter whose DLQ and input are in different cluster slots (an
+    actor request: its mailbox and ``ctxd:dlq``): append, then settle.
+
+    Not atomic: a crash between the two leaves the request pending, and its next
+    delivery dead-letters it again (a second DLQ copy, never a lost one). Partition
+    entries never come here: their DLQ is in their partition's slot.
+    """
+    copy: dict[FieldT, EncodableT] = dict(entry.items())
+    dlq_id = await redis.xadd(dlq_stream, copy)
+    async with redis.pipeline(transaction=False) as pipe:  # one slot: the input stream
+        if settle == "delete":
+            pipe.xdel(input_stream, source_id)
+        else:
+            pipe.xack(input_stream, group, source_id)
+        await pipe.execute()
+    return text(dlq_id)
 
 
 async def route_entries(

@@ -89,7 +89,9 @@ class Heartbeat:
             {"instance": s.instance, "started": self.started, "beat": now_ms / 1000, **info},
             default=str,
         )
-        async with self._redis.pipeline(transaction=True) as pipe:
+        # A Redis Cluster has the two keys in different slots: no MULTI there. Nothing
+        # needs the beat to be atomic (a beat is a refresh; the set is pruned each time).
+        async with self._redis.pipeline(transaction=not s.cluster) as pipe:
             pipe.set(self._one, body, px=window_ms * 3 // 2)
             pipe.zadd(self._all, {s.instance: now_ms})
             pipe.zremrangebyscore(self._all, 0, now_ms - window_ms)
@@ -100,7 +102,7 @@ class Heartbeat:
     async def remove(self) -> None:
         """Leave: delete the heartbeat so peers rebalance at once."""
         s = self._settings
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=not s.cluster) as pipe:
             pipe.delete(self._one)
             pipe.zrem(self._all, s.instance)
             await pipe.execute()

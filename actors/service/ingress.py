@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import anyio
+import structlog
 from anyio.abc import TaskStatus
 from opentelemetry import trace
 from redis.asyncio import Redis
@@ -56,6 +57,7 @@ from telemetry.metrics import Instruments
 __all__ = ["Ingress", "IngressStatistics"]
 
 _tracer = trace.get_tracer("ctxd.ingress")
+_log = structlog.get_logger("ctxd.ingress")
 
 _LEAVE_BUDGET = 3.0
 """Seconds releasing the leases and the heartbeat may take when the ingress ends."""
@@ -230,6 +232,16 @@ class Ingress:
 
         async def router(task_status: TaskStatus[None]) -> None:
             task_status.started()
+            if self._settings.cluster:
+                # The router's move (ctxd:in, its lease and every partition stream in one
+                # script) cannot run on a cluster; producers append straight to the
+                # partition streams there (docs/operations.md, "Redis Cluster").
+                _log.warning(
+                    "ctxd:in is not routed on a Redis Cluster",
+                    input=self._settings.input_stream,
+                )
+                await self._stopping.wait()
+                return
             await self._router.run(self._stopping)
 
         def spec(name: str, start: Callable[[TaskStatus[None]], Awaitable[None]]) -> ChildSpec:

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.runtime import scripts
-from actors.runtime.redis_io import text
+from actors.runtime.redis_io import is_cluster_client, text
 from actors.runtime.scripts import call_script
 from actors.service.partitions import partition_lease, partition_of
 from graph.errors import FencedError
@@ -80,6 +80,10 @@ class Leases:
         """Renew several leases in one round trip; False where one was lost."""
         if not leases:
             return []
+        if is_cluster_client(self._redis):
+            # redis-py refuses EVALSHA in a cluster pipeline, and each partition's lease
+            # is in its own slot anyway: one script call per lease.
+            return [await self.renew(key, value) for key, value in leases]
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, value in leases:
                 await call_script(

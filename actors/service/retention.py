@@ -12,7 +12,8 @@
   longer than ``CTXD_IDLE_WORKFLOW_TTL`` — never one that is in flight, paused for a
   person or holding parked events.
 - **Streams**: the router trims ``ctxd:out`` and the DLQ to ``CTXD_OUTPUT_MAXLEN`` /
-  ``CTXD_DLQ_MAXLEN`` entries (:func:`actors.service.streams.trim_bounded_streams`); reply and
+  ``CTXD_DLQ_MAXLEN`` entries, on a cluster every partition's output stream and DLQ to
+  its share (:func:`actors.service.streams.trim_bounded_streams`); reply and
   parked streams are bounded where they are written (actors/runtime/pool.py,
   actors/service/parking.py).
 """

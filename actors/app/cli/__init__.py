@@ -40,6 +40,7 @@ _COMMAND_MODULES = (
     "actors.app.cli.state",
     "actors.app.cli.worker",
     "actors.app.cli.ops",
+    "actors.app.cli.dlq",
     "actors.app.cli.forget",
 )
 

@@ -90,7 +90,9 @@ def client_redis(settings: Settings) -> Iterator[SyncRedis]:
 def command_settings(settings: Settings, redis: SyncRedis) -> Settings:
     """``settings`` with ``cluster`` set when ``redis`` is a cluster client (key layout:
     output and DLQ streams per partition on a cluster)."""
-    return replace(settings, cluster=isinstance(redis, SyncRedisCluster))
+    # Settings that say cluster already keep the layout (it is only names: tests and
+    # tools may read it on one node).
+    return replace(settings, cluster=settings.cluster or isinstance(redis, SyncRedisCluster))
 
 
 def _is_cluster(client: SyncRedis) -> bool:

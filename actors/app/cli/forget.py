@@ -24,10 +24,20 @@ import anyio
 from redis import Redis as SyncRedis
 from redis.exceptions import ResponseError
 
-from actors.app.cli.common import Subcommands, client_redis, open_command_checkpointer
+from actors.app.cli.common import (
+    Subcommands,
+    client_redis,
+    command_settings,
+    open_command_checkpointer,
+)
 from actors.config import Settings
 from actors.service.parking import parked_stream
-from actors.service.partitions import partition_of, partition_stream
+from actors.service.partitions import (
+    output_stream_of,
+    partition_of,
+    partition_stream,
+    workflow_partition,
+)
 from actors.service.retention import workflows_key
 from actors.service.streams import done_key_pattern
 from graph.errors import CtxdError
@@ -168,7 +178,8 @@ def forget_workflow(
             raise WorkflowBusyError(
                 f"workflow {workflow_id!r} is being processed: {queued} of its entries are "
                 "in flight, queued or not yet delivered; run forget once its outputs are "
-                f"in {settings.output_stream}, or use --force"
+                f"in {output_stream_of(settings, workflow_partition(settings, workflow_id))}, "
+                "or use --force"
             )
     checkpoints = anyio.run(_delete_checkpoints, settings, workflow_id)
     parked = parked_stream(settings, workflow_id)
@@ -189,8 +200,9 @@ def forget_workflow(
     return ForgetReport(checkpoints=checkpoints, dedupe_keys=dedupe, parked=parked_count)
 
 
-def _forget(settings: Settings, args: argparse.Namespace) -> int:
-    with client_redis(settings) as redis:
+def _forget(configured: Settings, args: argparse.Namespace) -> int:
+    with client_redis(configured) as redis:
+        settings = command_settings(configured, redis)
         report = forget_workflow(redis, settings, args.workflow_id, force=args.force)
     print(
         f"forgot {args.workflow_id}: {report.checkpoints} checkpoint(s), "
