@@ -14,11 +14,7 @@ poison.
 
 A reclaimer per pool (consumer ``{instance}:{kind}:reclaim``) takes over entries idle
 longer than twice the ask timeout with ``XAUTOCLAIM`` (never ``JUSTID``: the delivery
-counter must count) — the pending messages of a worker process that died. When the
-service tells it which instances are alive (their heartbeats), it does not wait that
-long for a dead one: the requests pending with the consumers of an instance that
-stopped beating are claimed once they are idle a lease (``XCLAIM``, counted too), so
-the runs of other instances that asked get their replies in seconds. An entry
+counter must count) — the pending messages of a worker process that died. An entry
 delivered more than ``max_deliveries`` times goes to the DLQ (``ctxd:dlq`` with its
 ``kind``) and its asker gets an error reply.
 """
@@ -28,8 +24,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
-from typing import Any, Literal, Protocol, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Literal, Protocol
 
 import anyio
 import structlog
@@ -44,14 +40,7 @@ from actors.runtime import scripts
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.consumer import PlainGroupSource, consume_group
 from actors.runtime.mailbox import JSON, ActorReply, ActorRequest, MailboxSettings, mailbox_stream
-from actors.runtime.redis_io import (
-    Entry,
-    autoclaim,
-    claim_from,
-    ensure_group,
-    is_cluster_client,
-    text,
-)
+from actors.runtime.redis_io import Entry, autoclaim, ensure_group, is_cluster_client, text
 from actors.runtime.scripts import call_script
 from actors.runtime.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
 from graph.errors import PluginError
@@ -109,11 +98,6 @@ class DeadLetter(Protocol):
         ...
 
 
-LiveInstances = Callable[[], Awaitable[Collection[str]]]
-"""The names of the instances alive now (heartbeats); a worker's consumer name starts
-with its instance's name."""
-
-
 class PoolSettings(MailboxSettings, Protocol):
     """What a pool reads from the process's settings (``actors.config.Settings`` has it)."""
 
@@ -161,9 +145,6 @@ class ActorPool:
         fault: test seam, see :data:`FaultHook`.
         availability: the process's Redis monitor; workers and the reclaimer wait out
             outages with it instead of crashing (they raise them when None).
-        live_instances: who is alive; with it, a dead instance's requests are claimed
-            after ``dead_after`` seconds idle instead of twice the ask timeout.
-        dead_after: see ``live_instances`` (the heartbeat window, a lease).
     """
 
     def __init__(
@@ -177,13 +158,9 @@ class ActorPool:
         tracer: Tracer | None = None,
         fault: FaultHook | None = None,
         availability: RedisAvailability | None = None,
-        live_instances: LiveInstances | None = None,
-        dead_after: float = 0.0,
     ) -> None:
         self._redis = redis
         self._availability = availability
-        self._live_instances = live_instances
-        self._dead_after = dead_after
         self._settings = settings
         self._kind = str(kind)
         self._handler = handler
@@ -305,76 +282,33 @@ class ActorPool:
         self.handled += len(done)
 
     async def _reclaim(self, task_status: TaskStatus[None]) -> None:
-        """Take over the requests of dead consumers: those of instances that stopped
-        beating after a lease idle, any other after twice the ask timeout idle."""
+        """Take over entries of dead consumers: idle longer than twice the ask timeout."""
         consumer = self.consumer("reclaim")
+        min_idle_ms = int(self._settings.ask_timeout * 2000)
         await self._ensure_group()
         task_status.started()
-        idle_every = self._settings.ask_timeout
-        dead_every = self._dead_after / 2 if self._live_instances else idle_every
-        next_idle_scan = time.monotonic() + idle_every
         while True:
-            await anyio.sleep(min(dead_every, idle_every))
-            try:
-                if self._live_instances is not None:
-                    await self._claim_from_dead(consumer)
-                if time.monotonic() >= next_idle_scan:
-                    next_idle_scan = time.monotonic() + idle_every
-                    await self._claim_idle(consumer)
-            except Exception as exc:  # noqa: BLE001 - re-raised unless an outage
-                await self._wait_out(exc)
-
-    async def _claim_idle(self, consumer: str) -> None:
-        """One ``XAUTOCLAIM`` scan of entries idle longer than twice the ask timeout."""
-        cursor = "0-0"
-        while True:
-            cursor, claimed = await autoclaim(
-                self._redis,
-                stream=self._stream,
-                group=self._settings.group,
-                consumer=consumer,
-                min_idle_ms=int(self._settings.ask_timeout * 2000),
-                cursor=cursor,
-            )
-            if claimed:
-                _log.info("reclaimed idle requests", kind=self._kind, count=len(claimed))
-                await self._serve_claimed(consumer, claimed)
-            if cursor == "0-0":
-                return
-
-    async def _claim_from_dead(self, consumer: str) -> None:
-        """Claim what the consumers of instances that stopped beating hold."""
-        assert self._live_instances is not None
-        summary = cast(
-            Mapping[str, Any], await self._redis.xpending(self._stream, self._settings.group)
-        )
-        holders = [text(c["name"]) for c in summary.get("consumers") or []]
-        if not holders:
-            return
-        live = {*await self._live_instances(), self._settings.instance}
-        for holder in holders:
-            if holder.rsplit(":", 2)[0] in live:
-                continue
-            claimed = await claim_from(
-                self._redis,
-                stream=self._stream,
-                group=self._settings.group,
-                owner=holder,
-                consumer=consumer,
-                min_idle_ms=int(self._dead_after * 1000),
-            )
-            if claimed:
-                _log.info(
-                    "reclaimed the requests of a dead instance",
-                    kind=self._kind,
-                    consumer=holder,
-                    count=len(claimed),
-                )
-                await self._serve_claimed(consumer, claimed)
-
-    async def _serve_claimed(self, consumer: str, claimed: list[Entry]) -> None:
-        counts = await self._delivery_counts([eid for eid, _ in claimed])
-        await self._serve_batch(consumer, claimed, counts)
+            await anyio.sleep(self._settings.ask_timeout)
+            cursor = "0-0"
+            while True:
+                try:
+                    cursor, claimed = await autoclaim(
+                        self._redis,
+                        stream=self._stream,
+                        group=self._settings.group,
+                        consumer=consumer,
+                        min_idle_ms=min_idle_ms,
+                        cursor=cursor,
+                    )
+                    if claimed:
+                        _log.info("reclaimed idle requests", kind=self._kind, count=len(claimed))
+                        counts = await self._delivery_counts([eid for eid, _ in claimed])
+                        await self._serve_batch(consumer, claimed, counts)
+                except Exception as exc:  # noqa: BLE001 - re-raised unless an outage
+                    await self._wait_out(exc)
+                    break  # start the scan again after the next pause
+                if cursor == "0-0":
+                    break
 
     async def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
         async with self._redis.pipeline(transaction=False) as pipe:

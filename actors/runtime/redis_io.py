@@ -19,7 +19,6 @@ __all__ = [
     "Entry",
     "TextEntry",
     "autoclaim",
-    "claim_from",
     "ensure_group",
     "is_cluster_client",
     "read_group",
@@ -87,24 +86,6 @@ async def autoclaim(
         await redis.xautoclaim(stream, group, consumer, min_idle_ms, start_id=cursor, count=100),
     )
     return text(reply[0]), _entries(reply[1])
-
-
-async def claim_from(
-    redis: Redis, *, stream: str, group: str, owner: str, consumer: str, min_idle_ms: int
-) -> list[Entry]:
-    """Claim up to 100 entries pending with consumer ``owner`` (idle at least
-    ``min_idle_ms``) for ``consumer``; each claim counts as a delivery."""
-    rows = cast(
-        list[dict[str, Any]],
-        await redis.xpending_range(
-            stream, group, min="-", max="+", count=100, consumername=owner, idle=min_idle_ms
-        ),
-    )
-    ids: list[int | bytes | str | memoryview[int]] = [text(r["message_id"]) for r in rows]
-    if not ids:
-        return []
-    reply = await redis.xclaim(stream, group, consumer, min_idle_ms, ids)
-    return _entries(reply)
 
 
 def xread_text(

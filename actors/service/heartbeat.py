@@ -16,20 +16,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from typing import cast
 
 from redis.asyncio import Redis
 
 from actors.config import Settings
 
-__all__ = [
-    "Heartbeat",
-    "instance_key",
-    "instances_key",
-    "live_names",
-    "worker_key",
-    "workers_key",
-]
+__all__ = ["Heartbeat", "instance_key", "instances_key", "worker_key", "workers_key"]
 
 
 def instances_key(settings: Settings) -> str:
@@ -50,16 +42,6 @@ def workers_key(settings: Settings) -> str:
 def worker_key(settings: Settings, name: str) -> str:
     """The JSON heartbeat of one ``ctxd worker``."""
     return settings.key("worker", name)
-
-
-async def live_names(redis: Redis, settings: Settings) -> list[str]:
-    """Every instance and ``ctxd worker`` that beat within the last lease (the pools'
-    reclaimers take over what the others' consumers hold)."""
-    since = int(time.time() * 1000 - settings.lease_ttl * 1000)
-    names: list[bytes | str] = []
-    for key in (instances_key(settings), workers_key(settings)):
-        names += cast(list[bytes | str], await redis.zrangebyscore(key, since, "+inf"))
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
 class Heartbeat:

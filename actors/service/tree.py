@@ -39,7 +39,6 @@ from actors.runtime.supervisor import ChildSpec, RestartEvent, Supervisor, Super
 from actors.runtime.telemetry_hooks import actor_restarts
 from actors.service.dispatch import ActorDispatch
 from actors.service.gateway import dead_letter
-from actors.service.heartbeat import live_names
 from graph.work import WorkHandlers, WorkKind
 from telemetry.metrics import Instruments
 
@@ -177,8 +176,6 @@ class ActorSystem:
                 tracer=tracer,
                 fault=fault,
                 availability=self.availability,
-                live_instances=lambda: live_names(redis, settings),
-                dead_after=settings.lease_ttl,
             )
             for kind in serve
         }

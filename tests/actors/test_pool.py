@@ -16,7 +16,6 @@ from actors.runtime.mailbox import ActorReply, ActorRequest, mailbox_stream
 from actors.runtime.pool import FaultPoint
 from actors.runtime.redis_io import text
 from actors.runtime.supervisor import SupervisorEscalation
-from actors.service.heartbeat import instances_key
 from actors.service.tree import ROOT_INTENSITY, ActorSystem
 from graph.state import JSON
 from graph.work import WorkHandlers, WorkKind
@@ -123,48 +122,6 @@ async def test_idle_request_of_a_dead_consumer_is_reclaimed_and_answered(
     reply = ActorReply.from_fields({text(k): text(v) for k, v in got[0][1][0][1].items()})
     assert reply.ok, reply.body
     assert reply.consumer == f"{settings.instance}:decision:reclaim"
-
-
-async def test_request_held_by_a_dead_instance_is_answered_within_a_lease(
-    settings: Settings,
-) -> None:
-    """A SIGKILLed instance's workers leave requests pending under consumers
-    ``{instance}:{kind}:{slot}``. Once that instance's heartbeat is gone, a live pool
-    takes them over after a lease, not after twice the ask timeout: other instances'
-    runs that asked are waiting for those replies."""
-    settings = actor_settings(settings, ask_timeout=30.0, lease_ttl=1.0)
-    async with open_redis(settings) as redis:
-        stream = mailbox_stream(settings, "decision")
-        reply_to = f"{settings.stream_prefix}:test-replies"
-        await redis.xgroup_create(stream, settings.group, id="0", mkstream=True)
-        context = {"quality_score": 0.9, "performance_score": 0.9, "error_rate": 0.0,
-                   "resource_utilization": 0.1, "business_priority": "standard"}  # fmt: skip
-        for i, holder in enumerate(("dead-host:1", settings.instance + "-alive")):
-            request = ActorRequest(f"r-{i}", "decision", json.dumps({"context": context}),
-                                   reply_to, time.time() + 600)  # fmt: skip
-            await redis.xadd(stream, request.to_fields())  # type: ignore[arg-type]
-            consumer = f"{holder}:decision:0"
-            await redis.xreadgroup(settings.group, consumer, {stream: ">"}, count=1)
-        # The live holder's last beat counts for the whole test (scored a minute ahead);
-        # the dead one stopped beating (no heartbeat at all).
-        alive_until = time.time() * 1000 + 60_000
-        await redis.zadd(instances_key(settings), {settings.instance + "-alive": alive_until})
-        system = ActorSystem(redis, settings, WorkHandlers(), ask=False)
-        started = time.monotonic()
-        async with running(system):
-            with anyio.fail_after(6):
-                got = cast(RawRead, await redis.xread({reply_to: "0-0"}, block=4000, count=1))
-        took = time.monotonic() - started
-        summary = await redis.xpending(stream, settings.group)
-    reply = ActorReply.from_fields({text(k): text(v) for k, v in got[0][1][0][1].items()})
-    assert reply.ok, reply.body
-    assert reply.id == "r-0"
-    assert reply.consumer == f"{settings.instance}:decision:reclaim"
-    assert took < 5.0, took
-    # The live instance's request stays with it.
-    assert [(text(c["name"]), c["pending"]) for c in summary["consumers"]] == [
-        (settings.instance + "-alive:decision:0", 1)
-    ]
 
 
 async def test_actor_crashing_on_every_start_escalates_to_the_root_which_gives_up(
