@@ -174,7 +174,7 @@ FLOOR_POINTER: Final = (
     + """
 if token < floor then
   return redis.error_reply('FENCED the lease ' .. ARGV[1] .. ' was taken with token '
-    .. floor .. ', above this run\'s ' .. ARGV[2])
+    .. floor .. ', above the token ' .. ARGV[2] .. ' of this run')
 end
 if token > floor then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return redis.call('SET', KEYS[2], ARGV[3])
