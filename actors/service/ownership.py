@@ -32,7 +32,7 @@ from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.service.heartbeat import Heartbeat
 from actors.service.lease import Leases
-from actors.service.partitions import assignment, lease_key, partition_stream
+from actors.service.partitions import assignment, partition_lease, partition_stream
 from actors.service.router import TRANSIENT_ERRORS
 from actors.service.scheduler import Scheduler
 from actors.service.streams import ensure_group
@@ -144,9 +144,7 @@ class Ownership:
             for n, v in self.owned.items()
             if now - self._releasing.get(n, now) < s.event_timeout
         ]
-        renewed = await self._leases.renew_many(
-            [(lease_key(s, f"part:{n}")[0], v) for n, v in held]
-        )
+        renewed = await self._leases.renew_many([(partition_lease(s, n)[0], v) for n, v in held])
         for (n, _), ok in zip(held, renewed, strict=True):
             if not ok and n in self.owned:
                 _log.warning("partition lease lost", partition=n)
@@ -154,7 +152,7 @@ class Ownership:
         live = await self._heartbeat.beat({"partitions": sorted(self.owned), **self._report()})
         wanted = {n for n, who in assignment(live, s.partitions).items() if who == s.instance}
         for n, value in list(self.owned.items()):
-            key, _ = lease_key(s, f"part:{n}")
+            key, _ = partition_lease(s, n)
             if n in self._releasing:
                 if not self._scheduler.holds(n):
                     await self._leases.release(key, value)
@@ -168,7 +166,7 @@ class Ownership:
         for n in sorted(wanted - set(self.owned)):
             if self._stopping.is_set():
                 return True
-            key, fence_key = lease_key(s, f"part:{n}")
+            key, fence_key = partition_lease(s, n)
             got = await self._leases.acquire(key, fence_key)
             if got is not None and not await self._prepared(n, key, got):
                 continue
@@ -226,7 +224,7 @@ class Ownership:
         """Release every lease and remove the heartbeat, so peers rebalance at once."""
         for n, value in list(self.owned.items()):
             with contextlib.suppress(*TRANSIENT_ERRORS):
-                await self._leases.release(lease_key(self._settings, f"part:{n}")[0], value)
+                await self._leases.release(partition_lease(self._settings, n)[0], value)
         self.owned.clear()
         self._releasing.clear()
         self._on_change()

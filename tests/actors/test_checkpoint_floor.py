@@ -38,7 +38,7 @@ from actors.service.checkpoint_floor import (
 from actors.service.heartbeat import Heartbeat
 from actors.service.lease import Leases
 from actors.service.ownership import Ownership
-from actors.service.partitions import lease_key
+from actors.service.partitions import partition_lease
 from actors.service.scheduler import Scheduler
 from graph.checkpointer import open_checkpointer
 from graph.errors import FencedError
@@ -130,7 +130,7 @@ async def test_a_zombies_pointer_write_is_refused_once_another_owner_took_the_pa
     settings: Settings,
 ) -> None:
     thread = f"wf-{uuid.uuid4().hex[:6]}"
-    key, fence = lease_key(settings, "part:3")
+    key, fence = partition_lease(settings, 3)
     floor = CheckpointFloor(store_client, settings)
     a = Leases(service, "a", ttl=30)
     b = Leases(service, "b", ttl=30)
@@ -167,7 +167,7 @@ async def test_the_zombie_is_refused_before_the_new_owner_wrote_anything(
     """The floor is raised at acquisition, not at the new owner's first write: what the
     new owner will read is already safe from the zombie."""
     thread = f"wf-{uuid.uuid4().hex[:6]}"
-    key, fence = lease_key(settings, "part:5")
+    key, fence = partition_lease(settings, 5)
     floor = CheckpointFloor(store_client, settings)
     lease_a = await Leases(service, "a", ttl=30).acquire(key, fence)
     assert lease_a is not None
@@ -259,7 +259,7 @@ async def test_ownership_raises_the_floor_before_the_partition_is_read(
     # Each partition's floor is raised before its reader is told to start.
     assert events == ["raise", "read"] * 4
     for n, value in ownership.owned.items():
-        assert await floor.floor(lease_key(settings, f"part:{n}")[0]) == lease_token(value)
+        assert await floor.floor(partition_lease(settings, n)[0]) == lease_token(value)
 
 
 async def test_partitions_wait_while_the_checkpoint_store_is_away(
@@ -279,7 +279,7 @@ async def test_partitions_wait_while_the_checkpoint_store_is_away(
             assert ownership.owned == {}
             assert events == []  # no reader started
             for n in range(4):  # every lease was given back for the next try
-                assert await service.exists(lease_key(settings, f"part:{n}")[0]) == 0
+                assert await service.exists(partition_lease(settings, n)[0]) == 0
             store.start()
             assert await ownership.reconcile() is True
             assert sorted(ownership.owned) == [0, 1, 2, 3]
