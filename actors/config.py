@@ -37,6 +37,7 @@ __all__ = [
     "MultitaskPolicy",
     "Settings",
     "load_settings",
+    "split_cluster_option",
 ]
 
 _T = TypeVar("_T")
@@ -289,7 +290,49 @@ def _parse_url(*schemes: str) -> Callable[[str, object], str | None]:
 
 def _parse_redis_url(name: str, raw: object) -> str | None:
     value = _parse_url("redis", "rediss", "unix")(name, raw)
-    return None if value is None else check_redis_url(name, value)
+    if value is None:
+        return None
+    split_cluster_option(value, name=name)  # a bad ?cluster= value is a config error
+    return check_redis_url(name, value)
+
+
+_CLUSTER_OPTION = "cluster"
+_CLUSTER_VALUES = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def split_cluster_option(url: str, *, name: str = "CTXD_REDIS_URL") -> tuple[str, bool | None]:
+    """``url`` without ctxd's ``cluster`` query option, and the option's value.
+
+    ``?cluster=true`` says the URL names a Redis Cluster (ctxd then uses redis-py's
+    cluster client), ``?cluster=false`` a single server; without it ctxd asks the server
+    (``INFO cluster``). redis-py does not know the option (it would pass it to the
+    connection and fail), so every client is given the URL without it.
+
+    Returns:
+        The URL with the option removed (other query options kept as written) and
+        True, False or None (not stated).
+
+    Raises:
+        ConfigError: the option has a value other than true/false/yes/no/1/0.
+    """
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, None
+    kept: list[str] = []
+    stated: bool | None = None
+    for item in query.split("&"):
+        key, _, value = item.partition("=")
+        if key != _CLUSTER_OPTION:
+            kept.append(item)
+            continue
+        if value.strip().lower() not in _CLUSTER_VALUES:
+            raise ConfigError(
+                f"{name}: ?cluster={value!r} is not understood: use ?cluster=true (a Redis "
+                "Cluster), ?cluster=false (one server) or leave it out (ctxd asks the server)"
+            )
+        stated = _CLUSTER_VALUES[value.strip().lower()]
+    kept = [item for item in kept if item]
+    return (f"{base}?{'&'.join(kept)}" if kept else base), stated
 
 
 def _parse_text(name: str, raw: object) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actors.config import Settings
+from actors.config import Settings, split_cluster_option
 from graph.checkpointer import cluster_store_refusal
 
 __all__ = ["CheckpointStore", "checkpoint_store"]
@@ -46,11 +46,16 @@ def checkpoint_store(settings: Settings, service_url: str) -> CheckpointStore:
 
     Raises:
         CheckpointStoreError: the service Redis is known to be a cluster and no separate
-            store is configured (checkpoints would default to the cluster). A cluster
+            store is configured (checkpoints would default to the cluster), or
+            ``CTXD_CHECKPOINT_URL`` says ``?cluster=true``. A cluster
             not known from the settings is found when the store is probed
             (:func:`graph.checkpointer.refuse_cluster_store`).
     """
     url = settings.checkpoint_url
+    if url is not None:
+        url, stated = split_cluster_option(url, name="CTXD_CHECKPOINT_URL")
+        if stated:
+            raise cluster_store_refusal("CTXD_CHECKPOINT_URL")
     if url is None or url == service_url:
         if settings.cluster:
             raise cluster_store_refusal("CTXD_REDIS_URL")

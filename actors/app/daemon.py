@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -28,7 +29,7 @@ from redis.asyncio import Redis
 
 from actors.app.checkpoint_store import CheckpointStore, checkpoint_store
 from actors.app.redis_acl import check_redis_for_service
-from actors.config import Settings
+from actors.config import Settings, split_cluster_option
 from actors.runtime.availability import (
     RedisAvailability,
     RedisOutageError,
@@ -37,7 +38,7 @@ from actors.runtime.availability import (
 )
 from actors.runtime.supervisor import SupervisorEscalation
 from actors.service.checkpoint_floor import CheckpointFloor, floor_fenced_pointer_writer
-from actors.service.connections import open_service_client, pool_size
+from actors.service.connections import open_service_client, pool_size, resolve_cluster_mode
 from actors.service.ingress import Ingress
 from actors.service.lease import CheckpointFence, fence_checkpoints, fenced_pointer_writer
 from actors.service.stream_metrics import poll_stream_gauges
@@ -88,117 +89,117 @@ async def serve(
         if telemetry is not None
         else GraphTelemetry.from_global()
     )
-    # A cluster as the default checkpoint store is refused before anything starts.
-    store = checkpoint_store(settings, redis_url) if settings.checkpointer == "redis" else None
     handlers = build_handlers(settings)
     policy = settings.analyzer_policy
     kinds = tuple(WorkKind) if settings.dispatch == "actors" else ()
     connections = pool_size(settings, ingress=True, kinds=kinds)
-    redis = open_service_client(redis_url, settings, connections)
-    availability = RedisAvailability.for_settings(redis, settings)
     quiet_library_outage_logs()
     stopper = _Stopper(drain_budget)
-    try:
-        async with (
-            _escalations_unwrapped(),
-            anyio.create_task_group() as guard,
-            contextlib.AsyncExitStack() as stack,
-        ):
-            await guard.start(availability.watch)
-            await guard.start(stopper.run, guard.cancel_scope)
-            # Start-up waits for Redis (one line when it is away, one when it is back).
-            await availability.call(redis.ping)
-            # Credentials, TLS, modules, ACL: one classified line, before any work.
+    async with (
+        _escalations_unwrapped(),
+        anyio.create_task_group() as guard,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        await guard.start(stopper.run, guard.cancel_scope)
+        # A Redis Cluster or one server (waiting for Redis if it is away): every key
+        # layout below reads settings.cluster.
+        settings = await resolve_cluster_mode(redis_url, settings)
+        redis_url, _ = split_cluster_option(redis_url)
+        # A cluster as the default checkpoint store is refused before anything starts.
+        store = checkpoint_store(settings, redis_url) if settings.checkpointer == "redis" else None
+        redis = open_service_client(redis_url, settings, connections)
+        stack.push_async_callback(redis.aclose)
+        availability = RedisAvailability.for_settings(redis, settings)
+        await guard.start(availability.watch)
+        # Start-up waits for Redis (one line when it is away, one when it is back).
+        await availability.call(redis.ping)
+        # Credentials, TLS, modules, ACL: one classified line, before any work.
+        await check_redis_for_service(
+            redis_url,
+            settings.stream_prefix,
+            modules=store is not None and not store.separate,
+        )
+        if store is not None and store.separate:
             await check_redis_for_service(
-                redis_url,
+                store.url,
                 settings.stream_prefix,
-                modules=store is not None and not store.separate,
+                modules=True,
+                access=False,
+                url_setting=store.setting,
             )
-            if store is not None and store.separate:
-                await check_redis_for_service(
-                    store.url,
-                    settings.stream_prefix,
-                    modules=True,
-                    access=False,
-                    url_setting=store.setting,
-                )
-            saver, floor = await _open_checkpointer(
-                stack, guard, settings, store, redis, availability, connections
-            )
-            fence = CheckpointFence(redis, settings)
-            actors = (
-                ActorSystem(
-                    redis,
-                    settings,
-                    handlers,
-                    tracer=graph_telemetry.tracer,
-                    instruments=graph_telemetry.instruments,
-                    availability=availability,
-                )
-                if settings.dispatch == "actors"
-                else None
-            )
-            dispatch = actors.dispatch if actors is not None else None
-            graph = build_contextual_workflow(
-                dispatch or LocalDispatch(handlers),
-                fence_checkpoints(saver, fence.check),
-                policy=policy,
-                escalation_pauses=settings.escalation_pauses,
-                telemetry=graph_telemetry,
-            )
-            on_restart = restart_reporter(graph_telemetry.instruments)
-            ingress = Ingress(
+        saver, floor = await _open_checkpointer(
+            stack, guard, settings, store, redis, availability, connections
+        )
+        fence = CheckpointFence(redis, settings)
+        actors = (
+            ActorSystem(
                 redis,
                 settings,
-                graph,
-                reading_allowed=dispatch.reading_allowed if dispatch is not None else None,
-                instruments=graph_telemetry.instruments,
+                handlers,
                 tracer=graph_telemetry.tracer,
+                instruments=graph_telemetry.instruments,
                 availability=availability,
-                on_restart=on_restart,
-                on_partition_acquired=floor.raise_to if floor is not None else None,
             )
-            if actors is not None:
-                ingress.extra_stats = actors.status
-            root = root_supervisor(
-                settings,
-                [*(actors.children if actors is not None else ()), ingress.as_child()],
-                on_restart=on_restart,
+            if settings.dispatch == "actors"
+            else None
+        )
+        dispatch = actors.dispatch if actors is not None else None
+        graph = build_contextual_workflow(
+            dispatch or LocalDispatch(handlers),
+            fence_checkpoints(saver, fence.check),
+            policy=policy,
+            escalation_pauses=settings.escalation_pauses,
+            telemetry=graph_telemetry,
+        )
+        on_restart = restart_reporter(graph_telemetry.instruments)
+        ingress = Ingress(
+            redis,
+            settings,
+            graph,
+            reading_allowed=dispatch.reading_allowed if dispatch is not None else None,
+            instruments=graph_telemetry.instruments,
+            tracer=graph_telemetry.tracer,
+            availability=availability,
+            on_restart=on_restart,
+            on_partition_acquired=floor.raise_to if floor is not None else None,
+        )
+        if actors is not None:
+            ingress.extra_stats = actors.status
+        root = root_supervisor(
+            settings,
+            [*(actors.children if actors is not None else ()), ingress.as_child()],
+            on_restart=on_restart,
+        )
+        async with anyio.create_task_group() as tg:
+            stopper.ingress = ingress
+            await tg.start(root.run)
+            if telemetry is not None and _exports_metrics(telemetry.settings):
+                interval = min(max(telemetry.settings.metric_export_interval, 0.2), 15.0)
+                streams = [
+                    settings.input_stream,
+                    *(settings.key("actor", kind.value) for kind in WorkKind),
+                ]
+                await tg.start(poll_stream_gauges, redis, streams, telemetry.instruments, interval)
+            _log.info(
+                "ctxd is running",
+                redis=redact_url(redis_url),
+                input=settings.input_stream,
+                group=settings.group,
+                consumer=ingress.consumer,
+                checkpointer=settings.checkpointer,
+                checkpoint_store=(
+                    redact_url(store.url) if store is not None and store.separate else None
+                ),
+                redis_connections=connections,
+                max_outage=settings.redis_max_outage or "forever",
             )
-            async with anyio.create_task_group() as tg:
-                stopper.ingress = ingress
-                await tg.start(root.run)
-                if telemetry is not None and _exports_metrics(telemetry.settings):
-                    interval = min(max(telemetry.settings.metric_export_interval, 0.2), 15.0)
-                    streams = [
-                        settings.input_stream,
-                        *(settings.key("actor", kind.value) for kind in WorkKind),
-                    ]
-                    await tg.start(
-                        poll_stream_gauges, redis, streams, telemetry.instruments, interval
-                    )
-                _log.info(
-                    "ctxd is running",
-                    redis=redact_url(redis_url),
-                    input=settings.input_stream,
-                    group=settings.group,
-                    consumer=ingress.consumer,
-                    checkpointer=settings.checkpointer,
-                    checkpoint_store=(
-                        redact_url(store.url) if store is not None and store.separate else None
-                    ),
-                    redis_connections=connections,
-                    max_outage=settings.redis_max_outage or "forever",
-                )
-                if on_ready is not None:
-                    tg.start_soon(on_ready)
-                await _wait_for_ingress_end(ingress)
-                tg.cancel_scope.cancel()
-            stats = ingress.statistics()
-            _log.info("ctxd stopped", processed=stats.processed, dead_lettered=stats.dead_lettered)
-            guard.cancel_scope.cancel()  # the outage watch and the signal receiver
-    finally:
-        await redis.aclose()
+            if on_ready is not None:
+                tg.start_soon(on_ready)
+            await _wait_for_ingress_end(ingress)
+            tg.cancel_scope.cancel()
+        stats = ingress.statistics()
+        _log.info("ctxd stopped", processed=stats.processed, dead_lettered=stats.dead_lettered)
+        guard.cancel_scope.cancel()  # the outage watch and the signal receiver
 
 
 async def _open_checkpointer(
@@ -215,15 +216,15 @@ async def _open_checkpointer(
 
     In the service Redis the saver shares the service's pool, sized for both, and moves a
     workflow's latest-checkpoint pointer only under the run's partition lease (one
-    script). In a separate store (``CTXD_CHECKPOINT_URL``) it has a pool and an outage
-    monitor of its own, and the pointer is fenced by the lease's fencing-token floor
-    there; the returned :class:`CheckpointFloor` (None otherwise) raises the floors as
-    partitions are taken.
+    script). In a separate store (``CTXD_CHECKPOINT_URL``, a standalone server) it has a
+    pool and an outage monitor of its own, and the pointer is fenced by the lease's
+    fencing-token floor there; the returned :class:`CheckpointFloor` (None otherwise)
+    raises the floors as partitions are taken.
     """
     client, watch, floor = redis, availability, None
     writer = fenced_pointer_writer(CheckpointFence.current)
     if store is not None and store.separate:
-        client = open_service_client(store.url, settings, connections)
+        client = open_service_client(store.url, replace(settings, cluster=False), connections)
         stack.push_async_callback(client.aclose)
         watch = RedisAvailability.for_settings(client, settings)
         await guard.start(watch.watch)

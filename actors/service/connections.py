@@ -9,23 +9,35 @@ once (:func:`pool_size`), and the checkpointer shares it.
 
 The client itself retries a command briefly (a blip); anything longer is an outage,
 waited out by :class:`~actors.runtime.availability.RedisAvailability`.
+
+A Redis Cluster gets redis-py's cluster client instead (it follows ``MOVED``/``ASK``
+and fail-overs). Whether ``CTXD_REDIS_URL`` names a cluster is found on the first
+connection (``INFO cluster`` → ``cluster_enabled:1``), or stated in the URL with
+``?cluster=true`` / ``?cluster=false`` (no probe then); :func:`resolve_cluster_mode`
+returns settings with ``cluster`` set accordingly, which every key layout decision
+reads (docs/operations.md, "Redis Cluster").
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import replace
+from typing import cast
 
+import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from actors.config import Settings
+from actors.config import Settings, split_cluster_option
+from actors.runtime.availability import RedisAvailability
 from graph.work import WorkKind
 
-__all__ = ["open_service_client", "pool_size"]
+__all__ = ["detect_cluster", "open_service_client", "pool_size", "resolve_cluster_mode"]
 
 _SPARE = 8
 """Connections for the ownership loop, the router, the reply reader, gauges, probes."""
@@ -60,6 +72,9 @@ def open_service_client(redis_url: str, settings: Settings, max_connections: int
     outage instead of hanging every loop for good.
     """
     socket_timeout = max(settings.block_ms / 1000, settings.event_timeout) + 10.0
+    redis_url, _ = split_cluster_option(redis_url)
+    if settings.cluster:
+        return _open_cluster_client(redis_url, max_connections, socket_timeout)
     pool = BlockingConnectionPool.from_url(
         redis_url,
         max_connections=max_connections,
@@ -71,3 +86,67 @@ def open_service_client(redis_url: str, settings: Settings, max_connections: int
         socket_timeout=socket_timeout,
     )
     return Redis(connection_pool=pool)
+
+
+def _open_cluster_client(redis_url: str, max_connections: int, socket_timeout: float) -> Redis:
+    """redis-py's asyncio cluster client, typed as the :class:`Redis` ctxd annotates.
+
+    Its pool is per node and raises instead of waiting when full, so each node may have
+    as many connections as the whole process can use at once (``max_connections`` is
+    that bound, :func:`pool_size`): a node never runs out. ``MOVED``/``ASK`` and a
+    fail-over's reconnects are the client's; an outage longer than its few retries is
+    the availability monitor's, as on a single node.
+    """
+    client = RedisCluster.from_url(
+        redis_url,
+        max_connections=max_connections,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3),
+        retry_on_error=[BusyLoadingError, RedisConnectionError, RedisTimeoutError],
+        health_check_interval=10,
+        socket_connect_timeout=5,
+        socket_timeout=socket_timeout,
+    )
+    # The one boundary where the cluster client stands in for Redis: the commands ctxd
+    # sends (streams, strings, hashes, sorted sets, EVALSHA through register_script,
+    # non-transactional pipelines, INFO, PING) have the same signatures on both
+    # (redis.commands.core's mixins, shared by redis.asyncio.cluster.RedisCluster).
+    return cast(Redis, client)
+
+
+async def detect_cluster(redis_url: str) -> bool:
+    """Whether the server at ``redis_url`` runs in cluster mode (``INFO cluster``)."""
+    probe = Redis.from_url(
+        split_cluster_option(redis_url)[0],
+        single_connection_client=True,
+        socket_connect_timeout=5,
+        socket_timeout=5,
+    )
+    try:
+        info = await probe.info("cluster")
+    finally:
+        await probe.aclose()
+    return str(info.get("cluster_enabled", "0")) == "1"
+
+
+async def resolve_cluster_mode(redis_url: str, settings: Settings) -> Settings:
+    """``settings`` with ``cluster`` set for ``redis_url``: stated by the URL's
+    ``?cluster=`` option, or detected on a first connection.
+
+    Detection waits out an outage like every other start-up step (one line when Redis
+    is away, one when it is back; ``CTXD_REDIS_MAX_OUTAGE`` ends the wait).
+    """
+    _, stated = split_cluster_option(redis_url)
+    if stated is not None:
+        return replace(settings, cluster=stated)
+    probe = Redis.from_url(
+        split_cluster_option(redis_url)[0], socket_connect_timeout=5, socket_timeout=5
+    )
+    availability = RedisAvailability.for_settings(probe, settings)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(availability.watch)
+            cluster = await availability.call(lambda: detect_cluster(redis_url))
+            tg.cancel_scope.cancel()
+    finally:
+        await probe.aclose()
+    return replace(settings, cluster=cluster)

@@ -6,14 +6,16 @@ import argparse
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, TypeAlias
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from redis import Redis as SyncRedis
+from redis.cluster import RedisCluster as SyncRedisCluster
 
 from actors.app.checkpoint_store import checkpoint_store
 from actors.app.redis_acl import check_redis_for_service
 from actors.app.redis_server import discover_embedded_redis
-from actors.config import Settings
+from actors.config import Settings, split_cluster_option
 from graph.checkpointer import open_checkpointer
 from graph.errors import ConfigError, CtxdError
 
@@ -27,6 +29,7 @@ __all__ = [
     "Handler",
     "Subcommands",
     "client_redis",
+    "command_settings",
     "open_command_checkpointer",
     "open_service_telemetry",
     "redis_url_for_client",
@@ -57,22 +60,44 @@ def redis_url_for_client(settings: Settings) -> str:
 
 @contextlib.contextmanager
 def client_redis(settings: Settings) -> Iterator[SyncRedis]:
-    """A decoding synchronous client for the command's Redis."""
-    client = SyncRedis.from_url(
-        redis_url_for_client(settings),
-        decode_responses=True,
+    """A decoding synchronous client for the command's Redis.
+
+    On a Redis Cluster (``?cluster=true`` in the URL, or found with ``INFO cluster``)
+    it is redis-py's :class:`redis.cluster.RedisCluster`; :func:`command_settings`
+    then gives the settings with ``cluster`` set, for the key layout.
+    """
+    url, stated = split_cluster_option(redis_url_for_client(settings))
+    options: dict[str, Any] = {
+        "decode_responses": True,
         # DLQ copies keep bytes that are not UTF-8 as they came: show them, never crash.
-        encoding_errors="replace",
+        "encoding_errors": "replace",
         # A server that accepts connections but never answers (stopped, overloaded)
         # ends the command with a "timeout" line instead of hanging it; a timeout in
         # the URL (?socket_timeout=…) wins.
-        socket_connect_timeout=CLIENT_TIMEOUT,
-        socket_timeout=CLIENT_TIMEOUT,
-    )
+        "socket_connect_timeout": CLIENT_TIMEOUT,
+        "socket_timeout": CLIENT_TIMEOUT,
+    }
+    client = SyncRedis.from_url(url, **options)
+    if stated or (stated is None and _is_cluster(client)):
+        client.close()
+        # The one boundary where the cluster client stands in for Redis: the commands
+        # the CLI sends have the same signatures on both (redis.commands.core's mixins).
+        client = cast(SyncRedis, SyncRedisCluster.from_url(url, **options))
     try:
         yield client
     finally:
         client.close()
+
+
+def command_settings(settings: Settings, redis: SyncRedis) -> Settings:
+    """``settings`` with ``cluster`` set when ``redis`` is a cluster client (key layout:
+    output and DLQ streams per partition on a cluster)."""
+    return replace(settings, cluster=isinstance(redis, SyncRedisCluster))
+
+
+def _is_cluster(client: SyncRedis) -> bool:
+    info = client.info("cluster")
+    return str(info.get("cluster_enabled", "0")) == "1"
 
 
 @contextlib.contextmanager
@@ -124,7 +149,10 @@ async def open_command_checkpointer(
             service = settings.redis_url or ""
         else:
             service = redis_url_for_client(settings)
-        store = checkpoint_store(settings, service)
+        service, stated = split_cluster_option(service)
+        store = checkpoint_store(
+            settings if stated is None else replace(settings, cluster=stated), service
+        )
         redis_url, url_setting = store.url, store.setting
         if store.separate:  # its failures name its own address
             await check_redis_for_service(

@@ -70,11 +70,15 @@ async def _serve(
 ) -> None:
     from actors.app.daemon import build_handlers
     from actors.app.redis_acl import check_redis_for_service
+    from actors.config import split_cluster_option
     from actors.runtime.availability import RedisAvailability, RedisOutageError
-    from actors.service.connections import open_service_client, pool_size
+    from actors.service.connections import open_service_client, pool_size, resolve_cluster_mode
     from actors.service.tree import ActorSystem
 
     connections = pool_size(settings, ingress=False, kinds=kinds)
+    # Before any signal handler: a stop while Redis is still away ends the process.
+    settings = await resolve_cluster_mode(redis_url, settings)
+    redis_url, _ = split_cluster_option(redis_url)
     redis = open_service_client(redis_url, settings, connections)
     availability = RedisAvailability.for_settings(redis, settings)
     try:
