@@ -57,7 +57,8 @@ def checkpoint_store(settings: Settings, service_url: str) -> CheckpointStore:
         if stated:
             raise cluster_store_refusal("CTXD_CHECKPOINT_URL")
     if url is None or url == service_url:
+        setting = "CTXD_REDIS_URL" if url is None else "CTXD_CHECKPOINT_URL"
         if settings.cluster:
-            raise cluster_store_refusal("CTXD_REDIS_URL")
-        return CheckpointStore(service_url, "CTXD_REDIS_URL", separate=False)
+            raise cluster_store_refusal(setting)
+        return CheckpointStore(service_url, setting, separate=False)
     return CheckpointStore(url, "CTXD_CHECKPOINT_URL", separate=True)

@@ -13,11 +13,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import random
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import anyio
 import pytest
@@ -25,7 +23,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from redis.asyncio import Redis
-from redis_helpers import free_port, start_redis
+from redis_helpers import OwnRedis
 from stream_support import ScriptedRunner
 
 from actors.config import Settings
@@ -48,38 +46,17 @@ _TENURE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar
 )
 
 
-class Store:
-    """The checkpoint store: a second Redis Stack server of this module's own."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = start_redis(self.data_dir, self.port)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    server = Store(tmp_path_factory.mktemp("checkpoint-store"))
+def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRedis]:
+    """The checkpoint store: a second Redis Stack server of this module's own."""
+    server = OwnRedis(tmp_path_factory.mktemp("checkpoint-store"))
     server.start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-async def store_client(store: Store) -> AsyncIterator[Redis]:
+async def store_client(store: OwnRedis) -> AsyncIterator[Redis]:
     client = Redis.from_url(store.url)
     yield client
     await client.aclose()
@@ -95,7 +72,7 @@ async def service(settings: Settings) -> AsyncIterator[Redis]:
 
 @pytest.fixture
 async def saver(
-    store: Store, store_client: Redis, settings: Settings
+    store: OwnRedis, store_client: Redis, settings: Settings
 ) -> AsyncIterator[BaseCheckpointSaver[str]]:
     async with open_checkpointer(
         "redis",
@@ -263,7 +240,7 @@ async def test_ownership_raises_the_floor_before_the_partition_is_read(
 
 
 async def test_partitions_wait_while_the_checkpoint_store_is_away(
-    service: Redis, store: Store, settings: Settings
+    service: Redis, store: OwnRedis, settings: Settings
 ) -> None:
     """No partition is read (its lease is given back) until its floor could be raised."""
     settings = replace(settings, partitions=4)
