@@ -109,10 +109,21 @@ async def serve(
         store = checkpoint_store(settings, redis_url) if settings.checkpointer == "redis" else None
         redis = open_service_client(redis_url, settings, connections)
         stack.push_async_callback(redis.aclose)
-        availability = RedisAvailability.for_settings(redis, settings)
+        store_client = None
+        if store is not None and store.separate:  # a standalone server, its own pool
+            single = replace(settings, cluster=False)
+            store_client = open_service_client(store.url, single, connections)
+            stack.push_async_callback(store_client.aclose)
+        # A separate checkpoint store being away is an outage like the service Redis's:
+        # no run can write its state, so reading pauses until both answer.
+        availability = RedisAvailability.for_settings(
+            redis, settings, also=[store_client] if store_client is not None else []
+        )
         await guard.start(availability.watch)
         # Start-up waits for Redis (one line when it is away, one when it is back).
         await availability.call(redis.ping)
+        if store_client is not None:
+            await availability.call(store_client.ping)
         # Credentials, TLS, modules, ACL: one classified line, before any work.
         await check_redis_for_service(
             redis_url,
@@ -127,9 +138,10 @@ async def serve(
                 access=False,
                 url_setting=store.setting,
             )
-        saver, floor = await _open_checkpointer(
-            stack, guard, settings, store, redis, availability, connections
+        saver = await _open_checkpointer(
+            stack, settings, store, store_client or redis, availability
         )
+        floor = CheckpointFloor(store_client, settings) if store_client is not None else None
         fence = CheckpointFence(redis, settings)
         actors = (
             ActorSystem(
@@ -204,36 +216,26 @@ async def serve(
 
 async def _open_checkpointer(
     stack: contextlib.AsyncExitStack,
-    guard: anyio.abc.TaskGroup,
     settings: Settings,
     store: CheckpointStore | None,
-    redis: Redis,
+    client: Redis,
     availability: RedisAvailability,
-    connections: int,
-) -> tuple[BaseCheckpointSaver[str], CheckpointFloor | None]:
-    """Open the checkpointer on ``stack``, waiting out outages of its store (any other
-    error is fatal).
+) -> BaseCheckpointSaver[str]:
+    """Open the checkpointer on ``stack``, waiting out outages (any other error is fatal).
 
-    In the service Redis the saver shares the service's pool, sized for both, and moves a
-    workflow's latest-checkpoint pointer only under the run's partition lease (one
-    script). In a separate store (``CTXD_CHECKPOINT_URL``, a standalone server) it has a
-    pool and an outage monitor of its own, and the pointer is fenced by the lease's
-    fencing-token floor there; the returned :class:`CheckpointFloor` (None otherwise)
-    raises the floors as partitions are taken.
+    The Redis saver shares ``client``'s pool, sized for both: the service's, or a separate
+    store's. It moves a workflow's latest-checkpoint pointer only under the run's
+    partition lease: checked in the same script in the service Redis, or against the
+    lease's fencing-token floor in a separate store (:mod:`actors.service.checkpoint_floor`).
     """
-    client, watch, floor = redis, availability, None
-    writer = fenced_pointer_writer(CheckpointFence.current)
     if store is not None and store.separate:
-        client = open_service_client(store.url, replace(settings, cluster=False), connections)
-        stack.push_async_callback(client.aclose)
-        watch = RedisAvailability.for_settings(client, settings)
-        await guard.start(watch.watch)
         writer = floor_fenced_pointer_writer(CheckpointFence.current, settings)
-        floor = CheckpointFloor(client, settings)
+    else:
+        writer = fenced_pointer_writer(CheckpointFence.current)
     while True:
-        await watch.wait_available()
+        await availability.wait_available()
         try:
-            saver = await stack.enter_async_context(
+            return await stack.enter_async_context(
                 open_checkpointer(
                     settings.checkpointer,
                     namespace=settings.stream_prefix,
@@ -247,9 +249,7 @@ async def _open_checkpointer(
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            watch.report(exc)
-        else:
-            return saver, floor
+            availability.report(exc)
 
 
 @contextlib.asynccontextmanager

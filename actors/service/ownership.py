@@ -63,8 +63,8 @@ class Ownership:
             taken and before the partition is read: raises the lease's fencing-token
             floor in a separate checkpoint store
             (:meth:`~actors.service.checkpoint_floor.CheckpointFloor.raise_to`). If it
-            fails, the lease is released again: an outage of the store is waited
-            out (the partition is taken later), any other error propagates.
+            fails, the lease is released again and the error propagates (an outage of
+            the store is waited out by :meth:`run`, like one of the service Redis).
         clock: monotonic clock of handover time limits.
     """
 
@@ -93,7 +93,6 @@ class Ownership:
         self._report = report
         self._on_change = on_change
         self._on_acquire = on_acquire
-        self._store_away = False  # on_acquire met an outage (logged once)
         self._clock = clock
         self.owned: dict[int, str] = {}
         """Partition → this instance's lease value on it (live, for the idle sweep)."""
@@ -168,44 +167,30 @@ class Ownership:
                 return True
             key, fence_key = partition_lease(s, n)
             got = await self._leases.acquire(key, fence_key)
-            if got is not None and not await self._prepared(n, key, got):
-                continue
             if got is not None:
+                await self._prepared(key, got)
                 self.owned[n] = got
                 _log.info("partition acquired", partition=n, lease=got)
                 await ensure_group(self._redis, partition_stream(s, n), s.group)
                 self._on_change()  # its reader starts (it recreates a missing group too)
         return not self._releasing and wanted <= set(self.owned)
 
-    async def _prepared(self, n: int, key: str, value: str) -> bool:
-        """Run :attr:`_on_acquire` for a lease just taken; False (lease released) if the
-        checkpoint store is away.
+    async def _prepared(self, key: str, value: str) -> None:
+        """Run :attr:`_on_acquire` for a lease just taken; if it fails, give the lease back
+        and raise.
 
-        The partition is unread, so nothing is lost: the next reconcile (0.2 s later,
-        while partitions are missing) takes it again. One line when the store goes away
-        and one when it is back; any other failure propagates.
+        The partition is unread, so nothing is lost: an outage of the checkpoint store
+        reaches :meth:`run`, which waits it out like any Redis outage (the process's
+        monitor probes the store too) and takes the partition again afterwards.
         """
         if self._on_acquire is None:
-            return True
+            return
         try:
             await self._on_acquire(key, value)
-        except Exception as exc:
+        except Exception:
             with contextlib.suppress(*TRANSIENT_ERRORS):
                 await self._leases.release(key, value)
-            if not is_outage(exc):
-                raise
-            if not self._store_away:
-                self._store_away = True
-                _log.warning(
-                    "checkpoint store unavailable: partitions are not taken until it is back",
-                    partition=n,
-                    error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                )
-            return False
-        if self._store_away:
-            self._store_away = False
-            _log.info("checkpoint store available again")
-        return True
+            raise
 
     def drop(self, n: int, value: str | None = None) -> None:
         """Forget partition ``n``: its reader stops, its queued (not running) events go.

@@ -23,11 +23,12 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis_helpers import OwnRedis
 from stream_support import ScriptedRunner
 
 from actors.config import Settings
-from actors.runtime.availability import RedisAvailability
+from actors.runtime.availability import RedisAvailability, is_outage
 from actors.service.checkpoint_floor import (
     CheckpointFloor,
     floor_fenced_pointer_writer,
@@ -242,7 +243,9 @@ async def test_ownership_raises_the_floor_before_the_partition_is_read(
 async def test_partitions_wait_while_the_checkpoint_store_is_away(
     service: Redis, store: OwnRedis, settings: Settings
 ) -> None:
-    """No partition is read (its lease is given back) until its floor could be raised."""
+    """No partition is read (its lease is given back) until its floor could be raised; the
+    outage reaches the ownership loop, which waits it out through the process's monitor,
+    and the monitor is back only once the store answers too."""
     settings = replace(settings, partitions=4)
     events: list[str] = []
     store.stop()
@@ -252,12 +255,22 @@ async def test_partitions_wait_while_the_checkpoint_store_is_away(
             stack.push_async_callback(client.aclose)
             floor = CheckpointFloor(client, settings)
             ownership = _ownership(service, settings, floor.raise_to, events)
-            assert await ownership.reconcile() is False
+            with pytest.raises(RedisConnectionError) as raised:
+                await ownership.reconcile()
+            assert is_outage(raised.value)  # waited out by Ownership.run, not a crash
             assert ownership.owned == {}
             assert events == []  # no reader started
             for n in range(4):  # every lease was given back for the next try
                 assert await service.exists(partition_lease(settings, n)[0]) == 0
+
+            availability = RedisAvailability.for_settings(service, settings, also=[client])
+            availability.report(raised.value)
+            with anyio.move_on_after(1.0):  # the service Redis answers; the store does not
+                await availability.wait_available()
+            assert not availability.available
             store.start()
+            with anyio.fail_after(20):
+                await availability.wait_available()
             assert await ownership.reconcile() is True
             assert sorted(ownership.owned) == [0, 1, 2, 3]
     finally:

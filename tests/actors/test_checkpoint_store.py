@@ -108,13 +108,36 @@ def test_an_unreachable_checkpoint_store_is_named_without_its_password(
     port = free_port()  # nothing listens on it
     url = f"redis://u:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/0"
     env = _env(redis_url, prefix, tmp_path, CTXD_CHECKPOINT_URL=url)
-    for args in (["run"], ["state", "wf-1"]):
+    for args in (["state", "wf-1"], ["forget", "wf-1"]):
         result = run_ctxd(env, *args)
         _one_line(result, f"127.0.0.1:{port}", "connection refused")
         output = result.stdout + result.stderr
         assert PASSWORD not in output
         for piece in ("Zq8wN", "Pv4kT", "Hs2mB"):
             assert piece not in output
+
+
+def test_run_waits_for_the_checkpoint_store_like_for_redis(
+    start_service: Callable[..., ServiceProcess],
+    store: OwnRedis,
+    redis_url: str,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    """An unreachable store is an outage, not an error: one line, then start-up goes on."""
+    store.stop()
+    try:
+        env = _env(redis_url, prefix, tmp_path, CTXD_CHECKPOINT_URL=store.url)
+        service = start_service("run", env=env)
+        line = service.wait_for_line(lambda x: "Redis unavailable" in x)
+        assert f"127.0.0.1:{store.port}" in json.loads(line)["cause"]
+        store.start()
+        service.wait_ready()
+        service.signal(signal.SIGTERM)
+        assert service.wait() == 0
+    finally:
+        if store.process is None:
+            store.start()
 
 
 def test_checkpoint_url_is_a_redis_url_for_the_redis_checkpointer() -> None:
