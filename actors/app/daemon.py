@@ -26,6 +26,7 @@ import anyio
 import structlog
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from actors.app.checkpoint_store import CheckpointStore, checkpoint_store
 from actors.app.redis_acl import check_redis_for_service
@@ -36,6 +37,7 @@ from actors.runtime.availability import (
     is_outage,
     quiet_library_outage_logs,
 )
+from actors.runtime.redis_errors import describe_redis_error
 from actors.runtime.supervisor import SupervisorEscalation
 from actors.service.checkpoint_floor import CheckpointFloor, floor_fenced_pointer_writer
 from actors.service.connections import open_service_client, pool_size, resolve_cluster_mode
@@ -122,8 +124,11 @@ async def serve(
         await guard.start(availability.watch)
         # Start-up waits for Redis (one line when it is away, one when it is back).
         await availability.call(redis.ping)
-        if store_client is not None:
-            await availability.call(store_client.ping)
+        if store_client is not None and store is not None:
+            try:
+                await availability.call(store_client.ping)
+            except RedisError as exc:  # not an outage: the line names the store, not Redis
+                raise describe_redis_error(exc, store.url, setting=store.setting) from None
         # Credentials, TLS, modules, ACL: one classified line, before any work.
         await check_redis_for_service(
             redis_url,

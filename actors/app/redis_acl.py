@@ -302,7 +302,7 @@ async def check_redis_for_service(
     except RedisStartupError:
         raise
     except (RedisError, OSError, TimeoutError, CtxdError) as exc:
-        raise describe_redis_error(exc, url) from None
+        raise describe_redis_error(exc, url, setting=url_setting) from None
     finally:
         with anyio.CancelScope(shield=True):
             await client.aclose()

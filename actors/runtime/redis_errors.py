@@ -184,13 +184,17 @@ def _bounded(text: str) -> str:
     return text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL] + "…"
 
 
-def describe_redis_error(exc: BaseException, url: str | None = None) -> RedisStartupError:
+def describe_redis_error(
+    exc: BaseException, url: str | None = None, *, setting: str = "CTXD_REDIS_URL"
+) -> RedisStartupError:
     """Classify a failure to use Redis and say, in one line, what to do about it.
 
     Args:
         exc: the exception (redis-py's, redisvl's wrapping one, an exception group…).
         url: the Redis URL in use, for the address in the message and to scrub its
             secrets from any text quoted from the exception.
+        setting: the setting ``url`` came from, named where the line says what to check
+            (``CTXD_CHECKPOINT_URL`` for a separate checkpoint store).
 
     Returns:
         A :class:`RedisStartupError` whose ``cause`` is the tag and whose message is the
@@ -198,6 +202,8 @@ def describe_redis_error(exc: BaseException, url: str | None = None) -> RedisSta
     """
     secrets = url_secrets(url)
     cause, message = _classify(exc, url)
+    if setting != "CTXD_REDIS_URL" and _first(exc, RedisStartupError) is None:
+        message = message.replace("CTXD_REDIS_URL", setting)
     return RedisStartupError(cause, _scrub(message, secrets))
 
 

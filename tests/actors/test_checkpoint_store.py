@@ -110,9 +110,23 @@ def test_an_unreachable_checkpoint_store_is_named_without_its_password(
     env = _env(redis_url, prefix, tmp_path, CTXD_CHECKPOINT_URL=url)
     for args in (["state", "wf-1"], ["forget", "wf-1"]):
         result = run_ctxd(env, *args)
-        _one_line(result, f"127.0.0.1:{port}", "connection refused")
+        line = _one_line(result, f"127.0.0.1:{port}", "connection refused")
+        assert "check CTXD_CHECKPOINT_URL" in line
         output = result.stdout + result.stderr
         assert PASSWORD not in output
+        for piece in ("Zq8wN", "Pv4kT", "Hs2mB"):
+            assert piece not in output
+
+
+def test_wrong_credentials_of_the_store_are_named_with_its_address(
+    store: OwnRedis, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    url = store.url.replace("redis://", f"redis://u:{quote(PASSWORD, safe='')}@")
+    env = _env(redis_url, prefix, tmp_path, CTXD_CHECKPOINT_URL=url)
+    for args in (["run"], ["state", "wf-1"]):
+        result = run_ctxd(env, *args)
+        _one_line(result, f"127.0.0.1:{store.port}", "authentication failed", "CTXD_CHECKPOINT_URL")
+        output = result.stdout + result.stderr
         for piece in ("Zq8wN", "Pv4kT", "Hs2mB"):
             assert piece not in output
 
