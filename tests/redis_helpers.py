@@ -57,3 +57,29 @@ def start_tls_redis(
         "--tls-auth-clients", "no",
         *extra,
     )  # fmt: skip
+
+
+class OwnRedis:
+    """A Redis Stack server a test module starts, stops and restarts itself (by pid),
+    on a fixed free port and data directory (a separate checkpoint store, say)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start it (again), with its data, and wait until it is ready."""
+        self.process = start_redis(self.data_dir, self.port)
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM to its pid) and wait for the exit."""
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None

@@ -19,13 +19,16 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import anyio
 import structlog
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from actors.app.checkpoint_store import CheckpointStore, checkpoint_store
 from actors.app.redis_acl import check_redis_for_service
 from actors.config import Settings, split_cluster_option
 from actors.runtime.availability import (
@@ -34,7 +37,9 @@ from actors.runtime.availability import (
     is_outage,
     quiet_library_outage_logs,
 )
+from actors.runtime.redis_errors import describe_redis_error
 from actors.runtime.supervisor import SupervisorEscalation
+from actors.service.checkpoint_floor import CheckpointFloor, floor_fenced_pointer_writer
 from actors.service.connections import open_service_client, pool_size, resolve_cluster_mode
 from actors.service.ingress import Ingress
 from actors.service.lease import CheckpointFence, fence_checkpoints, fenced_pointer_writer
@@ -102,17 +107,46 @@ async def serve(
         # layout below reads settings.cluster.
         settings = await resolve_cluster_mode(redis_url, settings)
         redis_url, _ = split_cluster_option(redis_url)
+        # A cluster as the default checkpoint store is refused before anything starts.
+        store = checkpoint_store(settings, redis_url) if settings.checkpointer == "redis" else None
         redis = open_service_client(redis_url, settings, connections)
         stack.push_async_callback(redis.aclose)
-        availability = RedisAvailability.for_settings(redis, settings)
+        store_client = None
+        if store is not None and store.separate:  # a standalone server, its own pool
+            single = replace(settings, cluster=False)
+            store_client = open_service_client(store.url, single, connections)
+            stack.push_async_callback(store_client.aclose)
+        # A separate checkpoint store being away is an outage like the service Redis's:
+        # no run can write its state, so reading pauses until both answer.
+        availability = RedisAvailability.for_settings(
+            redis, settings, also=[store_client] if store_client is not None else []
+        )
         await guard.start(availability.watch)
         # Start-up waits for Redis (one line when it is away, one when it is back).
         await availability.call(redis.ping)
+        if store_client is not None and store is not None:
+            try:
+                await availability.call(store_client.ping)
+            except RedisError as exc:  # not an outage: the line names the store, not Redis
+                raise describe_redis_error(exc, store.url, setting=store.setting) from None
         # Credentials, TLS, modules, ACL: one classified line, before any work.
         await check_redis_for_service(
-            redis_url, settings.stream_prefix, modules=settings.checkpointer == "redis"
+            redis_url,
+            settings.stream_prefix,
+            modules=store is not None and not store.separate,
         )
-        saver = await _open_checkpointer(stack, settings, redis_url, redis, availability)
+        if store is not None and store.separate:
+            await check_redis_for_service(
+                store.url,
+                settings.stream_prefix,
+                modules=True,
+                access=False,
+                url_setting=store.setting,
+            )
+        saver = await _open_checkpointer(
+            stack, settings, store, store_client or redis, availability
+        )
+        floor = CheckpointFloor(store_client, settings) if store_client is not None else None
         fence = CheckpointFence(redis, settings)
         actors = (
             ActorSystem(
@@ -144,6 +178,7 @@ async def serve(
             tracer=graph_telemetry.tracer,
             availability=availability,
             on_restart=on_restart,
+            on_partition_acquired=floor.raise_to if floor is not None else None,
         )
         if actors is not None:
             ingress.extra_stats = actors.status
@@ -169,6 +204,9 @@ async def serve(
                 group=settings.group,
                 consumer=ingress.consumer,
                 checkpointer=settings.checkpointer,
+                checkpoint_store=(
+                    redact_url(store.url) if store is not None and store.separate else None
+                ),
                 redis_connections=connections,
                 max_outage=settings.redis_max_outage or "forever",
             )
@@ -184,13 +222,21 @@ async def serve(
 async def _open_checkpointer(
     stack: contextlib.AsyncExitStack,
     settings: Settings,
-    redis_url: str,
-    redis: Redis,
+    store: CheckpointStore | None,
+    client: Redis,
     availability: RedisAvailability,
 ) -> BaseCheckpointSaver[str]:
-    """Open the checkpointer on ``stack``, waiting out Redis outages (any other error is
-    fatal). The Redis saver shares the service's pool, sized for both, and moves a
-    workflow's latest-checkpoint pointer only under the run's partition lease."""
+    """Open the checkpointer on ``stack``, waiting out outages (any other error is fatal).
+
+    The Redis saver shares ``client``'s pool, sized for both: the service's, or a separate
+    store's. It moves a workflow's latest-checkpoint pointer only under the run's
+    partition lease: checked in the same script in the service Redis, or against the
+    lease's fencing-token floor in a separate store (:mod:`actors.service.checkpoint_floor`).
+    """
+    if store is not None and store.separate:
+        writer = floor_fenced_pointer_writer(CheckpointFence.current, settings)
+    else:
+        writer = fenced_pointer_writer(CheckpointFence.current)
     while True:
         await availability.wait_available()
         try:
@@ -198,10 +244,11 @@ async def _open_checkpointer(
                 open_checkpointer(
                     settings.checkpointer,
                     namespace=settings.stream_prefix,
-                    redis_url=redis_url,
+                    redis_url=store.url if store is not None else None,
                     postgres_url=settings.postgres_url,
-                    redis_client=redis,
-                    pointer_writer=fenced_pointer_writer(CheckpointFence.current),
+                    redis_client=client,
+                    pointer_writer=writer,
+                    url_setting=store.setting if store is not None else "CTXD_REDIS_URL",
                 )
             )
         except Exception as exc:

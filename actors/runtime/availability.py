@@ -25,7 +25,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
@@ -219,6 +219,9 @@ class RedisAvailability:
         rng: jitter source (seed one in tests).
         backoff_base: first wait between probes, in seconds.
         backoff_cap: longest wait between probes.
+        also: other servers the process cannot work without (a separate checkpoint
+            store): an outage reported from any of them pauses reading like one of
+            ``redis``, and it is over only when every one answers the probe.
     """
 
     def __init__(
@@ -231,8 +234,9 @@ class RedisAvailability:
         rng: random.Random | None = None,
         backoff_base: float = 0.1,
         backoff_cap: float = 2.0,
+        also: Sequence[Redis] = (),
     ) -> None:
-        self._redis = redis
+        self._servers = (redis, *also)
         self._probe_key = probe_key
         self._max_outage = max_outage
         self._clock = clock
@@ -252,9 +256,16 @@ class RedisAvailability:
         self._down = anyio.Event()
 
     @classmethod
-    def for_settings(cls, redis: Redis, settings: AvailabilitySettings) -> RedisAvailability:
+    def for_settings(
+        cls, redis: Redis, settings: AvailabilitySettings, *, also: Sequence[Redis] = ()
+    ) -> RedisAvailability:
         """The monitor of ``settings`` (probe key under the prefix, the max outage)."""
-        return cls(redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage)
+        return cls(
+            redis,
+            probe_key=settings.key("probe"),
+            max_outage=settings.redis_max_outage,
+            also=also,
+        )
 
     @property
     def available(self) -> bool:
@@ -397,16 +408,17 @@ class RedisAvailability:
             return
 
     async def _probe(self) -> None:
-        if self._kind != "out_of_memory":
-            await self._redis.ping()
-            return
-        # Back only with some headroom below maxmemory: right at the limit, a small
-        # write succeeds and the next one fails, and the state would flap.
-        memory = await self._redis.info("memory")
-        limit, used = int(memory.get("maxmemory") or 0), int(memory.get("used_memory") or 0)
-        if limit and used > limit - min(max(limit // 50, _MIN_HEADROOM), _MAX_HEADROOM):
-            raise OutOfMemoryError(f"used memory {used} is still near maxmemory {limit}")
-        await self._redis.set(self._probe_key, b"1", px=10_000)  # refused at maxmemory
+        for server in self._servers:
+            if self._kind != "out_of_memory":
+                await server.ping()
+                continue
+            # Back only with some headroom below maxmemory: right at the limit, a small
+            # write succeeds and the next one fails, and the state would flap.
+            memory = await server.info("memory")
+            limit, used = int(memory.get("maxmemory") or 0), int(memory.get("used_memory") or 0)
+            if limit and used > limit - min(max(limit // 50, _MIN_HEADROOM), _MAX_HEADROOM):
+                raise OutOfMemoryError(f"used memory {used} is still near maxmemory {limit}")
+            await server.set(self._probe_key, b"1", px=10_000)  # refused at maxmemory
 
     def _mark_back(self) -> None:
         seconds = self._clock() - self._started_at
