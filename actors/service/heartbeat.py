@@ -1,9 +1,12 @@
 """Instance heartbeats: who is alive, and what each instance reports about itself.
 
-Each instance keeps ``{prefix}:instance:{name}`` (JSON, TTL three heartbeat periods)
-and its name in the sorted set ``{prefix}:instances`` scored by the time of its last
-beat. Live instances are those that beat within the last ``lease_ttl`` (three beats); the set is
-pruned of older names. ``ctxd status`` reads the same keys.
+Each instance keeps ``{prefix}:instance:{name}`` (JSON, TTL 1.5 lease TTLs) and its name
+in the sorted set ``{prefix}:instances`` scored by the time of its last beat. Live
+instances are those that beat within the last ``lease_ttl`` (four beats); the set is
+pruned of older names. An instance beats right after it renewed its leases, so a dead
+one leaves the live set just after its leases lapsed: the survivors, which watch the set
+(:meth:`Heartbeat.live`, a single ``ZRANGEBYSCORE``) between their beats, then take its
+partitions at once. ``ctxd status`` reads the same keys.
 
 A ``ctxd worker`` (actors only, no partitions) publishes the same kind of record under
 ``{prefix}:worker:{name}`` and ``{prefix}:workers``, apart from the instances, so it
@@ -77,6 +80,17 @@ class Heartbeat:
             pipe.zremrangebyscore(self._all, 0, now_ms - window_ms)
             pipe.zrange(self._all, 0, -1)
             *_, names = await pipe.execute()
+        return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+    async def live(self) -> list[str]:
+        """The live instance names, read only (no beat): what the next beat would list.
+
+        Cheap enough to ask several times per beat: the ownership loop watches it to
+        notice a dead instance (its last beat older than the lease TTL) at once.
+        """
+        s = self._settings
+        oldest_ms = int(time.time() * 1000) - int(s.lease_ttl * 1000)
+        names = await self._redis.zrangebyscore(self._all, f"({oldest_ms}", "+inf")
         return sorted(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
     async def remove(self) -> None:

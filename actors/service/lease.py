@@ -9,6 +9,13 @@ checks, inside the same Lua script as the write, that the key still holds its va
 a holder that lost its lease (a "zombie") is fenced off instead of writing
 (:mod:`actors.service.gateway`).
 
+The timing (:func:`renew_period`, :data:`ACQUIRE_POLL`) decides how fast a SIGKILLed
+instance's partitions move: its leases lapse at most one TTL after its last renewal, and
+the survivors, which watch the live set every :data:`ACQUIRE_POLL`, take them then. The
+default TTL (2 s) with a renewal every TTL/4 gives fail-over in about 2.5 s and leaves a
+renewal 1.5 s of slack for a stalled event loop (GC, a CPU-starved host) before its lease
+lapses; docs/operations.md, "Fail-over and the lease TTL", has the measurements.
+
 Checkpoint writes cannot be scripted (the saver writes them), so they are fenced by a
 check just before each write: a batch runs its graph inside :meth:`CheckpointFence.tenure`
 with the partition lease it was read under, and the saver asks
@@ -33,11 +40,28 @@ from actors.service.partitions import lease_key, partition_of
 from graph.errors import FencedError
 
 __all__ = [
+    "ACQUIRE_POLL",
+    "RENEWALS_PER_TTL",
     "CheckpointFence",
     "Leases",
     "fence_checkpoints",
     "fenced_pointer_writer",
+    "renew_period",
 ]
+
+RENEWALS_PER_TTL = 4
+"""Renewals per lease TTL: a renewal may come up to ``TTL - TTL/4`` late (a stalled event
+loop, a slow Redis) before the lease lapses."""
+
+ACQUIRE_POLL = 0.2
+"""Seconds between looks for a lease to take (a lapsed one, or one being handed over):
+how long a free lease may wait for its next holder, on top of the TTL."""
+
+
+def renew_period(ttl: float) -> float:
+    """Seconds between renewals of a lease of ``ttl`` seconds (heartbeats beat as often)."""
+    return ttl / RENEWALS_PER_TTL
+
 
 _S = TypeVar("_S", bound=BaseCheckpointSaver[str])
 
@@ -48,7 +72,7 @@ class Leases:
     Args:
         redis: the client.
         owner: this process's stable name (the instance name).
-        ttl: lease time to live in seconds; renew at a third of it.
+        ttl: lease time to live in seconds; renew every :func:`renew_period`.
     """
 
     def __init__(self, redis: Redis, owner: str, ttl: float) -> None:

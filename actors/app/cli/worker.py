@@ -139,11 +139,12 @@ async def _beat(
     availability: RedisAvailability,
 ) -> None:
     """Publish this worker's heartbeat (its kinds, its Redis outages) for ``ctxd status``,
-    every third of the lease TTL; removed when the worker stops."""
+    every lease period (a quarter of the TTL); removed when the worker stops."""
     from redis.exceptions import RedisError
 
     from actors.runtime.availability import is_outage
     from actors.service.heartbeat import Heartbeat
+    from actors.service.lease import renew_period
 
     heartbeat = Heartbeat(redis, settings, worker=True)
     try:
@@ -162,7 +163,7 @@ async def _beat(
                 availability.report(exc)  # the monitor logs it once
                 await availability.wait_available()
                 continue
-            await anyio.sleep(settings.lease_ttl / 3)
+            await anyio.sleep(renew_period(settings.lease_ttl))
     finally:
         # Best effort: a worker that cannot say goodbye is gone with its key's TTL.
         with (
