@@ -92,6 +92,23 @@ class Leases:
             return None
         return text(cast(bytes | str, value))
 
+    async def acquire_many(self, leases: list[tuple[str, str]]) -> list[str | None]:
+        """Try to take several free leases in one round trip (a dead instance's whole
+        share at once, not one round trip each while the partitions wait); the value of
+        each lease taken, None where someone holds it."""
+        if not leases:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, fence_key in leases:
+                await call_script(
+                    self._redis,
+                    scripts.LEASE_ACQUIRE,
+                    keys=[key, fence_key],
+                    args=[self._owner, self._ttl_ms],
+                    client=pipe,
+                )
+            return [None if x is None else text(cast(bytes | str, x)) for x in await pipe.execute()]
+
     async def renew(self, key: str, value: str) -> bool:
         """Extend the lease if it still holds ``value``; False means it was lost."""
         return bool(

@@ -222,14 +222,15 @@ class Ownership:
                 self._releasing.setdefault(n, self._clock())
                 self._scheduler.unqueue(n)  # queued entries stay pending for the next owner
                 self._on_change()  # its reader stops
-        for n in sorted(wanted - set(self.owned)):
-            if self._stopping.is_set():
-                return True
-            got = await self._leases.acquire(*lease_key(s, f"part:{n}"))
+        missing = sorted(wanted - set(self.owned))
+        if self._stopping.is_set():
+            return True
+        values = await self._leases.acquire_many([lease_key(s, f"part:{n}") for n in missing])
+        for n, got in zip(missing, values, strict=True):
             if got is not None:
+                await ensure_group(self._redis, partition_stream(s, n), s.group)
                 self.owned[n] = got
                 _log.info("partition acquired", partition=n, lease=got)
-                await ensure_group(self._redis, partition_stream(s, n), s.group)
                 self._on_change()  # its reader starts (it recreates a missing group too)
         return not self._releasing and wanted <= set(self.owned)
 
