@@ -36,6 +36,7 @@ from actors.runtime.availability import (
 )
 from actors.runtime.supervisor import SupervisorEscalation
 from actors.service.connections import open_service_client, pool_size
+from actors.service.heartbeat import process_liveness
 from actors.service.ingress import Ingress
 from actors.service.lease import CheckpointFence, fence_checkpoints, fenced_pointer_writer
 from actors.service.stream_metrics import poll_stream_gauges
@@ -118,6 +119,7 @@ async def serve(
                     tracer=graph_telemetry.tracer,
                     instruments=graph_telemetry.instruments,
                     availability=availability,
+                    liveness=process_liveness(redis, settings),
                 )
                 if settings.dispatch == "actors"
                 else None

@@ -23,8 +23,17 @@ from collections.abc import Mapping
 from redis.asyncio import Redis
 
 from actors.config import Settings
+from actors.runtime.pool import Liveness
+from actors.service.lease import renew_period
 
-__all__ = ["Heartbeat", "instance_key", "instances_key", "worker_key", "workers_key"]
+__all__ = [
+    "Heartbeat",
+    "instance_key",
+    "instances_key",
+    "process_liveness",
+    "worker_key",
+    "workers_key",
+]
 
 
 def instances_key(settings: Settings) -> str:
@@ -45,6 +54,25 @@ def workers_key(settings: Settings) -> str:
 def worker_key(settings: Settings, name: str) -> str:
     """The JSON heartbeat of one ``ctxd worker``."""
     return settings.key("worker", name)
+
+
+def process_liveness(redis: Redis, settings: Settings) -> Liveness:
+    """Which ``ctxd run`` and ``ctxd worker`` processes are alive, for the actor pools:
+    a pool claims the pending requests of a process that left both live sets at once
+    (idle for at least a lease TTL), so their askers get answers seconds after the
+    process died instead of timing out (docs/operations.md, "Fail-over and the lease TTL").
+    """
+    window_ms = int(settings.lease_ttl * 1000)
+
+    async def live() -> set[str]:
+        oldest = f"({int(time.time() * 1000) - window_ms}"
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(instances_key(settings), oldest, "+inf")
+            pipe.zrangebyscore(workers_key(settings), oldest, "+inf")
+            replies = await pipe.execute()
+        return {n.decode() if isinstance(n, bytes) else str(n) for names in replies for n in names}
+
+    return Liveness(live, every=renew_period(settings.lease_ttl), min_idle=settings.lease_ttl)
 
 
 class Heartbeat:

@@ -72,6 +72,7 @@ async def _serve(
     from actors.app.redis_acl import check_redis_for_service
     from actors.runtime.availability import RedisAvailability, RedisOutageError
     from actors.service.connections import open_service_client, pool_size
+    from actors.service.heartbeat import process_liveness
     from actors.service.tree import ActorSystem
 
     connections = pool_size(settings, ingress=False, kinds=kinds)
@@ -87,6 +88,7 @@ async def _serve(
             tracer=telemetry.tracer,
             instruments=telemetry.instruments,
             availability=availability,
+            liveness=process_liveness(redis, settings),
         )
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
