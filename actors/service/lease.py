@@ -12,9 +12,10 @@ a holder that lost its lease (a "zombie") is fenced off instead of writing
 The timing (:func:`renew_period`, :data:`ACQUIRE_POLL`) decides how fast a SIGKILLed
 instance's partitions move: its leases lapse at most one TTL after its last renewal, and
 the survivors, which watch the live set every :data:`ACQUIRE_POLL`, take them then. The
-default TTL (2 s) with a renewal every TTL/4 gives fail-over in about 2.5 s and leaves a
-renewal 1.5 s of slack for a stalled event loop (GC, a CPU-starved host) before its lease
-lapses; docs/operations.md, "Fail-over and the lease TTL", has the measurements.
+default TTL (1.5 s) with a renewal every TTL/4 (0.375 s) gives fail-over in about 2-3 s
+and leaves a renewal about 1.1 s of slack for a stalled event loop (GC, a CPU-starved
+host) before its lease lapses; docs/operations.md, "Fail-over and the lease TTL", has the
+measurements.
 
 Checkpoint writes cannot be scripted (the saver writes them), so they are fenced by a
 check just before each write: a batch runs its graph inside :meth:`CheckpointFence.tenure`

@@ -10,12 +10,14 @@ output of a partition it owned is printed and must be at most 3 s.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import cast
 
 import pytest
@@ -73,6 +75,19 @@ def _partitions_of(redis: Redis, prefix: str, instance: str) -> list[int]:
 def _ms(entry_id: str) -> float:
     """The time (s since the epoch) Redis added an entry, from its id."""
     return int(entry_id.split("-")[0]) / 1000
+
+
+def _logged_after(process: ServiceProcess, since: float, events: tuple[str, ...]) -> list[float]:
+    """Seconds after ``since`` at which ``process`` logged one of ``events`` (JSON lines)."""
+    times = []
+    for line in process.lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            record = json.loads(line)
+            if record["event"] in events:
+                at = datetime.fromisoformat(record["timestamp"]).timestamp() - since
+                if at > 0:
+                    times.append(at)
+    return sorted(times)
 
 
 def _wait_outputs(redis: Redis, stream: str, until: Callable[[], bool], timeout: float) -> None:
@@ -135,6 +150,8 @@ def test_a_sigkilled_instance_s_partitions_give_output_within_3_seconds(
     first_other = min(others, default=0.0)
     beat = json.loads(str(redis.get(f"{prefix}:instance:{survivor}")))
     lease = beat["lease"]
+    leases = ("partition acquired", "router lease acquired")
+    taken = _logged_after(runs[survivor], killed_at, leases)
     latency = sorted(_ms(e) - _ms(f["source_id"]) for e, f in entries if _ms(e) < killed_at)
     print(
         f"\nfail-over: SIGKILL of {'the router holder' if router else 'an instance'} owning "
@@ -142,7 +159,8 @@ def test_a_sigkilled_instance_s_partitions_give_output_within_3_seconds(
         f"{first_owned:.2f} s after the kill (survivor's own partitions: {first_other:.2f} s); "
         f"{len(inputs)} events, dlq={len(dead)}; survivor lease ttl {lease['ttl']} s, "
         f"renewal every {lease['renew_every']} s, longest renewal gap {lease['renew_gap_max']} s; "
-        f"event latency before the kill: median {latency[len(latency) // 2]:.2f} s"
+        f"event latency before the kill: median {latency[len(latency) // 2]:.2f} s; "
+        f"survivor took the leases at {', '.join(f'{t:.2f}' for t in taken)} s"
     )
     verdict = check_history(inputs, outputs, dead)
     assert verdict.ok, verdict
