@@ -40,7 +40,7 @@ from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.service.heartbeat import Heartbeat
 from actors.service.lease import ACQUIRE_POLL, Leases, renew_period
-from actors.service.partitions import assignment, lease_key, partition_stream
+from actors.service.partitions import assignment, partition_lease, partition_stream
 from actors.service.router import TRANSIENT_ERRORS
 from actors.service.scheduler import Scheduler
 from actors.service.streams import ensure_group
@@ -197,9 +197,7 @@ class Ownership:
             if now - self._releasing.get(n, now) < s.event_timeout
         ]
         sent = time.monotonic()
-        renewed = await self._leases.renew_many(
-            [(lease_key(s, f"part:{n}")[0], v) for n, v in held]
-        )
+        renewed = await self._leases.renew_many([(partition_lease(s, n)[0], v) for n, v in held])
         self._renewal_timed(sent)
         for (n, _), ok in zip(held, renewed, strict=True):
             if not ok and n in self.owned:
@@ -211,7 +209,7 @@ class Ownership:
         self._live = live
         wanted = {n for n, who in assignment(live, s.partitions).items() if who == s.instance}
         for n, value in list(self.owned.items()):
-            key, _ = lease_key(s, f"part:{n}")
+            key, _ = partition_lease(s, n)
             if n in self._releasing:
                 if not self._scheduler.holds(n):
                     await self._leases.release(key, value)
@@ -225,7 +223,7 @@ class Ownership:
         missing = sorted(wanted - set(self.owned))
         if self._stopping.is_set():
             return True
-        values = await self._leases.acquire_many([lease_key(s, f"part:{n}") for n in missing])
+        values = await self._leases.acquire_many([partition_lease(s, n) for n in missing])
         for n, got in zip(missing, values, strict=True):
             if got is not None:
                 await ensure_group(self._redis, partition_stream(s, n), s.group)
@@ -251,7 +249,7 @@ class Ownership:
         """Release every lease and remove the heartbeat, so peers rebalance at once."""
         for n, value in list(self.owned.items()):
             with contextlib.suppress(*TRANSIENT_ERRORS):
-                await self._leases.release(lease_key(self._settings, f"part:{n}")[0], value)
+                await self._leases.release(partition_lease(self._settings, n)[0], value)
         self.owned.clear()
         self._releasing.clear()
         self._on_change()

@@ -31,7 +31,7 @@ from actors.runtime.redis_io import text
 from actors.service.heartbeat import Heartbeat
 from actors.service.lease import Leases
 from actors.service.ownership import Ownership
-from actors.service.partitions import assignment, lease_key
+from actors.service.partitions import assignment, partition_lease
 from actors.service.scheduler import Scheduler
 
 _PARTITIONS = 64
@@ -132,7 +132,7 @@ class _Cluster:
 
     async def _leases_match(self, expected: dict[int, str]) -> bool:
         values = await self._client.mget(
-            [lease_key(self._settings, f"part:{n}")[0] for n in range(_PARTITIONS)]
+            [partition_lease(self._settings, n)[0] for n in range(_PARTITIONS)]
         )
         holders = [None if v is None else text(v).split("|")[0] for v in values]
         return holders == [expected[n] for n in range(_PARTITIONS)]
