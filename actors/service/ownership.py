@@ -67,7 +67,7 @@ class Ownership:
         stopping: ends the loop once set.
         report: what the heartbeat publishes besides the owned partitions.
         on_change: called whenever the owned (readable) partitions changed.
-        clock: monotonic clock of handover time limits.
+        clock: monotonic clock of handover time limits and renewal gaps.
     """
 
     def __init__(
@@ -170,7 +170,7 @@ class Ownership:
         """Record the gap from the previous renewal's send to this one's reply: an upper
         bound of the time between the two renewals Redis ran."""
         if self._renew_sent is not None:
-            gap = time.monotonic() - self._renew_sent
+            gap = self._clock() - self._renew_sent
             self._gap_last = gap
             if gap > self._gap_max:
                 self._gap_max = gap
@@ -196,7 +196,7 @@ class Ownership:
             for n, v in self.owned.items()
             if now - self._releasing.get(n, now) < s.event_timeout
         ]
-        sent = time.monotonic()
+        sent = self._clock()
         renewed = await self._leases.renew_many([(partition_lease(s, n)[0], v) for n, v in held])
         self._renewal_timed(sent)
         for (n, _), ok in zip(held, renewed, strict=True):
