@@ -127,7 +127,8 @@ def test_a_sigkilled_instance_s_partitions_give_output_within_3_seconds(
 
         _wait_outputs(redis, out, lambda: balanced() and redis.xlen(out) >= 50, timeout=90)
         router = cast(str | None, redis.get(lease_key(settings, "router")[0]))
-        victim = next((n for n in names if router and router.startswith(f"{n}|")), names[1])
+        holder = next((n for n in names if router and router.startswith(f"{n}|")), None)
+        victim = holder or names[1]
         survivor = next(n for n in names if n != victim)
         owned = set(_partitions_of(redis, prefix, victim))
         killed_at = time.time()
@@ -154,7 +155,7 @@ def test_a_sigkilled_instance_s_partitions_give_output_within_3_seconds(
     taken = _logged_after(runs[survivor], killed_at, leases)
     latency = sorted(_ms(e) - _ms(f["source_id"]) for e, f in entries if _ms(e) < killed_at)
     print(
-        f"\nfail-over: SIGKILL of {'the router holder' if router else 'an instance'} owning "
+        f"\nfail-over: SIGKILL of {'the router holder' if holder else 'an instance'} owning "
         f"{len(owned)}/{partitions} partitions: first output of its partitions "
         f"{first_owned:.2f} s after the kill (survivor's own partitions: {first_other:.2f} s); "
         f"{len(inputs)} events, dlq={len(dead)}; survivor lease ttl {lease['ttl']} s, "
