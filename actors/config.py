@@ -108,7 +108,7 @@ class Settings:
     reply_maxlen: int = 10_000
     parked_maxlen: int = 10_000
     partitions: int = 16
-    lease_ttl: float = 10.0
+    lease_ttl: float = 1.5
     multitask: MultitaskPolicy = "enqueue"
     drain_budget: float = 20.0
     trim_interval: float = 60.0

@@ -41,6 +41,7 @@ from actors.runtime.redis_errors import describe_redis_error
 from actors.runtime.supervisor import SupervisorEscalation
 from actors.service.checkpoint_floor import CheckpointFloor, floor_fenced_pointer_writer
 from actors.service.connections import open_service_client, pool_size, resolve_cluster_mode
+from actors.service.heartbeat import process_liveness
 from actors.service.ingress import Ingress
 from actors.service.lease import CheckpointFence, fence_checkpoints, fenced_pointer_writer
 from actors.service.stream_metrics import poll_stream_gauges
@@ -156,6 +157,7 @@ async def serve(
                 tracer=graph_telemetry.tracer,
                 instruments=graph_telemetry.instruments,
                 availability=availability,
+                liveness=process_liveness(redis, settings),
             )
             if settings.dispatch == "actors"
             else None

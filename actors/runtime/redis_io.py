@@ -19,8 +19,10 @@ __all__ = [
     "Entry",
     "TextEntry",
     "autoclaim",
+    "claim_pending_of",
     "ensure_group",
     "is_cluster_client",
+    "pending_consumers",
     "read_group",
     "text",
     "xread_text",
@@ -86,6 +88,38 @@ async def autoclaim(
         await redis.xautoclaim(stream, group, consumer, min_idle_ms, start_id=cursor, count=100),
     )
     return text(reply[0]), _entries(reply[1])
+
+
+async def claim_pending_of(
+    redis: Redis,
+    *,
+    stream: str,
+    group: str,
+    owner: str,
+    consumer: str,
+    min_idle_ms: int,
+    count: int = 100,
+) -> list[Entry]:
+    """Claim up to ``count`` entries pending for consumer ``owner`` and idle at least
+    ``min_idle_ms`` into ``consumer`` (``XPENDING`` of that consumer, then ``XCLAIM``,
+    which counts a delivery, as ``XAUTOCLAIM`` without ``JUSTID`` does)."""
+    pending = cast(
+        Any,
+        await redis.xpending_range(
+            stream, group, min="-", max="+", count=count, consumername=owner, idle=min_idle_ms
+        ),
+    )
+    ids: list[int | bytes | str | memoryview[int]] = [text(p["message_id"]) for p in pending]
+    if not ids:
+        return []
+    claimed = cast(Any, await redis.xclaim(stream, group, consumer, min_idle_ms, ids))
+    return _entries(claimed)
+
+
+async def pending_consumers(redis: Redis, stream: str, group: str) -> list[str]:
+    """The consumers of ``group`` with entries pending (``XPENDING`` summary)."""
+    summary = cast(Any, await redis.xpending(stream, group))
+    return [text(c["name"]) for c in summary.get("consumers") or [] if int(c["pending"])]
 
 
 def xread_text(

@@ -6,7 +6,7 @@ restart intensity, period and backoff of the actor pools, ``CTXD_RESTART_*``):
 
 - ``router`` (actors/service/router.py): the one instance holding the router lease moves
   ``ctxd:in`` entries to partition streams (invalid ones to the DLQ);
-- ``ownership`` (actors/service/ownership.py): heartbeats, rendezvous assignment of
+- ``ownership`` (actors/service/ownership.py): heartbeats, balanced assignment of
   partitions to the live instances, acquiring / renewing / releasing partition leases;
 - ``readers`` (actors/service/reader.py): one fenced reader per owned partition (pending
   entries of a previous owner first, then new ones), feeding the scheduler;

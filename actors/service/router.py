@@ -32,7 +32,7 @@ from actors.runtime.consumer import consume_group
 from actors.runtime.redis_io import Entry, autoclaim
 from actors.service.fenced_source import FencedGroupSource
 from actors.service.gateway import FencedReader, route_entries
-from actors.service.lease import Leases
+from actors.service.lease import ACQUIRE_POLL, Leases, renew_period
 from actors.service.partitions import lease_key, partition_of, partition_stream
 from actors.service.streams import (
     dlq_entry,
@@ -114,11 +114,11 @@ class Router:
                 self._availability.report(exc)
                 await self._availability.wait_available_or(stopping)
                 continue
-            await _sleep_unless(stopping, s.lease_ttl / 3)
+            await _sleep_unless(stopping, ACQUIRE_POLL)  # take a lapsed lease at once
 
     async def _route(self, value: str, stopping: anyio.Event) -> None:
         s = self._settings
-        renew_every = s.lease_ttl / 3
+        renew_every = renew_period(s.lease_ttl)
         renewed = time.monotonic()
         await self._adopt_strays()
         # The previous router's pending entries first (the loop reads cursor 0 before

@@ -152,6 +152,12 @@ def _status(configured: Settings, args: argparse.Namespace) -> int:
             + (f"  breakers {json.dumps(breakers, sort_keys=True)}" if breakers else "")
             + ("  pools " + json.dumps(info["pools"], sort_keys=True) if "pools" in info else "")
         )
+        lease = info.get("lease")
+        if isinstance(lease, dict):  # the renewal margin: ttl - longest gap
+            print(
+                f"    leases: ttl {lease.get('ttl')}s, renewed every {lease.get('renew_every')}s, "
+                f"longest gap {lease.get('renew_gap_max')}s"
+            )
         outages = _outage_line(info.get("redis"))
         if outages:
             print(f"    {outages}")

@@ -73,6 +73,7 @@ async def _serve(
     from actors.config import split_cluster_option
     from actors.runtime.availability import RedisAvailability, RedisOutageError
     from actors.service.connections import open_service_client, pool_size, resolve_cluster_mode
+    from actors.service.heartbeat import process_liveness
     from actors.service.tree import ActorSystem
 
     connections = pool_size(settings, ingress=False, kinds=kinds)
@@ -91,6 +92,7 @@ async def _serve(
             tracer=telemetry.tracer,
             instruments=telemetry.instruments,
             availability=availability,
+            liveness=process_liveness(redis, settings),
         )
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -143,11 +145,12 @@ async def _beat(
     availability: RedisAvailability,
 ) -> None:
     """Publish this worker's heartbeat (its kinds, its Redis outages) for ``ctxd status``,
-    every third of the lease TTL; removed when the worker stops."""
+    every lease period (a quarter of the TTL); removed when the worker stops."""
     from redis.exceptions import RedisError
 
     from actors.runtime.availability import is_outage
     from actors.service.heartbeat import Heartbeat
+    from actors.service.lease import renew_period
 
     heartbeat = Heartbeat(redis, settings, worker=True)
     try:
@@ -166,7 +169,7 @@ async def _beat(
                 availability.report(exc)  # the monitor logs it once
                 await availability.wait_available()
                 continue
-            await anyio.sleep(settings.lease_ttl / 3)
+            await anyio.sleep(renew_period(settings.lease_ttl))
     finally:
         # Best effort: a worker that cannot say goodbye is gone with its key's TTL.
         with (
