@@ -38,6 +38,7 @@ __all__ = [
     "LEASE_RENEW",
     "MOVE",
     "POOL_FINISH",
+    "ROUTE_PARTITION",
     "ZREM_IF_IDLE",
     "call_script",
     "is_fenced",
@@ -166,6 +167,60 @@ ARGV: lease value, group, n, then per item: source id, nfields, field/value pair
 item bounded: a valid entry has at most CTXD_MAX_FIELDS + 1 fields, a DLQ copy at most
 that + 5, CTXD_MAX_FIELDS <= 1000).
 Reply: n. Error FENCED when the lease moved.
+"""
+
+ROUTE_PARTITION: Final = (
+    _FENCE
+    + """
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function after(a, b)  -- stream id a > stream id b
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am > bm or (am == bm and as > bs)
+end
+local cursor, stream, dlq = KEYS[2], KEYS[3], KEYS[4]
+local expected, scanned, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local stored = redis.call('GET', cursor)
+if expected == '!' and stored then return {'exists', stored, 0} end
+stored = stored or '0-0'
+if expected ~= '' and expected ~= '!' and stored ~= expected then
+  return {'resync', stored, 0}
+end
+local pos, moved = 5, 0
+for i = 1, n do
+  local source_id, target, nfields = ARGV[pos], ARGV[pos + 1], tonumber(ARGV[pos + 2])
+  local fields = {}
+  for j = 1, nfields * 2 do fields[j] = ARGV[pos + 2 + j] end
+  pos = pos + 3 + nfields * 2
+  if after(source_id, stored) then
+    if target == 'dlq' then redis.call('XADD', dlq, '*', unpack(fields))
+    else redis.call('XADD', stream, '*', unpack(fields)) end
+    moved = moved + 1
+  end
+end
+if after(scanned, stored) then stored = scanned end
+redis.call('SET', cursor, stored)
+return {'ok', stored, moved}
+"""
+)
+"""Move one partition's entries of ``ctxd:in`` into the partition, fenced, exactly once.
+
+Every key is in the partition's slot (on a cluster ``dlq`` is the partition's own DLQ).
+The cursor is the last ``ctxd:in`` id this partition has moved or scanned past; items at
+or below it were moved before (a crash, an owner change) and are skipped, and the cursor
+moves to ``scanned`` in the same step as the appends.
+
+KEYS: the partition lease, the partition's cursor, the partition stream, the DLQ.
+ARGV: lease value ('' = unfenced), expected cursor ('' = whatever is stored; '!' = only
+if no cursor is stored yet, the upgrade's first cursor; else the value this owner last
+saw, anything else is answered 'resync'), the last ``ctxd:in`` id scanned, n, then per
+item in ``ctxd:in`` order: its ``ctxd:in`` id, 'stream' or 'dlq', nfields, field/value
+pairs (bounded as for MOVE).
+Reply: {'ok' | 'resync' | 'exists', the cursor now, entries appended}. Error FENCED when
+the lease moved.
 """
 
 LEASE_ACQUIRE: Final = """

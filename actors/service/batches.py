@@ -39,7 +39,7 @@ from actors.runtime.breaker import CallNotPermittedError
 from actors.service.gateway import CommitItem, OutputCommitter, output_item
 from actors.service.lease import CheckpointFence
 from actors.service.parking import AckTarget, WorkflowRunner
-from actors.service.partitions import lease_key, partition_stream
+from actors.service.partitions import partition_lease, partition_stream
 from actors.service.retention import Retention
 from actors.service.streams import done_key, event_result
 from actors.service.validation import Event
@@ -243,7 +243,7 @@ class BatchProcessor:
                 for p in batch
             ]
             # Checkpoint writes of the run are fenced by the lease its batch was read under.
-            lease = (lease_key(self._settings, f"part:{batch[0].partition}")[0], batch[0].lease)
+            lease = (partition_lease(self._settings, batch[0].partition)[0], batch[0].lease)
             try:
                 with CheckpointFence.tenure(lease):
                     tally = await self._run_and_commit(workflow_id, slot, batch, spans, lease)

@@ -15,7 +15,9 @@ same step as the write), so callers catch a type, not an error string.
 - :func:`dead_letter` is the one DLQ path, for stream entries and actor requests: the
   bounded copy (:func:`~actors.service.streams.dlq_entry`) and the settling in one script.
 - :class:`FencedReader` reads a consumer group only while holding a lease.
-- :func:`route_entries` is the router's move of ``ctxd:in`` entries to partitions.
+- :func:`route_partition` is a partition owner's move of its entries of ``ctxd:in``
+  into its partition (cursor, exactly once); :func:`route_entries` moves entries of one
+  partition to the partition their workflow hashes to.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ __all__ = [
     "FencedReader",
     "Lease",
     "OutputCommitter",
+    "RouteReply",
     "Settle",
     "dead_letter",
     "output_item",
     "route_entries",
+    "route_partition",
 ]
 
 Lease = tuple[str, str]
@@ -232,6 +236,69 @@ async def route_entries(
         for name, value in fields.items():
             args += [name, value]
     await call_script(redis, scripts.MOVE, keys=keys, args=args)
+
+
+@dataclass(frozen=True)
+class RouteReply:
+    """What :func:`route_partition` did.
+
+    Attributes:
+        status: ``ok`` (moved, cursor advanced), ``resync`` (the stored cursor is not the
+            one the caller expected: nothing moved, start again from ``cursor``) or
+            ``exists`` (an upgrade's first cursor was set already: nothing moved).
+        cursor: the partition's cursor now (the last ``ctxd:in`` id moved or scanned).
+        moved: entries appended (to the partition or the DLQ).
+    """
+
+    status: Literal["ok", "resync", "exists"]
+    cursor: str
+    moved: int
+
+
+async def route_partition(
+    redis: Redis,
+    *,
+    lease: Lease,
+    cursor_key: str,
+    stream: str,
+    dlq_stream: str,
+    expected: str,
+    scanned: str,
+    items: Sequence[tuple[str, Literal["stream", "dlq"], Mapping[bytes, bytes]]],
+) -> RouteReply:
+    """Append a partition's entries of ``ctxd:in`` (``(source_id, target, fields)`` in
+    ``ctxd:in`` order) to its stream or DLQ, skipping those at or below its cursor, and
+    move its cursor to ``scanned``: one script, every key in the partition's slot.
+
+    Args:
+        lease: the partition lease (value '' = unfenced: the upgrade's first cursor).
+        cursor_key: the partition's cursor key.
+        stream: the partition stream.
+        dlq_stream: where ``dlq`` items go (the partition's DLQ).
+        expected: the cursor this caller last saw ('' = any, '!' = only if none yet).
+        scanned: the last ``ctxd:in`` id the caller read for this call.
+        items: the entries to move.
+
+    Raises:
+        FencedError: the lease does not hold our value any more; nothing was written.
+    """
+    args: list[str | bytes | int] = [lease[1], expected, scanned, len(items)]
+    for source_id, target, fields in items:
+        args += [source_id, target, len(fields)]
+        for name, value in fields.items():
+            args += [name, value]
+    reply = await call_script(
+        redis,
+        scripts.ROUTE_PARTITION,
+        keys=[lease[0], cursor_key, stream, dlq_stream],
+        args=args,
+    )
+    status, cursor, moved = cast(list[bytes | str | int], reply)
+    return RouteReply(
+        status=cast(Literal["ok", "resync", "exists"], text(cast(bytes | str, status))),
+        cursor=text(cast(bytes | str, cursor)),
+        moved=int(moved),
+    )
 
 
 class FencedReader:

@@ -42,7 +42,7 @@ from actors.service.batches import (
     poison_error,
 )
 from actors.service.gateway import dead_letter, route_entries
-from actors.service.partitions import lease_key, partition_of, partition_stream
+from actors.service.partitions import partition_lease, partition_of, partition_stream
 from actors.service.router import SOURCE_FIELD, TRANSIENT_ERRORS
 from actors.service.streams import done_key
 from actors.service.validation import RawFields, as_invalid_entry, decode_fields, parse_entry
@@ -351,7 +351,7 @@ class Scheduler:
         s = self._settings
         await route_entries(
             self._redis,
-            lease=(lease_key(s, f"part:{n}")[0], lease),
+            lease=(partition_lease(s, n)[0], lease),
             input_stream=partition_stream(s, n),
             group=s.group,
             moves=[(entry_id, partition_stream(s, home), raw)],
@@ -385,7 +385,7 @@ class Scheduler:
             reason=reason,
             error=error,
             attempts=attempts,
-            lease=(lease_key(self._settings, f"part:{n}")[0], value),
+            lease=(partition_lease(self._settings, n)[0], value),
             field_bytes=self._settings.dlq_field_bytes,
             max_fields=self._settings.max_fields,
             done_key=done_key,
