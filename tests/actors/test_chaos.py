@@ -26,7 +26,7 @@ from actors.testing import check_history
 from graph.checkpointer import open_checkpointer
 from graph.work import LocalDispatch
 from graph.workflow import build_contextual_workflow, thread_config
-from tests_support import ServiceProcess
+from tests_support import ServiceProcess, unmoved_input
 
 EVENTS = 2000
 WORKFLOWS = 50
@@ -171,4 +171,4 @@ async def test_sigkill_chaos_keeps_every_guarantee(
     assert {wf: (actual[wf], n) for wf, n in expected.items() if actual[wf] != n} == {}
     for n in range(8):
         assert redis.xpending(f"{prefix}:part:{n}", "ctxd")["pending"] == 0
-    assert redis.xpending(f"{prefix}:in", "ctxd")["pending"] == 0
+    assert unmoved_input(redis, prefix, 8) == 0

@@ -1,8 +1,9 @@
 """``ctxd status`` and ``ctxd dlq list|replay``: what an operator needs at a glance.
 
-``status`` reads only what is in Redis: the instances' heartbeats (partitions, router,
-counters, breaker states when the actor pools publish them), the leases, the consumer
-groups of ``ctxd:in`` and the partition streams (lag, pending) and the DLQ length.
+``status`` reads only what is in Redis: the instances' heartbeats (partitions, counters,
+breaker states when the actor pools publish them), the leases, the partitions' cursors
+in ``ctxd:in`` (input lag: entries after the lowest cursor), the consumer groups of the
+partition streams (lag, pending) and the DLQ length.
 ``dlq replay`` moves dead letters back to ``ctxd:in`` (original fields, without the
 DLQ's reason/error/attempts/source_id), each in one Lua script: append, then delete
 from the DLQ, so an entry is never both replayed and kept, nor lost.
@@ -24,7 +25,8 @@ from actors.config import Settings
 from actors.runtime import scripts
 from actors.service.footprint import SAMPLES, collect_footprint, format_bytes
 from actors.service.heartbeat import instance_key, instances_key, worker_key, workers_key
-from actors.service.partitions import lease_key, partition_lease, partition_stream
+from actors.service.input_routing import cursor_key, id_key
+from actors.service.partitions import partition_lease, partition_stream
 
 __all__ = ["collect_status", "register", "replay_dead_letters"]
 
@@ -76,6 +78,23 @@ def _groups(redis: SyncRedis, stream: str) -> list[dict[str, object]]:
         return []
 
 
+_LAG_SCAN = 100_000
+"""``ctxd status`` counts at most this many unmoved ``ctxd:in`` entries (then says ``+``)."""
+
+
+def _input_lag(redis: SyncRedis, stream: str, lowest: str) -> tuple[int, bool]:
+    """How many ``ctxd:in`` entries lie after the lowest partition cursor (not moved by
+    every partition yet), counted up to :data:`_LAG_SCAN`; whether the count stopped there."""
+    count, start = 0, f"({lowest}"
+    while count < _LAG_SCAN:
+        page = cast(list[tuple[str, object]], redis.xrange(stream, start, "+", count=1000))
+        count += len(page)
+        if len(page) < 1000:
+            return count, False
+        start = f"({page[-1][0]}"
+    return count, True
+
+
 def collect_status(
     redis: SyncRedis, settings: Settings, *, scan_limit: int = 0
 ) -> dict[str, object]:
@@ -100,8 +119,11 @@ def collect_status(
         body = cast(str | None, redis.get(worker_key(settings, name)))
         if body:  # a worker that stopped without saying so is gone with its key's TTL
             workers.append(json.loads(body))
-    router = cast(str | None, redis.get(lease_key(settings, "router")[0]))
-    input_groups = _groups(redis, settings.input_stream)
+    cursors = [
+        cast(str | None, redis.get(cursor_key(settings, n))) for n in range(settings.partitions)
+    ]
+    lowest = min((c for c in cursors), key=lambda c: id_key(c or "0-0"), default=None)
+    input_lag, lag_capped = _input_lag(redis, settings.input_stream, lowest or "0-0")
     partitions = []
     for n in range(settings.partitions):
         stream = partition_stream(settings, n)
@@ -111,6 +133,7 @@ def collect_status(
             {
                 "partition": n,
                 "owner": owner,
+                "cursor": cursors[n],
                 "pending": sum(int(cast(int, g.get("pending") or 0)) for g in groups),
                 "lag": sum(int(cast(int, g.get("lag") or 0)) for g in groups),
             }
@@ -120,19 +143,16 @@ def collect_status(
         "footprint": footprint,
         "instances": instances,
         "workers": workers,
-        "router": router,
         "input": {
             "stream": settings.input_stream,
             "length": redis.xlen(settings.input_stream),
-            "groups": [
-                {k: g.get(k) for k in ("name", "consumers", "pending", "lag")} for g in input_groups
-            ],
+            "lowest_cursor": lowest,
+            "lag": input_lag,
+            "lag_capped": lag_capped,
         },
         "partitions": partitions,
-        "pending": sum(int(cast(int, p["pending"])) for p in partitions)
-        + sum(int(cast(int, g.get("pending") or 0)) for g in input_groups),
-        "lag": sum(int(cast(int, p["lag"])) for p in partitions)
-        + sum(int(cast(int, g.get("lag") or 0)) for g in input_groups),
+        "pending": sum(int(cast(int, p["pending"])) for p in partitions),
+        "lag": sum(int(cast(int, p["lag"])) for p in partitions) + input_lag,
         "output_length": redis.xlen(settings.output_stream),
         "dlq_size": redis.xlen(settings.dlq_stream),
     }
@@ -145,7 +165,7 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(doc, sort_keys=True, default=str))
         return 0
     instances = cast(list[dict[str, object]], doc["instances"])
-    print(f"instances: {len(instances)}   router: {doc['router'] or '-'}")
+    print(f"instances: {len(instances)}")
     for info in instances:
         breakers = info.get("breakers") or {}
         print(
@@ -166,11 +186,12 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
         outages = _outage_line(info.get("redis"))
         if outages:
             print(f"    {outages}")
-    for group in cast(dict[str, list[dict[str, object]]], doc["input"])["groups"]:
-        print(
-            f"input {settings.input_stream} group {group['name']}: lag {group['lag']}, "
-            f"pending {group['pending']}"
-        )
+    inputs = cast(dict[str, object], doc["input"])
+    print(
+        f"input {settings.input_stream}: {inputs['length']} entries, "
+        f"lag {inputs['lag']}{'+' if inputs['lag_capped'] else ''} "
+        f"(not moved to partitions yet, after the lowest cursor {inputs['lowest_cursor'] or '-'})"
+    )
     busy = [p for p in cast(list[dict[str, object]], doc["partitions"]) if p["pending"] or p["lag"]]
     print(f"partitions: {settings.partitions}, pending {doc['pending']}, lag {doc['lag']}")
     for p in busy:
