@@ -8,6 +8,7 @@ from datetime import datetime
 
 from actors.app.cli.common import Subcommands, client_redis
 from actors.config import Settings
+from actors.producer import Producer
 from actors.runtime.redis_io import xread_text, xrevrange_text
 from graph.routing import PRIORITIES
 
@@ -18,8 +19,10 @@ def register(commands: Subcommands) -> None:
     """Add ``send`` and ``tail`` to the command line."""
     send = commands.add_parser(
         "send",
-        help="append one event to the input stream",
-        description="Append one event to ctxd:in and print its entry id.",
+        help="append one event to its partition stream (or the input stream)",
+        description="Append one event straight to its workflow's partition stream (the "
+        "producer API, actors/producer.py) and print its entry id; to ctxd:in while no "
+        "partition count is recorded or a resize is in progress, or with --via-input.",
     )
     send.add_argument("workflow_id", metavar="WORKFLOW_ID", help="1-200 chars of [A-Za-z0-9_.:-]")
     send.add_argument("text", metavar="TEXT", help="the event's content")
@@ -28,6 +31,11 @@ def register(commands: Subcommands) -> None:
     send.add_argument("--max-cost", type=float, help="cost budget, a number >= 0")
     send.add_argument("--event-id", help="idempotency key (default: the entry id)")
     send.add_argument("--metadata", help="a JSON object")
+    send.add_argument(
+        "--via-input",
+        action="store_true",
+        help="append to ctxd:in (routed by the partitions' owners) instead of the partition",
+    )
     send.set_defaults(handler=_send)
 
     tail = commands.add_parser(
@@ -51,8 +59,9 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
     if args.max_cost is not None:
         fields["max_cost"] = repr(args.max_cost)
     with client_redis(settings) as redis:
-        entry_id = redis.xadd(settings.input_stream, fields)  # type: ignore[arg-type]
-    print(entry_id)
+        producer = Producer(redis, prefix=settings.stream_prefix)
+        sent = producer.send_fields(fields, via_input=args.via_input)
+    print(sent.entry_id)
     return 0
 
 
