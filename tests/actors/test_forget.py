@@ -84,7 +84,7 @@ def test_forget_refuses_while_the_workflow_is_being_processed(
 ) -> None:
     """An entry pending in its partition (in flight) or not yet routed: refused; --force
     deletes all the same."""
-    partition = f"{prefix}:part:{partition_of('busy', 16)}"
+    partition = f"{prefix}:{{p{partition_of('busy', 16)}}}:stream"
     redis.xgroup_create(partition, "ctxd", id="0", mkstream=True)
     redis.xadd(partition, {"workflow_id": "busy", "content": TECH})
     redis.xreadgroup("ctxd", "owner", {partition: ">"})  # read, not committed: in flight
@@ -94,7 +94,8 @@ def test_forget_refuses_while_the_workflow_is_being_processed(
     assert "'busy' is being processed: 1 of its entries" in refused.stderr
     assert redis.exists(f"{prefix}:done:busy/e1")
 
-    redis.xgroup_create(f"{prefix}:in", "ctxd", id="$", mkstream=True)
+    moved = redis.xadd(f"{prefix}:in", {"workflow_id": "idle", "content": TECH})
+    redis.set(f"{prefix}:{{p{partition_of('idle', 16)}}}:cursor", moved)  # routed already
     redis.xadd(f"{prefix}:in", {"workflow_id": "queued", "content": TECH})  # not routed yet
     refused = run_ctxd(service_env, "forget", "queued")
     assert refused.returncode == 1

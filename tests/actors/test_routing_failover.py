@@ -192,3 +192,47 @@ def test_events_appended_straight_to_partitions_are_processed_like_routed_ones(
     # While a resize is in progress, events go to ctxd:in.
     redis.hset(f"{prefix}:partitions", "state", "resizing")
     assert producer.send("wf-a", "later", event_id="a-4").stream == f"{prefix}:in"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_first_start_after_the_single_router_loses_and_doubles_nothing(
+    start_service: Callable[..., ServiceProcess],
+    redis: Redis,
+    prefix: str,
+) -> None:
+    """A deployment of the old version: its router moved some entries (appended to their
+    partition and acknowledged), had read others (pending in group ``ctxd``) and never
+    read the rest; its lease is still held when the new version starts. The new version
+    waits for the lease, then every event comes out once, in its workflow's order."""
+    partitions = 4
+    source = "ctxd_source_id"
+    inputs = [(f"wf-{i % 5}", f"ev-{i:02d}") for i in range(30)]
+    stream = f"{prefix}:in"
+    redis.xgroup_create(stream, "ctxd", id="0", mkstream=True)
+    ids = [
+        redis.xadd(stream, {"workflow_id": wf, "event_id": ev, "content": f"{ev} of {wf}"})
+        for wf, ev in inputs
+    ]
+    redis.xreadgroup("ctxd", "router", {stream: ">"}, count=20)  # 20 read by the old router
+    for (wf, ev), entry_id in list(zip(inputs, ids, strict=True))[:10]:  # 10 of them moved
+        n = partition_for(wf, partitions)
+        redis.xadd(
+            f"{prefix}:{{p{n}}}:stream",
+            {"workflow_id": wf, "event_id": ev, "content": f"{ev} of {wf}", source: entry_id},
+        )
+        redis.xack(stream, "ctxd", entry_id)
+    redis.set(f"{prefix}:lease:router", "old-instance|7", px=6000)  # the old router, dying
+
+    service = start_service("run", env={"CTXD_PARTITIONS": str(partitions)})
+    service.wait_ready()
+    service.wait_for_line(lambda line: "old-version router holds the router lease" in line)
+    outputs = read_outputs(redis, f"{prefix}:out", len(inputs))
+    service.wait_for_line(lambda line: "upgraded from the single router" in line)
+    dead = [f.get("event_id", "") for _, f in cast(TextEntries, redis.xrange(f"{prefix}:dlq"))]
+    verdict = check_history(inputs, [(f["workflow_id"], f["event_id"]) for _, f in outputs], dead)
+    assert verdict.ok, verdict
+    assert len(outputs) == len(inputs)
+    assert not redis.xinfo_groups(stream)  # the old group is gone
+    assert str(redis.get(f"{prefix}:lease:router")).startswith("retired")
+    assert unmoved_input(redis, prefix, partitions) == 0
