@@ -160,9 +160,10 @@ end
 return n
 """
 )
-"""Route entries: append each to its target stream and acknowledge it on the input.
+"""Move entries between streams: append each to its target and acknowledge it on the input
+(an entry in a partition its workflow does not hash to, moved to its own).
 
-KEYS: router lease, the input stream, then one target stream per item.
+KEYS: the lease (the source partition's), the input stream, then one target stream per item.
 ARGV: lease value, group, n, then per item: source id, nfields, field/value pairs (each
 item bounded: a valid entry has at most CTXD_MAX_FIELDS + 1 fields, a DLQ copy at most
 that + 5, CTXD_MAX_FIELDS <= 1000).

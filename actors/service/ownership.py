@@ -5,7 +5,7 @@ it holds (one pipelined round trip), publishes this instance's heartbeat (its st
 for ``ctxd status``, and its place in the live set), computes the rendezvous assignment
 of partitions over the live instances (:func:`~actors.service.partitions.assignment`),
 hands over the partitions it should no longer own and acquires those it should. See
-docs/design.md, "Router + partitions + leases with fencing tokens".
+docs/design.md, "Partitions + leases with fencing tokens".
 
 A handover: the partition's reader stops and its queued events are dropped (they stay
 pending for the next owner) at once; its running batches finish while the lease is
