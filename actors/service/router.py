@@ -32,6 +32,7 @@ single leased router is taken over once by :mod:`actors.service.router_upgrade`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ _log = structlog.get_logger("ctxd.router")
 
 _IDLE_PERSIST = 1.0
 """Seconds an owned partition's scanned position may run ahead of its stored cursor."""
+
+_FLUSH_BUDGET = 2.0
+"""Seconds the cursors' last write may take when routing ends."""
 
 _BLOCK_MS = 250
 """Longest wait of one ``XREAD`` of ``ctxd:in``: a partition taken over while the input
@@ -142,7 +146,22 @@ class PartitionRouter:
         return bool(self._positions)
 
     async def run(self, stopping: anyio.Event) -> None:
-        """Route the owned partitions until ``stopping``; outages are waited out."""
+        """Route the owned partitions until ``stopping``; outages are waited out.
+
+        On the way out (stopped or cancelled) the cursors scanned ahead of their stored
+        value are written, so the next owner does not scan that stretch again.
+        """
+        try:
+            await self._run(stopping)
+        finally:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(_FLUSH_BUDGET),
+                contextlib.suppress(*TRANSIENT_ERRORS),
+            ):
+                await self._store_idle(at_once=True)
+
+    async def _run(self, stopping: anyio.Event) -> None:
         upgraded = False
         while not stopping.is_set():
             try:
@@ -210,11 +229,13 @@ class PartitionRouter:
             else:
                 position.scanned = last  # nothing of it in the batch: stored lazily
 
-    async def _store_idle(self) -> None:
-        """Write the cursors of partitions that had nothing to move for a while."""
+    async def _store_idle(self, *, at_once: bool = False) -> None:
+        """Write the cursors of partitions that had nothing to move for a while (all of
+        them ``at_once``)."""
         now = self._clock()
         for n, position in list(self._positions.items()):
-            if position.scanned != position.stored and now - position.stored_at >= _IDLE_PERSIST:
+            due = at_once or now - position.stored_at >= _IDLE_PERSIST
+            if position.scanned != position.stored and due:
                 await self._store(n, position, position.scanned, [])
 
     async def _store(
