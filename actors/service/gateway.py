@@ -33,18 +33,21 @@ from actors.runtime import scripts
 from actors.runtime.redis_io import text
 from actors.runtime.scripts import call_script
 from actors.service.streams import DLQ_MIN_FIELDS, dlq_entry, done_key, output_fields
+from graph.errors import FencedError
 
 __all__ = [
     "CommitItem",
     "FencedReader",
     "Lease",
     "OutputCommitter",
+    "RouteCall",
     "RouteReply",
     "Settle",
     "dead_letter",
     "output_item",
     "route_entries",
     "route_partition",
+    "route_partitions",
 ]
 
 Lease = tuple[str, str]
@@ -282,17 +285,75 @@ async def route_partition(
     Raises:
         FencedError: the lease does not hold our value any more; nothing was written.
     """
-    args: list[str | bytes | int] = [lease[1], expected, scanned, len(items)]
-    for source_id, target, fields in items:
-        args += [source_id, target, len(fields)]
-        for name, value in fields.items():
-            args += [name, value]
-    reply = await call_script(
-        redis,
-        scripts.ROUTE_PARTITION,
-        keys=[lease[0], cursor_key, stream, dlq_stream],
-        args=args,
-    )
+    call = RouteCall(lease, cursor_key, stream, dlq_stream, expected, scanned, items)
+    reply = await call_script(redis, scripts.ROUTE_PARTITION, keys=call.keys(), args=call.args())
+    return _route_reply(reply)
+
+
+@dataclass(frozen=True)
+class RouteCall:
+    """One partition's part of a batch: the arguments of :func:`route_partition`."""
+
+    lease: Lease
+    cursor_key: str
+    stream: str
+    dlq_stream: str
+    expected: str
+    scanned: str
+    items: Sequence[tuple[str, Literal["stream", "dlq"], Mapping[bytes, bytes]]]
+
+    def keys(self) -> list[str]:
+        """The script's KEYS."""
+        return [self.lease[0], self.cursor_key, self.stream, self.dlq_stream]
+
+    def args(self) -> list[str | bytes | int]:
+        """The script's ARGV."""
+        args: list[str | bytes | int] = [
+            self.lease[1],
+            self.expected,
+            self.scanned,
+            len(self.items),
+        ]
+        for source_id, target, fields in self.items:
+            args += [source_id, target, len(fields)]
+            for name, value in fields.items():
+                args += [name, value]
+        return args
+
+
+async def route_partitions(
+    redis: Redis, calls: Sequence[RouteCall]
+) -> list[RouteReply | FencedError]:
+    """:func:`route_partition` for several partitions: one round trip on a single node
+    (a pipeline; each script is still atomic on its own), one call each otherwise (a
+    cluster client, whose partitions are on several nodes). A refused call's result is
+    its :class:`~graph.errors.FencedError`; the others are done all the same."""
+    if not isinstance(redis, Redis):  # a cluster client: one call per partition
+        results: list[RouteReply | FencedError] = []
+        for call in calls:
+            try:
+                results.append(await route_partition(redis, **call.__dict__))
+            except FencedError as exc:
+                results.append(exc)
+        return results
+    async with redis.pipeline(transaction=False) as pipe:
+        for call in calls:
+            await call_script(
+                redis, scripts.ROUTE_PARTITION, keys=call.keys(), args=call.args(), client=pipe
+            )
+        replies = await pipe.execute(raise_on_error=False)
+    out: list[RouteReply | FencedError] = []
+    for reply in replies:
+        if isinstance(reply, Exception):
+            if not scripts.is_fenced(reply):
+                raise reply
+            out.append(FencedError(str(reply).removeprefix("FENCED ")))
+        else:
+            out.append(_route_reply(reply))
+    return out
+
+
+def _route_reply(reply: object) -> RouteReply:
     status, cursor, moved = cast(list[bytes | str | int], reply)
     return RouteReply(
         status=cast(Literal["ok", "resync", "exists"], text(cast(bytes | str, status))),

@@ -46,7 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.redis_io import Entry, text
-from actors.service.gateway import route_partition
+from actors.service.gateway import RouteCall, route_partitions
 from actors.service.input_gate import moving_allowed
 from actors.service.input_routing import (
     SOURCE_FIELD,
@@ -84,6 +84,10 @@ is quiet starts moving its backlog within this time."""
 
 MoveGate = Callable[[Redis, Settings], Awaitable[bool]]
 """Asked before each batch whether entries may be moved now (default: no resize)."""
+
+
+Item = tuple[str, Literal["stream", "dlq"], dict[bytes, bytes]]
+"""One entry to move: its ``ctxd:in`` id, where it goes, its fields."""
 
 
 @dataclass
@@ -208,10 +212,11 @@ class PartitionRouter:
             await self._trim_if_due()
 
     async def _move(self, entries: list[Entry]) -> None:
-        """Move the batch's entries of every owned partition, each partition in one script."""
+        """Move the batch's entries of every owned partition: one script per partition
+        with entries, all in one round trip on a single node."""
         s = self._settings
         last = entries[-1][0]
-        items: dict[int, list[tuple[str, Literal["stream", "dlq"], dict[bytes, bytes]]]] = {}
+        items: dict[int, list[Item]] = {}
         for entry_id, raw in entries:
             if raw is None:
                 continue
@@ -219,63 +224,69 @@ class PartitionRouter:
             position = self._positions.get(n)
             if position is not None and id_after(entry_id, position.scanned):
                 items.setdefault(n, []).append((entry_id, target, fields))
-        for n, position in list(self._positions.items()):
+        stores: list[tuple[int, str, list[Item]]] = []
+        for n, position in self._positions.items():
             if not id_after(last, position.scanned):
                 continue
             if n in items:
-                await self._store(n, position, last, items[n])
+                stores.append((n, last, items[n]))
             else:
                 position.scanned = last  # nothing of it in the batch: stored lazily
+        await self._store(stores)
 
     async def _store_idle(self, *, at_once: bool = False) -> None:
         """Write the cursors of partitions that had nothing to move for a while (all of
         them ``at_once``)."""
         now = self._clock()
-        for n, position in list(self._positions.items()):
-            due = at_once or now - position.stored_at >= _IDLE_PERSIST
-            if position.scanned != position.stored and due:
-                await self._store(n, position, position.scanned, [])
+        await self._store(
+            [
+                (n, p.scanned, [])
+                for n, p in self._positions.items()
+                if p.scanned != p.stored and (at_once or now - p.stored_at >= _IDLE_PERSIST)
+            ]
+        )
 
-    async def _store(
-        self,
-        n: int,
-        position: _Position,
-        scanned: str,
-        items: list[tuple[str, Literal["stream", "dlq"], dict[bytes, bytes]]],
-    ) -> None:
+    async def _store(self, stores: list[tuple[int, str, list[Item]]]) -> None:
+        """Run each ``(partition, scanned, items)``'s script and take in the replies."""
+        if not stores:
+            return
         s = self._settings
-        try:
-            reply = await route_partition(
-                self._redis,
-                lease=(partition_lease(s, n)[0], position.value),
+        calls = [
+            RouteCall(
+                lease=(partition_lease(s, n)[0], self._positions[n].value),
                 cursor_key=cursor_key(s, n),
                 stream=partition_stream(s, n),
                 dlq_stream=dlq_stream_of(s, n),
-                expected=position.stored,
+                expected=self._positions[n].stored,
                 scanned=scanned,
                 items=items,
             )
-        except FencedError:
-            _log.warning("partition lease lost; stop routing it", partition=n)
-            self._positions.pop(n, None)
-            self._refused.add((n, position.value))
-            self._on_fenced(n, position.value)
-            return
-        if reply.status != "ok":
-            # The stored cursor is not what this tenure wrote last (writes lost in a
-            # fail-over, a resize reset it): start again from what is stored.
-            _log.warning("partition cursor moved; scanning again", partition=n, cursor=reply.cursor)
+            for n, scanned, items in stores
+        ]
+        replies = await route_partitions(self._redis, calls)
+        for (n, _, items), reply in zip(stores, replies, strict=True):
+            position = self._positions[n]
+            if isinstance(reply, FencedError):
+                _log.warning("partition lease lost; stop routing it", partition=n)
+                del self._positions[n]
+                self._refused.add((n, position.value))
+                self._on_fenced(n, position.value)
+                continue
             position.stored = position.scanned = reply.cursor
             position.stored_at = self._clock()
-            return
-        position.stored = position.scanned = reply.cursor
-        position.stored_at = self._clock()
-        # The stored cursor was the expected one and every item lies past it: all moved.
-        dead = sum(1 for _, target, _ in items if target == "dlq")
-        self.dead_lettered += dead
-        self.routed += len(items) - dead
-        if dead:
-            _log.warning("invalid entries dead-lettered", partition=n, entries=dead)
+            if reply.status != "ok":
+                # The stored cursor is not what this tenure wrote last (writes lost in a
+                # fail-over, a resize reset it): start again from what is stored.
+                _log.warning(
+                    "partition cursor moved; scanning again", partition=n, cursor=reply.cursor
+                )
+                continue
+            # The stored cursor was the expected one and every item lies past it: all moved.
+            dead = sum(1 for _, target, _ in items if target == "dlq")
+            self.dead_lettered += dead
+            self.routed += len(items) - dead
+            if dead:
+                _log.warning("invalid entries dead-lettered", partition=n, entries=dead)
 
     async def _trim_if_due(self) -> None:
         """Every ``CTXD_TRIM_INTERVAL``: the owner of partition 0 trims ``ctxd:in`` below
