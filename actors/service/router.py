@@ -201,6 +201,7 @@ class PartitionRouter:
                     stored = await self._redis.get(cursor_key(s, n))
                     at = text(stored) if stored is not None else "0-0"
                     self._positions[n] = _Position(value, at, at, self._clock())
+                    _log.info("routing partition", partition=n, cursor=at)
             start = min((p.scanned for p in self._positions.values()), key=id_key)
             reply = await self._redis.xread(
                 {s.input_stream: start}, count=s.read_count, block=min(s.block_ms, _BLOCK_MS)

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import cast
 
 import pytest
@@ -67,7 +68,7 @@ def test_sigkill_of_one_router_does_not_stop_the_output(
     env = {
         "CTXD_PARTITIONS": str(PARTITIONS),
         "CTXD_LEASE_TTL": str(LEASE_TTL),
-        "CTXD_TRIM_INTERVAL": "1",
+        "CTXD_TRIM_INTERVAL": "0",  # partition streams kept whole: the move times are read
         # Node work in-process: what is measured is routing and leases, not the reclaim
         # of actor requests a killed instance's pool workers held (2 x the event timeout).
         "CTXD_DISPATCH": "local",
@@ -124,6 +125,29 @@ def test_sigkill_of_one_router_does_not_stop_the_output(
         for a, b in itertools.pairwise(out)
         if _ms(b[0]) >= killed_at * 1000
     ]
+    acquired = [
+        datetime.fromisoformat(json.loads(line)["timestamp"]).timestamp() - killed_at
+        for line in survivor.lines
+        if '"partition acquired"' in line
+        and json.loads(line).get("partition") in victims_partitions
+    ]
+    routing = [
+        datetime.fromisoformat(json.loads(line)["timestamp"]).timestamp() - killed_at
+        for line in survivor.lines
+        if '"routing partition"' in line and json.loads(line).get("partition") in victims_partitions
+    ]
+    moved = [
+        _ms(entry_id) / 1000 - killed_at
+        for n in victims_partitions
+        for entry_id, _ in cast(TextEntries, redis.xrange(f"{prefix}:{{p{n}}}:stream"))
+        if _ms(entry_id) >= killed_at * 1000
+    ]
+    taken_over = min(a for a in acquired if a > 0)
+    routed_from = min(a for a in routing if a > 0)
+    print(
+        f"routing fail-over: killed instance's partitions acquired after {taken_over:.2f}s, "
+        f"routed from {routed_from:.2f}s, first entry moved into them after {min(moved):.2f}s"
+    )
     print(
         f"routing fail-over: SIGKILL of 1 of 2 instances (CTXD_LEASE_TTL={LEASE_TTL}s): "
         f"first output after the kill {first_any:.2f}s, first output of the killed "
@@ -134,7 +158,10 @@ def test_sigkill_of_one_router_does_not_stop_the_output(
     assert verdict.ok, verdict
     assert len(out) + len(dead) == EVENTS
     assert first_any < 1.0  # the survivor's partitions never stopped
-    assert first_victims < LEASE_TTL + 3.0  # their routing moved with their leases
+    assert min(moved) - taken_over < 1.0  # their routing moved with their leases, at once
+    # From the kill to their output: the lease TTL, the pick-up, their backlog (a loose
+    # bound: the machine is shared; wt-balance's test holds the fail-over time itself).
+    assert first_victims < 2 * LEASE_TTL + 5.0
     assert unmoved_input(redis, prefix, PARTITIONS) == 0
     assert survivor.proc.poll() is None
 
