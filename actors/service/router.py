@@ -194,6 +194,8 @@ class PartitionRouter:
                 await _sleep_unless(stopping, pause)
                 continue
             if not await self._gate(self._redis, s):  # a resize: leave ctxd:in as it is
+                # What was scanned is stored, so the cursors say exactly what was moved.
+                await self._store_idle(at_once=True)
                 await _sleep_unless(stopping, pause)
                 continue
             for n, value in owned.items():

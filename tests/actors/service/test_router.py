@@ -214,6 +214,7 @@ async def test_nothing_moves_while_a_resize_is_in_progress(
     async with running(client, s, owned, gate=gate):
         await asked.wait()
         assert await client.xlen(partition_stream(s, n)) == 0  # asked thrice, moved nothing
+        assert await client.get(cursor_key(s, n)) is None  # and scanned nothing
         await client.hset(record, "state", "active")
         moved = await aread_entries(client, partition_stream(s, n), 1, within=WITHIN)
     assert [f[SOURCE_FIELD] for _, f in moved] == [entry]
@@ -294,3 +295,34 @@ async def test_the_old_routers_group_is_taken_over_without_loss_or_double(
         await aread_entries(client, partition_stream(s, n), 8, within=WITHIN)
     assert again.routed == 1
     assert await sources(client, s, n) == moved_before + pending + unread + [later]
+
+
+async def test_a_resize_leaves_every_cursor_at_what_was_scanned(
+    client: Redis, routing: Settings
+) -> None:
+    """When a resize begins, partitions with nothing to move (whose cursors are written
+    lazily) store how far they scanned: the cursors then say exactly what was moved."""
+    s = routing
+    record = partitions_record_key(s.stream_prefix)
+    await client.hset(record, mapping={"count": s.partitions, "epoch": 1, "state": "active"})
+    refused = anyio.Event()
+    refusals: list[bool] = []
+
+    async def gate(redis: Redis, settings: Settings) -> bool:
+        allowed = await moving_allowed(redis, settings)
+        if not allowed:
+            refusals.append(allowed)
+            if len(refusals) == 2:  # the first refusal's work is done by now
+                refused.set()
+        return allowed
+
+    n = partition_of("w", s.partitions)
+    last = await add(client, s.input_stream, {"workflow_id": "w", "content": "one"})
+    owned = await hold(client, s, s.instance, range(s.partitions))
+    async with running(client, s, owned, gate=gate):
+        await aread_entries(client, partition_stream(s, n), 1, within=WITHIN)
+        await client.hset(record, "state", "resizing")
+        with anyio.fail_after(WITHIN):
+            await refused.wait()
+        cursors = [await client.get(cursor_key(s, m)) for m in range(s.partitions)]
+    assert [text(c) for c in cursors] == [last] * s.partitions
