@@ -4,9 +4,14 @@ The partition count is recorded in Redis in the hash ``{prefix}:partitions`` (fi
 ``count``, ``epoch``, ``state``). While ``state`` is anything but ``active`` — a resize
 in progress — no entry may be moved out of ``ctxd:in``: the entries waiting there are
 moved under the new count once the resize is over, so a workflow's entries are never
-split between two counts. Every mover asks :func:`moving_allowed` before each batch, and
+split between two counts. Every mover asks :func:`moving_bound` before each batch, and
 the producer API (:mod:`actors.producer`) reads the same record to decide between a
 partition stream and ``ctxd:in``.
+
+A resize may also name, in the field ``route_until``, a ``ctxd:in`` id up to which the
+movers go on (typically the last id of ``ctxd:in`` when the resize began): then every
+partition's cursor comes to rest exactly there, and the new partitions can start from
+that one id, with nothing moved twice or skipped.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from actors.config import Settings
 
 __all__ = [
     "ACTIVE",
+    "UNBOUNDED",
     "PartitionRecord",
     "moving_allowed",
+    "moving_bound",
     "parse_record",
     "partitions_record_key",
     "read_record",
@@ -49,6 +56,7 @@ class PartitionRecord:
     count: int
     epoch: int
     state: str
+    route_until: str | None = None
 
     @property
     def active(self) -> bool:
@@ -70,6 +78,7 @@ def parse_record(raw: Mapping[bytes | str, bytes | str]) -> PartitionRecord | No
         count=int(count) if count.isdigit() else 0,
         epoch=int(epoch) if epoch.isdigit() else 0,
         state=fields.get("state", ACTIVE),
+        route_until=fields.get("route_until") or None,
     )
 
 
@@ -77,6 +86,20 @@ async def read_record(redis: Redis, settings: Settings) -> PartitionRecord | Non
     """The recorded partition count, or None where none is recorded yet."""
     raw = await redis.hgetall(partitions_record_key(settings.stream_prefix))
     return parse_record(raw)
+
+
+UNBOUNDED = "+"
+""":func:`moving_bound`'s answer when nothing limits the moves."""
+
+
+async def moving_bound(redis: Redis, settings: Settings) -> str | None:
+    """Up to which ``ctxd:in`` id entries may be moved now: :data:`UNBOUNDED` when the
+    record is absent or ``active``; while a resize is in progress its ``route_until``
+    id, or None (move nothing) when it names none."""
+    record = await read_record(redis, settings)
+    if record is None or record.active:
+        return UNBOUNDED
+    return record.route_until
 
 
 async def moving_allowed(redis: Redis, settings: Settings) -> bool:

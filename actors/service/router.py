@@ -20,10 +20,12 @@ advances it in the same step as the appends, so:
 Entries without a usable routing key (no or a bad workflow id, too large) belong to
 partition 0: its owner dead-letters them (``reason``/``error`` as the owner's validation
 says, built by :func:`~actors.service.streams.dlq_entry`), exactly once by the same
-cursor. Before each batch the mover asks :func:`~actors.service.input_gate.moving_allowed`
-(no resize in progress). The owner of partition 0 trims ``ctxd:in`` to the lowest cursor
-of all partitions (never past an entry some partition has not moved), and every owner
-trims the acknowledged entries of its partition streams, every ``CTXD_TRIM_INTERVAL``.
+cursor. Before each batch the mover asks :func:`~actors.service.input_gate.moving_bound`
+how far it may move (everything; nothing while a resize is in progress; or up to the
+resize's ``route_until`` id, where every cursor then comes to rest). The owner of
+partition 0 trims ``ctxd:in`` to the lowest cursor of all partitions (never past an entry
+some partition has not moved), and every owner trims the acknowledged entries of its
+partition streams, every ``CTXD_TRIM_INTERVAL``.
 
 An idle partition's cursor is written at most once a second (it has nothing to move; a
 lower cursor only means a longer re-scan after a crash). A deployment upgraded from the
@@ -47,7 +49,7 @@ from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.redis_io import Entry, text
 from actors.service.gateway import RouteCall, route_partitions
-from actors.service.input_gate import moving_allowed
+from actors.service.input_gate import UNBOUNDED, moving_bound
 from actors.service.input_routing import (
     SOURCE_FIELD,
     cursor_key,
@@ -64,7 +66,7 @@ from graph.errors import FencedError
 __all__ = [
     "SOURCE_FIELD",
     "TRANSIENT_ERRORS",
-    "MoveGate",
+    "MoveBound",
     "PartitionRouter",
 ]
 
@@ -82,8 +84,8 @@ _BLOCK_MS = 250
 """Longest wait of one ``XREAD`` of ``ctxd:in``: a partition taken over while the input
 is quiet starts moving its backlog within this time."""
 
-MoveGate = Callable[[Redis, Settings], Awaitable[bool]]
-"""Asked before each batch whether entries may be moved now (default: no resize)."""
+MoveBound = Callable[[Redis, Settings], Awaitable[str | None]]
+"""Asked before each batch up to which ``ctxd:in`` id entries may be moved now."""
 
 
 Item = tuple[str, Literal["stream", "dlq"], dict[bytes, bytes]]
@@ -111,7 +113,8 @@ class PartitionRouter:
         on_fenced: told ``(partition, value)`` when a move was refused (lease lost).
         reading_allowed: asked before each read (a breaker is open: leave input unread).
         availability: the process's Redis monitor; routing pauses during an outage.
-        gate: asked before each batch whether moving is allowed (a resize stops it).
+        bound: asked before each batch up to which ``ctxd:in`` id moving is allowed
+            (``+``: all; None: nothing, a resize is in progress).
         clock: monotonic clock (idle cursor writes, trims).
     """
 
@@ -124,7 +127,7 @@ class PartitionRouter:
         on_fenced: Callable[[int, str], None] = lambda n, value: None,
         reading_allowed: Callable[[], bool] | None = None,
         availability: RedisAvailability | None = None,
-        gate: MoveGate = moving_allowed,
+        bound: MoveBound = moving_bound,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._redis = redis
@@ -133,7 +136,7 @@ class PartitionRouter:
         self._on_fenced = on_fenced
         self._reading_allowed = reading_allowed or (lambda: True)
         self._availability = availability or RedisAvailability.for_settings(redis, settings)
-        self._gate = gate
+        self._bound = bound
         self._clock = clock
         self._positions: dict[int, _Position] = {}
         self._refused: set[tuple[int, str]] = set()
@@ -193,7 +196,8 @@ class PartitionRouter:
             if not owned or not self._reading_allowed():
                 await _sleep_unless(stopping, pause)
                 continue
-            if not await self._gate(self._redis, s):  # a resize: leave ctxd:in as it is
+            bound = await self._bound(self._redis, s)
+            if bound is None:  # a resize: leave ctxd:in as it is
                 # What was scanned is stored, so the cursors say exactly what was moved.
                 await self._store_idle(at_once=True)
                 await _sleep_unless(stopping, pause)
@@ -205,20 +209,29 @@ class PartitionRouter:
                     self._positions[n] = _Position(value, at, at, self._clock())
                     _log.info("routing partition", partition=n, cursor=at)
             start = min((p.scanned for p in self._positions.values()), key=id_key)
+            if bound != UNBOUNDED and not id_after(bound, start):
+                await self._store_idle(at_once=True)  # every cursor at rest at the bound
+                await _sleep_unless(stopping, pause)
+                continue
             reply = await self._redis.xread(
                 {s.input_stream: start}, count=s.read_count, block=min(s.block_ms, _BLOCK_MS)
             )
             entries = _entries(reply)
             if entries:
-                await self._move(entries)
+                last = entries[-1][0]
+                if bound != UNBOUNDED and id_after(last, bound):
+                    # The batch crosses the bound: nothing lies between its last entry
+                    # at or below the bound and the bound, so all of that is scanned.
+                    entries = [e for e in entries if not id_after(e[0], bound)]
+                    last = bound
+                await self._move(entries, last)
             await self._store_idle()
             await self._trim_if_due()
 
-    async def _move(self, entries: list[Entry]) -> None:
-        """Move the batch's entries of every owned partition: one script per partition
-        with entries, all in one round trip on a single node."""
+    async def _move(self, entries: list[Entry], last: str) -> None:
+        """Move the batch's entries of every owned partition (scanned up to ``last``):
+        one script per partition with entries, all in one round trip on a single node."""
         s = self._settings
-        last = entries[-1][0]
         items: dict[int, list[Item]] = {}
         for entry_id, raw in entries:
             if raw is None:

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
 from actors.config import Settings
-from actors.service.input_gate import moving_allowed, partitions_record_key
+from actors.service.input_gate import moving_bound, partitions_record_key
 from actors.service.input_routing import SOURCE_FIELD, cursor_key
 from actors.service.lease import Leases
 from actors.service.partitions import lease_key, partition_lease, partition_of, partition_stream
@@ -68,7 +68,7 @@ async def hold(
     return held
 
 
-Gate = Callable[[Redis, Settings], Awaitable[bool]]
+Bound = Callable[[Redis, Settings], Awaitable[str | None]]
 
 
 @asynccontextmanager
@@ -77,7 +77,7 @@ async def running(
     settings: Settings,
     owned: Mapping[int, str],
     *,
-    gate: Gate = moving_allowed,
+    bound: Bound = moving_bound,
     fenced: list[tuple[int, str]] | None = None,
     refused: anyio.Event | None = None,
 ) -> AsyncIterator[PartitionRouter]:
@@ -87,7 +87,7 @@ async def running(
         if refused is not None:
             refused.set()
 
-    router = PartitionRouter(redis, settings, lambda: owned, on_fenced=on_fenced, gate=gate)
+    router = PartitionRouter(redis, settings, lambda: owned, on_fenced=on_fenced, bound=bound)
     stopping = anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(router.run, stopping)
@@ -201,17 +201,17 @@ async def test_nothing_moves_while_a_resize_is_in_progress(
     asked = anyio.Event()
     answers: list[bool] = []
 
-    async def gate(redis: Redis, settings: Settings) -> bool:
-        allowed = await moving_allowed(redis, settings)
-        answers.append(allowed)
+    async def gate(redis: Redis, settings: Settings) -> str | None:
+        up_to = await moving_bound(redis, settings)
+        answers.append(up_to is not None)
         if len(answers) >= 3:
             asked.set()
-        return allowed
+        return up_to
 
     n = partition_of("w", s.partitions)
     entry = await add(client, s.input_stream, {"workflow_id": "w", "content": "one"})
     owned = await hold(client, s, s.instance, range(s.partitions))
-    async with running(client, s, owned, gate=gate):
+    async with running(client, s, owned, bound=gate):
         await asked.wait()
         assert await client.xlen(partition_stream(s, n)) == 0  # asked thrice, moved nothing
         assert await client.get(cursor_key(s, n)) is None  # and scanned nothing
@@ -308,21 +308,49 @@ async def test_a_resize_leaves_every_cursor_at_what_was_scanned(
     refused = anyio.Event()
     refusals: list[bool] = []
 
-    async def gate(redis: Redis, settings: Settings) -> bool:
-        allowed = await moving_allowed(redis, settings)
-        if not allowed:
-            refusals.append(allowed)
+    async def gate(redis: Redis, settings: Settings) -> str | None:
+        up_to = await moving_bound(redis, settings)
+        if up_to is None:
+            refusals.append(False)
             if len(refusals) == 2:  # the first refusal's work is done by now
                 refused.set()
-        return allowed
+        return up_to
 
     n = partition_of("w", s.partitions)
     last = await add(client, s.input_stream, {"workflow_id": "w", "content": "one"})
     owned = await hold(client, s, s.instance, range(s.partitions))
-    async with running(client, s, owned, gate=gate):
+    async with running(client, s, owned, bound=gate):
         await aread_entries(client, partition_stream(s, n), 1, within=WITHIN)
         await client.hset(record, "state", "resizing")
         with anyio.fail_after(WITHIN):
             await refused.wait()
         cursors = [await client.get(cursor_key(s, m)) for m in range(s.partitions)]
     assert [text(c) for c in cursors] == [last] * s.partitions
+
+
+async def test_a_resize_with_route_until_moves_up_to_that_id_and_rests_there(
+    client: Redis, routing: Settings
+) -> None:
+    """``route_until``: entries up to that id are still moved, none after it; every
+    partition's cursor (owned and idle ones) comes to rest exactly at it."""
+    s = routing
+    before = [
+        await add(client, s.input_stream, {"workflow_id": "w", "content": f"{i}"}) for i in range(3)
+    ]
+    record = partitions_record_key(s.stream_prefix)
+    await client.hset(record, mapping={"count": s.partitions, "epoch": 1, "state": "resizing"})
+    await client.hset(record, "route_until", before[-1])
+    after = await add(client, s.input_stream, {"workflow_id": "w", "content": "later"})
+    n = partition_of("w", s.partitions)
+    owned = await hold(client, s, s.instance, range(s.partitions))
+    async with running(client, s, owned):
+        moved = await aread_entries(client, partition_stream(s, n), 3, within=WITHIN)
+        with anyio.fail_after(WITHIN):  # the cursors are seen in Redis only
+            while [await client.get(cursor_key(s, m)) for m in range(s.partitions)] != [  # noqa: ASYNC110
+                before[-1].encode()
+            ] * s.partitions:
+                await anyio.sleep(0.02)
+        assert await client.xlen(partition_stream(s, n)) == 3  # not the one after the bound
+        await client.hset(record, mapping={"state": "active", "route_until": ""})
+        moved = await aread_entries(client, partition_stream(s, n), 4, within=WITHIN)
+    assert [f[SOURCE_FIELD] for _, f in moved] == [*before, after]
