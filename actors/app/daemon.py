@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
+from functools import partial
 from typing import Any
 
 import anyio
@@ -153,12 +154,19 @@ async def serve(
                 await tg.start(root.run)
                 if telemetry is not None and _exports_metrics(telemetry.settings):
                     interval = min(max(telemetry.settings.metric_export_interval, 0.2), 15.0)
-                    streams = [
+                    streams = [  # ctxd:in for other consumers' groups (ctxd's own: cursors)
                         settings.input_stream,
                         *(settings.key("actor", kind.value) for kind in WorkKind),
                     ]
                     await tg.start(
-                        poll_stream_gauges, redis, streams, telemetry.instruments, interval
+                        partial(
+                            poll_stream_gauges,
+                            redis,
+                            streams,
+                            telemetry.instruments,
+                            interval,
+                            settings=settings,
+                        )
                     )
                 _log.info(
                     "ctxd is running",
