@@ -46,7 +46,7 @@ def test_where_events_go_follows_the_partition_record(redis: SyncRedis, prefix: 
     sent = producer.send("wf-1", "recorded", event_id="e1", metadata={"k": 1})
     n = partition_for("wf-1", 8)  # the recorded count, whatever the producer's settings
     assert (sent.stream, sent.partition) == (f"{prefix}:{{p{n}}}:stream", n)
-    entry = redis.xrange(sent.stream, sent.entry_id, sent.entry_id)[0][1]
+    entry = _fields(redis, sent.stream, sent.entry_id)
     assert entry == {
         "workflow_id": "wf-1",
         "content": "recorded",
