@@ -31,12 +31,14 @@ __all__ = [
     "COMMIT",
     "DEAD_LETTER",
     "DLQ_REPLAY",
+    "FENCED_ACK",
     "FENCED_POINTER",
     "FENCED_READ",
     "LEASE_ACQUIRE",
     "LEASE_RELEASE",
     "LEASE_RENEW",
     "MOVE",
+    "MOVE_ONCE",
     "POOL_FINISH",
     "ROUTE_PARTITION",
     "ZREM_IF_IDLE",
@@ -223,6 +225,23 @@ pairs (bounded as for MOVE).
 Reply: {'ok' | 'resync' | 'exists', the cursor now, entries appended}. Error FENCED when
 the lease moved.
 """
+
+MOVE_ONCE: Final = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+end
+return false
+"""
+"""Append an entry to a stream once, whoever asks how often (a move between slots).
+
+KEYS: a marker key in the target's slot, the target stream. ARGV: marker TTL in seconds,
+then the entry's field/value pairs. Reply: the new entry id, or nil when the marker
+existed (appended before).
+"""
+
+FENCED_ACK: Final = _FENCE + "return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])\n"
+"""Acknowledge an entry while holding a lease. KEYS: lease, stream. ARGV: lease value,
+group, entry id. Reply: 1 or 0. Error FENCED when the lease moved."""
 
 LEASE_ACQUIRE: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end

@@ -44,6 +44,7 @@ __all__ = [
     "RouteReply",
     "Settle",
     "dead_letter",
+    "move_home",
     "output_item",
     "route_entries",
     "route_partition",
@@ -243,6 +244,43 @@ async def route_entries(
         for name, value in fields.items():
             args += [name, value]
     await call_script(redis, scripts.MOVE, keys=keys, args=args)
+
+
+async def move_home(
+    redis: Redis,
+    *,
+    lease: Lease,
+    stream: str,
+    group: str,
+    entry_id: str,
+    target: str,
+    fields: Mapping[bytes, bytes],
+    marker: str,
+    marker_ttl: int,
+) -> None:
+    """Move one entry from ``stream`` (its partition) to ``target`` (its workflow's).
+
+    On a single node one script appends and acknowledges, fenced by ``lease``
+    (:func:`route_entries`). On a cluster the two streams are in different slots, so it
+    takes two scripts: append once in the target's slot (``marker``, a key there, says
+    it was done: a retry after a crash, or a zombie, appends nothing again), then
+    acknowledge in the source's slot, fenced by ``lease``.
+
+    Raises:
+        FencedError: the lease does not hold our value any more (nothing acknowledged).
+    """
+    if isinstance(redis, Redis):
+        await route_entries(
+            redis, lease=lease, input_stream=stream, group=group, moves=[(entry_id, target, fields)]
+        )
+        return
+    args: list[str | bytes | int] = [marker_ttl]
+    for name, value in fields.items():
+        args += [name, value]
+    await call_script(redis, scripts.MOVE_ONCE, keys=[marker, target], args=args)
+    await call_script(
+        redis, scripts.FENCED_ACK, keys=[lease[0], stream], args=[lease[1], group, entry_id]
+    )
 
 
 @dataclass(frozen=True)

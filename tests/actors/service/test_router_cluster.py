@@ -21,10 +21,18 @@ from redis_helpers import free_port, start_redis
 
 from actors.config import Settings
 from actors.runtime.redis_io import text
+from actors.service.gateway import move_home
 from actors.service.input_routing import SOURCE_FIELD, cursor_key
 from actors.service.lease import Leases
-from actors.service.partitions import dlq_stream_of, partition_lease, partition_of, partition_stream
+from actors.service.partitions import (
+    dlq_stream_of,
+    partition_key,
+    partition_lease,
+    partition_of,
+    partition_stream,
+)
 from actors.service.router import PartitionRouter
+from graph.errors import FencedError
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +155,37 @@ async def test_routing_runs_on_a_cluster_in_order_over_every_master(
     assert dlq_stream_of(s, 0).endswith("{p0}:dlq")
     nodes = [client.get_node_from_key(cursor_key(s, n)) for n in sent]
     assert {node.port for node in nodes if node is not None} == set(cluster)  # every master
+
+
+async def test_an_entry_is_moved_home_across_slots_once_and_fenced(
+    client: RedisCluster, settings: Settings
+) -> None:
+    """An entry in a partition its workflow does not hash to (a producer with an old
+    count) is moved between two slots on a cluster: appended once however often the move
+    is retried, acknowledged only under the source partition's lease."""
+    s = replace(settings, partitions=8, cluster=True)
+    source, home = 1, 6
+    stream = partition_stream(s, source)
+    await client.xgroup_create(stream, s.group, id="0", mkstream=True)
+    entry_id = text(await client.xadd(stream, {"workflow_id": "w", "content": "x"}))
+    await client.xreadgroup(s.group, "owner", {stream: ">"})
+    leases = Leases(client, s.instance, 30.0)  # type: ignore[arg-type]
+    value = await leases.acquire(*partition_lease(s, source))
+    assert value is not None
+    fields = {b"workflow_id": b"w", b"content": b"x"}
+    move = {
+        "stream": stream,
+        "group": s.group,
+        "entry_id": entry_id,
+        "target": partition_stream(s, home),
+        "fields": fields,
+        "marker": partition_key(s, home, "moved", f"{source}/{entry_id}"),
+        "marker_ttl": 60,
+    }
+    with pytest.raises(FencedError):  # a zombie: appended (once), not acknowledged
+        await move_home(client, lease=(partition_lease(s, source)[0], "zombie|1"), **move)  # type: ignore[arg-type]
+    assert (await client.xpending(stream, s.group))["pending"] == 1
+    for _ in range(2):  # the owner, and a retry of it
+        await move_home(client, lease=(partition_lease(s, source)[0], value), **move)  # type: ignore[arg-type]
+    assert await _sources(client, partition_stream(s, home), b"content") == ["x"]
+    assert (await client.xpending(stream, s.group))["pending"] == 0
