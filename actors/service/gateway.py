@@ -293,11 +293,13 @@ class RouteReply:
             ``exists`` (an upgrade's first cursor was set already: nothing moved).
         cursor: the partition's cursor now (the last ``ctxd:in`` id moved or scanned).
         moved: entries appended (to the partition or the DLQ).
+        barrier: the partition's barrier, if one is set (nothing past it moves).
     """
 
     status: Literal["ok", "resync", "exists"]
     cursor: str
     moved: int
+    barrier: str | None = None
 
 
 async def route_partition(
@@ -307,6 +309,7 @@ async def route_partition(
     cursor_key: str,
     stream: str,
     dlq_stream: str,
+    barrier_key: str,
     expected: str,
     scanned: str,
     items: Sequence[tuple[str, Literal["stream", "dlq"], Mapping[bytes, bytes]]],
@@ -320,6 +323,7 @@ async def route_partition(
         cursor_key: the partition's cursor key.
         stream: the partition stream.
         dlq_stream: where ``dlq`` items go (the partition's DLQ).
+        barrier_key: the partition's barrier (nothing past its id is moved while set).
         expected: the cursor this caller last saw ('' = any, '!' = only if none yet).
         scanned: the last ``ctxd:in`` id the caller read for this call.
         items: the entries to move.
@@ -327,7 +331,7 @@ async def route_partition(
     Raises:
         FencedError: the lease does not hold our value any more; nothing was written.
     """
-    call = RouteCall(lease, cursor_key, stream, dlq_stream, expected, scanned, items)
+    call = RouteCall(lease, cursor_key, stream, dlq_stream, barrier_key, expected, scanned, items)
     reply = await call_script(redis, scripts.ROUTE_PARTITION, keys=call.keys(), args=call.args())
     return _route_reply(reply)
 
@@ -340,13 +344,14 @@ class RouteCall:
     cursor_key: str
     stream: str
     dlq_stream: str
+    barrier_key: str
     expected: str
     scanned: str
     items: Sequence[tuple[str, Literal["stream", "dlq"], Mapping[bytes, bytes]]]
 
     def keys(self) -> list[str]:
         """The script's KEYS."""
-        return [self.lease[0], self.cursor_key, self.stream, self.dlq_stream]
+        return [self.lease[0], self.cursor_key, self.stream, self.dlq_stream, self.barrier_key]
 
     def args(self) -> list[str | bytes | int]:
         """The script's ARGV."""
@@ -396,11 +401,12 @@ async def route_partitions(
 
 
 def _route_reply(reply: object) -> RouteReply:
-    status, cursor, moved = cast(list[bytes | str | int], reply)
+    status, cursor, moved, barrier = cast(list[bytes | str | int], reply)
     return RouteReply(
         status=cast(Literal["ok", "resync", "exists"], text(cast(bytes | str, status))),
         cursor=text(cast(bytes | str, cursor)),
         moved=int(moved),
+        barrier=text(cast(bytes | str, barrier)) or None,
     )
 
 
