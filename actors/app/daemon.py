@@ -20,6 +20,7 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import anyio
@@ -194,11 +195,20 @@ async def serve(
             await tg.start(root.run)
             if telemetry is not None and _exports_metrics(telemetry.settings):
                 interval = min(max(telemetry.settings.metric_export_interval, 0.2), 15.0)
-                streams = [
+                streams = [  # ctxd:in for other consumers' groups (ctxd's own: cursors)
                     settings.input_stream,
                     *(settings.key("actor", kind.value) for kind in WorkKind),
                 ]
-                await tg.start(poll_stream_gauges, redis, streams, telemetry.instruments, interval)
+                await tg.start(
+                    partial(
+                        poll_stream_gauges,
+                        redis,
+                        streams,
+                        telemetry.instruments,
+                        interval,
+                        settings=settings,
+                    )
+                )
             _log.info(
                 "ctxd is running",
                 redis=redact_url(redis_url),

@@ -31,6 +31,7 @@ __all__ = [
     "COMMIT",
     "DEAD_LETTER",
     "DLQ_REPLAY",
+    "FENCED_ACK",
     "FENCED_POINTER",
     "FENCED_READ",
     "FLOOR_POINTER",
@@ -39,7 +40,9 @@ __all__ = [
     "LEASE_RELEASE",
     "LEASE_RENEW",
     "MOVE",
+    "MOVE_ONCE",
     "POOL_FINISH",
+    "ROUTE_PARTITION",
     "ZREM_IF_IDLE",
     "call_script",
     "is_fenced",
@@ -203,14 +206,92 @@ end
 return n
 """
 )
-"""Route entries: append each to its target stream and acknowledge it on the input.
+"""Move entries between streams: append each to its target and acknowledge it on the input
+(an entry in a partition its workflow does not hash to, moved to its own).
 
-KEYS: router lease, the input stream, then one target stream per item.
+KEYS: the lease (the source partition's), the input stream, then one target stream per item.
 ARGV: lease value, group, n, then per item: source id, nfields, field/value pairs (each
 item bounded: a valid entry has at most CTXD_MAX_FIELDS + 1 fields, a DLQ copy at most
 that + 5, CTXD_MAX_FIELDS <= 1000).
 Reply: n. Error FENCED when the lease moved.
 """
+
+ROUTE_PARTITION: Final = (
+    _FENCE
+    + """
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function after(a, b)  -- stream id a > stream id b
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am > bm or (am == bm and as > bs)
+end
+local cursor, stream, dlq = KEYS[2], KEYS[3], KEYS[4]
+local expected, scanned, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local stored = redis.call('GET', cursor)
+local barrier = redis.call('GET', KEYS[5])
+if expected == '!' and stored then return {'exists', stored, 0, barrier or ''} end
+stored = stored or '0-0'
+if expected ~= '' and expected ~= '!' and stored ~= expected then
+  return {'resync', stored, 0, barrier or ''}
+end
+if barrier and after(scanned, barrier) then scanned = barrier end
+local pos, moved = 5, 0
+for i = 1, n do
+  local source_id, target, nfields = ARGV[pos], ARGV[pos + 1], tonumber(ARGV[pos + 2])
+  local fields = {}
+  for j = 1, nfields * 2 do fields[j] = ARGV[pos + 2 + j] end
+  pos = pos + 3 + nfields * 2
+  if after(source_id, stored) and not after(source_id, scanned) then
+    if target == 'dlq' then redis.call('XADD', dlq, '*', unpack(fields))
+    else redis.call('XADD', stream, '*', unpack(fields)) end
+    moved = moved + 1
+  end
+end
+if after(scanned, stored) then stored = scanned end
+redis.call('SET', cursor, stored)
+return {'ok', stored, moved, barrier or ''}
+"""
+)
+"""Move one partition's entries of ``ctxd:in`` into the partition, fenced, exactly once.
+
+Every key is in the partition's slot (on a cluster ``dlq`` is the partition's own DLQ).
+The cursor is the last ``ctxd:in`` id this partition has moved or scanned past; items at
+or below it were moved before (a crash, an owner change) and are skipped, and the cursor
+moves to ``scanned`` in the same step as the appends. The **barrier** key, while it
+exists, is a ``ctxd:in`` id nothing past which is moved or scanned (a resize holds the
+partition there: checked in the same step as the moves, so no batch read before the
+barrier was set can land after it).
+
+KEYS: the partition lease, the partition's cursor, the partition stream, the DLQ, the
+partition's barrier.
+ARGV: lease value ('' = unfenced), expected cursor ('' = whatever is stored; '!' = only
+if no cursor is stored yet, the upgrade's first cursor; else the value this owner last
+saw, anything else is answered 'resync'), the last ``ctxd:in`` id scanned, n, then per
+item in ``ctxd:in`` order: its ``ctxd:in`` id, 'stream' or 'dlq', nfields, field/value
+pairs (bounded as for MOVE).
+Reply: {'ok' | 'resync' | 'exists', the cursor now, entries appended, the barrier or ''}.
+Error FENCED when the lease moved.
+"""
+
+MOVE_ONCE: Final = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+end
+return false
+"""
+"""Append an entry to a stream once, whoever asks how often (a move between slots).
+
+KEYS: a marker key in the target's slot, the target stream. ARGV: marker TTL in seconds,
+then the entry's field/value pairs. Reply: the new entry id, or nil when the marker
+existed (appended before).
+"""
+
+FENCED_ACK: Final = _FENCE + "return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])\n"
+"""Acknowledge an entry while holding a lease. KEYS: lease, stream. ARGV: lease value,
+group, entry id. Reply: 1 or 0. Error FENCED when the lease moved."""
 
 LEASE_ACQUIRE: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end

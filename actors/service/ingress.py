@@ -4,8 +4,9 @@ Every instance runs the same pieces (see docs/design.md, "Partitions and leases"
 supervised child of the ``stream`` supervisor this facade runs (one_for_one, with the
 restart intensity, period and backoff of the actor pools, ``CTXD_RESTART_*``):
 
-- ``router`` (actors/service/router.py): the one instance holding the router lease moves
-  ``ctxd:in`` entries to partition streams (invalid ones to the DLQ);
+- ``router`` (actors/service/router.py): moves the ``ctxd:in`` entries of the partitions
+  this instance owns into their partition streams (invalid ones, partition 0's, to the
+  DLQ), each partition from its own cursor — every instance routes, none alone;
 - ``ownership`` (actors/service/ownership.py): heartbeats, balanced assignment of
   partitions to the live instances, acquiring / renewing / releasing partition leases;
 - ``readers`` (actors/service/reader.py): one fenced reader per owned partition (pending
@@ -47,9 +48,8 @@ from actors.service.lease import Leases
 from actors.service.ownership import Ownership
 from actors.service.partitions import OWNER_CONSUMER
 from actors.service.reader import PartitionReaders, ReadHook
-from actors.service.router import Router
+from actors.service.router import PartitionRouter
 from actors.service.scheduler import Scheduler
-from actors.service.streams import ensure_group
 from actors.service.tree import restart_config
 from graph.workflow import ContextualGraph
 from telemetry.metrics import Instruments
@@ -76,7 +76,7 @@ class IngressStatistics:
         active_workflows: workflows being processed now.
         interrupted: events cancelled by the interrupt/rollback strategies.
         partitions: partitions this instance owns.
-        router: whether this instance routes ctxd:in now.
+        router: whether this instance routes any partition's entries of ctxd:in now.
     """
 
     processed: int
@@ -141,7 +141,14 @@ class Ingress:
         self.stopped = anyio.Event()
         """Set when :meth:`run` has returned after :meth:`stop`: nothing is in flight."""
         leases = Leases(redis, settings.instance, settings.lease_ttl)
-        self._router = Router(redis, settings, leases, allowed, self._availability)
+        self._router = PartitionRouter(
+            redis,
+            settings,
+            lambda: self._ownership.readable(),
+            on_fenced=lambda n, value: self._ownership.drop(n, value),
+            reading_allowed=allowed,
+            availability=self._availability,
+        )
         self._runner = BatchProcessor(
             redis,
             settings,
@@ -267,7 +274,6 @@ class Ingress:
             SupervisorEscalation: the ``stream`` supervisor exceeded its intensity.
         """
         s = self._settings
-        await self._availability.call(lambda: ensure_group(self._redis, s.input_stream, s.group))
         tree = self.supervisor = Supervisor(
             "stream",
             self.children(),

@@ -8,7 +8,7 @@ computes the balanced assignment of partitions over the live instances
 longer own and acquires those it should. Between two rounds it watches the live set
 every :data:`~actors.service.lease.ACQUIRE_POLL` (one read): when an instance dies, its
 heartbeat leaves the set just after its leases lapsed, and this instance takes its share
-at once instead of at its next round. See docs/design.md, "Router + partitions + leases
+at once instead of at its next round. See docs/design.md, "Partitions + leases
 with fencing tokens", and docs/operations.md, "Fail-over and the lease TTL".
 
 How late the renewals come is measured (the longest gap between two renewals, against

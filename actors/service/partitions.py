@@ -1,7 +1,7 @@
 """Partitions of the input and their exclusive owners.
 
-The router (:mod:`actors.service.router`) appends every valid input entry to the partition
-stream ``{prefix}:part:{n}``, ``n = crc32(workflow_id) % CTXD_PARTITIONS``, so all the
+Each partition's owner (:mod:`actors.service.router`) moves every valid input entry to the
+partition stream ``{prefix}:part:{n}``, ``n = crc32(workflow_id) % CTXD_PARTITIONS``, so all the
 entries of one workflow are in one partition, in input order. Each partition is owned
 by at most one live instance at a time: the owner holds the partition's lease
 (``{prefix}:lease:part:{n}``, with a fencing token) and is the only one that reads the
@@ -99,7 +99,8 @@ def dlq_stream_of(settings: Settings, n: int) -> str:
 
 
 def lease_key(settings: Settings, name: str) -> tuple[str, str]:
-    """The lease key and its fence counter key (``name`` e.g. ``part:3`` or ``router``)."""
+    """A lease key outside the partitions and its fence counter key (``router``: the retired
+    router lease, actors/service/router_upgrade.py)."""
     return settings.key("lease", name), settings.key("fence", name)
 
 

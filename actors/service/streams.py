@@ -71,7 +71,7 @@ DLQ_MIN_FIELDS = 64
 _DLQ_OWN_FIELDS = frozenset({"reason", "error", "attempts", "source_id", DLQ_CUT_FIELD})
 _DLQ_NAME_BYTES = 256
 _DLQ_ERROR_BYTES = 1000
-_SOURCE_FIELD = "ctxd_source_id"  # = actors.service.router.SOURCE_FIELD (the router imports us)
+_SOURCE_FIELD = "ctxd_source_id"  # = actors.service.input_routing.SOURCE_FIELD (it imports us)
 
 
 def dlq_entry(

@@ -45,9 +45,9 @@ def test_status_and_dlq_replay(
     doc = json.loads(status.stdout)
     assert doc["dlq_size"] == 1
     assert doc["output_length"] == 1
-    assert doc["router"].startswith(doc["instances"][0]["instance"])
+    assert doc["instances"][0]["router"] is True  # it routes the partitions it owns
     assert sorted(doc["instances"][0]["partitions"]) == [0, 1, 2, 3]
-    assert doc["input"]["groups"][0]["lag"] == 0
+    assert doc["input"]["lag"] == 0  # every partition's cursor is past both entries
     assert doc["pending"] == 0
     # The actor pools publish their breakers and supervision figures in the heartbeat.
     instance = doc["instances"][0]

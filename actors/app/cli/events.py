@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from actors.app.cli.common import Subcommands, client_redis, command_settings
 from actors.app.cli.merged import Follower, newest, partition_count, workflow_partitions
 from actors.config import Settings
+from actors.producer import Producer
 from actors.results import output_streams
 from actors.runtime.backoff import jittered_backoff
 from actors.service.partitions import output_stream_of
@@ -35,8 +36,10 @@ def register(commands: Subcommands) -> None:
     """Add ``send`` and ``tail`` to the command line."""
     send = commands.add_parser(
         "send",
-        help="append one event to the input stream",
-        description="Append one event to ctxd:in and print its entry id.",
+        help="append one event to its partition stream (or the input stream)",
+        description="Append one event straight to its workflow's partition stream (the "
+        "producer API, actors/producer.py) and print its entry id; to ctxd:in while no "
+        "partition count is recorded or a resize is in progress, or with --via-input.",
     )
     send.add_argument("workflow_id", metavar="WORKFLOW_ID", help="1-200 chars of [A-Za-z0-9_.:-]")
     send.add_argument("text", metavar="TEXT", help="the event's content")
@@ -45,6 +48,11 @@ def register(commands: Subcommands) -> None:
     send.add_argument("--max-cost", type=float, help="cost budget, a number >= 0")
     send.add_argument("--event-id", help="idempotency key (default: the entry id)")
     send.add_argument("--metadata", help="a JSON object")
+    send.add_argument(
+        "--via-input",
+        action="store_true",
+        help="append to ctxd:in (routed by the partitions' owners) instead of the partition",
+    )
     send.set_defaults(handler=_send)
 
     tail = commands.add_parser(
@@ -69,8 +77,9 @@ def _send(settings: Settings, args: argparse.Namespace) -> int:
     if args.max_cost is not None:
         fields["max_cost"] = repr(args.max_cost)
     with client_redis(settings) as redis:
-        entry_id = redis.xadd(settings.input_stream, fields)  # type: ignore[arg-type]
-    print(entry_id)
+        producer = Producer(redis, prefix=settings.stream_prefix)
+        sent = producer.send_fields(fields, via_input=args.via_input)
+    print(sent.entry_id)
     return 0
 
 

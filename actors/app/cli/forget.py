@@ -31,6 +31,7 @@ from actors.app.cli.common import (
     open_command_checkpointer,
 )
 from actors.config import Settings
+from actors.service.input_routing import cursor_key
 from actors.service.parking import parked_stream
 from actors.service.partitions import (
     output_stream_of,
@@ -145,7 +146,27 @@ def queued_entries(redis: SyncRedis, settings: Settings, workflow_id: str) -> in
     n = partition_of(workflow_id, settings.partitions)
     return _stream_queue(
         redis, partition_stream(settings, n), settings.group, workflow_id
-    ) + _stream_queue(redis, settings.input_stream, settings.group, workflow_id)
+    ) + _input_queue(redis, settings, n, workflow_id)
+
+
+def _input_queue(redis: SyncRedis, settings: Settings, n: int, workflow_id: str) -> int:
+    """The workflow's ``ctxd:in`` entries its partition has not moved yet: those after
+    the partition's cursor (actors/service/router.py).
+
+    Raises:
+        WorkflowBusyError: more than the scan bound waits there.
+    """
+    cursor = cast(str | None, redis.get(cursor_key(settings, n))) or "0-0"
+    waiting = cast(
+        list[tuple[str, dict[str, str]]],
+        redis.xrange(settings.input_stream, f"({cursor}", "+", count=_SCAN_BOUND + 1),
+    )
+    if len(waiting) > _SCAN_BOUND:
+        raise WorkflowBusyError(
+            f"{settings.input_stream} has more than {_SCAN_BOUND} entries not routed yet: "
+            "cannot tell whether the workflow is among them; try again later, or --force"
+        )
+    return sum(f.get("workflow_id") == workflow_id for _, f in waiting)
 
 
 def _scan(redis: SyncRedis, pattern: str) -> Iterator[str]:

@@ -1,9 +1,10 @@
 """``ctxd status``: what an operator needs at a glance (the DLQ commands: ``dlq.py``).
 
-``status`` reads only what is in Redis: the instances' heartbeats (partitions, router,
-counters, breaker states when the actor pools publish them), the leases, the consumer
-groups of ``ctxd:in`` and the partition streams (lag, pending), and the lengths of the
-output and dead-letter streams (summed over every partition's on a Redis Cluster).
+``status`` reads only what is in Redis: the instances' heartbeats (partitions, counters,
+breaker states when the actor pools publish them), the leases, the partitions' cursors
+in ``ctxd:in`` (input lag: entries after the lowest cursor), the consumer groups of the
+partition streams (lag, pending), and the lengths of the output and dead-letter streams
+(summed over every partition's on a Redis Cluster).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from actors.config import Settings
 from actors.results import dead_letter_streams, output_streams
 from actors.service.footprint import SAMPLES, collect_footprint, format_bytes
 from actors.service.heartbeat import instance_key, instances_key, worker_key, workers_key
+from actors.service.input_routing import cursor_key, id_key
 from actors.service.partitions import (
     dlq_stream_of,
-    lease_key,
     output_stream_of,
     partition_lease,
     partition_stream,
@@ -63,6 +64,23 @@ def _groups(redis: SyncRedis, stream: str) -> list[dict[str, object]]:
         return []
 
 
+_LAG_SCAN = 100_000
+"""``ctxd status`` counts at most this many unmoved ``ctxd:in`` entries (then says ``+``)."""
+
+
+def _input_lag(redis: SyncRedis, stream: str, lowest: str) -> tuple[int, bool]:
+    """How many ``ctxd:in`` entries lie after the lowest partition cursor (not moved by
+    every partition yet), counted up to :data:`_LAG_SCAN`; whether the count stopped there."""
+    count, start = 0, f"({lowest}"
+    while count < _LAG_SCAN:
+        page = cast(list[tuple[str, object]], redis.xrange(stream, start, "+", count=1000))
+        count += len(page)
+        if len(page) < 1000:
+            return count, False
+        start = f"({page[-1][0]}"
+    return count, True
+
+
 def collect_status(
     redis: SyncRedis, settings: Settings, *, scan_limit: int = 0
 ) -> dict[str, object]:
@@ -87,8 +105,11 @@ def collect_status(
         body = cast(str | None, redis.get(worker_key(settings, name)))
         if body:  # a worker that stopped without saying so is gone with its key's TTL
             workers.append(json.loads(body))
-    router = cast(str | None, redis.get(lease_key(settings, "router")[0]))
-    input_groups = _groups(redis, settings.input_stream)
+    cursors = [
+        cast(str | None, redis.get(cursor_key(settings, n))) for n in range(settings.partitions)
+    ]
+    lowest = min((c for c in cursors), key=lambda c: id_key(c or "0-0"), default=None)
+    input_lag, lag_capped = _input_lag(redis, settings.input_stream, lowest or "0-0")
     partitions = []
     for n in range(settings.partitions):
         stream = partition_stream(settings, n)
@@ -98,6 +119,7 @@ def collect_status(
             {
                 "partition": n,
                 "owner": owner,
+                "cursor": cursors[n],
                 "pending": sum(int(cast(int, g.get("pending") or 0)) for g in groups),
                 "lag": sum(int(cast(int, g.get("lag") or 0)) for g in groups),
             }
@@ -115,19 +137,16 @@ def collect_status(
         "footprint": footprint,
         "instances": instances,
         "workers": workers,
-        "router": router,
         "input": {
             "stream": settings.input_stream,
             "length": redis.xlen(settings.input_stream),
-            "groups": [
-                {k: g.get(k) for k in ("name", "consumers", "pending", "lag")} for g in input_groups
-            ],
+            "lowest_cursor": lowest,
+            "lag": input_lag,
+            "lag_capped": lag_capped,
         },
         "partitions": partitions,
-        "pending": sum(int(cast(int, p["pending"])) for p in partitions)
-        + sum(int(cast(int, g.get("pending") or 0)) for g in input_groups),
-        "lag": sum(int(cast(int, p["lag"])) for p in partitions)
-        + sum(int(cast(int, g.get("lag") or 0)) for g in input_groups),
+        "pending": sum(int(cast(int, p["pending"])) for p in partitions),
+        "lag": sum(int(cast(int, p["lag"])) for p in partitions) + input_lag,
         "output_length": sum(outputs.values()),
         "output_streams": len(outputs),
         "dlq_size": sum(dead.values()),
@@ -142,7 +161,7 @@ def _status(configured: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(doc, sort_keys=True, default=str))
         return 0
     instances = cast(list[dict[str, object]], doc["instances"])
-    print(f"instances: {len(instances)}   router: {doc['router'] or '-'}")
+    print(f"instances: {len(instances)}")
     for info in instances:
         breakers = info.get("breakers") or {}
         print(
@@ -169,11 +188,12 @@ def _status(configured: Settings, args: argparse.Namespace) -> int:
         outages = _outage_line(info.get("redis"))
         if outages:
             print(f"    {outages}")
-    for group in cast(dict[str, list[dict[str, object]]], doc["input"])["groups"]:
-        print(
-            f"input {settings.input_stream} group {group['name']}: lag {group['lag']}, "
-            f"pending {group['pending']}"
-        )
+    inputs = cast(dict[str, object], doc["input"])
+    print(
+        f"input {settings.input_stream}: {inputs['length']} entries, "
+        f"lag {inputs['lag']}{'+' if inputs['lag_capped'] else ''} "
+        f"(not moved to partitions yet, after the lowest cursor {inputs['lowest_cursor'] or '-'})"
+    )
     busy = [p for p in cast(list[dict[str, object]], doc["partitions"]) if p["pending"] or p["lag"]]
     print(f"partitions: {settings.partitions}, pending {doc['pending']}, lag {doc['lag']}")
     for p in busy:
