@@ -244,16 +244,6 @@ class Ingress:
 
         async def router(task_status: TaskStatus[None]) -> None:
             task_status.started()
-            if self._settings.cluster:
-                # The router's move (ctxd:in, its lease and every partition stream in one
-                # script) cannot run on a cluster; producers append straight to the
-                # partition streams there (docs/operations.md, "Redis Cluster").
-                _log.warning(
-                    "ctxd:in is not routed on a Redis Cluster",
-                    input=self._settings.input_stream,
-                )
-                await self._stopping.wait()
-                return
             await self._router.run(self._stopping)
 
         def spec(name: str, start: Callable[[TaskStatus[None]], Awaitable[None]]) -> ChildSpec:
