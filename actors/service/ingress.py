@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import anyio
-import structlog
 from anyio.abc import TaskStatus
 from opentelemetry import trace
 from redis.asyncio import Redis
@@ -57,7 +56,6 @@ from telemetry.metrics import Instruments
 __all__ = ["Ingress", "IngressStatistics"]
 
 _tracer = trace.get_tracer("ctxd.ingress")
-_log = structlog.get_logger("ctxd.ingress")
 
 _LEAVE_BUDGET = 3.0
 """Seconds releasing the leases and the heartbeat may take when the ingress ends."""
