@@ -24,11 +24,11 @@ from redis.crc import key_slot
 
 from actors.config import Settings
 from actors.runtime.mailbox import ActorReply, ActorRequest, mailbox_stream
-from actors.runtime.redis_io import text
+from actors.runtime.redis_io import text, wait_aof
 from actors.service.connections import open_service_client
 from actors.service.heartbeat import Heartbeat
 from actors.service.lease import Leases
-from actors.service.partitions import partition_lease
+from actors.service.partitions import partition_key, partition_lease
 from actors.service.tree import ActorSystem
 from graph.state import JSON
 from graph.work import WorkHandlers
@@ -130,3 +130,30 @@ async def test_poison_request_is_dead_lettered_on_a_cluster(cluster_settings: Se
     fields = {text(k): text(v) for k, v in dlq[0][1].items()}
     assert (fields["reason"], fields["source_id"]) == ("poison", entry_id)
     assert pending["pending"] == 0
+
+
+async def test_wait_aof_goes_to_the_master_of_the_written_key(
+    cluster_settings: Settings, redis_cluster: LocalCluster
+) -> None:
+    """``CTXD_WAIT_AOF``'s WAITAOF is answered by the master that took the commit: with the
+    AOF off on every other master (where WAITAOF is an error), it still succeeds, for a
+    partition on each master."""
+    masters = redis_cluster.masters()
+    by_master: dict[int, str] = {}
+    for n in range(64):
+        key = partition_key(cluster_settings, n, "out")
+        by_master.setdefault(redis_cluster.master_of_slot(key_slot(key.encode())).port, key)
+    assert len(by_master) == 3
+    async with cluster_client(cluster_settings) as redis:
+        for port, key in by_master.items():
+            others = [m for m in masters if m.port != port]
+            for node in others:
+                with node.client() as client:
+                    client.config_set("appendonly", "no")
+            try:
+                await redis.set(key, "committed")
+                await wait_aof(redis, key, 2000)
+            finally:
+                for node in others:
+                    with node.client() as client:
+                        client.config_set("appendonly", "yes")
