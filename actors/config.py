@@ -85,6 +85,9 @@ class Settings:
     group: str = "ctxd"
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     checkpointer: CheckpointerName = "redis"
+    checkpoint_url: str | None = None
+    """``CTXD_CHECKPOINT_URL``: the Redis of checkpoints when it is not the service Redis
+    (a standalone Redis with the modules beside a Redis Cluster); the service Redis if None."""
     postgres_url: str | None = None
     durability: DurabilityMode = "exit"
     concurrency: int = 16
@@ -258,6 +261,17 @@ def _parse_name(name: str, raw: object) -> str:
     return value
 
 
+def _parse_prefix(name: str, raw: object) -> str:
+    value = _parse_name(name, raw)
+    if "{" in value or "}" in value:
+        raise ConfigError(
+            f"{name}={raw!r} holds a hash tag: ctxd tags each partition's keys itself "
+            "({prefix}:{p<n>}:...) so partitions spread over a cluster's shards, and a tag in "
+            "the prefix would put every key in one slot; use a prefix without braces"
+        )
+    return value
+
+
 def _parse_url(*schemes: str) -> Callable[[str, object], str | None]:
     def parse(name: str, raw: object) -> str | None:
         value = str(raw).strip()
@@ -337,10 +351,11 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "redis_max_outage": _parse_float(0.0),
     "state_dir": _parse_path,
     "embedded_port": _parse_int(0, 65535),
-    "stream_prefix": _parse_name,
+    "stream_prefix": _parse_prefix,
     "group": _parse_name,
     "instance": _parse_name,
     "checkpointer": _parse_choice(_CHECKPOINTERS),
+    "checkpoint_url": _parse_redis_url,
     "postgres_url": _parse_url("postgresql", "postgres"),
     "durability": _parse_choice(_DURABILITIES),
     "concurrency": _parse_int(1, 4096),
@@ -463,6 +478,11 @@ def load_settings(
     if settings.checkpointer == "postgres" and not settings.postgres_url:
         raise ConfigError(
             "CTXD_CHECKPOINTER=postgres needs CTXD_POSTGRES_URL (postgresql://user@host/db)"
+        )
+    if settings.checkpoint_url is not None and settings.checkpointer != "redis":
+        raise ConfigError(
+            f"CTXD_CHECKPOINT_URL is the Redis of CTXD_CHECKPOINTER=redis, but "
+            f"CTXD_CHECKPOINTER={settings.checkpointer}: unset one of them"
         )
     if settings.breaker_minimum_calls > settings.breaker_window:
         raise ConfigError(

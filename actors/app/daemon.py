@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -26,6 +27,7 @@ import structlog
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from redis.asyncio import Redis
 
+from actors.app.checkpoint_store import CheckpointStore, checkpoint_store
 from actors.app.redis_acl import check_redis_for_service
 from actors.config import Settings, split_cluster_option
 from actors.runtime.availability import (
@@ -35,6 +37,7 @@ from actors.runtime.availability import (
     quiet_library_outage_logs,
 )
 from actors.runtime.supervisor import SupervisorEscalation
+from actors.service.checkpoint_floor import CheckpointFloor, floor_fenced_pointer_writer
 from actors.service.connections import open_service_client, pool_size, resolve_cluster_mode
 from actors.service.ingress import Ingress
 from actors.service.lease import CheckpointFence, fence_checkpoints, fenced_pointer_writer
@@ -102,6 +105,8 @@ async def serve(
         # layout below reads settings.cluster.
         settings = await resolve_cluster_mode(redis_url, settings)
         redis_url, _ = split_cluster_option(redis_url)
+        # A cluster as the default checkpoint store is refused before anything starts.
+        store = checkpoint_store(settings, redis_url) if settings.checkpointer == "redis" else None
         redis = open_service_client(redis_url, settings, connections)
         stack.push_async_callback(redis.aclose)
         availability = RedisAvailability.for_settings(redis, settings)
@@ -110,9 +115,21 @@ async def serve(
         await availability.call(redis.ping)
         # Credentials, TLS, modules, ACL: one classified line, before any work.
         await check_redis_for_service(
-            redis_url, settings.stream_prefix, modules=settings.checkpointer == "redis"
+            redis_url,
+            settings.stream_prefix,
+            modules=store is not None and not store.separate,
         )
-        saver = await _open_checkpointer(stack, settings, redis_url, redis, availability)
+        if store is not None and store.separate:
+            await check_redis_for_service(
+                store.url,
+                settings.stream_prefix,
+                modules=True,
+                access=False,
+                url_setting=store.setting,
+            )
+        saver, floor = await _open_checkpointer(
+            stack, guard, settings, store, redis, availability, connections
+        )
         fence = CheckpointFence(redis, settings)
         actors = (
             ActorSystem(
@@ -144,6 +161,7 @@ async def serve(
             tracer=graph_telemetry.tracer,
             availability=availability,
             on_restart=on_restart,
+            on_partition_acquired=floor.raise_to if floor is not None else None,
         )
         if actors is not None:
             ingress.extra_stats = actors.status
@@ -169,6 +187,9 @@ async def serve(
                 group=settings.group,
                 consumer=ingress.consumer,
                 checkpointer=settings.checkpointer,
+                checkpoint_store=(
+                    redact_url(store.url) if store is not None and store.separate else None
+                ),
                 redis_connections=connections,
                 max_outage=settings.redis_max_outage or "forever",
             )
@@ -183,31 +204,52 @@ async def serve(
 
 async def _open_checkpointer(
     stack: contextlib.AsyncExitStack,
+    guard: anyio.abc.TaskGroup,
     settings: Settings,
-    redis_url: str,
+    store: CheckpointStore | None,
     redis: Redis,
     availability: RedisAvailability,
-) -> BaseCheckpointSaver[str]:
-    """Open the checkpointer on ``stack``, waiting out Redis outages (any other error is
-    fatal). The Redis saver shares the service's pool, sized for both, and moves a
-    workflow's latest-checkpoint pointer only under the run's partition lease."""
+    connections: int,
+) -> tuple[BaseCheckpointSaver[str], CheckpointFloor | None]:
+    """Open the checkpointer on ``stack``, waiting out outages of its store (any other
+    error is fatal).
+
+    In the service Redis the saver shares the service's pool, sized for both, and moves a
+    workflow's latest-checkpoint pointer only under the run's partition lease (one
+    script). In a separate store (``CTXD_CHECKPOINT_URL``, a standalone server) it has a
+    pool and an outage monitor of its own, and the pointer is fenced by the lease's
+    fencing-token floor there; the returned :class:`CheckpointFloor` (None otherwise)
+    raises the floors as partitions are taken.
+    """
+    client, watch, floor = redis, availability, None
+    writer = fenced_pointer_writer(CheckpointFence.current)
+    if store is not None and store.separate:
+        client = open_service_client(store.url, replace(settings, cluster=False), connections)
+        stack.push_async_callback(client.aclose)
+        watch = RedisAvailability.for_settings(client, settings)
+        await guard.start(watch.watch)
+        writer = floor_fenced_pointer_writer(CheckpointFence.current, settings)
+        floor = CheckpointFloor(client, settings)
     while True:
-        await availability.wait_available()
+        await watch.wait_available()
         try:
-            return await stack.enter_async_context(
+            saver = await stack.enter_async_context(
                 open_checkpointer(
                     settings.checkpointer,
                     namespace=settings.stream_prefix,
-                    redis_url=redis_url,
+                    redis_url=store.url if store is not None else None,
                     postgres_url=settings.postgres_url,
-                    redis_client=redis,
-                    pointer_writer=fenced_pointer_writer(CheckpointFence.current),
+                    redis_client=client,
+                    pointer_writer=writer,
+                    url_setting=store.setting if store is not None else "CTXD_REDIS_URL",
                 )
             )
         except Exception as exc:
             if not is_outage(exc):
                 raise
-            availability.report(exc)
+            watch.report(exc)
+        else:
+            return saver, floor
 
 
 @contextlib.asynccontextmanager

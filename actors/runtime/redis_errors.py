@@ -28,7 +28,13 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from graph.errors import ConfigError, CtxdError, RedisModulesMissingError, exception_chain
+from graph.errors import (
+    CheckpointStoreError,
+    ConfigError,
+    CtxdError,
+    RedisModulesMissingError,
+    exception_chain,
+)
 
 __all__ = [
     "ACL_DOCS",
@@ -54,8 +60,8 @@ class RedisStartupError(CtxdError):
 
     Attributes:
         cause: ``refused``, ``unreachable``, ``timeout``, ``auth``, ``tls``, ``noperm``,
-            ``modules``, ``loading`` or ``other``; callers that wait out outages (refused,
-            unreachable, timeout, loading) decide on it.
+            ``modules``, ``checkpoint_store``, ``loading`` or ``other``; callers that
+            wait out outages (refused, unreachable, timeout, loading) decide on it.
     """
 
     def __init__(self, cause: str, message: str) -> None:
@@ -202,6 +208,8 @@ def _classify(exc: BaseException, url: str | None) -> tuple[str, str]:
         return ready.cause, str(ready)
     if (modules := _first(exc, RedisModulesMissingError)) is not None:
         return "modules", str(modules)
+    if (store := _first(exc, CheckpointStoreError)) is not None:
+        return "checkpoint_store", str(store)
     found = find_redis_error(exc) or exc
     detail = _bounded(str(found) or type(found).__name__)
     if (

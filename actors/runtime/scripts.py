@@ -33,6 +33,8 @@ __all__ = [
     "DLQ_REPLAY",
     "FENCED_POINTER",
     "FENCED_READ",
+    "FLOOR_POINTER",
+    "FLOOR_RAISE",
     "LEASE_ACQUIRE",
     "LEASE_RELEASE",
     "LEASE_RENEW",
@@ -141,6 +143,48 @@ FENCED_POINTER: Final = _FENCE + "return redis.call('SET', KEYS[2], ARGV[2])\n"
 
 KEYS: lease, the pointer key. ARGV: the run's lease value, the checkpoint key it points to.
 Reply: OK. Error FENCED when the lease moved (the checkpoint stays unreferenced).
+"""
+
+_FLOOR = """
+local floor = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local token = tonumber(ARGV[2])
+"""
+# Scripts of a separate checkpoint store, which cannot read the partition lease:
+# KEYS[1] is the floor hash (lease key -> highest fencing token seen), ARGV[1] the lease
+# key, ARGV[2] the run's token. The floor only ever goes up.
+
+FLOOR_RAISE: Final = (
+    _FLOOR
+    + """
+if token > floor then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return token
+end
+return floor
+"""
+)
+"""Raise a lease's fencing-token floor in the checkpoint store to a new holder's token.
+
+KEYS: the floor hash. ARGV: the lease key, the token the new holder took.
+Reply: the floor now (the token, or a higher floor already there).
+"""
+
+FLOOR_POINTER: Final = (
+    _FLOOR
+    + """
+if token < floor then
+  return redis.error_reply('FENCED the lease ' .. ARGV[1] .. ' was taken with token '
+    .. floor .. ', above the token ' .. ARGV[2] .. ' of this run')
+end
+if token > floor then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return redis.call('SET', KEYS[2], ARGV[3])
+"""
+)
+"""Move a workflow's latest-checkpoint pointer unless a newer holder's token is the floor.
+
+KEYS: the floor hash, the pointer key. ARGV: the lease key, the run's fencing token, the
+checkpoint key it points to. Reply: OK. Error FENCED when the floor is above the token
+(the checkpoint stays unreferenced).
 """
 
 MOVE: Final = (

@@ -106,6 +106,9 @@ class Ingress:
         on_restart: told of every restart of the ingress's children (log, metric).
         clock: monotonic clock of the supervisor's intensity window (tests inject one).
         read_hook: test seam of the partition readers (:data:`~actors.service.reader.ReadHook`).
+        on_partition_acquired: awaited with ``(lease key, lease value)`` when this
+            instance takes a partition, before reading it (a separate checkpoint store's
+            fencing-token floor, :class:`~actors.service.checkpoint_floor.CheckpointFloor`).
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class Ingress:
         on_restart: Callable[[RestartEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         read_hook: ReadHook | None = None,
+        on_partition_acquired: Callable[[str, str], Awaitable[object]] | None = None,
     ) -> None:
         self._redis = redis
         self._settings = settings
@@ -170,6 +174,7 @@ class Ingress:
             stopping=self._stopping,
             report=self._heartbeat_report,
             on_change=lambda: self._readers.changed(),
+            on_acquire=on_partition_acquired,
         )
         self._readers = PartitionReaders(
             redis,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import anyio
 import structlog
@@ -59,6 +59,12 @@ class Ownership:
         stopping: ends the loop once set.
         report: what the heartbeat publishes besides the owned partitions.
         on_change: called whenever the owned (readable) partitions changed.
+        on_acquire: awaited with ``(lease key, lease value)`` after a partition lease is
+            taken and before the partition is read: raises the lease's fencing-token
+            floor in a separate checkpoint store
+            (:meth:`~actors.service.checkpoint_floor.CheckpointFloor.raise_to`). If it
+            fails, the lease is released again: an outage of the store is waited
+            out (the partition is taken later), any other error propagates.
         clock: monotonic clock of handover time limits.
     """
 
@@ -74,6 +80,7 @@ class Ownership:
         stopping: anyio.Event,
         report: Callable[[], Mapping[str, object]] = dict,
         on_change: Callable[[], None] = lambda: None,
+        on_acquire: Callable[[str, str], Awaitable[object]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._redis = redis
@@ -85,6 +92,8 @@ class Ownership:
         self._stopping = stopping
         self._report = report
         self._on_change = on_change
+        self._on_acquire = on_acquire
+        self._store_away = False  # on_acquire met an outage (logged once)
         self._clock = clock
         self.owned: dict[int, str] = {}
         """Partition → this instance's lease value on it (live, for the idle sweep)."""
@@ -157,13 +166,46 @@ class Ownership:
         for n in sorted(wanted - set(self.owned)):
             if self._stopping.is_set():
                 return True
-            got = await self._leases.acquire(*partition_lease(s, n))
+            key, fence_key = partition_lease(s, n)
+            got = await self._leases.acquire(key, fence_key)
+            if got is not None and not await self._prepared(n, key, got):
+                continue
             if got is not None:
                 self.owned[n] = got
                 _log.info("partition acquired", partition=n, lease=got)
                 await ensure_group(self._redis, partition_stream(s, n), s.group)
                 self._on_change()  # its reader starts (it recreates a missing group too)
         return not self._releasing and wanted <= set(self.owned)
+
+    async def _prepared(self, n: int, key: str, value: str) -> bool:
+        """Run :attr:`_on_acquire` for a lease just taken; False (lease released) if the
+        checkpoint store is away.
+
+        The partition is unread, so nothing is lost: the next reconcile (0.2 s later,
+        while partitions are missing) takes it again. One line when the store goes away
+        and one when it is back; any other failure propagates.
+        """
+        if self._on_acquire is None:
+            return True
+        try:
+            await self._on_acquire(key, value)
+        except Exception as exc:
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                await self._leases.release(key, value)
+            if not is_outage(exc):
+                raise
+            if not self._store_away:
+                self._store_away = True
+                _log.warning(
+                    "checkpoint store unavailable: partitions are not taken until it is back",
+                    partition=n,
+                    error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                )
+            return False
+        if self._store_away:
+            self._store_away = False
+            _log.info("checkpoint store available again")
+        return True
 
     def drop(self, n: int, value: str | None = None) -> None:
         """Forget partition ``n``: its reader stops, its queued (not running) events go.

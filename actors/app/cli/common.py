@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 from redis import Redis as SyncRedis
 from redis.cluster import RedisCluster as SyncRedisCluster
 
+from actors.app.checkpoint_store import checkpoint_store
+from actors.app.redis_acl import check_redis_for_service
 from actors.app.redis_server import discover_embedded_redis
 from actors.config import Settings, split_cluster_option
 from graph.checkpointer import open_checkpointer
@@ -139,11 +141,32 @@ async def open_command_checkpointer(
         raise ConfigError(
             f"CTXD_CHECKPOINTER=memory keeps state inside the running service only: {memory_hint}"
         )
-    redis_url = redis_url_for_client(settings) if settings.checkpointer == "redis" else None
+    redis_url, url_setting = None, "CTXD_REDIS_URL"
+    if settings.checkpointer == "redis":
+        # A separate store is used without looking for the service Redis (the embedded
+        # one may not be running now): its URL is only compared with the store's.
+        if settings.checkpoint_url is not None:
+            service = settings.redis_url or ""
+        else:
+            service = redis_url_for_client(settings)
+        service, stated = split_cluster_option(service)
+        store = checkpoint_store(
+            settings if stated is None else replace(settings, cluster=stated), service
+        )
+        redis_url, url_setting = store.url, store.setting
+        if store.separate:  # its failures name its own address
+            await check_redis_for_service(
+                store.url,
+                settings.stream_prefix,
+                modules=True,
+                access=False,
+                url_setting=url_setting,
+            )
     async with open_checkpointer(
         settings.checkpointer,
         namespace=settings.stream_prefix,
         redis_url=redis_url,
         postgres_url=settings.postgres_url,
+        url_setting=url_setting,
     ) as saver:
         yield saver
