@@ -33,6 +33,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -49,6 +50,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.runtime.backoff import jittered_backoff
+from actors.runtime.redis_io import is_cluster_client
 from graph.errors import CtxdError, exception_chain
 
 __all__ = [
@@ -71,7 +73,8 @@ OutageKind = Literal["unavailable", "out_of_memory"]
 """Why Redis cannot be used: it does not answer, or it refuses writes (maxmemory)."""
 
 _FATAL = (AuthenticationError, AuthorizationError, ExternalAuthProviderError, NoPermissionError)
-_FAILOVER_PREFIXES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+_FAILOVER_PREFIXES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "UNBLOCKED")
+# UNBLOCKED: a blocked read on a master that was just demoted to a replica (a fail-over).
 _OOM_TEXT = "OOM command not allowed"
 _MIN_HEADROOM = 256 * 1024  # bytes below maxmemory before writes are tried again
 _MAX_HEADROOM = 64 * 1024 * 1024
@@ -118,7 +121,8 @@ def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) means Redis is away for a while.
 
     Connection refused or reset, timeouts, ``LOADING``, fail-over errors (``READONLY``,
-    ``MASTERDOWN``, ``TRYAGAIN``, ``CLUSTERDOWN``), an exhausted connection pool.
+    ``MASTERDOWN``, ``TRYAGAIN``, ``CLUSTERDOWN``, ``UNBLOCKED``), an exhausted
+    connection pool.
     Authentication, ACL and TLS verification errors never are, wherever they sit in
     the chain.
     """
@@ -398,7 +402,12 @@ class RedisAvailability:
 
     async def _probe(self) -> None:
         if self._kind != "out_of_memory":
-            await self._redis.ping()
+            if is_cluster_client(self._redis):
+                # Back only when every shard answers: one node's PONG says nothing of
+                # the shard whose master just died (its replica is not promoted yet).
+                await self._redis.ping(target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await self._redis.ping()
             return
         # Back only with some headroom below maxmemory: right at the limit, a small
         # write succeeds and the next one fails, and the state would flap.

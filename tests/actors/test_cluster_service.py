@@ -157,3 +157,33 @@ async def test_wait_aof_goes_to_the_master_of_the_written_key(
                 for node in others:
                     with node.client() as client:
                         client.config_set("appendonly", "yes")
+
+
+def _getkeys_calls(cluster: LocalCluster) -> int:
+    total = 0
+    for node in cluster.live():
+        with node.client() as client:
+            stats = client.info("commandstats")
+        total += int(stats.get("cmdstat_command|getkeys", {}).get("calls", 0))
+    return total
+
+
+async def test_stream_reads_cost_no_getkeys_round_trip(
+    cluster_settings: Settings, redis_cluster: LocalCluster
+) -> None:
+    """XREAD and XREADGROUP on partition streams of every master are sent straight to
+    the right node: redis-py would first ask a server ``COMMAND GETKEYS`` each time."""
+    streams = [partition_key(cluster_settings, n, "stream") for n in range(8)]
+    async with cluster_client(cluster_settings) as redis:
+        for stream in streams:
+            await redis.xadd(stream, {"n": stream})
+            await redis.xgroup_create(stream, "g", id="0")
+        before = _getkeys_calls(redis_cluster)
+        for stream in streams:
+            read = cast(RawRead, await redis.xread({stream: "0-0"}, count=10, block=100))
+            grouped = cast(
+                RawRead, await redis.xreadgroup("g", "STREAMS", {stream: ">"}, count=10, block=100)
+            )
+            assert read[0][1][0][1] == {b"n": stream.encode()}
+            assert grouped[0][1][0][1] == {b"n": stream.encode()}
+        assert _getkeys_calls(redis_cluster) == before
