@@ -22,6 +22,7 @@ who prefer exit-and-restart: :meth:`RedisAvailability.watch` raises
 from __future__ import annotations
 
 import logging
+import os
 import random
 import ssl
 import time
@@ -76,6 +77,7 @@ _FATAL = (AuthenticationError, AuthorizationError, ExternalAuthProviderError, No
 _FAILOVER_PREFIXES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "UNBLOCKED")
 # UNBLOCKED: a blocked read on a master that was just demoted to a replica (a fail-over).
 _OOM_TEXT = "OOM command not allowed"
+_REDIS_ASYNC_CONNECTION = os.path.join("redis", "asyncio", "connection.py")
 _MIN_HEADROOM = 256 * 1024  # bytes below maxmemory before writes are tried again
 _MAX_HEADROOM = 64 * 1024 * 1024
 
@@ -104,8 +106,28 @@ def _is_fatal(error: BaseException) -> bool:
     return isinstance(error, RedisConnectionError) and "[SSL" in str(error)
 
 
+def _closed_connection_race(error: BaseException) -> bool:
+    """redis-py's asyncio connection used while it is being closed.
+
+    redis-py 8.1 lets a write on a connection that another task or the peer is closing
+    fail with ``AttributeError``/``TypeError`` about ``None`` from inside
+    ``redis/asyncio/connection.py`` instead of its ``ConnectionError`` (redis-py issues
+    #3546 and #4287). The cluster client meets it after a fail-over, when refreshing
+    the topology closes the old nodes' connections under running commands. It is a
+    lost connection: classified as one, nothing else with those types is.
+    """
+    if not isinstance(error, AttributeError | TypeError) or "NoneType" not in str(error):
+        return False
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.endswith(_REDIS_ASYNC_CONNECTION):
+            return True
+        frame = frame.tb_next
+    return False
+
+
 def _transient_one(error: BaseException) -> bool:
-    if isinstance(error, RedisUnavailableError):
+    if isinstance(error, RedisUnavailableError) or _closed_connection_race(error):
         return True
     if isinstance(error, ReadOnlyError | TryAgainError | ClusterDownError):
         return True
@@ -122,7 +144,7 @@ def is_transient(exc: BaseException) -> bool:
 
     Connection refused or reset, timeouts, ``LOADING``, fail-over errors (``READONLY``,
     ``MASTERDOWN``, ``TRYAGAIN``, ``CLUSTERDOWN``, ``UNBLOCKED``), an exhausted
-    connection pool.
+    connection pool, redis-py's asyncio connection closed under a running command.
     Authentication, ACL and TLS verification errors never are, wherever they sit in
     the chain.
     """

@@ -12,6 +12,7 @@ from dataclasses import replace
 import anyio
 import pytest
 from cluster_helpers import ClusterNode, LocalCluster
+from redis.asyncio.connection import Connection
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
@@ -110,3 +111,18 @@ async def _wait_blocked(master: ClusterNode) -> None:
                 if int(client.info("clients")["blocked_clients"]) > 0:
                     return
             await anyio.sleep(0.02)  # the server has no event for "a client blocked"
+
+
+async def test_write_on_a_connection_closed_under_it_is_an_outage() -> None:
+    """redis-py 8.1 answers a write on an asyncio connection closed meanwhile (a topology
+    refresh after a fail-over closes the old node's connections) with AttributeError or
+    TypeError instead of ConnectionError: ctxd waits it out like a lost connection.
+    The same error types raised anywhere else are bugs, not outages."""
+    closed = Connection(host="127.0.0.1", port=1)  # never connected: no stream writer
+    # The very line of the failure seen after a fail-over (redis-py's own code).
+    with pytest.raises((AttributeError, TypeError)) as raised:
+        await closed._send_packed_command([b"PING\r\n"])
+    assert is_outage(raised.value)
+    with pytest.raises(AttributeError) as ours:
+        None.writelines  # type: ignore[attr-defined]  # noqa: B018 - the same error, ours
+    assert not is_outage(ours.value)
