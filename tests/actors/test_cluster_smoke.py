@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import re
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
 
 import pytest
-from cluster_helpers import LocalCluster
+from cluster_helpers import LocalCluster, read_cluster_outputs
 from redis import Redis
 from redis.cluster import RedisCluster
 from redis_helpers import free_port, start_redis
 
 from actors.config import Settings
-from actors.service.partitions import output_stream_of, partition_stream, workflow_partition
+from actors.service.partitions import partition_stream, workflow_partition
 from actors.testing import check_history
 from tests_support import TECH, ServiceProcess
 
@@ -33,9 +31,6 @@ pytestmark = pytest.mark.slow
 EVENTS = 100
 WORKFLOWS = 20
 PARTITIONS = 16
-
-TextRead = tuple[str, list[tuple[str, dict[str, str]]]]
-"""One stream's part of an XREAD reply on a decoding client."""
 
 
 @pytest.fixture
@@ -98,7 +93,7 @@ def test_run_and_worker_on_a_cluster_process_every_event_once(
             )
             inputs.append((workflow_id, event_id))
         sent = time.monotonic()
-        outputs = _wait_for_outputs(client, cluster_settings, EVENTS, timeout=120)
+        outputs = read_cluster_outputs(client, cluster_settings, EVENTS, timeout=120)
         took = time.monotonic() - sent
         placement = _partition_keys_by_master(redis_cluster, prefix)
         with Redis.from_url(checkpoint_url, decode_responses=True) as store:
@@ -127,24 +122,3 @@ def test_run_and_worker_on_a_cluster_process_every_event_once(
     assert all(placement.values()), placement  # partition keys on every master
     assert set().union(*placement.values()) == set(range(PARTITIONS))
     assert checkpoint_keys > 0  # state went to the separate store
-
-
-def _wait_for_outputs(
-    client: RedisCluster, settings: Settings, count: int, *, timeout: float
-) -> list[dict[str, str]]:
-    """Every partition's output stream read until ``count`` results are there, in
-    per-partition order (which is per-workflow order: a workflow has one partition)."""
-    cursors = {output_stream_of(settings, n): "0-0" for n in range(settings.partitions)}
-    got: dict[str, list[dict[str, str]]] = defaultdict(list)
-    deadline = time.monotonic() + timeout
-    while sum(map(len, got.values())) < count and time.monotonic() < deadline:
-        for stream, cursor in cursors.items():
-            # One XREAD per stream: one XREAD over streams of several slots is refused.
-            reply = cast(list[TextRead], client.xread({stream: cursor}, count=1000))
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    got[stream].append(fields)
-                    cursors[stream] = entry_id
-        if sum(map(len, got.values())) < count:
-            time.sleep(0.1)  # polling 16 streams; a blocking read would wait on one only
-    return [fields for stream in cursors for fields in got[stream]]
