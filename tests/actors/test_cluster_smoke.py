@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +44,17 @@ def checkpoint_url(tmp_path: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def _commands_on_masters(cluster: LocalCluster) -> Counter[str]:
+    """Commands the masters have run, by name (INFO commandstats), replication excluded."""
+    total: Counter[str] = Counter()
+    for master in cluster.masters():
+        with master.client() as client:
+            for name, stats in client.info("commandstats").items():
+                if name not in ("cmdstat_replconf", "cmdstat_psync", "cmdstat_info"):
+                    total[name.removeprefix("cmdstat_")] += int(stats["calls"])
+    return total
 
 
 def _partition_keys_by_master(cluster: LocalCluster, prefix: str) -> dict[int, set[int]]:
@@ -83,6 +95,7 @@ def test_run_and_worker_on_a_cluster_process_every_event_once(
         run.wait_ready(timeout=90)
         worker.wait_ready(timeout=90)
         ready = time.monotonic() - started
+        commands_before = _commands_on_masters(redis_cluster)
         inputs: list[tuple[str, str]] = []
         for i in range(EVENTS):
             workflow_id, event_id = f"{prefix}-wf{i % WORKFLOWS}", f"ev{i}"
@@ -95,6 +108,7 @@ def test_run_and_worker_on_a_cluster_process_every_event_once(
         sent = time.monotonic()
         outputs = read_cluster_outputs(client, cluster_settings, EVENTS, timeout=120)
         took = time.monotonic() - sent
+        commands = _commands_on_masters(redis_cluster) - commands_before
         placement = _partition_keys_by_master(redis_cluster, prefix)
         with Redis.from_url(checkpoint_url, decode_responses=True) as store:
             checkpoint_keys = sum(1 for _ in store.scan_iter(match=f"{prefix}:checkpoint*"))
@@ -112,6 +126,11 @@ def test_run_and_worker_on_a_cluster_process_every_event_once(
     print(
         f"\ncluster smoke: ready in {ready:.1f} s, {EVENTS} events -> {len(outputs)} outputs "
         f"in {took:.1f} s ({EVENTS / took:.0f} events/s)"
+    )
+    total = sum(commands.values())
+    top = ", ".join(f"{name} {count / EVENTS:.1f}" for name, count in commands.most_common(6))
+    print(
+        f"  {total} commands on the masters meanwhile (this test's polling included), {total / EVENTS:.0f} per event: {top}"
     )
     for port, partitions in sorted(placement.items()):
         print(f"  master 127.0.0.1:{port}: partitions {sorted(partitions)}")
