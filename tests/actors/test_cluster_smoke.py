@@ -129,9 +129,9 @@ def test_run_and_worker_on_a_cluster_process_every_event_once(
     )
     total = sum(commands.values())
     top = ", ".join(f"{name} {count / EVENTS:.1f}" for name, count in commands.most_common(6))
-    print(
-        f"  {total} commands on the masters meanwhile (this test's polling included), {total / EVENTS:.0f} per event: {top}"
-    )
+    per_event = total / EVENTS
+    print(f"  {total} commands on the masters (this test's polling included), {per_event:.0f}")
+    print(f"  per event: {top}")
     for port, partitions in sorted(placement.items()):
         print(f"  master 127.0.0.1:{port}: partitions {sorted(partitions)}")
     verdict = check_history(inputs, [(f["workflow_id"], f["event_id"]) for f in outputs], [])
