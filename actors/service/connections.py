@@ -155,7 +155,8 @@ async def detect_cluster(redis_url: str) -> bool:
     try:
         info = await probe.info("cluster")
     finally:
-        await probe.aclose()
+        with anyio.CancelScope(shield=True):  # a stop during start-up still closes it
+            await probe.aclose()
     return str(info.get("cluster_enabled", "0")) == "1"
 
 
@@ -179,5 +180,6 @@ async def resolve_cluster_mode(redis_url: str, settings: Settings) -> Settings:
             cluster = await availability.call(lambda: detect_cluster(redis_url))
             tg.cancel_scope.cancel()
     finally:
-        await probe.aclose()
+        with anyio.CancelScope(shield=True):
+            await probe.aclose()
     return replace(settings, cluster=cluster)
