@@ -38,7 +38,7 @@ from actors.runtime.availability import (
 )
 from actors.runtime.supervisor import SupervisorEscalation
 from actors.service.checkpoint_floor import CheckpointFloor, floor_fenced_pointer_writer
-from actors.service.connections import open_service_client, pool_size, resolve_cluster_mode
+from actors.service.connections import cluster_enabled, open_service_client, pool_size
 from actors.service.ingress import Ingress
 from actors.service.lease import CheckpointFence, fence_checkpoints, fenced_pointer_writer
 from actors.service.stream_metrics import poll_stream_gauges
@@ -100,19 +100,23 @@ async def serve(
         anyio.create_task_group() as guard,
         contextlib.AsyncExitStack() as stack,
     ):
-        await guard.start(stopper.run, guard.cancel_scope)
-        # A Redis Cluster or one server (waiting for Redis if it is away): every key
-        # layout below reads settings.cluster.
-        settings = await resolve_cluster_mode(redis_url, settings)
-        redis_url, _ = split_cluster_option(redis_url)
-        # A cluster as the default checkpoint store is refused before anything starts.
-        store = checkpoint_store(settings, redis_url) if settings.checkpointer == "redis" else None
+        redis_url, stated = split_cluster_option(redis_url)
+        settings = replace(settings, cluster=bool(stated))
         redis = open_service_client(redis_url, settings, connections)
         stack.push_async_callback(redis.aclose)
         availability = RedisAvailability.for_settings(redis, settings)
         await guard.start(availability.watch)
+        await guard.start(stopper.run, guard.cancel_scope)
         # Start-up waits for Redis (one line when it is away, one when it is back).
         await availability.call(redis.ping)
+        # A Redis Cluster or one server: every key layout below reads settings.cluster.
+        if stated is None and await availability.call(lambda: cluster_enabled(redis)):
+            settings = replace(settings, cluster=True)
+            redis = open_service_client(redis_url, settings, connections)
+            stack.push_async_callback(redis.aclose)
+            availability.probe_with(redis)
+        # A cluster as the default checkpoint store is refused before anything starts.
+        store = checkpoint_store(settings, redis_url) if settings.checkpointer == "redis" else None
         # Credentials, TLS, modules, ACL: one classified line, before any work.
         await check_redis_for_service(
             redis_url,

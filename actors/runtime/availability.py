@@ -282,6 +282,12 @@ class RedisAvailability:
         """The monitor of ``settings`` (probe key under the prefix, the max outage)."""
         return cls(redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage)
 
+    def probe_with(self, redis: Redis) -> None:
+        """Probe with ``redis`` from now on: start-up waits for Redis with a plain client
+        and, when the server turns out to be a cluster node, goes on with the cluster
+        client (the outages counted so far stay counted)."""
+        self._redis = redis
+
     @property
     def available(self) -> bool:
         """True unless an outage is being waited out."""

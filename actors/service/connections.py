@@ -13,18 +13,16 @@ waited out by :class:`~actors.runtime.availability.RedisAvailability`.
 A Redis Cluster gets redis-py's cluster client instead (it follows ``MOVED``/``ASK``
 and fail-overs). Whether ``CTXD_REDIS_URL`` names a cluster is found on the first
 connection (``INFO cluster`` → ``cluster_enabled:1``), or stated in the URL with
-``?cluster=true`` / ``?cluster=false`` (no probe then); :func:`resolve_cluster_mode`
-returns settings with ``cluster`` set accordingly, which every key layout decision
-reads (docs/operations.md, "Redis Cluster").
+``?cluster=true`` / ``?cluster=false`` (no probe then, :func:`cluster_enabled`
+otherwise); the daemon and the worker then set ``cluster`` in their settings, which
+every key layout decision reads (docs/operations.md, "Redis Cluster").
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import replace
 from typing import Any, cast
 
-import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -34,10 +32,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.config import Settings, split_cluster_option
-from actors.runtime.availability import RedisAvailability
 from graph.work import WorkKind
 
-__all__ = ["detect_cluster", "open_service_client", "pool_size", "resolve_cluster_mode"]
+__all__ = ["cluster_enabled", "open_service_client", "pool_size"]
 
 _SPARE = 8
 """Connections for the ownership loop, the router, the reply reader, gauges, probes."""
@@ -144,42 +141,11 @@ class _StreamReadingCluster(RedisCluster):
         return slots.pop()
 
 
-async def detect_cluster(redis_url: str) -> bool:
-    """Whether the server at ``redis_url`` runs in cluster mode (``INFO cluster``)."""
-    probe = Redis.from_url(
-        split_cluster_option(redis_url)[0],
-        single_connection_client=True,
-        socket_connect_timeout=5,
-        socket_timeout=5,
-    )
-    try:
-        info = await probe.info("cluster")
-    finally:
-        with anyio.CancelScope(shield=True):  # a stop during start-up still closes it
-            await probe.aclose()
-    return str(info.get("cluster_enabled", "0")) == "1"
+async def cluster_enabled(redis: Redis) -> bool:
+    """Whether the server ``redis`` talks to runs in cluster mode (``INFO cluster``).
 
-
-async def resolve_cluster_mode(redis_url: str, settings: Settings) -> Settings:
-    """``settings`` with ``cluster`` set for ``redis_url``: stated by the URL's
-    ``?cluster=`` option, or detected on a first connection.
-
-    Detection waits out an outage like every other start-up step (one line when Redis
-    is away, one when it is back; ``CTXD_REDIS_MAX_OUTAGE`` ends the wait).
+    Asked through the client the process already waits for Redis with, so an outage at
+    start-up is one outage, waited out and counted once.
     """
-    _, stated = split_cluster_option(redis_url)
-    if stated is not None:
-        return replace(settings, cluster=stated)
-    probe = Redis.from_url(
-        split_cluster_option(redis_url)[0], socket_connect_timeout=5, socket_timeout=5
-    )
-    availability = RedisAvailability.for_settings(probe, settings)
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(availability.watch)
-            cluster = await availability.call(lambda: detect_cluster(redis_url))
-            tg.cancel_scope.cancel()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await probe.aclose()
-    return replace(settings, cluster=cluster)
+    info = await redis.info("cluster")
+    return str(info.get("cluster_enabled", "0")) == "1"

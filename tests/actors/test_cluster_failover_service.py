@@ -37,7 +37,7 @@ def test_master_kill_and_failover_lose_nothing(
     store_port = free_port()
     store = start_redis(tmp_path / "checkpoints", store_port, modules=True)
     env = {
-        "CTXD_REDIS_URL": redis_cluster.url,
+        "CTXD_REDIS_URL": f"{redis_cluster.url}?cluster=true",  # stated, not probed
         "CTXD_CHECKPOINT_URL": f"redis://127.0.0.1:{store_port}/0",
         "CTXD_STREAM_PREFIX": prefix,
         "CTXD_STATE_DIR": str(tmp_path / "state"),
