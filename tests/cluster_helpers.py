@@ -156,12 +156,19 @@ class LocalCluster:
         raise RuntimeError(f"master {master.address} has no online replica")
 
     def master_of_slot(self, slot: int) -> ClusterNode:
-        """The live master serving ``slot`` now (as the first live node sees it)."""
-        with self.live()[0].client() as client:
-            for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
-                if start <= slot <= end:
-                    return self.node_at(int(master[1]))
-        raise RuntimeError(f"no master serves slot {slot}")
+        """The live master serving ``slot`` now.
+
+        Every live node is asked (gossip may not have told one of them about a fail-over
+        yet); the answer is a node that runs and says it is a master.
+        """
+        for node in self.live():
+            with contextlib.suppress(RedisError), node.client() as client:
+                for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+                    if start <= slot <= end:
+                        owner = self.node_at(int(master[1]))
+                        if owner.alive and self._role(owner) == "master":
+                            return owner
+        raise RuntimeError(f"no live master serves slot {slot}")
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
         """Wait until every live node sees a whole, consistent cluster and every

@@ -30,6 +30,7 @@ WORKFLOWS = 25
 PARTITIONS = 16
 
 
+@pytest.mark.timeout(300)
 def test_master_kill_and_failover_lose_nothing(
     redis_cluster: LocalCluster, settings: Settings, prefix: str, tmp_path: Path
 ) -> None:
@@ -71,7 +72,7 @@ def test_master_kill_and_failover_lose_nothing(
                 takeover = redis_cluster.wait_takeover(replica)
             elif len(inputs) == 2 * EVENTS // 3:
                 failover = redis_cluster.failover(redis_cluster.replicas()[0])
-        outputs = read_cluster_outputs(client, cluster_settings, EVENTS, timeout=120)
+        outputs = read_cluster_outputs(client, cluster_settings, EVENTS, timeout=90)
         took = time.monotonic() - started
     finally:
         client.close()
@@ -85,7 +86,8 @@ def test_master_kill_and_failover_lose_nothing(
         f"in {took:.1f} s"
     )
     verdict = check_history(inputs, [(f["workflow_id"], f["event_id"]) for f in outputs], [])
-    assert (verdict.lost, verdict.duplicated, verdict.reordered) == ([], [], [])
+    logs = "\n".join(["run:", *run.lines[-30:], "worker:", *worker.lines[-15:]])
+    assert (verdict.lost, verdict.duplicated, verdict.reordered) == ([], [], []), logs
     crashes = [x for x in run.lines + worker.lines if "actor restarted" in x or "Traceback" in x]
     assert not crashes, "\n".join(crashes[:10])
     outages = [x for x in run.lines if "Redis unavailable" in x]
