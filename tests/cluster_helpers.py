@@ -23,27 +23,36 @@ import signal
 import socket
 import subprocess
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from redis import Redis
+from redis.cluster import RedisCluster
 from redis.exceptions import RedisError
 from redis_helpers import start_redis
 
 from actors.app.redis_server import RedisStack, locate_redis_stack
+from actors.config import Settings
+from actors.service.partitions import output_stream_of
 
 __all__ = [
     "ClusterNode",
     "LocalCluster",
     "free_cluster_port",
     "open_local_cluster",
+    "read_cluster_outputs",
 ]
 
 _POLL = 0.05
 """Seconds between two looks at a node's state (the cluster has no event to await)."""
 
 _SLOTS = 16384
+
+TextRead = tuple[str, list[tuple[str, dict[str, str]]]]
+"""One stream's part of an XREAD reply on a decoding client."""
 
 
 @dataclass
@@ -147,12 +156,19 @@ class LocalCluster:
         raise RuntimeError(f"master {master.address} has no online replica")
 
     def master_of_slot(self, slot: int) -> ClusterNode:
-        """The live master serving ``slot`` now (as the first live node sees it)."""
-        with self.live()[0].client() as client:
-            for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
-                if start <= slot <= end:
-                    return self.node_at(int(master[1]))
-        raise RuntimeError(f"no master serves slot {slot}")
+        """The live master serving ``slot`` now.
+
+        Every live node is asked (gossip may not have told one of them about a fail-over
+        yet); the answer is a node that runs and says it is a master.
+        """
+        for node in self.live():
+            with contextlib.suppress(RedisError), node.client() as client:
+                for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+                    if start <= slot <= end:
+                        owner = self.node_at(int(master[1]))
+                        if owner.alive and self._role(owner) == "master":
+                            return owner
+        raise RuntimeError(f"no live master serves slot {slot}")
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
         """Wait until every live node sees a whole, consistent cluster and every
@@ -367,3 +383,24 @@ def open_local_cluster(
         yield cluster
     finally:
         cluster.stop()
+
+
+def read_cluster_outputs(
+    client: RedisCluster, settings: Settings, count: int, *, timeout: float
+) -> list[dict[str, str]]:
+    """Every partition's output stream read until ``count`` results are there, in
+    per-partition order (which is per-workflow order: a workflow has one partition)."""
+    cursors = {output_stream_of(settings, n): "0-0" for n in range(settings.partitions)}
+    got: dict[str, list[dict[str, str]]] = defaultdict(list)
+    deadline = time.monotonic() + timeout
+    while sum(map(len, got.values())) < count and time.monotonic() < deadline:
+        for stream, cursor in cursors.items():
+            # One XREAD per stream: one XREAD over streams of several slots is refused.
+            reply = cast(list[TextRead], client.xread({stream: cursor}, count=1000))
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    got[stream].append(fields)
+                    cursors[stream] = entry_id
+        if sum(map(len, got.values())) < count:
+            time.sleep(0.1)  # polling 16 streams; a blocking read would wait on one only
+    return [fields for stream in cursors for fields in got[stream]]

@@ -41,7 +41,7 @@ from actors.runtime.availability import (
 from actors.runtime.redis_errors import describe_redis_error
 from actors.runtime.supervisor import SupervisorEscalation
 from actors.service.checkpoint_floor import CheckpointFloor, floor_fenced_pointer_writer
-from actors.service.connections import open_service_client, pool_size, resolve_cluster_mode
+from actors.service.connections import cluster_enabled, open_service_client, pool_size
 from actors.service.heartbeat import process_liveness
 from actors.service.ingress import Ingress
 from actors.service.lease import CheckpointFence, fence_checkpoints, fenced_pointer_writer
@@ -104,29 +104,31 @@ async def serve(
         anyio.create_task_group() as guard,
         contextlib.AsyncExitStack() as stack,
     ):
-        await guard.start(stopper.run, guard.cancel_scope)
-        # A Redis Cluster or one server (waiting for Redis if it is away): every key
-        # layout below reads settings.cluster.
-        settings = await resolve_cluster_mode(redis_url, settings)
-        redis_url, _ = split_cluster_option(redis_url)
-        # A cluster as the default checkpoint store is refused before anything starts.
-        store = checkpoint_store(settings, redis_url) if settings.checkpointer == "redis" else None
+        redis_url, stated = split_cluster_option(redis_url)
+        settings = replace(settings, cluster=bool(stated))
         redis = open_service_client(redis_url, settings, connections)
         stack.push_async_callback(redis.aclose)
+        availability = RedisAvailability.for_settings(redis, settings)
+        await guard.start(availability.watch)
+        await guard.start(stopper.run, guard.cancel_scope)
+        # Start-up waits for Redis (one line when it is away, one when it is back).
+        await availability.call(redis.ping)
+        # A Redis Cluster or one server: every key layout below reads settings.cluster.
+        if stated is None and await availability.call(lambda: cluster_enabled(redis)):
+            settings = replace(settings, cluster=True)
+            redis = open_service_client(redis_url, settings, connections)
+            stack.push_async_callback(redis.aclose)
+            availability.probe_with(redis)
+        # A cluster as the default checkpoint store is refused before anything starts.
+        store = checkpoint_store(settings, redis_url) if settings.checkpointer == "redis" else None
         store_client = None
         if store is not None and store.separate:  # a standalone server, its own pool
             single = replace(settings, cluster=False)
             store_client = open_service_client(store.url, single, connections)
             stack.push_async_callback(store_client.aclose)
-        # A separate checkpoint store being away is an outage like the service Redis's:
-        # no run can write its state, so reading pauses until both answer.
-        availability = RedisAvailability.for_settings(
-            redis, settings, also=[store_client] if store_client is not None else []
-        )
-        await guard.start(availability.watch)
-        # Start-up waits for Redis (one line when it is away, one when it is back).
-        await availability.call(redis.ping)
-        if store_client is not None and store is not None:
+            # A separate checkpoint store being away is an outage like the service
+            # Redis's: no run can write its state, so reading pauses until both answer.
+            availability.watch_also(store_client)
             try:
                 await availability.call(store_client.ping)
             except RedisError as exc:  # not an outage: the line names the store, not Redis

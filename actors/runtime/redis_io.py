@@ -25,6 +25,7 @@ __all__ = [
     "pending_consumers",
     "read_group",
     "text",
+    "wait_aof",
     "xread_text",
     "xrevrange_text",
 ]
@@ -46,6 +47,19 @@ def is_cluster_client(redis: Redis | SyncRedis) -> bool:
     actors/service/connections.py). On a cluster no script or ``MULTI`` may span slots,
     and redis-py refuses ``EVALSHA`` inside a pipeline."""
     return isinstance(redis, RedisCluster | SyncRedisCluster)
+
+
+async def wait_aof(redis: Redis, key: str, timeout_ms: int) -> None:
+    """``WAITAOF 1 0 timeout``: this server's AOF has this client's writes on disk.
+
+    On a Redis Cluster the command goes to the master serving ``key``'s slot (the one
+    that took the write): redis-py would send a keyless command to any node.
+    """
+    if isinstance(redis, RedisCluster):
+        node = redis.get_node_from_key(key)
+        await redis.execute_command("WAITAOF", 1, 0, timeout_ms, target_nodes=node)
+        return
+    await redis.execute_command("WAITAOF", 1, 0, timeout_ms)  # type: ignore[no-untyped-call]
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:

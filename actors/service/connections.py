@@ -13,31 +13,28 @@ waited out by :class:`~actors.runtime.availability.RedisAvailability`.
 A Redis Cluster gets redis-py's cluster client instead (it follows ``MOVED``/``ASK``
 and fail-overs). Whether ``CTXD_REDIS_URL`` names a cluster is found on the first
 connection (``INFO cluster`` → ``cluster_enabled:1``), or stated in the URL with
-``?cluster=true`` / ``?cluster=false`` (no probe then); :func:`resolve_cluster_mode`
-returns settings with ``cluster`` set accordingly, which every key layout decision
-reads (docs/operations.md, "Redis Cluster").
+``?cluster=true`` / ``?cluster=false`` (no probe then, :func:`cluster_enabled`
+otherwise); the daemon and the worker then set ``cluster`` in their settings, which
+every key layout decision reads (docs/operations.md, "Redis Cluster").
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
-import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import BusyLoadingError
+from redis.exceptions import BusyLoadingError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.config import Settings, split_cluster_option
-from actors.runtime.availability import RedisAvailability
 from graph.work import WorkKind
 
-__all__ = ["detect_cluster", "open_service_client", "pool_size", "resolve_cluster_mode"]
+__all__ = ["cluster_enabled", "open_service_client", "pool_size"]
 
 _SPARE = 8
 """Connections for the ownership loop, the router, the reply reader, gauges, probes."""
@@ -97,7 +94,7 @@ def _open_cluster_client(redis_url: str, max_connections: int, socket_timeout: f
     fail-over's reconnects are the client's; an outage longer than its few retries is
     the availability monitor's, as on a single node.
     """
-    client = RedisCluster.from_url(
+    client = _StreamReadingCluster.from_url(
         redis_url,
         max_connections=max_connections,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3),
@@ -113,40 +110,42 @@ def _open_cluster_client(redis_url: str, max_connections: int, socket_timeout: f
     return cast(Redis, client)
 
 
-async def detect_cluster(redis_url: str) -> bool:
-    """Whether the server at ``redis_url`` runs in cluster mode (``INFO cluster``)."""
-    probe = Redis.from_url(
-        split_cluster_option(redis_url)[0],
-        single_connection_client=True,
-        socket_connect_timeout=5,
-        socket_timeout=5,
-    )
-    try:
-        info = await probe.info("cluster")
-    finally:
-        await probe.aclose()
-    return str(info.get("cluster_enabled", "0")) == "1"
+class _StreamReadingCluster(RedisCluster):
+    """redis-py's cluster client, finding the slot of ``XREAD``/``XREADGROUP`` itself.
 
-
-async def resolve_cluster_mode(redis_url: str, settings: Settings) -> Settings:
-    """``settings`` with ``cluster`` set for ``redis_url``: stated by the URL's
-    ``?cluster=`` option, or detected on a first connection.
-
-    Detection waits out an outage like every other start-up step (one line when Redis
-    is away, one when it is back; ``CTXD_REDIS_MAX_OUTAGE`` ends the wait).
+    Both commands have "movable keys", for which redis-py asks a server with ``COMMAND
+    GETKEYS`` before every call: measured on a running service, that was the most
+    frequent command on the whole cluster (more than the reads themselves), one extra
+    round trip per blocking read, all to the node redis-py asks, so a fail-over of that
+    node failed every read. The keys of both commands are the first half of what
+    follows ``STREAMS``.
     """
-    _, stated = split_cluster_option(redis_url)
-    if stated is not None:
-        return replace(settings, cluster=stated)
-    probe = Redis.from_url(
-        split_cluster_option(redis_url)[0], socket_connect_timeout=5, socket_timeout=5
-    )
-    availability = RedisAvailability.for_settings(probe, settings)
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(availability.watch)
-            cluster = await availability.call(lambda: detect_cluster(redis_url))
-            tg.cancel_scope.cancel()
-    finally:
-        await probe.aclose()
-    return replace(settings, cluster=cluster)
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        name = command.upper() if isinstance(command, str) else command.decode().upper()
+        if name not in ("XREAD", "XREADGROUP"):
+            return await super()._determine_slot(command, *args)
+        # XREADGROUP GROUP <group> <consumer> …: a group or consumer may be called STREAMS.
+        start = 3 if name == "XREADGROUP" else 0
+        words = [a.upper() if isinstance(a, str) else a for a in args[start:]]
+        if "STREAMS" in words:
+            at = start + words.index("STREAMS") + 1
+        elif b"STREAMS" in words:
+            at = start + words.index(b"STREAMS") + 1
+        else:
+            return await super()._determine_slot(command, *args)
+        rest = args[at:]
+        slots = {self.keyslot(key) for key in rest[: len(rest) // 2]}
+        if len(slots) != 1:
+            raise RedisClusterException(f"{name} - all keys must map to the same key slot")
+        return slots.pop()
+
+
+async def cluster_enabled(redis: Redis) -> bool:
+    """Whether the server ``redis`` talks to runs in cluster mode (``INFO cluster``).
+
+    Asked through the client the process already waits for Redis with, so an outage at
+    start-up is one outage, waited out and counted once.
+    """
+    info = await redis.info("cluster")
+    return str(info.get("cluster_enabled", "0")) == "1"

@@ -11,12 +11,13 @@ from dataclasses import replace
 import pytest
 from cluster_helpers import LocalCluster
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.cluster import RedisCluster
 from redis.cluster import RedisCluster as SyncRedisCluster
 
 from actors.app.cli.common import client_redis, command_settings
 from actors.config import Settings, load_settings, split_cluster_option
-from actors.service.connections import open_service_client, resolve_cluster_mode
+from actors.service.connections import cluster_enabled, open_service_client
 from actors.service.partitions import partition_key
 from graph.errors import ConfigError
 
@@ -39,26 +40,22 @@ def test_local_cluster_is_healthy_with_modules(redis_cluster: LocalCluster) -> N
 async def test_cluster_is_detected_without_an_option(
     redis_cluster: LocalCluster, settings: Settings
 ) -> None:
-    """A plain redis:// URL of a cluster node: INFO cluster says so, settings carry it."""
-    resolved = await resolve_cluster_mode(redis_cluster.url, replace(settings, cluster=False))
-    assert resolved.cluster is True
+    """A plain redis:// URL of a cluster node: INFO cluster (asked through the plain
+    client start-up waits for Redis with) says it is one."""
+    plain = AsyncRedis.from_url(redis_cluster.url)
+    try:
+        assert await cluster_enabled(plain) is True
+    finally:
+        await plain.aclose()
 
 
 async def test_one_server_stays_single_node(settings: Settings, redis_url: str) -> None:
     """The session's single Redis is detected as such: the default layout is unchanged."""
-    resolved = await resolve_cluster_mode(redis_url, settings)
-    assert resolved.cluster is False
-
-
-async def test_cluster_option_in_the_url_is_used_without_a_probe(
-    redis_cluster: LocalCluster, settings: Settings, redis_url: str
-) -> None:
-    """``?cluster=true`` / ``?cluster=false`` decide without asking the server."""
-    stated = await resolve_cluster_mode(f"{redis_cluster.url}?cluster=true", settings)
-    assert stated.cluster is True
-    # A stated false is believed even for a cluster node (the operator's choice).
-    single = await resolve_cluster_mode(f"{redis_url}?cluster=false", settings)
-    assert single.cluster is False
+    plain = AsyncRedis.from_url(redis_url)
+    try:
+        assert await cluster_enabled(plain) is False
+    finally:
+        await plain.aclose()
 
 
 async def test_service_client_on_a_cluster_reaches_every_partition(
