@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.runtime.pool import Liveness
+from actors.runtime.redis_io import is_cluster_client
 from actors.service.lease import renew_period
 
 __all__ = [
@@ -65,6 +66,24 @@ def _ms(reply: object) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
+async def _scored_members(redis: Redis, *keys: str) -> tuple[int, list[object]]:
+    """Redis's clock (ms) and each sorted set's members with scores, in one round trip
+    on a single node. A cluster pipeline cannot carry ``TIME`` (no key to route it by),
+    so there the clock is read first, on its own."""
+    if is_cluster_client(redis):
+        now = _ms(await redis.time())
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zrange(key, 0, -1, withscores=True)
+            return now, list(await pipe.execute())
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.time()
+        for key in keys:
+            pipe.zrange(key, 0, -1, withscores=True)
+        clock, *rows = await pipe.execute()
+    return _ms(clock), rows
+
+
 def _names(reply: object, *, after_ms: int | None = None) -> list[str]:
     """Decoded member names of a ``ZRANGE`` reply (``WITHSCORES`` when ``after_ms`` is
     given: only the members scored after it)."""
@@ -85,12 +104,10 @@ def process_liveness(redis: Redis, settings: Settings) -> Liveness:
     window_ms = int(settings.lease_ttl * 1000)
 
     async def live() -> set[str]:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.zrange(instances_key(settings), 0, -1, withscores=True)
-            pipe.zrange(workers_key(settings), 0, -1, withscores=True)
-            now, instances, workers = await pipe.execute()
-        oldest = _ms(now) - window_ms
+        now, (instances, workers) = await _scored_members(
+            redis, instances_key(settings), workers_key(settings)
+        )
+        oldest = now - window_ms
         return {*_names(instances, after_ms=oldest), *_names(workers, after_ms=oldest)}
 
     return Liveness(live, every=renew_period(settings.lease_ttl), min_idle=settings.lease_ttl)
@@ -139,11 +156,8 @@ class Heartbeat:
         Cheap enough to ask several times per beat: the ownership loop watches it to
         notice a dead instance (its last beat older than the lease TTL) at once.
         """
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.zrange(self._all, 0, -1, withscores=True)
-            now, scored = await pipe.execute()
-        return _names(scored, after_ms=_ms(now) - int(self._settings.lease_ttl * 1000))
+        now, (scored,) = await _scored_members(self._redis, self._all)
+        return _names(scored, after_ms=now - int(self._settings.lease_ttl * 1000))
 
     async def remove(self) -> None:
         """Leave: delete the heartbeat so peers rebalance at once."""

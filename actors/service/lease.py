@@ -99,6 +99,8 @@ class Leases:
         each lease taken, None where someone holds it."""
         if not leases:
             return []
+        if is_cluster_client(self._redis):  # no scripts in a cluster pipeline (renew_many)
+            return [await self.acquire(key, fence_key) for key, fence_key in leases]
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, fence_key in leases:
                 await call_script(

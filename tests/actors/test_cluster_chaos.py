@@ -10,6 +10,7 @@ be spread over every master.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -28,7 +29,7 @@ from actors.service.partitions import output_stream_of, partition_stream, partit
 from actors.testing import check_history
 from tests_support import ServiceProcess
 
-EVENTS = 2000
+EVENTS = int(os.environ.get("CTXD_TEST_CLUSTER_EVENTS", "2000"))
 WORKFLOWS = 50
 PARTITIONS = 16
 INSTANCE_KILLS = 3
@@ -78,12 +79,14 @@ def _wait_for(client: RedisCluster, layout: Settings, target: int, timeout: floa
             done = done
         if done >= target:
             return done
+        if int(time.monotonic()) % 10 == 0:
+            print(f"  {done}/{target} results", flush=True)
         time.sleep(0.2)
     return done
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_cluster_chaos_keeps_every_guarantee(
     redis_cluster: LocalCluster,
     cluster_client: RedisCluster,
@@ -143,6 +146,10 @@ def test_cluster_chaos_keeps_every_guarantee(
 
         done = _wait_for(cluster_client, layout, EVENTS, 240)
         elapsed = time.monotonic() - began
+        if done < EVENTS:
+            for process in started:
+                print(f"--- {process.proc.args} exit={process.proc.poll()}")
+                print("\n".join(process.lines[-25:]))
         outputs = [(f["workflow_id"], f["event_id"]) for _, f in _outputs(cluster_client, layout)]
         dead = [f.get("event_id", "") for _, f in _dead(cluster_client, layout)]
         verdict = check_history(inputs, outputs, dead)
