@@ -33,6 +33,7 @@ from actors.runtime.redis_io import Entry, autoclaim
 from actors.service.fenced_source import FencedGroupSource
 from actors.service.gateway import FencedReader, route_entries
 from actors.service.lease import Leases
+from actors.service.partition_record import read_record, routing_open
 from actors.service.partitions import lease_key, partition_of, partition_stream
 from actors.service.streams import (
     dlq_entry,
@@ -95,6 +96,9 @@ class Router:
                 if stopping.is_set():
                     return
                 await ensure_group(self._redis, s.input_stream, s.group)
+                if not await self.routing_open():
+                    await _sleep_unless(stopping, s.lease_ttl / 3)
+                    continue
                 value = await self._leases.acquire(self._key, self._fence)
                 if value is not None:
                     _log.info("router lease acquired", lease=value)
@@ -141,6 +145,9 @@ class Router:
                 renewed = time.monotonic()
             if not self._availability.available:
                 return None  # an outage: run() waits it out, then takes the lease again
+            if not await self.routing_open():
+                _log.info("partition count being changed; routing paused")
+                return None  # run() releases the lease, which the resize takes
             await self._trim_if_due()
             if not self._reading_allowed():  # a breaker is open: leave the input unread
                 await _sleep_unless(stopping, min(renew_every, s.block_ms / 1000))
@@ -151,6 +158,13 @@ class Router:
             await self._move_entries(value, entries)
 
         await consume_group(source, handle, count=s.read_count, ready=ready, stop=stopping)
+
+    async def routing_open(self) -> bool:
+        """Whether entries may be moved now: the partition record is active at this
+        instance's count. Read fresh before every batch (no cache): a resize holds the
+        router lease from before its drain to its flip, so a batch checked after this
+        instance took the lease cannot land in a partition of the old count after it."""
+        return routing_open(await read_record(self._redis, self._settings), self._settings)
 
     async def _trim_if_due(self) -> None:
         """Trim acknowledged entries every ``CTXD_TRIM_INTERVAL`` (and the bounded streams)."""
