@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -22,7 +22,7 @@ from redis_helpers import free_port, start_redis
 
 from actors.service.partitions import partition_of
 from actors.testing import check_history
-from tests_support import ServiceProcess
+from tests_support import ServiceProcess, run_ctxd
 
 WORKFLOWS = 24
 RATE = 25.0  # events per second appended to ctxd:in
@@ -184,3 +184,25 @@ def test_resize_16_to_64_under_load_loses_doubles_and_reorders_nothing(
         for process in everyone:
             process.stop()
         redis.close()
+
+
+def test_an_instance_configured_with_another_count_refuses_to_start_in_one_line(
+    start_service: Callable[..., ServiceProcess], service_env: dict[str, str], prefix: str
+) -> None:
+    """The first ``ctxd run`` records its count; one with another count exits 2 with one
+    line naming the record and what to do; ``ctxd partitions`` shows the record."""
+    shown = run_ctxd({**service_env, "CTXD_PARTITIONS": "4"}, "partitions")
+    assert "none recorded" in shown.stdout, shown.stderr
+    first = start_service("run", env={"CTXD_PARTITIONS": "4"})
+    first.wait_ready()
+    other = start_service("run", env={"CTXD_PARTITIONS": "8"})
+    assert other.wait(timeout=60) == 2
+    errors = [x for x in other.lines if x.startswith("ctxd:")]
+    assert errors == [
+        f"ctxd: CTXD_PARTITIONS=8, but {prefix}:partitions records 4 partitions (epoch 1): "
+        "start with CTXD_PARTITIONS=4, or change the count of every instance with "
+        '`ctxd partitions resize 8` (docs/operations.md, "Changing the partition count")'
+    ]
+    shown = run_ctxd({**service_env, "CTXD_PARTITIONS": "8"}, "partitions")
+    assert shown.stdout.splitlines()[:3] == ["partitions: 4", "epoch: 1", "state: active"]
+    assert "would refuse to start" in shown.stdout

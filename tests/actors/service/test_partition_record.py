@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import cast
 
 import anyio
 import pytest
@@ -147,8 +148,10 @@ async def test_waiting_entries_in_old_layout_partitions_refuse_the_first_record(
     assert f"{p}:part:15, 16 partitions" in str(refused.value)
     assert await read_record(client, settings) is None
     # Processed (read and acknowledged): nothing waits, the new count is recorded.
-    reply = await client.xreadgroup(settings.group, "owner", {f"{p}:part:3": ">"})
-    entry_id = reply[0][1][0][0]
+    [(_, [(entry_id, _)])] = cast(
+        list[tuple[bytes, list[tuple[bytes, object]]]],
+        await client.xreadgroup(settings.group, "owner", {f"{p}:part:3": ">"}),
+    )
     await client.xack(f"{p}:part:3", settings.group, entry_id)
     record = await claim_record(client, replace(settings, partitions=64))
     assert record.count == 64
