@@ -257,6 +257,17 @@ def _parse_name(name: str, raw: object) -> str:
     return value
 
 
+def _parse_prefix(name: str, raw: object) -> str:
+    value = _parse_name(name, raw)
+    if "{" in value or "}" in value:
+        raise ConfigError(
+            f"{name}={raw!r} holds a hash tag: ctxd tags each partition's keys itself "
+            "({prefix}:{p<n>}:...) so partitions spread over a cluster's shards, and a tag in "
+            "the prefix would put every key in one slot; use a prefix without braces"
+        )
+    return value
+
+
 def _parse_url(*schemes: str) -> Callable[[str, object], str | None]:
     def parse(name: str, raw: object) -> str | None:
         value = str(raw).strip()
@@ -294,7 +305,7 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "redis_max_outage": _parse_float(0.0),
     "state_dir": _parse_path,
     "embedded_port": _parse_int(0, 65535),
-    "stream_prefix": _parse_name,
+    "stream_prefix": _parse_prefix,
     "group": _parse_name,
     "instance": _parse_name,
     "checkpointer": _parse_choice(_CHECKPOINTERS),

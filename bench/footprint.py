@@ -217,7 +217,7 @@ def run_footprint(
     result.checkpoint_bytes = round(_freed(redis, checkpoints) / max(len(checkpoints), 1), 1)
     outputs = int(redis.xlen(f"{prefix}:out"))
     result.output_entry_bytes = round(_freed(redis, [f"{prefix}:out"]) / max(outputs, 1), 1)
-    done = list(redis.scan_iter(match=f"{prefix}:done:*", count=1000))
+    done = list(redis.scan_iter(match=f"{prefix}:{{p*}}:done:*", count=1000))
     result.dedupe_key_bytes = round(_freed(redis, done) / max(len(done), 1), 1)
     redis.close()
     return result

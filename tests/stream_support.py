@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from actors.config import Settings
 from actors.runtime.redis_io import read_group
 from actors.service.batches import BatchReport, Outcome, PendingEntry, RunSlot
-from actors.service.partitions import lease_key, partition_of, partition_stream
+from actors.service.partitions import partition_lease, partition_of, partition_stream
 from actors.service.streams import ensure_group
 
 
@@ -85,4 +85,4 @@ async def add_partition_entries(
 
 async def hold_lease(redis: Redis, settings: Settings, n: int, value: str) -> None:
     """Make ``value`` the lease value of partition ``n`` (as an acquired lease)."""
-    await redis.set(lease_key(settings, f"part:{n}")[0], value)
+    await redis.set(partition_lease(settings, n)[0], value)

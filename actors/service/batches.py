@@ -39,7 +39,12 @@ from actors.runtime.breaker import CallNotPermittedError
 from actors.service.gateway import CommitItem, OutputCommitter, output_item
 from actors.service.lease import CheckpointFence
 from actors.service.parking import AckTarget, WorkflowRunner
-from actors.service.partitions import lease_key, partition_stream
+from actors.service.partitions import (
+    attempts_key,
+    output_stream_of,
+    partition_lease,
+    partition_stream,
+)
 from actors.service.retention import Retention
 from actors.service.streams import done_key, event_result
 from actors.service.validation import Event
@@ -208,7 +213,7 @@ class BatchProcessor:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for p in batch:
                         pipe.hincrby(
-                            self._settings.key("attempts"),
+                            attempts_key(self._settings, p.partition),
                             attempt_field(p.partition, p.entry_id),
                             -1,
                         )
@@ -243,7 +248,7 @@ class BatchProcessor:
                 for p in batch
             ]
             # Checkpoint writes of the run are fenced by the lease its batch was read under.
-            lease = (lease_key(self._settings, f"part:{batch[0].partition}")[0], batch[0].lease)
+            lease = (partition_lease(self._settings, batch[0].partition)[0], batch[0].lease)
             try:
                 with CheckpointFence.tenure(lease):
                     tally = await self._run_and_commit(workflow_id, slot, batch, spans, lease)
@@ -310,7 +315,7 @@ class BatchProcessor:
         interrupted = 0
         n = batch[0].partition
         if fresh:
-            attempts = s.key("attempts")
+            attempts = attempts_key(s, n)
             async with self._redis.pipeline(transaction=False) as pipe:
                 for p in fresh:
                     pipe.hincrby(attempts, attempt_field(n, p.entry_id), 1)
@@ -372,13 +377,18 @@ class BatchProcessor:
             )
             for pending, span, dup in zip(batch, spans, flags, strict=True)
         ]
-        ids = await self._committer.commit(items, input_stream=partition_stream(s, n), lease=lease)
+        ids = await self._committer.commit(
+            items,
+            input_stream=partition_stream(s, n),
+            output_stream=output_stream_of(s, n),
+            lease=lease,
+        )
         if s.wait_aof:  # outputs on disk before anyone is told: WAITAOF (Redis >= 7.2)
             await self._redis.execute_command(  # type: ignore[no-untyped-call]
                 "WAITAOF", 1, 0, int(s.event_timeout * 1000)
             )
         await self._redis.hdel(
-            s.key("attempts"),
+            attempts_key(s, n),
             *(f for p in batch for f in (attempt_field(n, p.entry_id), error_field(n, p.entry_id))),
         )
         if fresh:
@@ -429,10 +439,10 @@ class BatchProcessor:
         """Keep why the run failed next to each entry's attempt count (one round trip),
         for the DLQ entry should the entry become poison (:func:`poison_error`)."""
         error = describe_failure(exc)
-        key = self._settings.key("attempts")
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for p in batch:
+                    key = attempts_key(self._settings, p.partition)
                     pipe.hset(key, error_field(p.partition, p.entry_id), error)
                 await pipe.execute()
         except Exception as write_error:
@@ -494,11 +504,11 @@ async def poison_error(
     """The DLQ ``error`` of an entry whose runs failed ``runs`` times: the last recorded
     exception, or, when none was (every run ended with its process), that it stopped.
 
-    Read from ``{prefix}:attempts``, so a DLQ entry written after a restart, by another
-    instance, still says what failed.
+    Read from the partition's ``{p<n>}:attempts``, so a DLQ entry written after a restart,
+    by another instance, still says what failed.
     """
     limit = settings.max_deliveries
-    recorded = await redis.hget(settings.key("attempts"), error_field(partition, entry_id))
+    recorded = await redis.hget(attempts_key(settings, partition), error_field(partition, entry_id))
     if recorded is not None:
         last = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
         return f"failed {runs} times (limit {limit}); last error: {last}"

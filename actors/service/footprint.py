@@ -34,14 +34,18 @@ CATEGORIES = ("checkpoints", "streams", "dedupe", "dlq", "other")
 _CHECKPOINT_KINDS = frozenset(
     {"checkpoint", "checkpoint_write", "checkpoint_latest", "write_keys_zset"}
 )
-_STREAM_KINDS = frozenset({"in", "out", "part", "actor", "reply", "parked"})
+_STREAM_KINDS = frozenset({"in", "out", "stream", "actor", "reply", "parked"})
 
 
 def categorize(settings: Settings, key: str) -> str:
     """The category of one of ctxd's keys (one of :data:`CATEGORIES`)."""
     if key == settings.dlq_stream:
         return "dlq"
-    kind = key.removeprefix(f"{settings.stream_prefix}:").split(":", 1)[0]
+    kind, _, rest = key.removeprefix(f"{settings.stream_prefix}:").partition(":")
+    if kind.startswith("{p") and kind.endswith("}"):  # a partition's key: {p<n>}:<kind>:...
+        kind = rest.split(":", 1)[0]
+        if kind == "dlq":
+            return "dlq"
     if kind in _CHECKPOINT_KINDS:
         return "checkpoints"
     if kind in _STREAM_KINDS:

@@ -125,6 +125,7 @@ class OutputCommitter:
         items: Sequence[CommitItem],
         *,
         input_stream: str | None = None,
+        output_stream: str | None = None,
         lease: Lease | None = None,
         settle: Settle = "ack",
     ) -> list[str]:
@@ -133,6 +134,8 @@ class OutputCommitter:
         Args:
             items: the events' outputs.
             input_stream: the stream their inputs are in (default: the committer's).
+            output_stream: where the outputs go (default: the committer's); on a Redis
+                Cluster, the partition's own output stream, in the partition's slot.
             lease: the lease the write is fenced by (unfenced when None).
             settle: ``ack`` the inputs in the group, or ``delete`` them (parked entries).
 
@@ -141,10 +144,11 @@ class OutputCommitter:
         """
         if not items:
             return []
-        lease_key, lease_value = lease or (self._output, "")
+        output = output_stream or self._output
+        lease_key, lease_value = lease or (output, "")
         keys = [
             lease_key,
-            self._output,
+            output,
             input_stream or self._input,
             *(item.done_key for item in items),
         ]

@@ -29,7 +29,7 @@ from actors.config import Settings
 from actors.runtime import scripts
 from actors.runtime.redis_io import text
 from actors.runtime.scripts import call_script
-from actors.service.partitions import lease_key, partition_of
+from actors.service.partitions import partition_lease, partition_of
 from graph.errors import FencedError
 
 __all__ = [
@@ -139,7 +139,7 @@ class CheckpointFence:
                 from outside any tenure (only a partition owner's runs write state).
         """
         n = partition_of(workflow_id, self._settings.partitions)
-        key, _ = lease_key(self._settings, f"part:{n}")
+        key, _ = partition_lease(self._settings, n)
         tenure = _TENURE.get()
         if tenure is None or tenure[0] != key:
             raise FencedError(

@@ -32,7 +32,7 @@ from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.service.heartbeat import Heartbeat
 from actors.service.lease import Leases
-from actors.service.partitions import assignment, lease_key, partition_stream
+from actors.service.partitions import assignment, partition_lease, partition_stream
 from actors.service.router import TRANSIENT_ERRORS
 from actors.service.scheduler import Scheduler
 from actors.service.streams import ensure_group
@@ -135,9 +135,7 @@ class Ownership:
             for n, v in self.owned.items()
             if now - self._releasing.get(n, now) < s.event_timeout
         ]
-        renewed = await self._leases.renew_many(
-            [(lease_key(s, f"part:{n}")[0], v) for n, v in held]
-        )
+        renewed = await self._leases.renew_many([(partition_lease(s, n)[0], v) for n, v in held])
         for (n, _), ok in zip(held, renewed, strict=True):
             if not ok and n in self.owned:
                 _log.warning("partition lease lost", partition=n)
@@ -145,7 +143,7 @@ class Ownership:
         live = await self._heartbeat.beat({"partitions": sorted(self.owned), **self._report()})
         wanted = {n for n, who in assignment(live, s.partitions).items() if who == s.instance}
         for n, value in list(self.owned.items()):
-            key, _ = lease_key(s, f"part:{n}")
+            key, _ = partition_lease(s, n)
             if n in self._releasing:
                 if not self._scheduler.holds(n):
                     await self._leases.release(key, value)
@@ -159,7 +157,7 @@ class Ownership:
         for n in sorted(wanted - set(self.owned)):
             if self._stopping.is_set():
                 return True
-            got = await self._leases.acquire(*lease_key(s, f"part:{n}"))
+            got = await self._leases.acquire(*partition_lease(s, n))
             if got is not None:
                 self.owned[n] = got
                 _log.info("partition acquired", partition=n, lease=got)
@@ -184,7 +182,7 @@ class Ownership:
         """Release every lease and remove the heartbeat, so peers rebalance at once."""
         for n, value in list(self.owned.items()):
             with contextlib.suppress(*TRANSIENT_ERRORS):
-                await self._leases.release(lease_key(self._settings, f"part:{n}")[0], value)
+                await self._leases.release(partition_lease(self._settings, n)[0], value)
         self.owned.clear()
         self._releasing.clear()
         self._on_change()

@@ -32,6 +32,12 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.service.gateway import Lease, OutputCommitter, dead_letter, output_item
+from actors.service.partitions import (
+    dlq_stream_of,
+    output_stream_of,
+    partition_key,
+    workflow_partition,
+)
 from actors.service.streams import event_result
 from actors.service.validation import Event, decode_fields, parse_event
 from graph.errors import CtxdError, FencedError, InvalidEntryError
@@ -65,8 +71,8 @@ Fields = Mapping[str, str | bytes]
 
 
 def parked_stream(settings: Settings, workflow_id: str) -> str:
-    """Where a paused workflow's events wait: ``{prefix}:parked:{workflow_id}``."""
-    return settings.key("parked", workflow_id)
+    """Where a paused workflow's events wait: ``{prefix}:{p<n>}:parked:{workflow_id}``."""
+    return partition_key(settings, workflow_partition(settings, workflow_id), "parked", workflow_id)
 
 
 @dataclass(frozen=True)
@@ -383,13 +389,18 @@ class _Run:
             source_id=event.source_id,
         )
 
+    def _output_stream(self) -> str:
+        """The workflow's partition's output stream (``ctxd:out`` on a single node)."""
+        settings = self.r._settings
+        return output_stream_of(settings, workflow_partition(settings, self.workflow_id))
+
     async def _park_refused(self, event: Event, fields: Fields) -> None:
         """The parked stream is full (``CTXD_PARKED_MAXLEN``): the event goes to the DLQ
         with why, to be replayed once a person has resumed the workflow."""
         settings = self.r._settings
         await dead_letter(
             self.r._redis,
-            dlq_stream=settings.dlq_stream,
+            dlq_stream=dlq_stream_of(settings, workflow_partition(settings, self.workflow_id)),
             input_stream=self.ack.stream,
             group=settings.group,
             source_id=self.ack.entry_ids[event.source_id],
@@ -430,7 +441,12 @@ class _Run:
             )
             for e in self.held
         ]
-        await self.r._committer.commit(items, input_stream=self.ack.stream, lease=self.ack.lease)
+        await self.r._committer.commit(
+            items,
+            input_stream=self.ack.stream,
+            output_stream=self._output_stream(),
+            lease=self.ack.lease,
+        )
         self.handled.update(e.source_id for e in self.held)
         self.held = []
 
@@ -489,7 +505,11 @@ class _Run:
                 checkpoint_id=self.checkpoint_id or "",
             )
             await self.r._committer.commit(
-                [item], input_stream=stream, lease=self.ack.lease, settle="delete"
+                [item],
+                input_stream=stream,
+                output_stream=self._output_stream(),
+                lease=self.ack.lease,
+                settle="delete",
             )
             _log.info(
                 "parked event replayed",
@@ -506,7 +526,7 @@ class _Run:
         settings = self.r._settings
         await dead_letter(
             self.r._redis,
-            dlq_stream=settings.dlq_stream,
+            dlq_stream=dlq_stream_of(settings, workflow_partition(settings, self.workflow_id)),
             input_stream=parked_stream(settings, self.workflow_id),
             group=settings.group,
             source_id=parked_id,

@@ -24,6 +24,7 @@ from actors.config import Settings
 __all__ = [
     "OWNER_CONSUMER",
     "assignment",
+    "attempts_key",
     "dlq_stream_of",
     "lease_key",
     "output_stream_of",
@@ -72,6 +73,11 @@ def partition_stream(settings: Settings, n: int) -> str:
 def partition_lease(settings: Settings, n: int) -> tuple[str, str]:
     """Partition ``n``'s lease key and fence counter key (in the partition's slot)."""
     return partition_key(settings, n, "lease"), partition_key(settings, n, "fence")
+
+
+def attempts_key(settings: Settings, n: int) -> str:
+    """Partition ``n``'s run attempts and last errors per entry (a hash, ``{p<n>}:attempts``)."""
+    return partition_key(settings, n, "attempts")
 
 
 def output_stream_of(settings: Settings, n: int) -> str:

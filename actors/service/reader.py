@@ -32,7 +32,7 @@ from actors.runtime.supervisor import crash_unwrapped
 from actors.service.fenced_source import FencedGroupSource
 from actors.service.gateway import FencedReader
 from actors.service.ownership import Ownership
-from actors.service.partitions import OWNER_CONSUMER, lease_key, partition_stream
+from actors.service.partitions import OWNER_CONSUMER, partition_lease, partition_stream
 from actors.service.scheduler import Scheduler
 from graph.errors import FencedError
 
@@ -141,7 +141,7 @@ class PartitionReaders:
             self._reader,
             stream=partition_stream(s, n),
             group=s.group,
-            lease=(lease_key(s, f"part:{n}")[0], value),
+            lease=(partition_lease(s, n)[0], value),
             block_ms=s.block_ms,
         )
 

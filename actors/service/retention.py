@@ -34,7 +34,7 @@ from actors.runtime.availability import is_outage
 from actors.runtime.redis_io import text
 from actors.runtime.scripts import call_script
 from actors.service.parking import parked_stream
-from actors.service.partitions import lease_key, partition_of
+from actors.service.partitions import partition_key, partition_lease, partition_of
 from graph.errors import ConfigError, FencedError
 from graph.retention import (
     CheckpointStore,
@@ -58,8 +58,8 @@ _COUNTERS_KEPT = 100_000
 
 
 def workflows_key(settings: Settings, partition: int) -> str:
-    """Partition ``partition``'s workflows by last commit time: ``{prefix}:workflows:{n}``."""
-    return settings.key("workflows", str(partition))
+    """Partition ``partition``'s workflows by last commit time: ``{prefix}:{p<n>}:workflows``."""
+    return partition_key(settings, partition, "workflows")
 
 
 class Retention:
@@ -202,7 +202,7 @@ class Retention:
             list[bytes | str],
             await self._redis.zrangebyscore(key, "-inf", cutoff, start=0, num=_SWEEP_BATCH),
         )
-        lease = (lease_key(s, f"part:{n}")[0], value)
+        lease = (partition_lease(s, n)[0], value)
         deleted = 0
         for raw in idle:
             workflow_id = text(raw)

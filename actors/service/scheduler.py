@@ -42,7 +42,13 @@ from actors.service.batches import (
     poison_error,
 )
 from actors.service.gateway import dead_letter, route_entries
-from actors.service.partitions import lease_key, partition_of, partition_stream
+from actors.service.partitions import (
+    attempts_key,
+    dlq_stream_of,
+    partition_lease,
+    partition_of,
+    partition_stream,
+)
 from actors.service.router import SOURCE_FIELD, TRANSIENT_ERRORS
 from actors.service.streams import done_key
 from actors.service.validation import RawFields, as_invalid_entry, decode_fields, parse_entry
@@ -242,13 +248,13 @@ class Scheduler:
     async def attempts(self, n: int, entry_ids: list[str]) -> dict[str, int]:
         """How often each entry's graph run was started (any instance, any tenure).
 
-        Counted in ``{prefix}:attempts`` when a run starts and cleared at commit: a
+        Counted in the partition's ``{p<n>}:attempts`` when a run starts and cleared at commit: a
         takeover that re-reads a pending entry does not count, a crash mid-run does.
         """
         if not entry_ids:
             return {}
         fields = [attempt_field(n, e) for e in entry_ids]
-        values = await self._redis.hmget(self._settings.key("attempts"), fields)
+        values = await self._redis.hmget(attempts_key(self._settings, n), fields)
         return {e: int(v) for e, v in zip(entry_ids, values, strict=True) if v is not None}
 
     async def accept(
@@ -351,7 +357,7 @@ class Scheduler:
         s = self._settings
         await route_entries(
             self._redis,
-            lease=(lease_key(s, f"part:{n}")[0], lease),
+            lease=(partition_lease(s, n)[0], lease),
             input_stream=partition_stream(s, n),
             group=s.group,
             moves=[(entry_id, partition_stream(s, home), raw)],
@@ -376,7 +382,7 @@ class Scheduler:
             raise FencedError(f"partition {n} is not ours any more")
         dlq_id = await dead_letter(  # FencedError when the partition is not ours any more
             self._redis,
-            dlq_stream=self._settings.dlq_stream,
+            dlq_stream=dlq_stream_of(self._settings, n),
             input_stream=partition_stream(self._settings, n),
             group=self._settings.group,
             source_id=entry_id,
@@ -385,7 +391,7 @@ class Scheduler:
             reason=reason,
             error=error,
             attempts=attempts,
-            lease=(lease_key(self._settings, f"part:{n}")[0], value),
+            lease=(partition_lease(self._settings, n)[0], value),
             field_bytes=self._settings.dlq_field_bytes,
             max_fields=self._settings.max_fields,
             done_key=done_key,

@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 
 from actors.config import Settings
 from actors.runtime.redis_io import ensure_group
+from actors.service.partitions import partition_key, workflow_partition
 from graph.state import JSON
 
 __all__ = [
@@ -40,18 +41,20 @@ __all__ = [
 
 
 def done_key(settings: Settings, workflow_id: str, event_id: str) -> str:
-    """The dedupe key of one event: ``{prefix}:done:{workflow_id}/{event_id}``.
+    """The dedupe key of one event: ``{prefix}:{p<n>}:done:{workflow_id}/{event_id}``.
 
     An ``event_id`` is an idempotency key within its workflow only (two workflows may
     use the same one). Workflow ids cannot contain ``/``, so the key is unambiguous and
     one workflow's keys are :func:`done_key_pattern` for ``SCAN MATCH``.
     """
-    return settings.key("done", f"{workflow_id}/{event_id}")
+    n = workflow_partition(settings, workflow_id)
+    return partition_key(settings, n, "done", f"{workflow_id}/{event_id}")
 
 
 def done_key_pattern(settings: Settings, workflow_id: str) -> str:
     """``SCAN MATCH`` pattern of one workflow's dedupe keys (its ids hold no glob characters)."""
-    return settings.key("done", f"{workflow_id}/*")
+    n = workflow_partition(settings, workflow_id)
+    return partition_key(settings, n, "done", f"{workflow_id}/*")
 
 
 DLQ_CUT_FIELD = "ctxd_cut"

@@ -22,6 +22,7 @@ from actor_support import TextEntries, TextRead
 from redis import Redis
 
 from actors.config import Settings
+from actors.service.partitions import partition_stream
 from actors.testing import check_history
 from graph.checkpointer import open_checkpointer
 from graph.work import LocalDispatch
@@ -170,5 +171,6 @@ async def test_sigkill_chaos_keeps_every_guarantee(
     actual = await _events_processed(settings, sorted(expected))
     assert {wf: (actual[wf], n) for wf, n in expected.items() if actual[wf] != n} == {}
     for n in range(8):
-        assert redis.xpending(f"{prefix}:part:{n}", "ctxd")["pending"] == 0
+        stream = partition_stream(Settings(stream_prefix=prefix, partitions=8), n)
+        assert redis.xpending(stream, "ctxd")["pending"] == 0
     assert redis.xpending(f"{prefix}:in", "ctxd")["pending"] == 0

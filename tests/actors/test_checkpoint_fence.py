@@ -19,7 +19,9 @@ from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from redis.asyncio import Redis
 
+from actors.config import Settings
 from actors.service.lease import fenced_pointer_writer
+from actors.service.partitions import partition_lease
 from graph.checkpointer import open_checkpointer
 from graph.errors import FencedError
 
@@ -68,7 +70,7 @@ async def test_write_from_a_lost_tenure_is_refused_and_latest_stays(
     client: Redis, saver: BaseCheckpointSaver[str], prefix: str
 ) -> None:
     thread = f"wf-{uuid.uuid4().hex[:6]}"
-    lease = f"{prefix}:lease:part:3"
+    lease = partition_lease(Settings(stream_prefix=prefix), 3)[0]
     await client.set(lease, "a|1")
     _TENURE.set((lease, "a|1"))
     await _put(saver, thread, 37)

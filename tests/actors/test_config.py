@@ -20,6 +20,7 @@ CASES = [
     ({"CTXD_REDIS_URL": "http://x"}, ["CTXD_REDIS_URL", "http", "redis://"]),
     ({"CTXD_CONCURRENCY": "many"}, ["CTXD_CONCURRENCY", "many", "whole number"]),
     ({"CTXD_PARTITION": "3"}, ["CTXD_PARTITION", "not a ctxd setting", "CTXD_PARTITIONS"]),
+    ({"CTXD_STREAM_PREFIX": "{ctxd}"}, ["CTXD_STREAM_PREFIX", "{ctxd}", "hash tag", "braces"]),
 ]
 
 

@@ -9,26 +9,35 @@ from redis import Redis
 
 from actors.config import Settings
 from actors.service.footprint import categorize, collect_footprint
+from actors.service.parking import parked_stream
+from actors.service.partitions import (
+    attempts_key,
+    partition_key,
+    partition_lease,
+    partition_stream,
+)
+from actors.service.streams import done_key
 from tests_support import run_ctxd
 
 
-def _fill(redis: Redis, prefix: str) -> None:
+def _fill(redis: Redis, settings: Settings) -> None:
+    prefix = settings.stream_prefix
     for i in range(30):
         redis.set(f"{prefix}:checkpoint:w{i}:__empty__:1f0-{i}", "x" * 2000)
-        redis.set(f"{prefix}:done:w{i}/e{i}", "1-0", ex=600)
+        redis.set(done_key(settings, f"w{i}", f"e{i}"), "1-0", ex=600)
     redis.set(f"{prefix}:checkpoint_latest:w1:__empty__", "k")
     redis.set(f"{prefix}:write_keys_zset:w1:__empty__:1f0-1", "k")
     for i in range(10):
         redis.xadd(f"{prefix}:out", {"event_id": f"e{i}"})
         redis.xadd(f"{prefix}:dlq", {"reason": "poison", "content": "y" * 5000})
-    redis.xadd(f"{prefix}:parked:w1", {"content": "z"})
-    redis.hset(f"{prefix}:attempts", "0/1-0", 1)
+    redis.xadd(parked_stream(settings, "w1"), {"content": "z"})
+    redis.hset(attempts_key(settings, 0), "0/1-0", 1)
 
 
 def test_footprint_counts_keys_by_category_and_estimates_bytes(
     redis: Redis, settings: Settings, prefix: str
 ) -> None:
-    _fill(redis, prefix)
+    _fill(redis, settings)
     footprint = collect_footprint(redis, settings)
     categories = footprint["categories"]
     assert isinstance(categories, dict)
@@ -47,11 +56,13 @@ def test_footprint_counts_keys_by_category_and_estimates_bytes(
     assert partial["complete"] is False
     assert partial["scanned"] == 10
     assert categorize(settings, f"{prefix}:reply:host:1") == "streams"
-    assert categorize(settings, f"{prefix}:lease:part:3") == "other"
+    assert categorize(settings, partition_lease(settings, 3)[0]) == "other"
+    assert categorize(settings, partition_stream(settings, 3)) == "streams"
+    assert categorize(settings, partition_key(settings, 3, "dlq")) == "dlq"
 
 
 def test_status_prints_what_is_kept(service_env: dict[str, str], redis: Redis, prefix: str) -> None:
-    _fill(redis, prefix)
+    _fill(redis, Settings(stream_prefix=prefix))
     shown = run_ctxd(service_env, "status")
     assert shown.returncode == 0, shown.stderr
     assert "kept: Redis used_memory" in shown.stdout

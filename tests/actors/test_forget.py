@@ -8,7 +8,11 @@ from collections.abc import Callable
 
 from redis import Redis
 
-from actors.service.partitions import partition_of
+from actors.config import Settings
+from actors.service.parking import parked_stream
+from actors.service.partitions import partition_stream, workflow_partition
+from actors.service.retention import workflows_key
+from actors.service.streams import done_key, done_key_pattern
 from tests_support import MARKET, TECH, ServiceProcess, read_outputs, run_ctxd
 
 
@@ -17,6 +21,8 @@ def _keys_of(redis: Redis, prefix: str, workflow_id: str) -> set[str]:
     found = set()
     for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
         kind, _, tail = key.removeprefix(f"{prefix}:").partition(":")
+        if kind.startswith("{p"):  # a partition's key: {p<n>}:<kind>:...
+            kind, _, tail = tail.partition(":")
         checkpoint = kind.startswith("checkpoint") or kind == "write_keys_zset"
         if (
             (checkpoint and tail.startswith(f"{workflow_id}:__empty__"))
@@ -49,11 +55,12 @@ def test_forget_deletes_one_workflow_and_nothing_else(
     )
     redis.xadd(f"{prefix}:in", {"workflow_id": target, "event_id": "late", "content": TECH})
     read_outputs(redis, f"{prefix}:out", 7)
-    assert len(read_outputs(redis, f"{prefix}:parked:{target}", 1)) == 1
+    layout = Settings(stream_prefix=prefix)
+    assert len(read_outputs(redis, parked_stream(layout, target), 1)) == 1
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
-    # dedupe keys are per workflow: {prefix}:done:{workflow_id}/{event_id}
-    done = len(list(redis.scan_iter(match=f"{prefix}:done:{target}/*")))
+    # dedupe keys are per workflow: {prefix}:{p<n>}:done:{workflow_id}/{event_id}
+    done = len(list(redis.scan_iter(match=done_key_pattern(layout, target))))
     assert done == 4  # e0, e1, e2 and esc (the parked event has no output yet)
     mine, theirs = _keys_of(redis, prefix, target), _keys_of(redis, prefix, other)
     assert any(":checkpoint:" in k for k in mine)
@@ -72,7 +79,8 @@ def test_forget_deletes_one_workflow_and_nothing_else(
     assert _keys_of(redis, prefix, other) == theirs
     index = redis.ft(f"{prefix}:checkpoint")
     assert int(index.info()["num_docs"]) == docs - checkpoints  # type: ignore[no-untyped-call]
-    assert redis.zscore(f"{prefix}:workflows:{partition_of(target, 16)}", target) is None
+    layout = Settings(stream_prefix=prefix)
+    assert redis.zscore(workflows_key(layout, workflow_partition(layout, target)), target) is None
     state = run_ctxd(env, "state", target)
     assert state.returncode == 1
     assert "has no state yet" in state.stderr
@@ -84,15 +92,16 @@ def test_forget_refuses_while_the_workflow_is_being_processed(
 ) -> None:
     """An entry pending in its partition (in flight) or not yet routed: refused; --force
     deletes all the same."""
-    partition = f"{prefix}:part:{partition_of('busy', 16)}"
+    layout = Settings(stream_prefix=prefix)
+    partition = partition_stream(layout, workflow_partition(layout, "busy"))
     redis.xgroup_create(partition, "ctxd", id="0", mkstream=True)
     redis.xadd(partition, {"workflow_id": "busy", "content": TECH})
     redis.xreadgroup("ctxd", "owner", {partition: ">"})  # read, not committed: in flight
-    redis.set(f"{prefix}:done:busy/e1", "1-0")
+    redis.set(done_key(layout, "busy", "e1"), "1-0")
     refused = run_ctxd(service_env, "forget", "busy")
     assert refused.returncode == 1
     assert "'busy' is being processed: 1 of its entries" in refused.stderr
-    assert redis.exists(f"{prefix}:done:busy/e1")
+    assert redis.exists(done_key(layout, "busy", "e1"))
 
     redis.xgroup_create(f"{prefix}:in", "ctxd", id="$", mkstream=True)
     redis.xadd(f"{prefix}:in", {"workflow_id": "queued", "content": TECH})  # not routed yet
@@ -104,7 +113,7 @@ def test_forget_refuses_while_the_workflow_is_being_processed(
     forced = run_ctxd(service_env, "forget", "busy", "--force")
     assert forced.returncode == 0, forced.stderr
     assert "1 dedupe key(s)" in forced.stdout
-    assert not redis.exists(f"{prefix}:done:busy/e1")
+    assert not redis.exists(done_key(layout, "busy", "e1"))
     bad = run_ctxd(service_env, "forget", "no such id")
     assert bad.returncode == 1
     assert "is not a workflow id" in bad.stderr

@@ -25,7 +25,7 @@ from actors.service.gateway import (
 )
 from actors.service.lease import CheckpointFence, Leases
 from actors.service.parking import AckTarget, WorkflowRunner, parked_stream
-from actors.service.partitions import lease_key, partition_of
+from actors.service.partitions import lease_key, partition_lease, partition_of
 from actors.service.streams import done_key, ensure_group
 from actors.service.validation import parse_event
 from graph.checkpointer import strict_serializer
@@ -44,8 +44,11 @@ async def aredis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 async def _held_lease(aredis: Redis, settings: Settings, name: str) -> tuple[str, str]:
-    """Acquire lease ``name`` for this instance: (key, value)."""
-    key, fence = lease_key(settings, name)
+    """Acquire lease ``name`` (``part:<n>`` or ``router``) for this instance: (key, value)."""
+    if name.startswith("part:"):
+        key, fence = partition_lease(settings, int(name.removeprefix("part:")))
+    else:
+        key, fence = lease_key(settings, name)
     value = await Leases(aredis, settings.instance, 30.0).acquire(key, fence)
     assert value is not None
     return key, value
@@ -280,7 +283,7 @@ async def test_checkpoint_fence_admits_only_the_current_tenure_of_the_workflows_
         await fence.check(workflow_id)
     with CheckpointFence.tenure(lease):
         await fence.check(workflow_id)
-    other = (lease_key(settings, f"part:{n + 1}")[0], lease[1])
+    other = (partition_lease(settings, n + 1)[0], lease[1])
     with CheckpointFence.tenure(other), pytest.raises(FencedError):
         await fence.check(workflow_id)
     await _move_lease(aredis, lease)

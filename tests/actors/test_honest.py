@@ -19,6 +19,8 @@ from actor_support import TextEntries
 from redis import Redis
 
 from actors.app.cli.events import format_output
+from actors.config import Settings
+from actors.service.partitions import attempts_key, partition_stream
 from tests_support import TECH, ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow
@@ -148,7 +150,8 @@ def test_a_dlq_entry_written_after_a_restart_still_says_what_failed(
     """Entries an earlier process ran and failed (attempts recorded in Redis) are
     dead-lettered by the next one: with the recorded error, or, when the runs ended
     with the process, saying so."""
-    stream, attempts = f"{prefix}:part:0", f"{prefix}:attempts"
+    layout = Settings(stream_prefix=prefix, partitions=1)
+    stream, attempts = partition_stream(layout, 0), attempts_key(layout, 0)
     # A decoding client: the ids are text.
     raised = cast(str, redis.xadd(stream, {"workflow_id": "wf-r1", "content": "raised"}))
     died = cast(str, redis.xadd(stream, {"workflow_id": "wf-r2", "content": "died"}))

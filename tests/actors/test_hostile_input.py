@@ -12,7 +12,9 @@ import pytest
 from actor_support import RawEntries, TextEntries
 from redis import Redis
 
-from actors.service.partitions import partition_of
+from actors.config import Settings
+from actors.service.partitions import partition_stream, workflow_partition
+from actors.service.streams import done_key
 from tests_support import ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow
@@ -287,7 +289,9 @@ def test_event_id_is_an_idempotency_key_within_its_workflow(
         ("wf-a", "same"),
         ("wf-b", "same"),
     ]
-    assert redis.exists(f"{prefix}:done:wf-a/same", f"{prefix}:done:wf-b/same") == 2
+    layout = Settings(stream_prefix=prefix)
+    keys = (done_key(layout, "wf-a", "same"), done_key(layout, "wf-b", "same"))
+    assert redis.exists(*keys) == 2
     assert not redis.exists(f"{prefix}:done:same"), "the old global layout is not written"
     assert redis.xlen(f"{prefix}:dlq") == 0
     assert service.proc.poll() is None
@@ -299,7 +303,8 @@ def test_hostile_entries_appended_straight_to_a_partition_are_contained_by_the_i
     """Producers may append to a partition stream directly (no router): the ingress
     applies the same limits and containment; the partition's later events still run."""
     raw = Redis.from_url(redis_url, socket_timeout=60)
-    part = f"{prefix}:part:{partition_of('ok-p', 16)}"
+    layout = Settings(stream_prefix=prefix)
+    part = partition_stream(layout, workflow_partition(layout, "ok-p"))
     cases = [
         ("(*) metadata 3,000 deep", _with(workflow_id="ok-p", metadata=_deep(3000)),
          "invalid_metadata"),

@@ -25,7 +25,7 @@ from actors.runtime.availability import RedisAvailability
 from actors.service.heartbeat import Heartbeat, instance_key
 from actors.service.lease import CheckpointFence, Leases
 from actors.service.ownership import Ownership
-from actors.service.partitions import assignment, lease_key, partition_of
+from actors.service.partitions import assignment, partition_lease, partition_of
 from actors.service.scheduler import Scheduler
 from graph.errors import FencedError
 
@@ -86,7 +86,7 @@ async def running(instance: Instance) -> AsyncIterator[Instance]:
 
 
 def lease_value(redis: SyncRedis, settings: Settings, n: int) -> str | None:
-    value = redis.get(lease_key(settings, f"part:{n}")[0])
+    value = redis.get(partition_lease(settings, n)[0])
     return None if value is None else str(value)
 
 
@@ -185,11 +185,11 @@ async def test_a_handover_stops_renewing_a_stuck_run_after_one_event_timeout(
             await b.ownership.reconcile()
             await a.ownership.reconcile()  # the handover of `moving` begins
             for n in (moving, kept):
-                await client.pexpire(lease_key(settings, f"part:{n}")[0], 500)
+                await client.pexpire(partition_lease(settings, n)[0], 500)
             a.clock[0] += settings.event_timeout + 0.1
             await a.ownership.reconcile()
-            ttl_moving = await client.pttl(lease_key(settings, f"part:{moving}")[0])
-            ttl_kept = await client.pttl(lease_key(settings, f"part:{kept}")[0])
+            ttl_moving = await client.pttl(partition_lease(settings, moving)[0])
+            ttl_kept = await client.pttl(partition_lease(settings, kept)[0])
             runner.hold.set()
     assert ttl_moving <= 500  # not renewed: the next owner gets it once it expires
     assert ttl_kept > 500  # renewed as usual
@@ -206,9 +206,9 @@ async def test_a_lost_lease_is_dropped_at_the_next_renewal_and_fences_checkpoint
         fence = CheckpointFence(client, replace(settings, partitions=_PARTITIONS))
         tenure = a.ownership.value(n)
         assert tenure is not None
-        with CheckpointFence.tenure((lease_key(settings, f"part:{n}")[0], tenure)):
+        with CheckpointFence.tenure((partition_lease(settings, n)[0], tenure)):
             await fence.check(workflow)  # ours: no error
-            await client.set(lease_key(settings, f"part:{n}")[0], "zombie|99")
+            await client.set(partition_lease(settings, n)[0], "zombie|99")
             with pytest.raises(FencedError):
                 await fence.check(workflow)
         changes = len(a.changes)

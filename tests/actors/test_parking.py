@@ -10,6 +10,8 @@ from collections.abc import Callable
 import pytest
 from redis import Redis
 
+from actors.config import Settings
+from actors.service.parking import parked_stream
 from tests_support import TECH, ServiceProcess, read_outputs, run_ctxd
 
 pytestmark = pytest.mark.slow
@@ -30,7 +32,7 @@ def test_paused_workflow_parks_events_in_order_across_sigkill_and_resumes(
     replayed in order, then the resume's own output; rollback forks an old checkpoint."""
     env = {**service_env, "CTXD_ESCALATION_PAUSES": "true"}
     workflow_id = f"{prefix}-hitl"
-    out, parked = f"{prefix}:out", f"{prefix}:parked:{workflow_id}"
+    out, parked = f"{prefix}:out", parked_stream(Settings(stream_prefix=prefix), workflow_id)
     service = start_service("run", env=env)
     service.wait_ready()
 

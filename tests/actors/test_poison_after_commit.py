@@ -15,7 +15,9 @@ from typing import cast
 import pytest
 from redis import Redis
 
-from actors.service.partitions import partition_of
+from actors.config import Settings
+from actors.service.partitions import attempts_key, partition_of, partition_stream
+from actors.service.streams import done_key
 from tests_support import ServiceProcess, read_outputs
 
 pytestmark = pytest.mark.slow
@@ -30,8 +32,9 @@ def test_a_committed_event_past_its_delivery_limit_is_acknowledged_not_dead_lett
     pending and its run count is past the limit. It is acknowledged, with no DLQ entry,
     and the workflow's next event gets its output."""
     wf = "wf-committed"
+    layout = Settings(stream_prefix=prefix, partitions=PARTITIONS)
     n = partition_of(wf, PARTITIONS)
-    stream = f"{prefix}:part:{n}"
+    stream = partition_stream(layout, n)
     redis.xgroup_create(stream, "ctxd", id="0", mkstream=True)
     entry_id = cast(
         str,
@@ -46,8 +49,8 @@ def test_a_committed_event_past_its_delivery_limit_is_acknowledged_not_dead_lett
         ),
     )  # a decoding client
     redis.xreadgroup("ctxd", "owner", {stream: ">"})  # pending, as a crashed owner left it
-    redis.hset(f"{prefix}:attempts", f"{n}/{entry_id}", 5)  # the limit (CTXD_MAX_DELIVERIES)
-    redis.set(f"{prefix}:done:{wf}/e1", "1-0")  # its output was committed
+    redis.hset(attempts_key(layout, n), f"{n}/{entry_id}", 5)  # the limit (CTXD_MAX_DELIVERIES)
+    redis.set(done_key(layout, wf, "e1"), "1-0")  # its output was committed
     redis.xadd(f"{prefix}:in", {"workflow_id": wf, "event_id": "e2", "content": "the next one"})
 
     service = start_service("run", env={"CTXD_PARTITIONS": str(PARTITIONS)})

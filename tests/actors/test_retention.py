@@ -21,7 +21,7 @@ from redis.asyncio import Redis as AsyncRedis
 from actors.config import Settings, load_settings
 from actors.runtime.mailbox import ActorRequest, mailbox_stream
 from actors.service.parking import WorkflowRunner, parked_stream, resume_fields
-from actors.service.partitions import lease_key, partition_of
+from actors.service.partitions import partition_lease, workflow_partition
 from actors.service.retention import Retention, workflows_key
 from actors.service.streams import ensure_group, trim_bounded_streams
 from actors.service.tree import ActorSystem
@@ -163,7 +163,7 @@ async def test_idle_workflows_are_deleted_by_their_partition_owner_only(
     clock = _Clock()
     graph = _graph(saver, pauses=True)
     retention = Retention(aredis, s, graph, clock=clock)
-    lease = (lease_key(s, "part:0")[0], "tenure-1")
+    lease = (partition_lease(s, 0)[0], "tenure-1")
     await aredis.set(lease[0], lease[1])
     for workflow_id in ("idle", "paused", "busy"):
         await run_events(graph, workflow_id, [{"event_id": "e1", "content": TECH}])
@@ -248,13 +248,14 @@ def test_service_prunes_and_dedupe_rollback_and_resume_still_hold(
         redis.xadd(
             f"{prefix}:in", {"workflow_id": workflow_id, "event_id": f"p{i}", "content": TECH}
         )
-    assert len(read_outputs(redis, f"{prefix}:parked:{workflow_id}", 3)) == 3
+    layout = Settings(stream_prefix=prefix)
+    assert len(read_outputs(redis, parked_stream(layout, workflow_id), 3)) == 3
     resumed = run_ctxd(env, "resume", workflow_id, "--value", "null")
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     outputs = read_outputs(redis, out, 19)
     assert [f["event_id"] for _, f in outputs][15:18] == ["p0", "p1", "p2"]
     assert len(_checkpoint_keys(redis, prefix, workflow_id)) <= 3 + len(segments) + 2
-    assert redis.zscore(f"{prefix}:workflows:{partition_of(workflow_id, 16)}", workflow_id)
+    assert redis.zscore(workflows_key(layout, workflow_partition(layout, workflow_id)), workflow_id)
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
 

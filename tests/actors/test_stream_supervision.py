@@ -19,7 +19,7 @@ from actors.config import Settings
 from actors.runtime.redis_io import Entry
 from actors.runtime.supervisor import RestartEvent, SupervisorEscalation
 from actors.service.ingress import Ingress
-from actors.service.partitions import lease_key, partition_stream
+from actors.service.partitions import partition_lease, partition_stream
 from graph.checkpointer import open_checkpointer
 from graph.work import LocalDispatch
 from graph.workflow import build_contextual_workflow
@@ -120,5 +120,5 @@ async def test_a_reader_crashing_beyond_the_intensity_escalates_and_leaves_its_l
     assert [e.child for e in restarts] == ["readers", "readers"]
     assert not ingress.stopped.is_set()  # a crash, not a stop: the root restarts it
     for n in range(settings.partitions):
-        assert redis.get(lease_key(settings, f"part:{n}")[0]) is None
+        assert redis.get(partition_lease(settings, n)[0]) is None
     assert redis.xlen(settings.output_stream) == 0

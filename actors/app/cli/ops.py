@@ -25,7 +25,7 @@ from actors.runtime import scripts
 from actors.service.footprint import SAMPLES, collect_footprint, format_bytes
 from actors.service.heartbeat import instance_key, instances_key, worker_key, workers_key
 from actors.service.partition_record import record_key
-from actors.service.partitions import lease_key, partition_stream
+from actors.service.partitions import lease_key, partition_lease, partition_stream
 
 __all__ = ["collect_status", "register", "replay_dead_letters"]
 
@@ -108,7 +108,7 @@ def collect_status(
     for n in range(settings.partitions):
         stream = partition_stream(settings, n)
         groups = _groups(redis, stream)
-        owner = cast(str | None, redis.get(lease_key(settings, f"part:{n}")[0]))
+        owner = cast(str | None, redis.get(partition_lease(settings, n)[0]))
         partitions.append(
             {
                 "partition": n,

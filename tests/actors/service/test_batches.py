@@ -39,7 +39,13 @@ from actors.service.batches import (
     poison_error,
 )
 from actors.service.lease import Leases
-from actors.service.partitions import OWNER_CONSUMER, lease_key, partition_of, partition_stream
+from actors.service.partitions import (
+    OWNER_CONSUMER,
+    attempts_key,
+    partition_lease,
+    partition_of,
+    partition_stream,
+)
 from actors.service.streams import done_key
 from actors.service.validation import decode_fields, parse_entry
 from actors.testing import aread_entries
@@ -175,7 +181,7 @@ class Harness:
         return int(summary["pending"])
 
     async def attempts(self, entry: PendingEntry) -> Mapping[str, str | None]:
-        key = self.settings.key("attempts")
+        key = attempts_key(self.settings, self.partition)
         fields = (
             attempt_field(self.partition, entry.entry_id),
             error_field(self.partition, entry.entry_id),
@@ -198,7 +204,7 @@ async def open_harness(settings: Settings) -> AsyncIterator[Harness]:
         open_checkpointer("memory", namespace=s.stream_prefix) as saver,
     ):
         await redis.xgroup_create(partition_stream(s, n), s.group, id="0", mkstream=True)
-        lease = await Leases(redis, s.instance, s.lease_ttl).acquire(*lease_key(s, f"part:{n}"))
+        lease = await Leases(redis, s.instance, s.lease_ttl).acquire(*partition_lease(s, n))
         assert lease is not None
         graph = ScriptedGraph(build_contextual_workflow(LocalDispatch(), saver))
         availability = RedisAvailability(redis, probe_key=s.key("probe"), backoff_base=0.001)
@@ -270,7 +276,7 @@ async def test_a_batch_whose_partition_lease_was_lost_is_left_to_the_new_owner(
 ) -> None:
     h = harness
     batch = await h.entries("a")
-    await h.redis.set(lease_key(h.settings, f"part:{h.partition}")[0], "inst-b|999999")
+    await h.redis.set(partition_lease(h.settings, h.partition)[0], "inst-b|999999")
     assert await h.process(batch) == "lost"
     assert await h.outputs() == []
     assert await h.pending() == 1  # the new owner inherits it

@@ -18,7 +18,7 @@ from actors.config import Settings
 from actors.runtime import scripts
 from actors.runtime.scripts import call_script
 from actors.service.lease import Leases, fence_checkpoints
-from actors.service.partitions import lease_key
+from actors.service.partitions import partition_lease
 from graph.errors import FencedError
 
 TTL = 10.0
@@ -32,7 +32,7 @@ async def client(settings: Settings) -> AsyncIterator[Redis]:
 
 @pytest.fixture
 def keys(settings: Settings) -> tuple[str, str]:
-    return lease_key(settings, "part:0")
+    return partition_lease(settings, 0)
 
 
 def token(value: str) -> int:
@@ -120,7 +120,7 @@ async def test_release_gives_the_lease_up_for_the_next_acquirer(
 
 async def test_renew_many_reports_each_lost_lease(client: Redis, settings: Settings) -> None:
     leases = Leases(client, "inst-a", TTL)
-    held = [lease_key(settings, f"part:{n}") for n in range(3)]
+    held = [partition_lease(settings, n) for n in range(3)]
     values = [await leases.acquire(*k) for k in held]
     assert all(v is not None for v in values)
     await expire_now(client, held[1][0])
