@@ -90,6 +90,11 @@ class Producer:
             sent += 1
 
 
+def _moved(workflow_id: str) -> bool:
+    """Whether the workflow's partition changes from 16 to 64 partitions."""
+    return partition_of(workflow_id, 16) != partition_of(workflow_id, 64)
+
+
 def _wait_for_outputs(redis: Redis, target: int, timeout: float) -> int:
     """Block on ctxd:out (XREAD BLOCK) until it holds ``target`` entries."""
     deadline = time.monotonic() + timeout
@@ -147,6 +152,13 @@ def test_resize_16_to_64_under_load_loses_doubles_and_reorders_nothing(
             for instance in new:
                 instance.wait_ready()
             restarted = time.monotonic()
+            # Event ids sent again after the change are still recognised (the dedupe
+            # keys followed their workflows to the new partitions): no second output.
+            resent = [(wf, e) for wf, e in producer.inputs[:resized_at] if _moved(wf)][:20]
+            for wf, event_id in resent:
+                redis.xadd(
+                    f"{PREFIX}:in", {"workflow_id": wf, "event_id": event_id, "content": "again"}
+                )
             _wait_for_outputs(redis, len(producer.inputs), timeout=60)
             time.sleep(AFTER)  # load goes on under the new count
             producer.stop()
@@ -177,8 +189,11 @@ def test_resize_16_to_64_under_load_loses_doubles_and_reorders_nothing(
                 assert redis.xpending(stream, "ctxd")["pending"] == 0
         # The resize really waited for a backlog, and really moved workflows.
         assert any("entries unfinished in" in x and " 0 entries" not in x for x in resize.lines)
-        names = [f"wf-{w:02d}" for w in range(WORKFLOWS)]
-        assert any(partition_of(wf, 16) != partition_of(wf, 64) for wf in names)
+        assert len(resent) == 20
+        # The idle-workflow index followed the workflows too.
+        for n in range(64):
+            for wf in redis.zrange(f"{PREFIX}:{{p{n}}}:workflows", 0, -1):
+                assert partition_of(wf, 64) == n, (wf, n)
         assert worker.proc.poll() is None  # the worker does not use the count: unaffected
     finally:
         for process in everyone:
