@@ -9,6 +9,7 @@ changed configuration). Every event must come out exactly once, in its workflow'
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -221,3 +222,38 @@ def test_an_instance_configured_with_another_count_refuses_to_start_in_one_line(
     shown = run_ctxd({**service_env, "CTXD_PARTITIONS": "8"}, "partitions")
     assert shown.stdout.splitlines()[:3] == ["partitions: 4", "epoch: 1", "state: active"]
     assert "would refuse to start" in shown.stdout
+
+
+def test_a_resize_that_cannot_drain_is_undone_on_timeout_and_on_ctrl_c(
+    start_service: Callable[..., ServiceProcess], service_env: dict[str, str], prefix: str
+) -> None:
+    """With no instance to finish an old partition's entry, the resize waits; past its
+    ``--timeout``, or on SIGINT, it puts the record back to active at the old count."""
+    redis = Redis.from_url(service_env["CTXD_REDIS_URL"], decode_responses=True)
+    try:
+        redis.hset(f"{prefix}:partitions", mapping={"count": 4, "epoch": 1, "state": "active"})
+        stream = f"{prefix}:{{p2}}:stream"
+        redis.xgroup_create(stream, "ctxd", id="$", mkstream=True)
+        redis.xadd(stream, {"workflow_id": "wf", "content": "waits"})
+        timed_out = run_ctxd(service_env, "partitions", "resize", "8", "--timeout", "1")
+        assert timed_out.returncode == 1
+        assert "did not drain within 1 s; the resize was undone" in timed_out.stderr
+        assert "1 entries unfinished in 1 partitions" in timed_out.stdout
+        assert redis.hgetall(f"{prefix}:partitions") == {
+            "count": "4",
+            "epoch": "1",
+            "state": "active",
+        }
+        resize = start_service("partitions", "resize", "8")
+        resize.wait_for_line(lambda x: "entries unfinished" in x)
+        assert redis.hget(f"{prefix}:partitions", "state") == "resizing"
+        resize.signal(signal.SIGINT)
+        resize.wait(timeout=30)
+        assert redis.hgetall(f"{prefix}:partitions") == {
+            "count": "4",
+            "epoch": "1",
+            "state": "active",
+        }
+        assert not redis.exists(f"{prefix}:lease:router")  # routing can resume at once
+    finally:
+        redis.close()
