@@ -105,7 +105,9 @@ class PartitionRecord:
     def describe(self) -> str:
         """``64 partitions (epoch 2)``, with the resize in progress if any."""
         text = f"{self.count} partitions (epoch {self.epoch})"
-        if self.state == "resizing":
+        if self.state == "resizing" and self.next == self.count:
+            text += ", switching: routing resumes once no instance runs the old count"
+        elif self.state == "resizing":
             text += f", resizing to {self.next}"
         return text
 

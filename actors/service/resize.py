@@ -19,17 +19,23 @@ switches every instance to the new count:
 4. The index of workflows per partition (retention) and the dedupe keys (per
    partition) are copied to the workflows' new partitions, so the idle sweep and
    the dedupe window go on across the change.
-5. The record flips to ``count=N``, ``epoch+1``, ``active``; the router lease is
-   released. Instances still running with the old count stop with one line (exit 1)
-   and are started again with ``CTXD_PARTITIONS=N``; those started with ``N`` while
-   the resize ran begin now. Routing resumes at ``ctxd:in``'s first waiting entry.
+5. The record flips to ``count=N``, ``epoch+1`` (still ``resizing``, ``next=N``).
+   Instances running with the old count stop with one line (exit 1), to be started
+   again with ``CTXD_PARTITIONS=N``; those started with ``N`` while the resize ran
+   begin now, taking partitions but not routing yet.
+6. Once no live instance reports the old count in its heartbeat — one that still owned
+   a partition would treat entries routed there under the new count with the old
+   hash — the record becomes ``active`` and the router lease is released: routing
+   resumes at ``ctxd:in``'s first waiting entry.
 
 Interrupted or timed out before step 5, the resize is undone (``state=active`` at the
-old count): routing resumes and nothing has moved.
+old count): routing resumes and nothing has moved. After step 5 it can only go
+forward: run it again, or ``ctxd partitions abort`` to resume routing at once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -41,6 +47,7 @@ import anyio
 from redis.asyncio import Redis
 
 from actors.config import Settings
+from actors.service.heartbeat import instance_key, instances_key
 from actors.service.lease import Leases
 from actors.service.partition_record import (
     PartitionRecord,
@@ -53,7 +60,14 @@ from actors.service.retention import workflows_key
 from actors.service.streams import done_key
 from graph.errors import CtxdError
 
-__all__ = ["ResizeError", "ResizeProgress", "abort_resize", "parked_events", "resize_partitions"]
+__all__ = [
+    "ResizeError",
+    "ResizeProgress",
+    "abort_resize",
+    "old_instances",
+    "parked_events",
+    "resize_partitions",
+]
 
 _POLL = 0.5
 """Seconds between looks at the old partitions while they drain."""
@@ -70,11 +84,12 @@ class ResizeProgress:
     """Where a resize stands, for its progress lines.
 
     Attributes:
-        step: ``routing`` (waiting for the router to pause), ``draining``, ``copying``
-            or ``done``.
+        step: ``routing`` (waiting for the router to pause), ``draining``, ``copying``,
+            ``switching`` (flipped; instances with the old count are stopping) or ``done``.
         unfinished: entries of the old partitions not yet acknowledged.
         busy_partitions: old partitions that still hold such entries.
         parked: events parked by paused workflows.
+        old_instances: live instances still running with the old count.
         elapsed: seconds since the resize began.
     """
 
@@ -82,6 +97,7 @@ class ResizeProgress:
     unfinished: int = 0
     busy_partitions: int = 0
     parked: int = 0
+    old_instances: int = 0
     elapsed: float = 0.0
 
 
@@ -105,18 +121,79 @@ async def resize_partitions(
     started = time.monotonic()
     leases = Leases(redis, f"resize:{socket.gethostname()}:{os.getpid()}", settings.lease_ttl)
     key, fence = lease_key(settings, "router")
-    value: str | None = None
-    finished = False
+    held = _RouterLease(leases, key, fence, settings.lease_ttl / 3)
+    try:
+        if record.count != target:  # not flipped yet (a rerun may find it flipped)
+            record = await _drain_and_flip(
+                redis, settings, record, target, held, progress, drain_timeout, started
+            )
+        await _wait_for_old_instances(redis, settings, target, held, progress, started)
+        if not await update_record(redis, settings, record, state="active", next=""):
+            raise ResizeError(f"the partition record changed during the resize: {record}")
+        progress(ResizeProgress("done", elapsed=time.monotonic() - started))
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await held.release()
+    new = await read_record(redis, settings)
+    assert new is not None
+    return new
+
+
+class _RouterLease:
+    """The router lease, held by the resize: every move of an entry checks it."""
+
+    def __init__(self, leases: Leases, key: str, fence: str, renew_every: float) -> None:
+        self._leases = leases
+        self._key = key
+        self._fence = fence
+        self._renew_every = renew_every
+        self._value: str | None = None
+        self._renewed = 0.0
+
+    async def take(self) -> bool:
+        """Take it if it is free (the router releases it at its next batch)."""
+        if self._value is None:
+            self._value = await self._leases.acquire(self._key, self._fence)
+            self._renewed = time.monotonic()
+        return self._value is not None
+
+    async def keep(self, *, now: bool = False) -> None:
+        """Renew it when due (``now``: at once); losing it ends the resize."""
+        if self._value is None:
+            return
+        if now or time.monotonic() - self._renewed >= self._renew_every:
+            if not await self._leases.renew(self._key, self._value):
+                raise ResizeError(
+                    f"the resize lost the router lease {self._key} (it paused longer than "
+                    "CTXD_LEASE_TTL); run the command again"
+                )
+            self._renewed = time.monotonic()
+
+    async def release(self) -> None:
+        if self._value is not None:
+            await self._leases.release(self._key, self._value)
+            self._value = None
+
+
+async def _drain_and_flip(
+    redis: Redis,
+    settings: Settings,
+    record: PartitionRecord,
+    target: int,
+    held: _RouterLease,
+    progress: Callable[[ResizeProgress], None],
+    drain_timeout: float,
+    started: float,
+) -> PartitionRecord:
+    """Steps 2-5 up to the flip; undone (the old count, active) if it does not get there."""
+    flipped = False
     try:
         with anyio.fail_after(drain_timeout):
-            while (value := await leases.acquire(key, fence)) is None:
+            while not await held.take():
                 progress(ResizeProgress("routing", elapsed=time.monotonic() - started))
-                await anyio.sleep(_POLL)  # the router releases it at its next batch
-            renewed = time.monotonic()
+                await anyio.sleep(_POLL)
             while True:
-                if time.monotonic() - renewed >= settings.lease_ttl / 3:
-                    await _renew(leases, key, value)
-                    renewed = time.monotonic()
+                await held.keep()
                 status = await _drain_status(redis, settings, record.count, started)
                 progress(status)
                 if not status.unfinished and not status.parked:
@@ -125,32 +202,72 @@ async def resize_partitions(
         progress(ResizeProgress("copying", elapsed=time.monotonic() - started))
         await _rehome_workflows(redis, settings, record.count, target)
         await _copy_dedupe_keys(redis, settings, target)
-        await _renew(leases, key, value)  # still ours: nothing was routed meanwhile
+        await held.keep(now=True)  # still ours: nothing was routed meanwhile
+        # The flip: the new count and epoch, still "resizing" (no routing) until every
+        # instance of the old count has stopped (_wait_for_old_instances).
         flipped = await update_record(
-            redis, settings, record, count=target, epoch=record.epoch + 1, state="active", next=""
+            redis, settings, record, count=target, epoch=record.epoch + 1, next=target
         )
         if not flipped:
             raise ResizeError(f"the partition record changed during the resize: {record}")
-        finished = True
-        progress(ResizeProgress("done", elapsed=time.monotonic() - started))
     except TimeoutError:
         raise ResizeError(
             f"the old partitions did not drain within {drain_timeout:g} s; the resize was "
             "undone (routing resumes at the old count). Look at `ctxd status`, then try again"
         ) from None
     finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            if not finished:
+        if not flipped:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await update_record(redis, settings, record, state="active", next="")
-            if value is not None:
-                await leases.release(key, value)
     new = await read_record(redis, settings)
     assert new is not None
     return new
 
 
+async def _wait_for_old_instances(
+    redis: Redis,
+    settings: Settings,
+    target: int,
+    held: _RouterLease,
+    progress: Callable[[ResizeProgress], None],
+    started: float,
+) -> None:
+    """Wait until no live instance runs with another count: one that still owned a
+    partition would hash the entries routed there under the new count with the old one.
+    Instances notice the flip within ``CTXD_LEASE_TTL``/3 and stop; a dead one leaves
+    the live set within ``CTXD_LEASE_TTL``."""
+    while True:
+        await held.keep()
+        old = await old_instances(redis, settings, target)
+        if not old:
+            return
+        progress(
+            ResizeProgress("switching", old_instances=len(old), elapsed=time.monotonic() - started)
+        )
+        await anyio.sleep(_POLL)
+
+
+async def old_instances(redis: Redis, settings: Settings, count: int) -> list[str]:
+    """Live ``ctxd run`` instances whose heartbeat reports another partition count."""
+    now_ms = time.time() * 1000
+    live = await redis.zrangebyscore(
+        instances_key(settings), now_ms - settings.lease_ttl * 1000, "+inf"
+    )
+    found = []
+    for raw in live:
+        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        body = await redis.get(instance_key(settings, name))
+        if body is None:
+            continue  # gone (it left, or its heartbeat expired)
+        if json.loads(body).get("partition_count") != count:
+            found.append(name)
+    return found
+
+
 async def abort_resize(redis: Redis, settings: Settings) -> PartitionRecord | None:
-    """Undo a resize left behind (its command was killed): the old count stays."""
+    """Resume routing after a resize whose command was killed: before its flip the old
+    count stays (undone); after it the new one does (the wait for old instances is
+    skipped: stop them yourself)."""
     record = await read_record(redis, settings)
     if record is None or record.state == "active":
         return record
@@ -196,14 +313,6 @@ async def _begin(redis: Redis, settings: Settings, target: int) -> PartitionReco
     again = await read_record(redis, settings)
     assert again is not None
     return again
-
-
-async def _renew(leases: Leases, key: str, value: str) -> None:
-    if not await leases.renew(key, value):
-        raise ResizeError(
-            f"the resize lost the router lease {key} (it paused longer than "
-            "CTXD_LEASE_TTL); run the command again"
-        )
 
 
 async def _drain_status(

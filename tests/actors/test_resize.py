@@ -138,20 +138,26 @@ def test_resize_16_to_64_under_load_loses_doubles_and_reorders_nothing(
             resized_at = len(producer.inputs)
             began = time.monotonic()
             resize = start("partitions", "resize", "64", "--timeout", "120")
-            assert resize.wait(timeout=150) == 0, "\n".join(resize.lines)
-            flipped = time.monotonic()
+            resize.wait_for_line(lambda x: "draining the old partitions" in x)
+            # An instance started with the new count meanwhile waits for the flip; it
+            # runs beside the old ones until they are gone (routing stays paused).
+            early = start("run", CTXD_PARTITIONS="64")
+            early.wait_for_line(lambda x: "waiting for the partition count change" in x)
             # The old instances notice the flip, stop with one line and exit 1 ...
-            codes = [instance.wait(timeout=30) for instance in old]
+            codes = [instance.wait(timeout=150) for instance in old]
             stopped = time.monotonic()
             assert codes == [1, 1]
             for instance in old:
                 line = instance.lines[-1]
                 assert "partition count changed to 64 (epoch 2)" in line, line
                 assert "CTXD_PARTITIONS=64" in line
-            # ... and are started again with the new count, as a service manager would.
-            new = [start("run", CTXD_PARTITIONS="64"), start("run", CTXD_PARTITIONS="64")]
-            for instance in new:
-                instance.wait_ready()
+            # ... and are started again with the new count, as a service manager would;
+            # the resize ends once no instance runs the old count.
+            assert resize.wait(timeout=60) == 0, "\n".join(resize.lines)
+            flipped = time.monotonic()
+            early.wait_ready()
+            late = start("run", CTXD_PARTITIONS="64")
+            late.wait_ready()
             restarted = time.monotonic()
             # Event ids sent again after the change are still recognised (the dedupe
             # keys followed their workflows to the new partitions): no second output.
@@ -171,9 +177,10 @@ def test_resize_16_to_64_under_load_loses_doubles_and_reorders_nothing(
         verdict = check_history(inputs, outputs, dead)
         print(
             f"resize 16→64 under {RATE:g} events/s: {len(inputs)} events "
-            f"({resized_at} before the resize), resize took {flipped - began:.1f}s, old "
-            f"instances stopped {stopped - flipped:.1f}s after the flip, new ones ready "
-            f"{restarted - stopped:.1f}s later; outputs {done}, dlq {len(dead)}"
+            f"({resized_at} before the resize); old instances stopped "
+            f"{stopped - began:.1f}s after the command started, which ended "
+            f"{flipped - began:.1f}s after it; a restarted instance was ready "
+            f"{restarted - flipped:.1f}s later; outputs {done}, dlq {len(dead)}"
         )
         print("\n".join(line for line in resize.lines if line.startswith("resize")))
         assert verdict.ok, verdict

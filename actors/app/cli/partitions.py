@@ -48,7 +48,11 @@ def register(commands: Subcommands) -> None:
         help="seconds the old partitions may take to drain before the resize is undone "
         "(default 600)",
     )
-    actions.add_parser("abort", help="undo a resize left in progress (the old count stays)")
+    actions.add_parser(
+        "abort",
+        help="resume routing after a resize whose command was killed (before its flip the "
+        "old count stays, after it the new one)",
+    )
     parser.set_defaults(handler=_partitions)
 
 
@@ -96,7 +100,7 @@ async def _resize(redis: Redis, settings: Settings, target: int, drain_timeout: 
     def show(p: ResizeProgress) -> None:
         nonlocal last, last_time
         now = time.monotonic()
-        key = (p.step, p.unfinished, p.busy_partitions, p.parked)
+        key = (p.step, p.unfinished, p.busy_partitions, p.parked, p.old_instances)
         if key == last and now - last_time < _QUIET:
             return
         last, last_time = key, now
@@ -109,6 +113,10 @@ async def _resize(redis: Redis, settings: Settings, target: int, drain_timeout: 
             )
         elif p.step == "copying":
             line = "drained; copying the workflow index and dedupe keys"
+        elif p.step == "switching":
+            line = (
+                f"count switched; waiting for {p.old_instances} instances of the old count to stop"
+            )
         else:
             line = "done"
         print(f"resize [{p.elapsed:6.1f}s] {line}", flush=True)
@@ -119,8 +127,5 @@ async def _resize(redis: Redis, settings: Settings, target: int, drain_timeout: 
     if before is not None and before.count == record.count and before.epoch == record.epoch:
         print(f"partitions: already {record.describe()}")
         return 0
-    print(
-        f"partitions: {record.describe()}. Instances running with the old count stop "
-        f"now (exit 1); start them with CTXD_PARTITIONS={record.count}"
-    )
+    print(f"partitions: {record.describe()}; routing resumed")
     return 0
