@@ -39,7 +39,7 @@ from actors.config import Settings
 from actors.runtime import scripts
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.scripts import call_script
-from actors.service.partitions import partition_stream
+from actors.service.partitions import partition_of, partition_stream
 from graph.errors import ConfigError, CtxdError
 
 __all__ = [
@@ -252,15 +252,63 @@ async def _refuse_over_leftovers(redis: Redis, settings: Settings) -> None:
             "version until `ctxd status` shows nothing pending, stop it, then start this one"
         )
     if current:
-        found = max(current) + 1
-        if found != settings.partitions:
-            raise PartitionCountError(
-                f"{sum(current.values())} entries wait in partition streams hashed onto "
-                f"{found} partitions (no count is recorded in {record_key(settings)}), "
-                f"but CTXD_PARTITIONS={settings.partitions}: start with "
-                f"CTXD_PARTITIONS={found} (it is then recorded), and change the count "
-                "afterwards with `ctxd partitions resize`"
+        misplaced, fits = await _hash_evidence(redis, settings, current)
+        if misplaced:
+            advice = (
+                f"start with CTXD_PARTITIONS={fits} (it is then recorded), and change the "
+                "count afterwards with `ctxd partitions resize`"
+                if fits
+                else "no single count fits them: let the instances that wrote them finish first"
             )
+            raise PartitionCountError(
+                f"{sum(current.values())} entries wait in partition streams, and some of "
+                f"them ({misplaced}) are not in the partition CTXD_PARTITIONS="
+                f"{settings.partitions} gives their workflow (no count is recorded in "
+                f"{record_key(settings)}): they were hashed onto another count; {advice}"
+            )
+
+
+_SAMPLE = 50
+"""Entries per partition stream looked at to tell which count they were hashed onto."""
+
+
+async def _hash_evidence(
+    redis: Redis, settings: Settings, streams: Mapping[int, int]
+) -> tuple[str, int]:
+    """Whether entries sit in partitions their workflow does not hash to under
+    ``CTXD_PARTITIONS`` (an example, or ""), and the smallest count they all fit (0: none).
+
+    Looking at the entries, not at which streams exist: a stream exists only for a
+    partition someone created, so the highest one does not tell the count.
+    """
+    placed: list[tuple[int, int]] = []  # (crc32 of the workflow id, partition)
+    misplaced = ""
+    for n, waiting in streams.items():
+        if not waiting:
+            continue
+        entries = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            await redis.xrevrange(partition_stream(settings, n), count=_SAMPLE),
+        )
+        for _, fields in entries:
+            raw = fields.get(b"workflow_id")
+            if not raw:
+                continue
+            workflow_id = _text(raw)
+            # partition_of's hash itself (crc32 is below 2**32): then % count for each count.
+            placed.append((partition_of(workflow_id, 1 << 32), n))
+            if not misplaced and partition_of(workflow_id, settings.partitions) != n:
+                misplaced = f"{workflow_id!r} in partition {n}"
+    if not misplaced:
+        return "", 0
+    lowest = max(n for _, n in placed) + 1
+    for count in range(lowest, _MAX_COUNT + 1):
+        if all(crc % count == n for crc, n in placed):
+            return misplaced, count
+    return misplaced, 0
+
+
+_MAX_COUNT = 1024
 
 
 async def leftover_streams(
@@ -271,8 +319,7 @@ async def leftover_streams(
     Returns:
         Those of the layout before hash tags (``{prefix}:part:<n>``), and those of the
         current layout (``{prefix}:{p<n>}:stream``): partition → unfinished entries.
-        The current layout's partitions are all listed (a stream exists for every
-        partition an owner ever took), so its highest number + 1 is the count it used.
+        Each is empty unless some stream of its layout has entries waiting.
     """
     p = settings.stream_prefix
     old: dict[int, int] = {}

@@ -25,7 +25,7 @@ from actors.service.partition_record import (
     routing_open,
     update_record,
 )
-from actors.service.partitions import partition_stream
+from actors.service.partitions import partition_of, partition_stream
 
 
 @pytest.fixture
@@ -161,14 +161,29 @@ async def test_waiting_entries_hashed_onto_another_count_refuse_the_first_record
     client: Redis, settings: Settings
 ) -> None:
     """Partition streams of this layout but no record (a run before the record existed):
-    their count is what the streams show; another count is refused, the same recorded."""
-    for n in range(16):
-        stream = partition_stream(settings, n)
-        await client.xgroup_create(stream, settings.group, id="$", mkstream=True)
-    await client.xadd(partition_stream(settings, 5), {"workflow_id": "wf", "content": "x"})
+    entries that sit where another count put them are refused, naming a count they all
+    fit; entries that sit where the configured count puts them are fine."""
+    s16, s64 = replace(settings, partitions=16), replace(settings, partitions=64)
+    workflows = [f"wf-{i}" for i in range(40)]
+    moved = next(wf for wf in workflows if partition_of(wf, 16) != partition_of(wf, 64))
+    for wf in workflows:
+        await client.xadd(partition_stream(settings, partition_of(wf, 16)), {"workflow_id": wf})
     with pytest.raises(PartitionCountError) as refused:
-        await claim_record(client, replace(settings, partitions=64))
-    assert "hashed onto 16 partitions" in str(refused.value)
+        await claim_record(client, s64)
+    assert "hashed onto another count" in str(refused.value)
     assert "start with CTXD_PARTITIONS=16" in str(refused.value)
-    record = await claim_record(client, replace(settings, partitions=16))
+    assert await read_record(client, settings) is None
+    record = await claim_record(client, s16)
     assert record == PartitionRecord(16, 1)
+    assert moved
+
+
+async def test_waiting_entries_where_the_configured_count_puts_them_are_fine(
+    client: Redis, settings: Settings
+) -> None:
+    """Only partition 0's stream exists (say, a producer wrote there for a 2-partition
+    deployment): its entry hashes to 0 under 2, so 2 is recorded."""
+    s2 = replace(settings, partitions=2)
+    wf = next(f"wf-{i}" for i in range(100) if partition_of(f"wf-{i}", 2) == 0)
+    await client.xadd(partition_stream(settings, 0), {"workflow_id": wf})
+    assert await claim_record(client, s2) == PartitionRecord(2, 1)
