@@ -187,6 +187,7 @@ async def _drain_and_flip(
 ) -> PartitionRecord:
     """Steps 2-5 up to the flip; undone (the old count, active) if it does not get there."""
     flipped = False
+    status = ResizeProgress("routing")
     try:
         with anyio.fail_after(drain_timeout):
             while not await held.take():
@@ -211,9 +212,16 @@ async def _drain_and_flip(
         if not flipped:
             raise ResizeError(f"the partition record changed during the resize: {record}")
     except TimeoutError:
+        left = (
+            "the router did not pause (is an instance stuck?)"
+            if status.step == "routing"
+            else f"{status.unfinished} entries unfinished, {status.parked} parked"
+            + (" (parked events wait for `ctxd resume`)" if status.parked else "")
+        )
         raise ResizeError(
-            f"the old partitions did not drain within {drain_timeout:g} s; the resize was "
-            "undone (routing resumes at the old count). Look at `ctxd status`, then try again"
+            f"the old partitions did not drain within {drain_timeout:g} s ({left}); the "
+            "resize was undone (routing resumes at the old count). Look at `ctxd status`, "
+            "then try again"
         ) from None
     finally:
         if not flipped:
