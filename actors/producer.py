@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from actors.service.input_gate import PartitionRecord, parse_record, partitions_record_key
+from actors.service.partition_record import PartitionRecord, record_key_of
 
 __all__ = [
     "AsyncProducer",
@@ -127,7 +127,7 @@ class _Target:
 
     def __init__(self, prefix: str, record_ttl: float) -> None:
         self.prefix = prefix
-        self.record_key = partitions_record_key(prefix)
+        self.record_key = record_key_of(prefix)
         self._ttl = record_ttl
         self._record: PartitionRecord | None = None
         self._read_at = float("-inf")
@@ -136,7 +136,7 @@ class _Target:
         return time.monotonic() - self._read_at < self._ttl
 
     def remember(self, raw: Mapping[bytes | str, bytes | str]) -> None:
-        self._record = parse_record(raw)
+        self._record = PartitionRecord.from_hash(raw)
         self._read_at = time.monotonic()
 
     def choose(

@@ -39,6 +39,7 @@ __all__ = [
     "LEASE_RENEW",
     "MOVE",
     "MOVE_ONCE",
+    "PARTITIONS_UPDATE",
     "POOL_FINISH",
     "ROUTE_PARTITION",
     "ZREM_IF_IDLE",
@@ -368,6 +369,24 @@ return denied
 
 KEYS: none. ARGV: commands, each as its word count followed by its words.
 Reply: the offsets (in ARGV, 0-based) of the denied commands.
+"""
+
+
+PARTITIONS_UPDATE: Final = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local state = redis.call('HGET', KEYS[1], 'state')
+if epoch ~= ARGV[1] or state ~= ARGV[2] then return 0 end
+for i = 3, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+"""Change the partition record only if it is still at the epoch and state the caller
+read (a compare-and-set: two ``ctxd partitions resize`` never both win).
+
+KEYS: the record hash. ARGV: expected ``epoch``, expected ``state``, then field/value
+pairs to set ('' deletes the field). Reply: 1 when applied, 0 when the record moved.
 """
 
 

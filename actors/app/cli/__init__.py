@@ -41,6 +41,7 @@ _COMMAND_MODULES = (
     "actors.app.cli.worker",
     "actors.app.cli.ops",
     "actors.app.cli.forget",
+    "actors.app.cli.partitions",
 )
 
 _DESCRIPTION = """\

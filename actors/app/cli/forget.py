@@ -24,7 +24,12 @@ import anyio
 from redis import Redis as SyncRedis
 from redis.exceptions import ResponseError
 
-from actors.app.cli.common import Subcommands, client_redis, open_command_checkpointer
+from actors.app.cli.common import (
+    Subcommands,
+    client_redis,
+    open_command_checkpointer,
+    recorded_count,
+)
 from actors.config import Settings
 from actors.service.input_routing import cursor_key
 from actors.service.parking import parked_stream
@@ -183,6 +188,7 @@ def forget_workflow(
             f"{workflow_id[:80]!r} is not a workflow id: 1-200 characters of "
             "letters, digits and _ . : -"
         )
+    settings = recorded_count(redis, settings)
     if not force:
         queued = queued_entries(redis, settings, workflow_id)
         if queued:
