@@ -28,6 +28,7 @@ from graph.errors import FencedError
 
 __all__ = [
     "ACL_CHECK",
+    "BARRIER_RAISE",
     "COMMIT",
     "DEAD_LETTER",
     "DLQ_REPLAY",
@@ -187,19 +188,21 @@ local function after(a, b)  -- stream id a > stream id b
 end
 local cursor, stream, dlq = KEYS[2], KEYS[3], KEYS[4]
 local expected, scanned, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local barrier = redis.call('GET', KEYS[5])
 local stored = redis.call('GET', cursor)
 if expected == '!' and stored then return {'exists', stored, 0} end
 stored = stored or '0-0'
 if expected ~= '' and expected ~= '!' and stored ~= expected then
   return {'resync', stored, 0}
 end
+if barrier and after(scanned, barrier) then scanned = barrier end
 local pos, moved = 5, 0
 for i = 1, n do
   local source_id, target, nfields = ARGV[pos], ARGV[pos + 1], tonumber(ARGV[pos + 2])
   local fields = {}
   for j = 1, nfields * 2 do fields[j] = ARGV[pos + 2 + j] end
   pos = pos + 3 + nfields * 2
-  if after(source_id, stored) then
+  if after(source_id, stored) and not after(source_id, scanned) then
     if target == 'dlq' then redis.call('XADD', dlq, '*', unpack(fields))
     else redis.call('XADD', stream, '*', unpack(fields)) end
     moved = moved + 1
@@ -215,9 +218,12 @@ return {'ok', stored, moved}
 Every key is in the partition's slot (on a cluster ``dlq`` is the partition's own DLQ).
 The cursor is the last ``ctxd:in`` id this partition has moved or scanned past; items at
 or below it were moved before (a crash, an owner change) and are skipped, and the cursor
-moves to ``scanned`` in the same step as the appends.
+moves to ``scanned`` in the same step as the appends. While a resize has set the
+partition's barrier (a ``ctxd:in`` id), nothing after it is moved and the cursor stops
+there, however long ago the caller checked the partition record (actors/service/resize.py).
 
-KEYS: the partition lease, the partition's cursor, the partition stream, the DLQ.
+KEYS: the partition lease, the partition's cursor, the partition stream, the DLQ, the
+partition's barrier.
 ARGV: lease value ('' = unfenced), expected cursor ('' = whatever is stored; '!' = only
 if no cursor is stored yet, the upgrade's first cursor; else the value this owner last
 saw, anything else is answered 'resync'), the last ``ctxd:in`` id scanned, n, then per
@@ -225,6 +231,31 @@ item in ``ctxd:in`` order: its ``ctxd:in`` id, 'stream' or 'dlq', nfields, field
 pairs (bounded as for MOVE).
 Reply: {'ok' | 'resync' | 'exists', the cursor now, entries appended}. Error FENCED when
 the lease moved.
+"""
+
+BARRIER_RAISE: Final = """
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function after(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am > bm or (am == bm and as > bs)
+end
+local barrier = ARGV[1]
+local held = redis.call('GET', KEYS[1])
+local cursor = redis.call('GET', KEYS[2])
+if held and after(held, barrier) then barrier = held end
+if cursor and after(cursor, barrier) then barrier = cursor end
+redis.call('SET', KEYS[1], barrier)
+return barrier
+"""
+"""Set a partition's barrier to the highest of an id, its barrier and its cursor (never
+below what was moved already), atomically with the move script (same slot).
+
+KEYS: the partition's barrier, the partition's cursor. ARGV: a ``ctxd:in`` id.
+Reply: the barrier now.
 """
 
 MOVE_ONCE: Final = """

@@ -310,6 +310,7 @@ async def route_partition(
     expected: str,
     scanned: str,
     items: Sequence[tuple[str, Literal["stream", "dlq"], Mapping[bytes, bytes]]],
+    barrier_key: str,
 ) -> RouteReply:
     """Append a partition's entries of ``ctxd:in`` (``(source_id, target, fields)`` in
     ``ctxd:in`` order) to its stream or DLQ, skipping those at or below its cursor, and
@@ -323,11 +324,12 @@ async def route_partition(
         expected: the cursor this caller last saw ('' = any, '!' = only if none yet).
         scanned: the last ``ctxd:in`` id the caller read for this call.
         items: the entries to move.
+        barrier_key: the partition's barrier (a resize's: nothing after it is moved).
 
     Raises:
         FencedError: the lease does not hold our value any more; nothing was written.
     """
-    call = RouteCall(lease, cursor_key, stream, dlq_stream, expected, scanned, items)
+    call = RouteCall(lease, cursor_key, stream, dlq_stream, expected, scanned, items, barrier_key)
     reply = await call_script(redis, scripts.ROUTE_PARTITION, keys=call.keys(), args=call.args())
     return _route_reply(reply)
 
@@ -343,10 +345,11 @@ class RouteCall:
     expected: str
     scanned: str
     items: Sequence[tuple[str, Literal["stream", "dlq"], Mapping[bytes, bytes]]]
+    barrier_key: str
 
     def keys(self) -> list[str]:
         """The script's KEYS."""
-        return [self.lease[0], self.cursor_key, self.stream, self.dlq_stream]
+        return [self.lease[0], self.cursor_key, self.stream, self.dlq_stream, self.barrier_key]
 
     def args(self) -> list[str | bytes | int]:
         """The script's ARGV."""

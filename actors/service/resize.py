@@ -7,37 +7,42 @@ resize first empties the old partitions, with nothing new coming in, and only th
 switches every instance to the new count:
 
 1. The record (:mod:`actors.service.partition_record`) goes ``state=resizing``,
-   ``next=N``. Routers stop moving ``ctxd:in`` entries into partitions (they check
-   the record before every batch); producers writing straight to partitions write
-   to ``ctxd:in`` instead. New events wait there, in order.
-2. The resize takes the router lease and holds it until the flip. The move script
-   checks that lease, so no router that read the record before step 1 can still
-   move an entry once the lease is ours.
-3. The owners finish every entry of the old partitions (acknowledged, nothing
-   pending or unread) and nothing is parked (a paused workflow's parked events live
-   under its partition's hash tag).
+   ``next=N``, ``barriers=<old count>``. The movers (every instance, for the partitions
+   it owns: :mod:`actors.service.router`) stop moving ``ctxd:in`` entries at their next
+   batch (they check the record before each one); producers writing straight to
+   partitions write to ``ctxd:in`` instead. New events wait there, in order.
+2. The gate is made airtight, in the partitions' own slots: a batch checked just before
+   step 1 may still land after it. Every old partition gets a barrier key at the last
+   ``ctxd:in`` id (or its cursor, if that went further), which the move script checks:
+   nothing after it is moved, whenever the batch was checked. ``P`` = the highest
+   barrier; every barrier is raised to ``P`` and the record gets ``route_until=P``:
+   the movers go on up to ``P`` and every old partition's cursor comes to rest there.
+3. Every old partition's cursor is at ``P`` (or nothing of ``ctxd:in`` lies between its
+   cursor and ``P``), the owners have finished every entry of the old partitions
+   (acknowledged, nothing pending or unread) and nothing is parked (a paused workflow's
+   parked events live under its partition's hash tag).
 4. The index of workflows per partition (retention) and the dedupe keys (per
    partition) are copied to the workflows' new partitions, so the idle sweep and
-   the dedupe window go on across the change.
-5. The record flips to ``count=N``, ``epoch+1`` (still ``resizing``, ``next=N``).
-   Instances running with the old count stop with one line (exit 1), to be started
-   again with ``CTXD_PARTITIONS=N``; those started with ``N`` while the resize ran
-   begin now, taking partitions but not routing yet.
+   the dedupe window go on across the change; every NEW partition's cursor is set to
+   ``P`` (everything up to it was moved under the old count; nothing after it was).
+5. The record flips to ``count=N``, ``epoch+1``, without ``route_until`` (still
+   ``resizing``: nothing moves). Instances running with the old count stop with one
+   line (exit 1), to be started again with ``CTXD_PARTITIONS=N``; those started with
+   ``N`` while the resize ran begin now, taking partitions but not moving entries yet.
 6. Once no live instance reports the old count in its heartbeat — one that still owned
-   a partition would treat entries routed there under the new count with the old
-   hash — the record becomes ``active`` and the router lease is released: routing
-   resumes at ``ctxd:in``'s first waiting entry.
+   a partition would treat entries moved there under the new count with the old hash —
+   the barriers are deleted and the record becomes ``active``: the movers go on from
+   ``P`` under the new count.
 
-Interrupted or timed out before step 5, the resize is undone (``state=active`` at the
-old count): routing resumes and nothing has moved. After step 5 it can only go
-forward: run it again, or ``ctxd partitions abort`` to resume routing at once.
+Interrupted or timed out before step 5, the resize is undone (barriers deleted,
+``state=active`` at the old count): moving resumes from the cursors, nothing lost or
+moved twice. After step 5 it can only go forward: run it again, or ``ctxd partitions
+abort`` to resume at once.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -47,15 +52,19 @@ import anyio
 from redis.asyncio import Redis
 
 from actors.config import Settings
+from actors.runtime import scripts
+from actors.runtime.redis_io import text
+from actors.runtime.scripts import call_script
 from actors.service.heartbeat import instance_key, instances_key
-from actors.service.lease import Leases
+from actors.service.input_gate import barrier_key
+from actors.service.input_routing import cursor_key, id_after, id_key
 from actors.service.partition_record import (
     PartitionRecord,
     read_record,
     unfinished_entries,
     update_record,
 )
-from actors.service.partitions import lease_key, partition_of, partition_stream
+from actors.service.partitions import partition_of, partition_stream
 from actors.service.retention import workflows_key
 from actors.service.streams import done_key
 from graph.errors import CtxdError
@@ -64,9 +73,13 @@ __all__ = [
     "ResizeError",
     "ResizeProgress",
     "abort_resize",
+    "close_input",
     "old_instances",
+    "open_input",
     "parked_events",
     "resize_partitions",
+    "switch_count",
+    "unrouted_partitions",
 ]
 
 _POLL = 0.5
@@ -84,7 +97,8 @@ class ResizeProgress:
     """Where a resize stands, for its progress lines.
 
     Attributes:
-        step: ``routing`` (waiting for the router to pause), ``draining``, ``copying``,
+        step: ``routing`` (the movers finish moving up to ``route_until``; then
+            ``busy_partitions`` counts those behind), ``draining``, ``copying``,
             ``switching`` (flipped; instances with the old count are stopping) or ``done``.
         unfinished: entries of the old partitions not yet acknowledged.
         busy_partitions: old partitions that still hold such entries.
@@ -119,60 +133,87 @@ async def resize_partitions(
     if record.state == "active":
         return record  # already at the target
     started = time.monotonic()
-    leases = Leases(redis, f"resize:{socket.gethostname()}:{os.getpid()}", settings.lease_ttl)
-    key, fence = lease_key(settings, "router")
-    held = _RouterLease(leases, key, fence, settings.lease_ttl / 3)
-    try:
-        if record.count != target:  # not flipped yet (a rerun may find it flipped)
-            record = await _drain_and_flip(
-                redis, settings, record, target, held, progress, drain_timeout, started
-            )
-        await _wait_for_old_instances(redis, settings, target, held, progress, started)
-        if not await update_record(redis, settings, record, state="active", next=""):
-            raise ResizeError(f"the partition record changed during the resize: {record}")
-        progress(ResizeProgress("done", elapsed=time.monotonic() - started))
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await held.release()
+    if record.count != target:  # not flipped yet (a rerun may find it flipped)
+        record = await _drain_and_flip(
+            redis, settings, record, target, progress, drain_timeout, started
+        )
+    await _wait_for_old_instances(redis, settings, target, progress, started)
+    if not await open_input(redis, settings, record):
+        raise ResizeError(f"the partition record changed during the resize: {record}")
+    progress(ResizeProgress("done", elapsed=time.monotonic() - started))
     new = await read_record(redis, settings)
     assert new is not None
     return new
 
 
-class _RouterLease:
-    """The router lease, held by the resize: every move of an entry checks it."""
+async def close_input(redis: Redis, settings: Settings, record: PartitionRecord) -> PartitionRecord:
+    """Step 2: set a barrier in every old partition's slot and ``route_until`` on the
+    record, both at one ``ctxd:in`` id ``P``; return the record with it.
 
-    def __init__(self, leases: Leases, key: str, fence: str, renew_every: float) -> None:
-        self._leases = leases
-        self._key = key
-        self._fence = fence
-        self._renew_every = renew_every
-        self._value: str | None = None
-        self._renewed = 0.0
+    ``P`` is the highest of ``ctxd:in``'s last id (read after the record said
+    ``resizing``), every old partition's cursor and any barrier a previous attempt set:
+    no barrier is below what was moved already, and none is lowered. From here on no
+    entry after ``P`` reaches an old partition, not even from a batch that was checked
+    before the gate closed (the move script checks the barrier in the same step).
+    """
+    last = cast(list[tuple[bytes, object]], await redis.xrevrange(settings.input_stream, count=1))
+    start = text(last[0][0]) if last else "0-0"
+    barriers = max(record.barriers, record.count)
+    raised = [
+        _text(
+            await call_script(
+                redis,
+                scripts.BARRIER_RAISE,
+                keys=[barrier_key(settings, n), cursor_key(settings, n)],
+                args=[start],
+            )
+        )
+        for n in range(barriers)
+    ]
+    until = max(raised, key=id_key, default=start)
+    for n in range(barriers):  # raise them all to the one id the cursors rest at
+        await call_script(
+            redis,
+            scripts.BARRIER_RAISE,
+            keys=[barrier_key(settings, n), cursor_key(settings, n)],
+            args=[until],
+        )
+    if not await update_record(redis, settings, record, route_until=until):
+        raise ResizeError(f"the partition record changed during the resize: {record}")
+    closed = await read_record(redis, settings)
+    assert closed is not None
+    return closed
 
-    async def take(self) -> bool:
-        """Take it if it is free (the router releases it at its next batch)."""
-        if self._value is None:
-            self._value = await self._leases.acquire(self._key, self._fence)
-            self._renewed = time.monotonic()
-        return self._value is not None
 
-    async def keep(self, *, now: bool = False) -> None:
-        """Renew it when due (``now``: at once); losing it ends the resize."""
-        if self._value is None:
-            return
-        if now or time.monotonic() - self._renewed >= self._renew_every:
-            if not await self._leases.renew(self._key, self._value):
-                raise ResizeError(
-                    f"the resize lost the router lease {self._key} (it paused longer than "
-                    "CTXD_LEASE_TTL); run the command again"
-                )
-            self._renewed = time.monotonic()
+async def unrouted_partitions(redis: Redis, settings: Settings, count: int, until: str) -> int:
+    """Old partitions (of ``count``) whose cursor has not come to rest at ``until`` while
+    ``ctxd:in`` still holds entries between their cursor and ``until`` (those are still
+    to be moved into them, or scanned past)."""
+    behind = 0
+    for n in range(count):
+        raw = await redis.get(cursor_key(settings, n))
+        cursor = text(raw) if raw is not None else "0-0"
+        if cursor == until or id_after(cursor, until):
+            continue
+        waiting = await redis.xrange(settings.input_stream, min=f"({cursor}", max=until, count=1)
+        behind += bool(waiting)
+    return behind
 
-    async def release(self) -> None:
-        if self._value is not None:
-            await self._leases.release(self._key, self._value)
-            self._value = None
+
+async def open_input(redis: Redis, settings: Settings, record: PartitionRecord) -> bool:
+    """Step 6 (and the undo): delete the barriers, then ``state=active`` (the order
+    matters: a mover of the new count must find no barrier once it may move). False
+    when the record changed meanwhile."""
+    await _delete_barriers(redis, settings, record)
+    return await update_record(
+        redis, settings, record, state="active", next="", route_until="", barriers=""
+    )
+
+
+async def _delete_barriers(redis: Redis, settings: Settings, record: PartitionRecord) -> None:
+    keys = [barrier_key(settings, n) for n in range(max(record.barriers, record.count))]
+    for key in keys:  # one by one: on a cluster each is in its partition's slot
+        await redis.delete(key)
 
 
 async def _drain_and_flip(
@@ -180,7 +221,6 @@ async def _drain_and_flip(
     settings: Settings,
     record: PartitionRecord,
     target: int,
-    held: _RouterLease,
     progress: Callable[[ResizeProgress], None],
     drain_timeout: float,
     started: float,
@@ -190,30 +230,27 @@ async def _drain_and_flip(
     status = ResizeProgress("routing")
     try:
         with anyio.fail_after(drain_timeout):
-            while not await held.take():
-                progress(ResizeProgress("routing", elapsed=time.monotonic() - started))
-                await anyio.sleep(_POLL)
+            record = await close_input(redis, settings, record)
+            until = record.route_until or "0-0"
+            while behind := await unrouted_partitions(redis, settings, record.count, until):
+                status = ResizeProgress(
+                    "routing", busy_partitions=behind, elapsed=time.monotonic() - started
+                )
+                progress(status)
+                await anyio.sleep(_POLL)  # the movers work; nothing in Redis to block on
             while True:
-                await held.keep()
                 status = await _drain_status(redis, settings, record.count, started)
                 progress(status)
                 if not status.unfinished and not status.parked:
                     break
                 await anyio.sleep(_POLL)  # owners work; nothing in Redis to block on
         progress(ResizeProgress("copying", elapsed=time.monotonic() - started))
-        await _rehome_workflows(redis, settings, record.count, target)
-        await _copy_dedupe_keys(redis, settings, target)
-        await held.keep(now=True)  # still ours: nothing was routed meanwhile
-        # The flip: the new count and epoch, still "resizing" (no routing) until every
-        # instance of the old count has stopped (_wait_for_old_instances).
-        flipped = await update_record(
-            redis, settings, record, count=target, epoch=record.epoch + 1, next=target
-        )
-        if not flipped:
-            raise ResizeError(f"the partition record changed during the resize: {record}")
+        record = await switch_count(redis, settings, record, target)
+        flipped = True
     except TimeoutError:
         left = (
-            "the router did not pause (is an instance stuck?)"
+            f"{status.busy_partitions} partitions did not move their entries up to "
+            f"{record.route_until} (is an instance stuck, or a partition without owner?)"
             if status.step == "routing"
             else f"{status.unfinished} entries unfinished, {status.parked} parked"
             + (" (parked events wait for `ctxd resume`)" if status.parked else "")
@@ -226,7 +263,28 @@ async def _drain_and_flip(
     finally:
         if not flipped:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await update_record(redis, settings, record, state="active", next="")
+                current = await read_record(redis, settings)
+                if current is not None and current.count == record.count:
+                    await open_input(redis, settings, current)
+    return record
+
+
+async def switch_count(
+    redis: Redis, settings: Settings, record: PartitionRecord, target: int
+) -> PartitionRecord:
+    """Steps 4-5, once the old partitions are drained and their cursors at rest at
+    ``route_until``: copy the workflow index and dedupe keys, set every new partition's
+    cursor to ``route_until``, flip the record (still ``resizing``, barriers kept)."""
+    until = record.route_until or "0-0"
+    await _rehome_workflows(redis, settings, record.count, target)
+    await _copy_dedupe_keys(redis, settings, target)
+    for n in range(target):  # nothing up to `until` is to be moved again, nothing after skipped
+        await redis.set(cursor_key(settings, n), until)
+    flipped = await update_record(
+        redis, settings, record, count=target, epoch=record.epoch + 1, next=target, route_until=""
+    )
+    if not flipped:
+        raise ResizeError(f"the partition record changed during the resize: {record}")
     new = await read_record(redis, settings)
     assert new is not None
     return new
@@ -236,7 +294,6 @@ async def _wait_for_old_instances(
     redis: Redis,
     settings: Settings,
     target: int,
-    held: _RouterLease,
     progress: Callable[[ResizeProgress], None],
     started: float,
 ) -> None:
@@ -245,7 +302,6 @@ async def _wait_for_old_instances(
     Instances notice the flip within ``CTXD_LEASE_TTL``/3 and stop; a dead one leaves
     the live set within ``CTXD_LEASE_TTL``."""
     while True:
-        await held.keep()
         old = await old_instances(redis, settings, target)
         if not old:
             return
@@ -279,7 +335,7 @@ async def abort_resize(redis: Redis, settings: Settings) -> PartitionRecord | No
     record = await read_record(redis, settings)
     if record is None or record.state == "active":
         return record
-    await update_record(redis, settings, record, state="active", next="")
+    await open_input(redis, settings, record)
     return await read_record(redis, settings)
 
 
@@ -316,7 +372,9 @@ async def _begin(redis: Redis, settings: Settings, target: int) -> PartitionReco
             "partition and would be stranded): resume those workflows (`ctxd resume`), "
             "then resize"
         )
-    if not await update_record(redis, settings, record, state="resizing", next=target):
+    if not await update_record(
+        redis, settings, record, state="resizing", next=target, barriers=record.count
+    ):
         raise ResizeError("the partition record changed meanwhile; run the command again")
     again = await read_record(redis, settings)
     assert again is not None
@@ -394,3 +452,7 @@ async def _copy(redis: Redis, pairs: list[tuple[str, str]]) -> None:
                 continue  # expired meanwhile
             pipe.set(target, value, px=ttl if ttl > 0 else None, nx=True)
         await pipe.execute()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -49,7 +49,7 @@ from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.redis_io import Entry, text
 from actors.service.gateway import RouteCall, route_partitions
-from actors.service.input_gate import UNBOUNDED, moving_bound
+from actors.service.input_gate import UNBOUNDED, barrier_key, moving_bound
 from actors.service.input_routing import (
     SOURCE_FIELD,
     cursor_key,
@@ -276,6 +276,7 @@ class PartitionRouter:
                 expected=self._positions[n].stored,
                 scanned=scanned,
                 items=items,
+                barrier_key=barrier_key(s, n),
             )
             for n, scanned, items in stores
         ]

@@ -105,7 +105,9 @@ async def _resize(redis: Redis, settings: Settings, target: int, drain_timeout: 
             return
         last, last_time = key, now
         if p.step == "routing":
-            line = "routing paused; waiting for the router lease"
+            line = "moving paused; the movers finish up to one ctxd:in id" + (
+                f" ({p.busy_partitions} partitions behind)" if p.busy_partitions else ""
+            )
         elif p.step == "draining":
             line = (
                 f"draining the old partitions: {p.unfinished} entries unfinished in "

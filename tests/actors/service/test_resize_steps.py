@@ -60,7 +60,9 @@ async def test_routing_stays_paused_until_no_instance_runs_the_old_count(
             )
             await switching.wait()
             flipped = await read_record(client, settings)
-            assert flipped == PartitionRecord(count=8, epoch=2, state="resizing", next=8)
+            assert flipped == PartitionRecord(
+                count=8, epoch=2, state="resizing", next=8, barriers=4
+            )
             assert not routing_open(flipped, replace(settings, partitions=8))
             await client.delete(instance_key(settings, "old"))  # it stopped
     assert await read_record(client, settings) == PartitionRecord(count=8, epoch=2)
