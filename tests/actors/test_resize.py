@@ -195,6 +195,7 @@ def test_resize_16_to_64_under_load_loses_doubles_and_reorders_nothing(
             stream = f"{PREFIX}:{{p{n}}}:stream"
             if redis.exists(stream):
                 assert redis.xpending(stream, "ctxd")["pending"] == 0
+            assert not redis.exists(f"{PREFIX}:{{p{n}}}:barrier")  # the resize's fence is gone
         # The resize really waited for a backlog, and really moved workflows.
         assert any("entries unfinished in" in x and " 0 entries" not in x for x in resize.lines)
         assert len(resent) == 20
@@ -263,6 +264,7 @@ def test_a_resize_that_cannot_drain_is_undone_on_timeout_and_on_ctrl_c(
             "epoch": "1",
             "state": "active",
         }
-        assert not redis.exists(f"{prefix}:lease:router")  # routing can resume at once
+        # Moving can resume at once: no barrier is left in any partition's slot.
+        assert not [n for n in range(8) if redis.exists(f"{prefix}:{{p{n}}}:barrier")]
     finally:
         redis.close()
