@@ -188,12 +188,12 @@ local function after(a, b)  -- stream id a > stream id b
 end
 local cursor, stream, dlq = KEYS[2], KEYS[3], KEYS[4]
 local expected, scanned, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local barrier = redis.call('GET', KEYS[5])
 local stored = redis.call('GET', cursor)
-if expected == '!' and stored then return {'exists', stored, 0} end
+local barrier = redis.call('GET', KEYS[5])
+if expected == '!' and stored then return {'exists', stored, 0, barrier or ''} end
 stored = stored or '0-0'
 if expected ~= '' and expected ~= '!' and stored ~= expected then
-  return {'resync', stored, 0}
+  return {'resync', stored, 0, barrier or ''}
 end
 if barrier and after(scanned, barrier) then scanned = barrier end
 local pos, moved = 5, 0
@@ -210,7 +210,7 @@ for i = 1, n do
 end
 if after(scanned, stored) then stored = scanned end
 redis.call('SET', cursor, stored)
-return {'ok', stored, moved}
+return {'ok', stored, moved, barrier or ''}
 """
 )
 """Move one partition's entries of ``ctxd:in`` into the partition, fenced, exactly once.
@@ -218,9 +218,10 @@ return {'ok', stored, moved}
 Every key is in the partition's slot (on a cluster ``dlq`` is the partition's own DLQ).
 The cursor is the last ``ctxd:in`` id this partition has moved or scanned past; items at
 or below it were moved before (a crash, an owner change) and are skipped, and the cursor
-moves to ``scanned`` in the same step as the appends. While a resize has set the
-partition's barrier (a ``ctxd:in`` id), nothing after it is moved and the cursor stops
-there, however long ago the caller checked the partition record (actors/service/resize.py).
+moves to ``scanned`` in the same step as the appends. The **barrier** key, while it
+exists, is a ``ctxd:in`` id nothing past which is moved or scanned (a resize holds the
+partition there: checked in the same step as the moves, so no batch read before the
+barrier was set can land after it).
 
 KEYS: the partition lease, the partition's cursor, the partition stream, the DLQ, the
 partition's barrier.
@@ -229,8 +230,8 @@ if no cursor is stored yet, the upgrade's first cursor; else the value this owne
 saw, anything else is answered 'resync'), the last ``ctxd:in`` id scanned, n, then per
 item in ``ctxd:in`` order: its ``ctxd:in`` id, 'stream' or 'dlq', nfields, field/value
 pairs (bounded as for MOVE).
-Reply: {'ok' | 'resync' | 'exists', the cursor now, entries appended}. Error FENCED when
-the lease moved.
+Reply: {'ok' | 'resync' | 'exists', the cursor now, entries appended, the barrier or ''}.
+Error FENCED when the lease moved.
 """
 
 BARRIER_RAISE: Final = """

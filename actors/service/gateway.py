@@ -293,11 +293,13 @@ class RouteReply:
             ``exists`` (an upgrade's first cursor was set already: nothing moved).
         cursor: the partition's cursor now (the last ``ctxd:in`` id moved or scanned).
         moved: entries appended (to the partition or the DLQ).
+        barrier: the partition's barrier, if one is set (nothing past it moves).
     """
 
     status: Literal["ok", "resync", "exists"]
     cursor: str
     moved: int
+    barrier: str | None = None
 
 
 async def route_partition(
@@ -307,10 +309,10 @@ async def route_partition(
     cursor_key: str,
     stream: str,
     dlq_stream: str,
+    barrier_key: str,
     expected: str,
     scanned: str,
     items: Sequence[tuple[str, Literal["stream", "dlq"], Mapping[bytes, bytes]]],
-    barrier_key: str,
 ) -> RouteReply:
     """Append a partition's entries of ``ctxd:in`` (``(source_id, target, fields)`` in
     ``ctxd:in`` order) to its stream or DLQ, skipping those at or below its cursor, and
@@ -321,15 +323,15 @@ async def route_partition(
         cursor_key: the partition's cursor key.
         stream: the partition stream.
         dlq_stream: where ``dlq`` items go (the partition's DLQ).
+        barrier_key: the partition's barrier (nothing past its id is moved while set).
         expected: the cursor this caller last saw ('' = any, '!' = only if none yet).
         scanned: the last ``ctxd:in`` id the caller read for this call.
         items: the entries to move.
-        barrier_key: the partition's barrier (a resize's: nothing after it is moved).
 
     Raises:
         FencedError: the lease does not hold our value any more; nothing was written.
     """
-    call = RouteCall(lease, cursor_key, stream, dlq_stream, expected, scanned, items, barrier_key)
+    call = RouteCall(lease, cursor_key, stream, dlq_stream, barrier_key, expected, scanned, items)
     reply = await call_script(redis, scripts.ROUTE_PARTITION, keys=call.keys(), args=call.args())
     return _route_reply(reply)
 
@@ -342,10 +344,10 @@ class RouteCall:
     cursor_key: str
     stream: str
     dlq_stream: str
+    barrier_key: str
     expected: str
     scanned: str
     items: Sequence[tuple[str, Literal["stream", "dlq"], Mapping[bytes, bytes]]]
-    barrier_key: str
 
     def keys(self) -> list[str]:
         """The script's KEYS."""
@@ -399,11 +401,12 @@ async def route_partitions(
 
 
 def _route_reply(reply: object) -> RouteReply:
-    status, cursor, moved = cast(list[bytes | str | int], reply)
+    status, cursor, moved, barrier = cast(list[bytes | str | int], reply)
     return RouteReply(
         status=cast(Literal["ok", "resync", "exists"], text(cast(bytes | str, status))),
         cursor=text(cast(bytes | str, cursor)),
         moved=int(moved),
+        barrier=text(cast(bytes | str, barrier)) or None,
     )
 
 

@@ -23,13 +23,11 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.service.partition_record import PartitionRecord, read_record, record_key_of
-from actors.service.partitions import partition_key
 
 __all__ = [
     "ACTIVE",
     "UNBOUNDED",
     "PartitionRecord",
-    "barrier_key",
     "bound_of",
     "moving_allowed",
     "moving_bound",
@@ -49,12 +47,6 @@ parse_record = PartitionRecord.from_hash
 
 UNBOUNDED = "+"
 """:func:`moving_bound`'s answer when nothing limits the moves."""
-
-
-def barrier_key(settings: Settings, n: int) -> str:
-    """Partition ``n``'s barrier: ``{prefix}:{p<n>}:barrier``, a ``ctxd:in`` id its
-    cursor never passes while the key exists (set and deleted by a resize only)."""
-    return partition_key(settings, n, "barrier")
 
 
 def bound_of(record: PartitionRecord | None, settings: Settings) -> str | None:

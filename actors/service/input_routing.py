@@ -19,6 +19,7 @@ from actors.service.validation import as_invalid_entry, routing_key
 __all__ = [
     "SOURCE_FIELD",
     "Target",
+    "barrier_key",
     "cursor_key",
     "id_after",
     "id_key",
@@ -38,6 +39,12 @@ Target = tuple[int, Literal["stream", "dlq"], dict[bytes, bytes]]
 def cursor_key(settings: Settings, n: int) -> str:
     """Partition ``n``'s cursor in ``ctxd:in``: ``{prefix}:{p<n>}:cursor``."""
     return partition_key(settings, n, "cursor")
+
+
+def barrier_key(settings: Settings, n: int) -> str:
+    """Partition ``n``'s barrier ``{prefix}:{p<n>}:barrier``: while it holds a ``ctxd:in``
+    id, nothing past that id is moved into the partition (a resize sets it)."""
+    return partition_key(settings, n, "barrier")
 
 
 def id_key(entry_id: str) -> tuple[int, int]:

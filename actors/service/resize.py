@@ -56,8 +56,7 @@ from actors.runtime import scripts
 from actors.runtime.redis_io import text
 from actors.runtime.scripts import call_script
 from actors.service.heartbeat import instance_key, instances_key
-from actors.service.input_gate import barrier_key
-from actors.service.input_routing import cursor_key, id_after, id_key
+from actors.service.input_routing import barrier_key, cursor_key, id_after, id_key
 from actors.service.partition_record import (
     PartitionRecord,
     read_record,

@@ -49,9 +49,10 @@ from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.redis_io import Entry, text
 from actors.service.gateway import RouteCall, route_partitions
-from actors.service.input_gate import UNBOUNDED, barrier_key, moving_bound
+from actors.service.input_gate import UNBOUNDED, moving_bound
 from actors.service.input_routing import (
     SOURCE_FIELD,
+    barrier_key,
     cursor_key,
     id_after,
     id_key,
@@ -100,6 +101,7 @@ class _Position:
     stored: str  # the cursor as last stored (what the script must find)
     scanned: str  # how far ctxd:in has been scanned for it (>= stored)
     stored_at: float
+    held_until: float = 0.0  # at its barrier: not scanned again before this time
 
 
 class PartitionRouter:
@@ -208,7 +210,13 @@ class PartitionRouter:
                     at = text(stored) if stored is not None else "0-0"
                     self._positions[n] = _Position(value, at, at, self._clock())
                     _log.info("routing partition", partition=n, cursor=at)
-            start = min((p.scanned for p in self._positions.values()), key=id_key)
+            now = self._clock()
+            moving = {n: p for n, p in self._positions.items() if p.held_until <= now}
+            if not moving:  # every partition rests at its barrier (a resize)
+                await self._store_idle(at_once=True)
+                await _sleep_unless(stopping, pause)
+                continue
+            start = min((p.scanned for p in moving.values()), key=id_key)
             if bound != UNBOUNDED and not id_after(bound, start):
                 await self._store_idle(at_once=True)  # every cursor at rest at the bound
                 await _sleep_unless(stopping, pause)
@@ -224,12 +232,12 @@ class PartitionRouter:
                     # at or below the bound and the bound, so all of that is scanned.
                     entries = [e for e in entries if not id_after(e[0], bound)]
                     last = bound
-                await self._move(entries, last)
+                await self._move(entries, last, moving)
             await self._store_idle()
             await self._trim_if_due()
 
-    async def _move(self, entries: list[Entry], last: str) -> None:
-        """Move the batch's entries of every owned partition (scanned up to ``last``):
+    async def _move(self, entries: list[Entry], last: str, moving: dict[int, _Position]) -> None:
+        """Move the batch's entries of the ``moving`` partitions (scanned up to ``last``):
         one script per partition with entries, all in one round trip on a single node."""
         s = self._settings
         items: dict[int, list[Item]] = {}
@@ -237,11 +245,11 @@ class PartitionRouter:
             if raw is None:
                 continue
             n, target, fields = route_target(s, entry_id, raw)
-            position = self._positions.get(n)
+            position = moving.get(n)
             if position is not None and id_after(entry_id, position.scanned):
                 items.setdefault(n, []).append((entry_id, target, fields))
         stores: list[tuple[int, str, list[Item]]] = []
-        for n, position in self._positions.items():
+        for n, position in moving.items():
             if not id_after(last, position.scanned):
                 continue
             if n in items:
@@ -273,10 +281,10 @@ class PartitionRouter:
                 cursor_key=cursor_key(s, n),
                 stream=partition_stream(s, n),
                 dlq_stream=dlq_stream_of(s, n),
+                barrier_key=barrier_key(s, n),
                 expected=self._positions[n].stored,
                 scanned=scanned,
                 items=items,
-                barrier_key=barrier_key(s, n),
             )
             for n, scanned, items in stores
         ]
@@ -291,6 +299,9 @@ class PartitionRouter:
                 continue
             position.stored = position.scanned = reply.cursor
             position.stored_at = self._clock()
+            if reply.barrier is not None and not id_after(reply.barrier, reply.cursor):
+                # At its barrier (a resize holds it): look again only after a pause.
+                position.held_until = self._clock() + min(s.block_ms, _BLOCK_MS) / 1000
             if reply.status != "ok":
                 # The stored cursor is not what this tenure wrote last (writes lost in a
                 # fail-over, a resize reset it): start again from what is stored.

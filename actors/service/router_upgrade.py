@@ -32,8 +32,7 @@ from redis.exceptions import ResponseError
 from actors.config import Settings
 from actors.runtime.redis_io import Entry, text
 from actors.service.gateway import route_partition
-from actors.service.input_gate import barrier_key
-from actors.service.input_routing import cursor_key, route_target
+from actors.service.input_routing import barrier_key, cursor_key, route_target
 from actors.service.lease import Leases
 from actors.service.partitions import dlq_stream_of, lease_key, partition_key, partition_stream
 
@@ -126,10 +125,10 @@ async def take_over_router_group(redis: Redis, settings: Settings, stopping: any
             cursor_key=cursor_key(s, n),
             stream=partition_stream(s, n),
             dlq_stream=dlq_stream_of(s, n),
+            barrier_key=barrier_key(s, n),
             expected="!",
             scanned=last,
             items=items.get(n, []),
-            barrier_key=barrier_key(s, n),
         )
         moved += reply.moved
     await redis.set(key, RETIRED)

@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
 from actors.config import Settings
-from actors.service.input_gate import UNBOUNDED, barrier_key, moving_bound
-from actors.service.input_routing import SOURCE_FIELD, cursor_key
+from actors.service.input_gate import UNBOUNDED, moving_bound
+from actors.service.input_routing import SOURCE_FIELD, barrier_key, cursor_key
 from actors.service.lease import Leases
 from actors.service.partition_record import PartitionRecord, claim_record, read_record
 from actors.service.partitions import partition_lease, partition_of, partition_stream

@@ -22,7 +22,7 @@ from redis.typing import EncodableT, FieldT
 
 from actors.config import Settings
 from actors.service.input_gate import moving_bound, partitions_record_key
-from actors.service.input_routing import SOURCE_FIELD, cursor_key
+from actors.service.input_routing import SOURCE_FIELD, barrier_key, cursor_key
 from actors.service.lease import Leases
 from actors.service.partitions import lease_key, partition_lease, partition_of, partition_stream
 from actors.service.router import PartitionRouter
@@ -354,3 +354,32 @@ async def test_a_resize_with_route_until_moves_up_to_that_id_and_rests_there(
         await client.hset(record, mapping={"state": "active", "route_until": ""})
         moved = await aread_entries(client, partition_stream(s, n), 4, within=WITHIN)
     assert [f[SOURCE_FIELD] for _, f in moved] == [*before, after]
+
+
+async def test_nothing_past_a_partitions_barrier_is_moved_or_scanned(
+    client: Redis, routing: Settings
+) -> None:
+    """A barrier (set by a resize, checked in the move script itself) stops its partition
+    at that id: entries up to it are moved, none after it, the cursor rests there; once
+    it is deleted the partition goes on. Other partitions are not held."""
+    s = routing
+    n = partition_of("w", s.partitions)
+    other = next(m for m in range(s.partitions) if m != n)
+    w_other = next(f"o{i}" for i in range(1000) if partition_of(f"o{i}", s.partitions) == other)
+    ids = [
+        await add(client, s.input_stream, {"workflow_id": "w", "content": f"{i}"}) for i in range(3)
+    ]
+    await client.set(barrier_key(s, n), ids[1])
+    late = await add(client, s.input_stream, {"workflow_id": w_other, "content": "not held"})
+    owned = await hold(client, s, s.instance, range(s.partitions))
+    async with running(client, s, owned):
+        passed = await aread_entries(client, partition_stream(s, other), 1, within=WITHIN)
+        moved = await aread_entries(client, partition_stream(s, n), 2, within=WITHIN)
+        with anyio.fail_after(WITHIN):  # the cursor is seen in Redis only
+            while await client.get(cursor_key(s, n)) != ids[1].encode():  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        assert await client.xlen(partition_stream(s, n)) == 2
+        await client.delete(barrier_key(s, n))
+        moved = await aread_entries(client, partition_stream(s, n), 3, within=WITHIN)
+    assert [f[SOURCE_FIELD] for _, f in moved] == ids
+    assert [f[SOURCE_FIELD] for _, f in passed] == [late]  # after n's barrier, not held
