@@ -15,6 +15,7 @@ from actor_support import open_redis
 from redis.asyncio import Redis
 
 from actors.config import Settings
+from actors.service.input_gate import UNBOUNDED, bound_of
 from actors.service.partition_record import (
     PartitionCountError,
     PartitionRecord,
@@ -121,6 +122,21 @@ async def test_the_record_changes_only_from_the_state_it_was_read_in(
     assert not await update_record(client, settings, record, state="resizing", next=32)
     now = await read_record(client, settings)
     assert now == PartitionRecord(count=16, epoch=1, state="resizing", next=64)
+
+
+def test_the_movers_bound_follows_the_record_and_the_own_count(settings: Settings) -> None:
+    s16 = replace(settings, partitions=16)
+    assert bound_of(None, s16) == UNBOUNDED
+    assert bound_of(PartitionRecord(16, 1), s16) == UNBOUNDED
+    assert bound_of(PartitionRecord(32, 2), s16) is None  # another count: nothing, ever
+    assert bound_of(PartitionRecord(16, 1, "resizing", 64), s16) is None
+    closed = PartitionRecord(16, 1, "resizing", 64, route_until="5-0", barriers=16)
+    assert bound_of(closed, s16) == "5-0"
+    assert (
+        bound_of(replace(closed, count=64, route_until=None), replace(s16, partitions=64)) is None
+    )
+    raw: dict[bytes | str, bytes | str] = {"count": "16", "state": "paused", "route_until": ""}
+    assert PartitionRecord.from_hash(raw) == PartitionRecord(16, 1, "resizing")  # in doubt: shut
 
 
 def test_routing_is_open_only_while_the_record_is_active_at_the_own_count(

@@ -13,11 +13,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
+from typing import cast
 
 import anyio
 import pytest
 from actor_support import open_redis
+from cluster_support import three_masters
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.typing import EncodableT, FieldT
 
 from actors.config import Settings
@@ -110,6 +114,27 @@ async def all_sources(redis: Redis, settings: Settings, count: int) -> list[str]
 async def test_a_batch_checked_before_the_gate_closed_cannot_land_after_it(
     client: Redis, settings: Settings
 ) -> None:
+    await fence_then_switch(client, settings)
+
+
+@pytest.mark.slow
+async def test_the_fence_and_the_switch_run_on_a_cluster(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Every step's keys are in one slot (a barrier with its cursor) or one key each:
+    the same scenario on three masters."""
+    with three_masters(tmp_path) as ports:
+        cluster = RedisCluster(host="127.0.0.1", port=ports[0])
+        await cluster.initialize()
+        try:
+            await fence_then_switch(cast(Redis, cluster), replace(settings, cluster=True))
+        finally:
+            await cluster.aclose()
+
+
+async def fence_then_switch(client: Redis, settings: Settings) -> None:
+    """Hold a mover between its check and its read while the gate closes and one more
+    entry comes; then drain, switch to 8 partitions and move it under the new count."""
     s4, s8 = replace(settings, partitions=4), replace(settings, partitions=8)
     await claim_record(client, s4)
     wf = "wf-late"
