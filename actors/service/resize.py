@@ -72,6 +72,7 @@ __all__ = [
     "ResizeError",
     "ResizeProgress",
     "abort_resize",
+    "begin_resize",
     "close_input",
     "old_instances",
     "open_input",
@@ -128,7 +129,7 @@ async def resize_partitions(
         ResizeError: no record yet, another resize in progress, parked events, or the
             old partitions did not drain within ``drain_timeout`` (the resize is undone then).
     """
-    record = await _begin(redis, settings, target)
+    record = await begin_resize(redis, settings, target)
     if record.state == "active":
         return record  # already at the target
     started = time.monotonic()
@@ -348,7 +349,9 @@ async def parked_events(redis: Redis, settings: Settings) -> int:
     return total
 
 
-async def _begin(redis: Redis, settings: Settings, target: int) -> PartitionRecord:
+async def begin_resize(redis: Redis, settings: Settings, target: int) -> PartitionRecord:
+    """Step 1: the record goes ``resizing`` toward ``target`` (or the one in progress to
+    it is taken up again); the record as it is then (``active`` when already there)."""
     record = await read_record(redis, settings)
     if record is None:
         raise ResizeError(

@@ -31,7 +31,8 @@ from actors.service.lease import Leases
 from actors.service.partition_record import PartitionRecord, claim_record, read_record
 from actors.service.partitions import partition_lease, partition_of, partition_stream
 from actors.service.resize import (
-    _begin,
+    abort_resize,
+    begin_resize,
     close_input,
     open_input,
     switch_count,
@@ -146,7 +147,7 @@ async def fence_then_switch(client: Redis, settings: Settings) -> None:
         gate.hold_next = True
         with anyio.fail_after(WITHIN):
             await gate.holding.wait()  # checked: "+"; not read yet
-        record = await _begin(client, s4, 8)
+        record = await begin_resize(client, s4, 8)
         closed = await close_input(client, s4, record)
         until = closed.route_until
         assert until == before[-1]
@@ -180,3 +181,20 @@ async def fence_then_switch(client: Redis, settings: Settings) -> None:
     assert [f[SOURCE_FIELD] for _, f in moved].count(late) == 1
     assert (await all_sources(client, s8, 8)).count(late) == 1
     assert sorted(await all_sources(client, s8, 8)) == sorted([*before, late])
+
+
+async def test_an_abort_before_the_flip_lifts_the_barriers_and_the_bound(
+    client: Redis, settings: Settings
+) -> None:
+    """A resize killed after it set its barriers: ``ctxd partitions abort`` deletes them
+    with ``route_until``, and the movers of the old count move without a bound again."""
+    s4 = replace(settings, partitions=4)
+    await claim_record(client, s4)
+    last = await add(client, s4.input_stream, {"workflow_id": "wf", "content": "a"})
+    closed = await close_input(client, s4, await begin_resize(client, s4, 8))
+    assert closed.route_until == last
+    assert [text(await client.get(barrier_key(s4, n))) for n in range(4)] == [last] * 4
+    assert await moving_bound(client, s4) == last
+    assert await abort_resize(client, s4) == PartitionRecord(count=4, epoch=1)
+    assert [await client.get(barrier_key(s4, n)) for n in range(4)] == [None] * 4
+    assert await moving_bound(client, s4) == UNBOUNDED
