@@ -63,7 +63,7 @@ from actors.service.partition_record import (
     unfinished_entries,
     update_record,
 )
-from actors.service.partitions import partition_of, partition_stream
+from actors.service.partitions import partition_lease, partition_of, partition_stream
 from actors.service.retention import workflows_key
 from actors.service.streams import done_key
 from graph.errors import CtxdError
@@ -75,6 +75,7 @@ __all__ = [
     "begin_resize",
     "close_input",
     "old_instances",
+    "old_lease_holders",
     "open_input",
     "parked_events",
     "resize_partitions",
@@ -137,7 +138,7 @@ async def resize_partitions(
         record = await _drain_and_flip(
             redis, settings, record, target, progress, drain_timeout, started
         )
-    await _wait_for_old_instances(redis, settings, target, progress, started)
+    await _wait_for_old_instances(redis, settings, record, progress, started)
     if not await open_input(redis, settings, record):
         raise ResizeError(f"the partition record changed during the resize: {record}")
     progress(ResizeProgress("done", elapsed=time.monotonic() - started))
@@ -293,22 +294,44 @@ async def switch_count(
 async def _wait_for_old_instances(
     redis: Redis,
     settings: Settings,
-    target: int,
+    record: PartitionRecord,
     progress: Callable[[ResizeProgress], None],
     started: float,
 ) -> None:
-    """Wait until no live instance runs with another count: one that still owned a
-    partition would hash the entries routed there under the new count with the old one.
-    Instances notice the flip within ``CTXD_LEASE_TTL``/3 and stop; a dead one leaves
-    the live set within ``CTXD_LEASE_TTL``."""
+    """Wait until no live instance runs with another count, and no old partition's lease
+    is held by one that does not report the new count: such an owner would hash the
+    entries moved there under the new count with the old one, and a paused one whose
+    heartbeat lapsed before its lease could still store a cursor once the barriers are
+    gone. Instances notice the flip within ``CTXD_LEASE_TTL``/3 and stop; a dead one's
+    heartbeat and leases lapse within ``CTXD_LEASE_TTL``."""
     while True:
-        old = await old_instances(redis, settings, target)
+        old = await old_instances(redis, settings, record.count)
+        old += await old_lease_holders(redis, settings, record)
         if not old:
             return
         progress(
-            ResizeProgress("switching", old_instances=len(old), elapsed=time.monotonic() - started)
+            ResizeProgress(
+                "switching", old_instances=len(set(old)), elapsed=time.monotonic() - started
+            )
         )
         await anyio.sleep(_POLL)
+
+
+async def old_lease_holders(redis: Redis, settings: Settings, record: PartitionRecord) -> list[str]:
+    """Holders of the old partitions' leases (``0 … barriers-1``) whose heartbeat does
+    not report ``record.count`` (an instance of the old count, or one whose heartbeat
+    lapsed while its lease has not)."""
+    holders: set[str] = set()
+    for n in range(record.barriers):
+        value = await redis.get(partition_lease(settings, n)[0])
+        if value is not None:
+            holders.add(_text(value).rpartition("|")[0])
+    found = []
+    for name in sorted(holders):
+        body = await redis.get(instance_key(settings, name))
+        if body is None or json.loads(body).get("partition_count") != record.count:
+            found.append(name)
+    return found
 
 
 async def old_instances(redis: Redis, settings: Settings, count: int) -> list[str]:

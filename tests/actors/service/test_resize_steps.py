@@ -15,12 +15,14 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.service.heartbeat import instance_key, instances_key
+from actors.service.input_routing import barrier_key
 from actors.service.partition_record import (
     PartitionRecord,
     claim_record,
     read_record,
     routing_open,
 )
+from actors.service.partitions import partition_lease
 from actors.service.resize import ResizeError, ResizeProgress, resize_partitions
 from actors.service.streams import done_key
 
@@ -108,3 +110,33 @@ async def test_another_resize_in_progress_is_named_with_how_to_finish_or_undo_it
     assert "a resize to 16 is in progress" in str(refused.value)
     assert "ctxd partitions abort" in str(refused.value)
     assert record.count == 4
+
+
+async def test_moving_resumes_only_once_no_old_partition_lease_is_held_by_an_old_owner(
+    client: Redis, settings: Settings
+) -> None:
+    """An old partition's lease still held by an instance whose heartbeat lapsed (a
+    paused process): the barriers stay, and the record stays resizing, until it is gone."""
+    s4 = replace(settings, partitions=4)
+    await claim_record(client, s4)
+    await beat(client, settings, "new", 8)
+    await client.set(partition_lease(s4, 2)[0], "paused|17", px=60_000)
+    await client.set(partition_lease(s4, 3)[0], "new|18", px=60_000)  # taken over: fine
+    switching = anyio.Event()
+
+    def progress(p: ResizeProgress) -> None:
+        if p.step == "switching":
+            assert p.old_instances == 1
+            switching.set()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: resize_partitions(client, s4, 8, progress=progress, drain_timeout=20)
+            )
+            await switching.wait()
+            assert await client.exists(barrier_key(s4, 2))
+            assert (await read_record(client, settings)).state == "resizing"  # type: ignore[union-attr]
+            await client.delete(partition_lease(s4, 2)[0])  # it expired
+    assert await read_record(client, settings) == PartitionRecord(count=8, epoch=2)
+    assert not await client.exists(barrier_key(s4, 2))
