@@ -31,6 +31,7 @@ switches every instance to the new count:
    ``N`` while the resize ran begin now, taking partitions but not moving entries yet.
 6. Once no live instance reports the old count in its heartbeat — one that still owned
    a partition would treat entries moved there under the new count with the old hash —
+   and no old partition's lease is held by an instance not reporting the new count,
    the barriers are deleted and the record becomes ``active``: the movers go on from
    ``P`` under the new count.
 
