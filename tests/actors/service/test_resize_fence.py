@@ -198,3 +198,36 @@ async def test_an_abort_before_the_flip_lifts_the_barriers_and_the_bound(
     assert await abort_resize(client, s4) == PartitionRecord(count=4, epoch=1)
     assert [await client.get(barrier_key(s4, n)) for n in range(4)] == [None] * 4
     assert await moving_bound(client, s4) == UNBOUNDED
+
+
+async def test_a_shrink_lifts_every_old_barrier_and_starts_the_fewer_partitions_at_one_id(
+    client: Redis, settings: Settings
+) -> None:
+    """8 → 4: the barriers of partitions 4-7 (no longer used) are lifted too, so a later
+    grow finds none; partitions 0-3 go on from the one id, each entry once."""
+    s8, s4 = replace(settings, partitions=8), replace(settings, partitions=4)
+    await claim_record(client, s8)
+    early = [
+        await add(client, s8.input_stream, {"workflow_id": f"wf-{i}", "content": "a"})
+        for i in range(12)
+    ]
+    owned = await hold(client, s8, range(8))
+    async with routing(client, s8, owned, moving_bound):
+        closed = await close_input(client, s8, await begin_resize(client, s8, 4))
+        late = await add(client, s8.input_stream, {"workflow_id": "wf-1", "content": "late"})
+        with anyio.fail_after(WITHIN):  # the cursors are seen in Redis only
+            while await unrouted_partitions(client, s8, 8, closed.route_until or ""):  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+    assert sorted(await all_sources(client, s8, 8)) == sorted(early)  # not the late one
+    for n in range(8):
+        await client.xgroup_create(partition_stream(s8, n), s8.group, id="$", mkstream=True)
+    flipped = await switch_count(client, s8, closed, 4)
+    assert await open_input(client, s4, flipped)
+    assert [await client.get(barrier_key(s8, n)) for n in range(8)] == [None] * 8
+    assert [text(await client.get(cursor_key(s4, n))) for n in range(4)] == [early[-1]] * 4
+    home = partition_stream(s4, partition_of("wf-1", 4))
+    wanted = len(await aread_entries(client, home, 0)) + 1
+    async with routing(client, s4, {n: owned[n] for n in range(4)}, moving_bound):
+        moved = await aread_entries(client, home, wanted, within=WITHIN)
+    assert [f[SOURCE_FIELD] for _, f in moved][-1] == late
+    assert (await all_sources(client, s8, 8)).count(late) == 1
