@@ -107,7 +107,7 @@ class Settings:
     dlq_maxlen: int = 10_000
     reply_maxlen: int = 10_000
     parked_maxlen: int = 10_000
-    partitions: int = 16
+    partitions: int = 64
     lease_ttl: float = 1.5
     multitask: MultitaskPolicy = "enqueue"
     drain_budget: float = 20.0

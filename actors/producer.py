@@ -12,6 +12,9 @@ straight to the partition stream instead:
 ``count`` is the partition count recorded in Redis (hash ``{prefix}:partitions``, field
 ``count``). While no count is recorded, or its ``state`` is not ``active`` (a resize is
 in progress), events go to ``ctxd:in``: the service moves them once the resize is over.
+The append to a partition checks the partition's barrier in the same step
+(:data:`APPEND_UNLESS_BARRIER`): a resize that began after the record was read turns
+it away to ``ctxd:in``.
 
 Example::
 
@@ -42,7 +45,7 @@ from dataclasses import dataclass
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from actors.service.input_gate import PartitionRecord, parse_record, partitions_record_key
+from actors.service.partition_record import PartitionRecord, record_key_of
 
 __all__ = [
     "AsyncProducer",
@@ -50,11 +53,24 @@ __all__ = [
     "Sent",
     "event_fields",
     "input_stream",
+    "partition_barrier_name",
     "partition_for",
     "partition_stream_name",
 ]
 
 _WORKFLOW_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+
+APPEND_UNLESS_BARRIER = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV))
+"""
+"""Append to a partition stream unless a resize has set the partition's barrier.
+
+The record is read before the append, so a resize may begin in between; its barrier
+(in the partition's slot, set before it checks that the old partitions are drained)
+turns such an append away, and the event goes to ``ctxd:in`` instead, where it waits
+for the new count in order. KEYS: the partition stream, its barrier. ARGV: the
+entry's field/value pairs. Reply: the entry id, or nil when turned away."""
 _SOURCE_FIELD = "ctxd_source_id"  # the service's own field: never taken from a producer
 
 
@@ -69,6 +85,11 @@ def partition_for(workflow_id: str, count: int) -> int:
 def partition_stream_name(prefix: str, partition: int) -> str:
     """A partition's stream: ``{prefix}:{p<n>}:stream`` (the braces are a cluster hash tag)."""
     return f"{prefix}:{{p{partition}}}:stream"
+
+
+def partition_barrier_name(prefix: str, partition: int) -> str:
+    """A partition's barrier, set while a resize drains it: ``{prefix}:{p<n>}:barrier``."""
+    return f"{prefix}:{{p{partition}}}:barrier"
 
 
 def input_stream(prefix: str) -> str:
@@ -127,7 +148,7 @@ class _Target:
 
     def __init__(self, prefix: str, record_ttl: float) -> None:
         self.prefix = prefix
-        self.record_key = partitions_record_key(prefix)
+        self.record_key = record_key_of(prefix)
         self._ttl = record_ttl
         self._record: PartitionRecord | None = None
         self._read_at = float("-inf")
@@ -136,7 +157,7 @@ class _Target:
         return time.monotonic() - self._read_at < self._ttl
 
     def remember(self, raw: Mapping[bytes | str, bytes | str]) -> None:
-        self._record = parse_record(raw)
+        self._record = PartitionRecord.from_hash(raw)
         self._read_at = time.monotonic()
 
     def choose(
@@ -173,6 +194,7 @@ class Producer:
     def __init__(self, redis: Redis, *, prefix: str = "ctxd", record_ttl: float = 0.0) -> None:
         self._redis = redis
         self._target = _Target(prefix, record_ttl)
+        self._append = redis.register_script(APPEND_UNLESS_BARRIER)
 
     def send(
         self,
@@ -210,6 +232,12 @@ class Producer:
         if not via_input and not self._target.fresh():
             self._target.remember(self._redis.hgetall(self._target.record_key))
         stream, n, own = self._target.choose(fields, via_input)
+        if n is not None:
+            keys = [stream, partition_barrier_name(self._target.prefix, n)]
+            entry_id = self._append(keys=keys, args=_flat(own))
+            if entry_id is not None:
+                return Sent(stream, _text(entry_id), n)
+            stream, n = input_stream(self._target.prefix), None  # a resize holds it
         entry_id = self._redis.xadd(stream, own)  # type: ignore[arg-type]
         return Sent(stream, _text(entry_id), n)
 
@@ -220,6 +248,7 @@ class AsyncProducer:
     def __init__(self, redis: AsyncRedis, *, prefix: str = "ctxd", record_ttl: float = 0.0) -> None:
         self._redis = redis
         self._target = _Target(prefix, record_ttl)
+        self._append = redis.register_script(APPEND_UNLESS_BARRIER)
 
     async def send(
         self,
@@ -257,9 +286,19 @@ class AsyncProducer:
         if not via_input and not self._target.fresh():
             self._target.remember(await self._redis.hgetall(self._target.record_key))
         stream, n, own = self._target.choose(fields, via_input)
+        if n is not None:
+            keys = [stream, partition_barrier_name(self._target.prefix, n)]
+            entry_id = await self._append(keys=keys, args=_flat(own))
+            if entry_id is not None:
+                return Sent(stream, _text(entry_id), n)
+            stream, n = input_stream(self._target.prefix), None  # a resize holds it
         entry_id = await self._redis.xadd(stream, own)  # type: ignore[arg-type]
         return Sent(stream, _text(entry_id), n)
 
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _flat(fields: Mapping[str, str]) -> list[str]:
+    return [part for pair in fields.items() for part in pair]

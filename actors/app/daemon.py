@@ -45,6 +45,12 @@ from actors.service.connections import cluster_enabled, open_service_client, poo
 from actors.service.heartbeat import process_liveness
 from actors.service.ingress import Ingress
 from actors.service.lease import CheckpointFence, fence_checkpoints, fenced_pointer_writer
+from actors.service.partition_record import (
+    PartitionCountChanged,
+    PartitionRecord,
+    check_partition_count,
+    watch_partition_count,
+)
 from actors.service.stream_metrics import poll_stream_gauges
 from actors.service.tree import ActorSystem, restart_reporter, root_supervisor
 from graph.analysis import load_analyzer
@@ -147,6 +153,13 @@ async def serve(
                 access=False,
                 url_setting=store.setting,
             )
+        # The partition count recorded in Redis: the first instance records its own; one
+        # configured otherwise stops here with one line.
+        record = await availability.call(
+            lambda: check_partition_count(
+                redis, settings, poll=settings.lease_ttl / 3, on_wait=_tell_resize_wait
+            )
+        )
         saver = await _open_checkpointer(
             stack, settings, store, store_client or redis, availability
         )
@@ -192,9 +205,19 @@ async def serve(
             [*(actors.children if actors is not None else ()), ingress.as_child()],
             on_restart=on_restart,
         )
+        changed: list[PartitionRecord] = []
+
+        async def leave_on_count_change() -> None:
+            new = await watch_partition_count(
+                redis, settings, availability, poll=settings.lease_ttl / 3
+            )
+            changed.append(new)
+            ingress.stop()  # the old partitions are finished: nothing is in flight
+
         async with anyio.create_task_group() as tg:
             stopper.ingress = ingress
             await tg.start(root.run)
+            tg.start_soon(leave_on_count_change)
             if telemetry is not None and _exports_metrics(telemetry.settings):
                 interval = min(max(telemetry.settings.metric_export_interval, 0.2), 15.0)
                 streams = [  # ctxd:in for other consumers' groups (ctxd's own: cursors)
@@ -223,6 +246,8 @@ async def serve(
                 ),
                 redis_connections=connections,
                 max_outage=settings.redis_max_outage or "forever",
+                partitions=settings.partitions,
+                partition_epoch=record.epoch,
             )
             if on_ready is not None:
                 tg.start_soon(on_ready)
@@ -231,6 +256,13 @@ async def serve(
         stats = ingress.statistics()
         _log.info("ctxd stopped", processed=stats.processed, dead_lettered=stats.dead_lettered)
         guard.cancel_scope.cancel()  # the outage watch and the signal receiver
+    if changed:
+        new = changed[0]
+        raise PartitionCountChanged(
+            f"the partition count changed to {new.count} (epoch {new.epoch}) while this "
+            f"instance ran with CTXD_PARTITIONS={settings.partitions}: it stopped; start "
+            f"it again with CTXD_PARTITIONS={new.count}"
+        )
 
 
 async def _open_checkpointer(
@@ -300,6 +332,13 @@ def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
         else:
             found.append(exc)
     return found
+
+
+def _tell_resize_wait(record: PartitionRecord) -> None:
+    _log.warning(
+        "waiting for the partition count change to finish before starting",
+        recorded=record.describe(),
+    )
 
 
 def _exports_metrics(settings: TelemetrySettings) -> bool:

@@ -28,6 +28,7 @@ from graph.errors import FencedError
 
 __all__ = [
     "ACL_CHECK",
+    "BARRIER_RAISE",
     "COMMIT",
     "DEAD_LETTER",
     "DLQ_REPLAY",
@@ -41,6 +42,7 @@ __all__ = [
     "LEASE_RENEW",
     "MOVE",
     "MOVE_ONCE",
+    "PARTITIONS_UPDATE",
     "POOL_FINISH",
     "ROUTE_PARTITION",
     "ZREM_IF_IDLE",
@@ -276,6 +278,31 @@ Reply: {'ok' | 'resync' | 'exists', the cursor now, entries appended, the barrie
 Error FENCED when the lease moved.
 """
 
+BARRIER_RAISE: Final = """
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function after(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am > bm or (am == bm and as > bs)
+end
+local barrier = ARGV[1]
+local held = redis.call('GET', KEYS[1])
+local cursor = redis.call('GET', KEYS[2])
+if held and after(held, barrier) then barrier = held end
+if cursor and after(cursor, barrier) then barrier = cursor end
+redis.call('SET', KEYS[1], barrier)
+return barrier
+"""
+"""Set a partition's barrier to the highest of an id, its barrier and its cursor (never
+below what was moved already), atomically with the move script (same slot).
+
+KEYS: the partition's barrier, the partition's cursor. ARGV: a ``ctxd:in`` id.
+Reply: the barrier now.
+"""
+
 MOVE_ONCE: Final = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
@@ -418,6 +445,24 @@ return denied
 
 KEYS: none. ARGV: commands, each as its word count followed by its words.
 Reply: the offsets (in ARGV, 0-based) of the denied commands.
+"""
+
+
+PARTITIONS_UPDATE: Final = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local state = redis.call('HGET', KEYS[1], 'state')
+if epoch ~= ARGV[1] or state ~= ARGV[2] then return 0 end
+for i = 3, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+"""Change the partition record only if it is still at the epoch and state the caller
+read (a compare-and-set: two ``ctxd partitions resize`` never both win).
+
+KEYS: the record hash. ARGV: expected ``epoch``, expected ``state``, then field/value
+pairs to set ('' deletes the field). Reply: 1 when applied, 0 when the record moved.
 """
 
 

@@ -307,6 +307,7 @@ class Ingress:
             "in_flight": stats.in_flight,
             "active_workflows": stats.active_workflows,
             "multitask": self._settings.multitask,
+            "partition_count": self._settings.partitions,
             "redis": self._availability.statistics().as_dict(),
             **self.extra_stats(),
         }

@@ -1,32 +1,34 @@
-"""Whether entries may be moved from ``ctxd:in`` into partitions now.
+"""Whether, and up to where, entries may be moved from ``ctxd:in`` into partitions now.
 
-The partition count is recorded in Redis in the hash ``{prefix}:partitions`` (fields
-``count``, ``epoch``, ``state``). While ``state`` is anything but ``active`` — a resize
-in progress — no entry may be moved out of ``ctxd:in``: the entries waiting there are
-moved under the new count once the resize is over, so a workflow's entries are never
-split between two counts. Every mover asks :func:`moving_bound` before each batch, and
-the producer API (:mod:`actors.producer`) reads the same record to decide between a
-partition stream and ``ctxd:in``.
+The partition count is recorded in Redis (:mod:`actors.service.partition_record`, the
+hash ``{prefix}:partitions``). While its ``state`` is ``resizing`` no entry is moved out
+of ``ctxd:in`` past the record's ``route_until`` id (none at all while it names none):
+the entries waiting there are moved under the new count once the resize is over, so a
+workflow's entries are never split between two counts. An instance whose
+``CTXD_PARTITIONS`` is not the recorded count moves nothing either (it hashes onto
+another count; it stops once it notices the flip). Every mover asks
+:func:`moving_bound` before each batch; the producer API (:mod:`actors.producer`) reads
+the same record to decide between a partition stream and ``ctxd:in``.
 
-A resize may also name, in the field ``route_until``, a ``ctxd:in`` id up to which the
-movers go on (typically the last id of ``ctxd:in`` when the resize began): then every
-partition's cursor comes to rest exactly there, and the new partitions can start from
-that one id, with nothing moved twice or skipped.
+This check is made before a batch is read, so a batch checked just before a resize
+closed the gate can land after it (check-then-move). The resize therefore also sets a
+barrier key in every old partition's slot, which the move script itself checks
+(:data:`~actors.runtime.scripts.ROUTE_PARTITION`): no cursor passes it, whenever the
+batch was checked (:mod:`actors.service.resize`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-
 from redis.asyncio import Redis
 
 from actors.config import Settings
+from actors.service.partition_record import PartitionRecord, read_record, record_key_of
 
 __all__ = [
     "ACTIVE",
     "UNBOUNDED",
     "PartitionRecord",
+    "bound_of",
     "moving_allowed",
     "moving_bound",
     "parse_record",
@@ -37,74 +39,35 @@ __all__ = [
 ACTIVE = "active"
 """The record's ``state`` when entries may be moved (no resize in progress)."""
 
+partitions_record_key = record_key_of
+"""The record's hash for a prefix (one record module: :mod:`~actors.service.partition_record`)."""
 
-def partitions_record_key(prefix: str) -> str:
-    """The hash that records the partition count: ``{prefix}:partitions``."""
-    return f"{prefix}:partitions"
-
-
-@dataclass(frozen=True)
-class PartitionRecord:
-    """The recorded partition count.
-
-    Attributes:
-        count: the partition count (0 when the record has none).
-        epoch: how often the count was set (0 when the record has none).
-        state: ``active``, or another word while a resize is in progress.
-    """
-
-    count: int
-    epoch: int
-    state: str
-    route_until: str | None = None
-
-    @property
-    def active(self) -> bool:
-        """Whether entries may be moved into partitions under ``count``."""
-        return self.state == ACTIVE
-
-
-def parse_record(raw: Mapping[bytes | str, bytes | str]) -> PartitionRecord | None:
-    """The record from its ``HGETALL`` reply (bytes or text); None when there is none."""
-    fields = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in raw.items()
-    }
-    if not fields:
-        return None
-    count = fields.get("count", "0")
-    epoch = fields.get("epoch", "0")
-    return PartitionRecord(
-        count=int(count) if count.isdigit() else 0,
-        epoch=int(epoch) if epoch.isdigit() else 0,
-        state=fields.get("state", ACTIVE),
-        route_until=fields.get("route_until") or None,
-    )
-
-
-async def read_record(redis: Redis, settings: Settings) -> PartitionRecord | None:
-    """The recorded partition count, or None where none is recorded yet."""
-    raw = await redis.hgetall(partitions_record_key(settings.stream_prefix))
-    return parse_record(raw)
-
+parse_record = PartitionRecord.from_hash
+"""The record from its ``HGETALL`` reply (None when there is none)."""
 
 UNBOUNDED = "+"
 """:func:`moving_bound`'s answer when nothing limits the moves."""
 
 
-async def moving_bound(redis: Redis, settings: Settings) -> str | None:
-    """Up to which ``ctxd:in`` id entries may be moved now: :data:`UNBOUNDED` when the
-    record is absent or ``active``; while a resize is in progress its ``route_until``
-    id, or None (move nothing) when it names none."""
-    record = await read_record(redis, settings)
-    if record is None or record.active:
+def bound_of(record: PartitionRecord | None, settings: Settings) -> str | None:
+    """Up to which ``ctxd:in`` id an instance configured with ``settings`` may move
+    entries under ``record``: :data:`UNBOUNDED` when it is absent, or active at this
+    instance's count; while resizing its ``route_until`` (None when it names none);
+    None at another count."""
+    if record is None:
+        return UNBOUNDED
+    if record.count != settings.partitions:
+        return None
+    if record.active:
         return UNBOUNDED
     return record.route_until
 
 
+async def moving_bound(redis: Redis, settings: Settings) -> str | None:
+    """:func:`bound_of` the record as stored now (read fresh: no cache)."""
+    return bound_of(await read_record(redis, settings), settings)
+
+
 async def moving_allowed(redis: Redis, settings: Settings) -> bool:
-    """Whether ``ctxd:in`` entries may be moved into partitions now: the record is
-    absent or ``active`` (a resize, ``state=resizing``, stops every mover at its next
-    batch; what it read stays in ``ctxd:in`` behind the partitions' cursors)."""
-    record = await read_record(redis, settings)
-    return record is None or record.active
+    """Whether ``ctxd:in`` entries may be moved into partitions now without a bound."""
+    return await moving_bound(redis, settings) == UNBOUNDED

@@ -148,7 +148,7 @@ def test_cluster_chaos_keeps_every_guarantee(
         elapsed = time.monotonic() - began
         if done < EVENTS:
             for process in started:
-                print(f"--- {process.proc.args} exit={process.proc.poll()}")
+                print(f"--- {process.proc.args!r} exit={process.proc.poll()}")
                 print("\n".join(process.lines[-25:]))
         outputs = [(f["workflow_id"], f["event_id"]) for _, f in _outputs(cluster_client, layout)]
         dead = [f.get("event_id", "") for _, f in _dead(cluster_client, layout)]

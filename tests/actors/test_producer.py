@@ -15,8 +15,15 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from actors.config import Settings
-from actors.producer import AsyncProducer, Producer, partition_for, partition_stream_name
+from actors.producer import (
+    AsyncProducer,
+    Producer,
+    partition_barrier_name,
+    partition_for,
+    partition_stream_name,
+)
 from actors.service.input_gate import partitions_record_key
+from actors.service.input_routing import barrier_key
 from actors.service.partitions import partition_of, partition_stream
 
 
@@ -32,6 +39,9 @@ def test_the_hash_and_the_stream_name_are_the_services() -> None:
         partition_stream(settings, n) for n in range(70)
     ]
     assert partition_stream_name("ctxd", 7) == "ctxd:{p7}:stream"
+    assert [partition_barrier_name("acme", n) for n in range(70)] == [
+        barrier_key(settings, n) for n in range(70)
+    ]
 
 
 def _fields(redis: SyncRedis, stream: str, entry_id: str) -> dict[str, str]:
@@ -66,6 +76,25 @@ def test_where_events_go_follows_the_partition_record(redis: SyncRedis, prefix: 
     assert cached.send("wf-1", "stale on purpose").partition == n  # the documented trade-off
 
 
+def test_a_partition_held_by_a_resize_turns_the_event_to_the_input(
+    redis: SyncRedis, prefix: str
+) -> None:
+    """The record said active when read, but a resize has begun since and set the
+    partition's barrier (before checking the partition drained): the append is turned
+    away in the partition's slot and the event goes to ``ctxd:in``, not lost."""
+    redis.hset(partitions_record_key(prefix), mapping={"count": 8, "epoch": 1, "state": "active"})
+    cached = Producer(redis, prefix=prefix, record_ttl=3600)
+    n = partition_for("wf-3", 8)
+    assert cached.send("wf-3", "before").partition == n
+    redis.set(partition_barrier_name(prefix, n), "0-0")
+    held = cached.send("wf-3", "during", event_id="e2")
+    assert (held.stream, held.partition) == (f"{prefix}:in", None)
+    assert _fields(redis, held.stream, held.entry_id)["event_id"] == "e2"
+    assert redis.xlen(partition_stream_name(prefix, n)) == 1
+    redis.delete(partition_barrier_name(prefix, n))
+    assert cached.send("wf-3", "after").partition == n
+
+
 @pytest.fixture
 async def aredis(settings: Settings) -> AsyncIterator[Redis]:
     async with open_redis(settings) as client:
@@ -79,3 +108,5 @@ async def test_the_asyncio_producer_does_the_same(aredis: Redis, prefix: str) ->
     sent = await producer.send("wf-2", "y", priority="high")
     assert sent.partition == partition_for("wf-2", 16)
     assert sent.stream == partition_stream_name(prefix, partition_for("wf-2", 16))
+    await aredis.set(partition_barrier_name(prefix, partition_for("wf-2", 16)), "0-0")
+    assert (await producer.send("wf-2", "z")).stream == f"{prefix}:in"  # a resize holds it

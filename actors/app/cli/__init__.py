@@ -42,6 +42,7 @@ _COMMAND_MODULES = (
     "actors.app.cli.ops",
     "actors.app.cli.dlq",
     "actors.app.cli.forget",
+    "actors.app.cli.partitions",
 )
 
 _DESCRIPTION = """\

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -16,6 +17,7 @@ from actors.app.checkpoint_store import checkpoint_store
 from actors.app.redis_acl import check_redis_for_service
 from actors.app.redis_server import discover_embedded_redis
 from actors.config import Settings, split_cluster_option
+from actors.service.partition_record import PartitionRecord, record_key
 from graph.checkpointer import open_checkpointer
 from graph.errors import ConfigError, CtxdError
 
@@ -32,6 +34,7 @@ __all__ = [
     "command_settings",
     "open_command_checkpointer",
     "open_service_telemetry",
+    "recorded_count",
     "redis_url_for_client",
 ]
 
@@ -56,6 +59,15 @@ def redis_url_for_client(settings: Settings) -> str:
             "start `ctxd run` first, or set CTXD_REDIS_URL"
         )
     return server.url
+
+
+def recorded_count(redis: SyncRedis, settings: Settings) -> Settings:
+    """``settings`` with the partition count recorded in Redis (when there is one): a
+    command must look where the service hashes, whatever ``CTXD_PARTITIONS`` says here."""
+    record = PartitionRecord.from_hash(redis.hgetall(record_key(settings)))
+    if record is None or record.count == settings.partitions:
+        return settings
+    return dataclasses.replace(settings, partitions=record.count)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from actors.app.cli.common import (
     client_redis,
     command_settings,
     open_command_checkpointer,
+    recorded_count,
 )
 from actors.config import Settings
 from actors.service.input_routing import cursor_key
@@ -193,6 +194,7 @@ def forget_workflow(
             f"{workflow_id[:80]!r} is not a workflow id: 1-200 characters of "
             "letters, digits and _ . : -"
         )
+    settings = recorded_count(redis, settings)
     if not force:
         queued = queued_entries(redis, settings, workflow_id)
         if queued:

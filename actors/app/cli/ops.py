@@ -18,13 +18,14 @@ from typing import cast
 from redis import Redis as SyncRedis
 from redis.exceptions import ResponseError
 
-from actors.app.cli.common import Subcommands, client_redis, command_settings
+from actors.app.cli.common import Subcommands, client_redis, command_settings, recorded_count
 from actors.app.cli.merged import partition_count, stream_lengths
 from actors.config import Settings
 from actors.results import dead_letter_streams, output_streams
 from actors.service.footprint import SAMPLES, collect_footprint, format_bytes
 from actors.service.heartbeat import instance_key, instances_key, worker_key, workers_key
 from actors.service.input_routing import cursor_key, id_key
+from actors.service.partition_record import record_key
 from actors.service.partitions import (
     dlq_stream_of,
     output_stream_of,
@@ -92,6 +93,7 @@ def collect_status(
         scan_limit: with more than 0, the ``footprint`` (what is kept) from at most this
             many scanned keys (actors/service/footprint.py).
     """
+    settings = recorded_count(redis, settings)
     now = time.time()
     instances = []
     for name in cast(list[str], redis.zrange(instances_key(settings), 0, -1)):
@@ -145,6 +147,7 @@ def collect_status(
             "lag_capped": lag_capped,
         },
         "partitions": partitions,
+        "partition_record": redis.hgetall(record_key(settings)),
         "pending": sum(int(cast(int, p["pending"])) for p in partitions),
         "lag": sum(int(cast(int, p["lag"])) for p in partitions) + input_lag,
         "output_length": sum(outputs.values()),
@@ -195,7 +198,12 @@ def _status(configured: Settings, args: argparse.Namespace) -> int:
         f"(not moved to partitions yet, after the lowest cursor {inputs['lowest_cursor'] or '-'})"
     )
     busy = [p for p in cast(list[dict[str, object]], doc["partitions"]) if p["pending"] or p["lag"]]
-    print(f"partitions: {settings.partitions}, pending {doc['pending']}, lag {doc['lag']}")
+    record = cast(dict[str, str], doc.get("partition_record") or {})
+    epoch = f" (epoch {record['epoch']}, {record.get('state', 'active')})" if record else ""
+    print(
+        f"partitions: {len(cast(list[object], doc['partitions']))}{epoch}, "
+        f"pending {doc['pending']}, lag {doc['lag']}"
+    )
     for p in busy:
         print(
             f"  part {p['partition']}: owner {p['owner']}, pending {p['pending']}, lag {p['lag']}"
