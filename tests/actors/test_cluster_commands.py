@@ -93,7 +93,9 @@ def test_every_command_works_on_a_cluster(
         doc = json.loads(status.stdout)
         assert doc["output_length"] == 4
         assert len(doc["instances"]) == 1
-        assert run_ctxd(env, "partitions").returncode == 0
+        shown = run_ctxd(env, "partitions")
+        assert shown.returncode == 0, shown.stderr
+        assert f"partitions: {PARTITIONS}" in shown.stdout
 
         history = run_ctxd(env, "state", wf, "--history", "--json")
         assert history.returncode == 0, history.stderr

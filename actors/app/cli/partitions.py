@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import anyio
 from redis.asyncio import Redis
 
 from actors.app.cli.common import CLIENT_TIMEOUT, Subcommands, redis_url_for_client
-from actors.config import Settings
+from actors.config import Settings, split_cluster_option
+from actors.service.connections import cluster_enabled, open_service_client
 from actors.service.partition_record import read_record, record_key
 from actors.service.resize import ResizeProgress, abort_resize, resize_partitions
 from graph.errors import ConfigError
@@ -22,6 +24,8 @@ from graph.errors import ConfigError
 __all__ = ["register"]
 
 _MAX_PARTITIONS = 1024
+_CONNECTIONS = 8
+"""Connections per node of the cluster client: `resize` reads and writes one at a time."""
 _QUIET = 5.0
 """Seconds between progress lines that say nothing new."""
 
@@ -63,8 +67,21 @@ def _partitions(settings: Settings, args: argparse.Namespace) -> int:
     return anyio.run(_run, settings, url, args)
 
 
-async def _run(settings: Settings, url: str, args: argparse.Namespace) -> int:
+async def _open(settings: Settings, url: str) -> tuple[Redis, Settings]:
+    """The client of ``url`` (redis-py's cluster client on a Redis Cluster, stated with
+    ``?cluster=`` or found with ``INFO cluster``) and the settings with its layout."""
+    url, stated = split_cluster_option(url)
     redis = Redis.from_url(url, socket_connect_timeout=CLIENT_TIMEOUT)
+    cluster = stated if stated is not None else await cluster_enabled(redis)
+    if not cluster:
+        return redis, settings
+    await redis.aclose()
+    settings = replace(settings, cluster=True)
+    return open_service_client(url, settings, _CONNECTIONS), settings
+
+
+async def _run(settings: Settings, url: str, args: argparse.Namespace) -> int:
+    redis, settings = await _open(settings, url)
     try:
         if args.action == "resize":
             return await _resize(redis, settings, args.count, args.timeout)
