@@ -90,7 +90,9 @@ def unmoved_input(
         if not newest:
             return 0
         low = min((_id(cast(str, c)) if c else (0, 0)) for c in cursors)
-        behind = [e for e, _ in cast(list[tuple[str, object]], redis.xrange(f"{prefix}:in"))]
+        # Ids only, undecoded: hostile entries may hold bytes that are not UTF-8.
+        raw = redis.execute_command("XRANGE", f"{prefix}:in", "-", "+", NEVER_DECODE=True)
+        behind = [cast(bytes, e) for e, _ in cast(list[tuple[bytes, object]], raw)]
         left = sum(1 for e in behind if _id(e) > low)
         if left == 0 or time.monotonic() >= deadline:
             return left
