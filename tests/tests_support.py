@@ -91,8 +91,10 @@ def unmoved_input(
             return 0
         low = min((_id(cast(str, c)) if c else (0, 0)) for c in cursors)
         # Ids only, undecoded: hostile entries may hold bytes that are not UTF-8.
-        raw = redis.execute_command("XRANGE", f"{prefix}:in", "-", "+", NEVER_DECODE=True)
-        behind = [cast(bytes, e) for e, _ in cast(list[tuple[bytes, object]], raw)]
+        raw = redis.execute_command(  # type: ignore[no-untyped-call]
+            "XRANGE", f"{prefix}:in", "-", "+", NEVER_DECODE=True
+        )
+        behind = [e for e, _ in cast(list[tuple[bytes, object]], raw)]
         left = sum(1 for e in behind if _id(e) > low)
         if left == 0 or time.monotonic() >= deadline:
             return left
