@@ -58,6 +58,7 @@ ACL_RULES: Final[tuple[tuple[str, str], ...]] = (
     ("+script|exists", "redis-py checks for loaded scripts"),
     ("-@dangerous", "no FLUSH*, KEYS, CONFIG, DEBUG, CLIENT KILL, SHUTDOWN…"),
     ("+info", "server state (memory, loading) for start-up and `ctxd status`"),
+    ("+time", "heartbeats and liveness use Redis's clock, one clock for every host"),
     ("+module|list", "the start-up check that RedisJSON and RediSearch are loaded"),
     ("+memory|usage", "`ctxd status` sizes what is kept (sampled MEMORY USAGE)"),
     ("+json.get", "checkpoints are RedisJSON documents"),
