@@ -105,6 +105,7 @@ async def serve(
     connections = pool_size(settings, ingress=True, kinds=kinds)
     quiet_library_outage_logs()
     stopper = _Stopper(drain_budget)
+    changed: list[PartitionRecord] = []  # the count recorded in Redis changed while running
     async with (
         _escalations_unwrapped(),
         anyio.create_task_group() as guard,
@@ -205,7 +206,6 @@ async def serve(
             [*(actors.children if actors is not None else ()), ingress.as_child()],
             on_restart=on_restart,
         )
-        changed: list[PartitionRecord] = []
 
         async def leave_on_count_change() -> None:
             new = await watch_partition_count(
