@@ -37,6 +37,7 @@ __all__ = [
     "MultitaskPolicy",
     "Settings",
     "load_settings",
+    "split_cluster_option",
 ]
 
 _T = TypeVar("_T")
@@ -84,6 +85,9 @@ class Settings:
     group: str = "ctxd"
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     checkpointer: CheckpointerName = "redis"
+    checkpoint_url: str | None = None
+    """``CTXD_CHECKPOINT_URL``: the Redis of checkpoints when it is not the service Redis
+    (a standalone Redis with the modules beside a Redis Cluster); the service Redis if None."""
     postgres_url: str | None = None
     durability: DurabilityMode = "exit"
     concurrency: int = 16
@@ -103,8 +107,8 @@ class Settings:
     dlq_maxlen: int = 10_000
     reply_maxlen: int = 10_000
     parked_maxlen: int = 10_000
-    partitions: int = 16
-    lease_ttl: float = 10.0
+    partitions: int = 64
+    lease_ttl: float = 1.5
     multitask: MultitaskPolicy = "enqueue"
     drain_budget: float = 20.0
     trim_interval: float = 60.0
@@ -286,7 +290,49 @@ def _parse_url(*schemes: str) -> Callable[[str, object], str | None]:
 
 def _parse_redis_url(name: str, raw: object) -> str | None:
     value = _parse_url("redis", "rediss", "unix")(name, raw)
-    return None if value is None else check_redis_url(name, value)
+    if value is None:
+        return None
+    split_cluster_option(value, name=name)  # a bad ?cluster= value is a config error
+    return check_redis_url(name, value)
+
+
+_CLUSTER_OPTION = "cluster"
+_CLUSTER_VALUES = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def split_cluster_option(url: str, *, name: str = "CTXD_REDIS_URL") -> tuple[str, bool | None]:
+    """``url`` without ctxd's ``cluster`` query option, and the option's value.
+
+    ``?cluster=true`` says the URL names a Redis Cluster (ctxd then uses redis-py's
+    cluster client), ``?cluster=false`` a single server; without it ctxd asks the server
+    (``INFO cluster``). redis-py does not know the option (it would pass it to the
+    connection and fail), so every client is given the URL without it.
+
+    Returns:
+        The URL with the option removed (other query options kept as written) and
+        True, False or None (not stated).
+
+    Raises:
+        ConfigError: the option has a value other than true/false/yes/no/1/0.
+    """
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, None
+    kept: list[str] = []
+    stated: bool | None = None
+    for item in query.split("&"):
+        key, _, value = item.partition("=")
+        if key != _CLUSTER_OPTION:
+            kept.append(item)
+            continue
+        if value.strip().lower() not in _CLUSTER_VALUES:
+            raise ConfigError(
+                f"{name}: ?cluster={value!r} is not understood: use ?cluster=true (a Redis "
+                "Cluster), ?cluster=false (one server) or leave it out (ctxd asks the server)"
+            )
+        stated = _CLUSTER_VALUES[value.strip().lower()]
+    kept = [item for item in kept if item]
+    return (f"{base}?{'&'.join(kept)}" if kept else base), stated
 
 
 def _parse_text(name: str, raw: object) -> str:
@@ -309,6 +355,7 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "group": _parse_name,
     "instance": _parse_name,
     "checkpointer": _parse_choice(_CHECKPOINTERS),
+    "checkpoint_url": _parse_redis_url,
     "postgres_url": _parse_url("postgresql", "postgres"),
     "durability": _parse_choice(_DURABILITIES),
     "concurrency": _parse_int(1, 4096),
@@ -431,6 +478,11 @@ def load_settings(
     if settings.checkpointer == "postgres" and not settings.postgres_url:
         raise ConfigError(
             "CTXD_CHECKPOINTER=postgres needs CTXD_POSTGRES_URL (postgresql://user@host/db)"
+        )
+    if settings.checkpoint_url is not None and settings.checkpointer != "redis":
+        raise ConfigError(
+            f"CTXD_CHECKPOINT_URL is the Redis of CTXD_CHECKPOINTER=redis, but "
+            f"CTXD_CHECKPOINTER={settings.checkpointer}: unset one of them"
         )
     if settings.breaker_minimum_calls > settings.breaker_window:
         raise ConfigError(

@@ -18,7 +18,7 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from graph.errors import ConfigError, RedisModulesMissingError
+from graph.errors import CheckpointStoreError, ConfigError, RedisModulesMissingError
 
 if TYPE_CHECKING:
     from langgraph.checkpoint.redis.aio import AsyncRedisSaver
@@ -27,7 +27,9 @@ __all__ = [
     "PointerWriter",
     "check_redis_modules",
     "checkpoint_key_prefixes",
+    "cluster_store_refusal",
     "open_checkpointer",
+    "refuse_cluster_store",
     "strict_serializer",
 ]
 
@@ -187,6 +189,48 @@ async def check_redis_modules(client: Redis) -> None:
         )
 
 
+async def refuse_cluster_store(client: Redis, *, url_setting: str = "CTXD_REDIS_URL") -> None:
+    """Raise :class:`CheckpointStoreError` if ``client`` is a node of a Redis Cluster.
+
+    The saver finds state history, rollback targets and a workflow's writes with
+    RediSearch queries. OSS RediSearch 2.10 (Redis Stack 7.4) has no cluster coordinator:
+    on a cluster each shard's index sees only that shard's documents, so a query answers
+    part of the history and state would be lost without an error. ``INFO cluster``
+    answers on every node (it touches no key) and says ``cluster_enabled:1`` on a
+    cluster node.
+
+    Args:
+        client: a client of the checkpoint store.
+        url_setting: the setting the store's URL came from, named in the message
+            (``CTXD_REDIS_URL`` when checkpoints default to the service Redis).
+    """
+    info = await client.info("cluster")
+    if str(info.get("cluster_enabled", 0)) == "1":
+        raise cluster_store_refusal(url_setting)
+
+
+def cluster_store_refusal(url_setting: str) -> CheckpointStoreError:
+    """The one-line refusal of a Redis Cluster as checkpoint store.
+
+    Args:
+        url_setting: where the store's URL came from; ``CTXD_REDIS_URL`` means
+            checkpoints defaulted to a service Redis that is a cluster.
+    """
+    if url_setting == "CTXD_REDIS_URL":
+        where = (
+            "CTXD_REDIS_URL is a Redis Cluster and checkpoints default to it "
+            "(CTXD_CHECKPOINT_URL is unset)"
+        )
+    else:
+        where = f"the checkpoint store {url_setting} is a Redis Cluster"
+    return CheckpointStoreError(
+        f"{where}: its search indexes see only their own shard, so state history, "
+        "rollback and recovery cannot work there; set CTXD_CHECKPOINT_URL to a standalone "
+        "Redis with RedisJSON and RediSearch, or use CTXD_CHECKPOINTER=postgres "
+        '(docs/operations.md, "Checkpoints on a cluster")'
+    )
+
+
 async def _create_indexes(saver: AsyncRedisSaver, attempts: int = 6) -> None:
     """Create the saver's RediSearch indexes, also when other instances do it at once.
 
@@ -235,6 +279,7 @@ async def open_checkpointer(
     postgres_url: str | None = None,
     redis_client: Redis | None = None,
     pointer_writer: PointerWriter | None = None,
+    url_setting: str = "CTXD_REDIS_URL",
 ) -> AsyncIterator[BaseCheckpointSaver[str]]:
     """Open the checkpointer of ``kind`` with the strict serializer.
 
@@ -260,6 +305,7 @@ async def open_checkpointer(
             raise ConfigError("the redis checkpointer needs a Redis URL")
         probe = Redis.from_url(redis_url, socket_connect_timeout=10, socket_timeout=10)
         try:
+            await refuse_cluster_store(probe, url_setting=url_setting)
             await check_redis_modules(probe)
         finally:
             await probe.aclose()

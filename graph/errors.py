@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 __all__ = [
+    "CheckpointStoreError",
     "ConfigError",
     "CtxdError",
     "FencedError",
@@ -59,6 +60,15 @@ class PluginError(CtxdError):
     ``BaseException``. It is not a step failure to record and go on from: the actor
     running the plug-in crashes and is restarted (its request stays pending), and with
     ``CTXD_DISPATCH=local`` the graph run fails (retried, then dead-lettered as poison).
+    """
+
+
+class CheckpointStoreError(CtxdError):
+    """The checkpoint store cannot answer state history (a Redis Cluster, say).
+
+    Raised at start, before any work: state, history, rollback and integrity recovery
+    search the store's indexes, and a store that answers them partly would lose state
+    silently instead of failing.
     """
 
 

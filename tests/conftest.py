@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cluster_helpers import LocalCluster, open_local_cluster
 from redis import Redis
 
 from actors.app.redis_server import open_embedded_redis
@@ -31,6 +32,14 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with open_embedded_redis(tmp_path_factory.mktemp("embedded-redis")) as server:
         yield server.url
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real local Redis Cluster (3 masters + 3 replicas, modules loaded) for a module;
+    its start-up time is printed (``-s`` shows it)."""
+    with open_local_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

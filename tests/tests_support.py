@@ -14,6 +14,8 @@ from typing import cast
 
 from redis import Redis
 
+from actors.config import load_settings
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Sample event texts: one calls for technical research, the other for market research.
@@ -68,6 +70,41 @@ def read_outputs(
             entries.extend(new)
             last = new[-1][0]
     return entries
+
+
+def unmoved_input(
+    redis: Redis, prefix: str, partitions: int | None = None, *, within: float = 5.0
+) -> int:
+    """How many ``ctxd:in`` entries some partition has not moved (or scanned past) yet,
+    once every partition's cursor is at the end of ``ctxd:in`` or ``within`` passed.
+
+    A partition with nothing to move writes its cursor at most once a second
+    (actors/service/router.py), hence the wait; 0 means every entry was routed.
+    """
+    if partitions is None:  # the service's default count
+        partitions = load_settings({}, overrides={}).partitions
+    deadline = time.monotonic() + within
+    while True:
+        cursors = [redis.get(f"{prefix}:{{p{n}}}:cursor") for n in range(partitions)]
+        newest = cast(list[tuple[str, object]], redis.xrevrange(f"{prefix}:in", count=1))
+        if not newest:
+            return 0
+        low = min((_id(cast(str, c)) if c else (0, 0)) for c in cursors)
+        # Ids only, undecoded: hostile entries may hold bytes that are not UTF-8.
+        raw = redis.execute_command(  # type: ignore[no-untyped-call]
+            "XRANGE", f"{prefix}:in", "-", "+", NEVER_DECODE=True
+        )
+        behind = [e for e, _ in cast(list[tuple[bytes, object]], raw)]
+        left = sum(1 for e in behind if _id(e) > low)
+        if left == 0 or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)  # cursors are written by the service; nothing to block on here
+
+
+def _id(entry_id: str | bytes) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class ServiceProcess:

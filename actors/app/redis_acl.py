@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from actors.runtime import scripts
 from actors.runtime.redis_errors import ACL_DOCS, RedisStartupError, describe_redis_error
-from graph.checkpointer import check_redis_modules
+from graph.checkpointer import check_redis_modules, refuse_cluster_store
 from graph.errors import CtxdError
 from telemetry.logging import redact_url
 
@@ -58,6 +58,7 @@ ACL_RULES: Final[tuple[tuple[str, str], ...]] = (
     ("+script|exists", "redis-py checks for loaded scripts"),
     ("-@dangerous", "no FLUSH*, KEYS, CONFIG, DEBUG, CLIENT KILL, SHUTDOWN…"),
     ("+info", "server state (memory, loading) for start-up and `ctxd status`"),
+    ("+time", "heartbeats and liveness use Redis's clock, one clock for every host"),
     ("+module|list", "the start-up check that RedisJSON and RediSearch are loaded"),
     ("+memory|usage", "`ctxd status` sizes what is kept (sampled MEMORY USAGE)"),
     ("+json.get", "checkpoints are RedisJSON documents"),
@@ -263,7 +264,13 @@ def warn_if_unverified_tls(url: str) -> bool:
 
 
 async def check_redis_for_service(
-    url: str, prefix: str, *, modules: bool, wait: float = 15.0
+    url: str,
+    prefix: str,
+    *,
+    modules: bool,
+    access: bool = True,
+    url_setting: str = "CTXD_REDIS_URL",
+    wait: float = 15.0,
 ) -> None:
     """The start-up check of ``ctxd run`` and ``ctxd worker``: reachable, credentials,
     TLS, modules (``modules``) and ACL, each failure as one classified line.
@@ -271,7 +278,11 @@ async def check_redis_for_service(
     Args:
         url: the Redis URL.
         prefix: ``CTXD_STREAM_PREFIX``.
-        modules: also require RedisJSON and RediSearch (the Redis checkpointer).
+        modules: this Redis is the checkpoint store: refuse a Redis Cluster and require
+            RedisJSON and RediSearch (the Redis checkpointer).
+        access: check the ACL rules (the service Redis; a separate checkpoint store
+            needs only the checkpointer's commands, which opening it exercises).
+        url_setting: the setting ``url`` came from, named in a refusal.
         wait: seconds for the whole check; a server that accepts connections but
             never answers fails with ``cause="timeout"``.
 
@@ -285,12 +296,14 @@ async def check_redis_for_service(
         with anyio.fail_after(wait):
             await client.ping()
             if modules:
+                await refuse_cluster_store(client, url_setting=url_setting)
                 await check_redis_modules(client)
-            await check_redis_access(client, prefix)
+            if access:
+                await check_redis_access(client, prefix)
     except RedisStartupError:
         raise
     except (RedisError, OSError, TimeoutError, CtxdError) as exc:
-        raise describe_redis_error(exc, url) from None
+        raise describe_redis_error(exc, url, setting=url_setting) from None
     finally:
         with anyio.CancelScope(shield=True):
             await client.aclose()

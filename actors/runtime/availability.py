@@ -22,10 +22,11 @@ who prefer exit-and-restart: :meth:`RedisAvailability.watch` raises
 from __future__ import annotations
 
 import logging
+import os
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
@@ -33,6 +34,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
@@ -49,6 +51,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.runtime.backoff import jittered_backoff
+from actors.runtime.redis_io import is_cluster_client
 from graph.errors import CtxdError, exception_chain
 
 __all__ = [
@@ -71,8 +74,10 @@ OutageKind = Literal["unavailable", "out_of_memory"]
 """Why Redis cannot be used: it does not answer, or it refuses writes (maxmemory)."""
 
 _FATAL = (AuthenticationError, AuthorizationError, ExternalAuthProviderError, NoPermissionError)
-_FAILOVER_PREFIXES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+_FAILOVER_PREFIXES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "UNBLOCKED")
+# UNBLOCKED: a blocked read on a master that was just demoted to a replica (a fail-over).
 _OOM_TEXT = "OOM command not allowed"
+_REDIS_ASYNC_CONNECTION = os.path.join("redis", "asyncio", "connection.py")
 _MIN_HEADROOM = 256 * 1024  # bytes below maxmemory before writes are tried again
 _MAX_HEADROOM = 64 * 1024 * 1024
 
@@ -101,8 +106,28 @@ def _is_fatal(error: BaseException) -> bool:
     return isinstance(error, RedisConnectionError) and "[SSL" in str(error)
 
 
+def _closed_connection_race(error: BaseException) -> bool:
+    """redis-py's asyncio connection used while it is being closed.
+
+    redis-py 8.1 lets a write on a connection that another task or the peer is closing
+    fail with ``AttributeError``/``TypeError`` about ``None`` from inside
+    ``redis/asyncio/connection.py`` instead of its ``ConnectionError`` (redis-py issues
+    #3546 and #4287). The cluster client meets it after a fail-over, when refreshing
+    the topology closes the old nodes' connections under running commands. It is a
+    lost connection: classified as one, nothing else with those types is.
+    """
+    if not isinstance(error, AttributeError | TypeError) or "NoneType" not in str(error):
+        return False
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.endswith(_REDIS_ASYNC_CONNECTION):
+            return True
+        frame = frame.tb_next
+    return False
+
+
 def _transient_one(error: BaseException) -> bool:
-    if isinstance(error, RedisUnavailableError):
+    if isinstance(error, RedisUnavailableError) or _closed_connection_race(error):
         return True
     if isinstance(error, ReadOnlyError | TryAgainError | ClusterDownError):
         return True
@@ -118,7 +143,8 @@ def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) means Redis is away for a while.
 
     Connection refused or reset, timeouts, ``LOADING``, fail-over errors (``READONLY``,
-    ``MASTERDOWN``, ``TRYAGAIN``, ``CLUSTERDOWN``), an exhausted connection pool.
+    ``MASTERDOWN``, ``TRYAGAIN``, ``CLUSTERDOWN``, ``UNBLOCKED``), an exhausted
+    connection pool, redis-py's asyncio connection closed under a running command.
     Authentication, ACL and TLS verification errors never are, wherever they sit in
     the chain.
     """
@@ -219,6 +245,9 @@ class RedisAvailability:
         rng: jitter source (seed one in tests).
         backoff_base: first wait between probes, in seconds.
         backoff_cap: longest wait between probes.
+        also: other servers the process cannot work without (a separate checkpoint
+            store): an outage reported from any of them pauses reading like one of
+            ``redis``, and it is over only when every one answers the probe.
     """
 
     def __init__(
@@ -231,8 +260,9 @@ class RedisAvailability:
         rng: random.Random | None = None,
         backoff_base: float = 0.1,
         backoff_cap: float = 2.0,
+        also: Sequence[Redis] = (),
     ) -> None:
-        self._redis = redis
+        self._servers = (redis, *also)
         self._probe_key = probe_key
         self._max_outage = max_outage
         self._clock = clock
@@ -252,9 +282,27 @@ class RedisAvailability:
         self._down = anyio.Event()
 
     @classmethod
-    def for_settings(cls, redis: Redis, settings: AvailabilitySettings) -> RedisAvailability:
+    def for_settings(
+        cls, redis: Redis, settings: AvailabilitySettings, *, also: Sequence[Redis] = ()
+    ) -> RedisAvailability:
         """The monitor of ``settings`` (probe key under the prefix, the max outage)."""
-        return cls(redis, probe_key=settings.key("probe"), max_outage=settings.redis_max_outage)
+        return cls(
+            redis,
+            probe_key=settings.key("probe"),
+            max_outage=settings.redis_max_outage,
+            also=also,
+        )
+
+    def probe_with(self, redis: Redis) -> None:
+        """Probe with ``redis`` from now on: start-up waits for Redis with a plain client
+        and, when the server turns out to be a cluster node, goes on with the cluster
+        client (the outages counted so far stay counted)."""
+        self._servers = (redis, *self._servers[1:])
+
+    def watch_also(self, redis: Redis) -> None:
+        """Count ``redis`` among the servers the process cannot work without (a separate
+        checkpoint store found once the service Redis answered)."""
+        self._servers = (*self._servers, redis)
 
     @property
     def available(self) -> bool:
@@ -397,16 +445,22 @@ class RedisAvailability:
             return
 
     async def _probe(self) -> None:
-        if self._kind != "out_of_memory":
-            await self._redis.ping()
-            return
-        # Back only with some headroom below maxmemory: right at the limit, a small
-        # write succeeds and the next one fails, and the state would flap.
-        memory = await self._redis.info("memory")
-        limit, used = int(memory.get("maxmemory") or 0), int(memory.get("used_memory") or 0)
-        if limit and used > limit - min(max(limit // 50, _MIN_HEADROOM), _MAX_HEADROOM):
-            raise OutOfMemoryError(f"used memory {used} is still near maxmemory {limit}")
-        await self._redis.set(self._probe_key, b"1", px=10_000)  # refused at maxmemory
+        for server in self._servers:
+            if self._kind != "out_of_memory":
+                if is_cluster_client(server):
+                    # Back only when every shard answers: one node's PONG says nothing of
+                    # the shard whose master just died (its replica is not promoted yet).
+                    await server.ping(target_nodes=RedisCluster.PRIMARIES)
+                else:
+                    await server.ping()
+                continue
+            # Back only with some headroom below maxmemory: right at the limit, a small
+            # write succeeds and the next one fails, and the state would flap.
+            memory = await server.info("memory")
+            limit, used = int(memory.get("maxmemory") or 0), int(memory.get("used_memory") or 0)
+            if limit and used > limit - min(max(limit // 50, _MIN_HEADROOM), _MAX_HEADROOM):
+                raise OutOfMemoryError(f"used memory {used} is still near maxmemory {limit}")
+            await server.set(self._probe_key, b"1", px=10_000)  # refused at maxmemory
 
     def _mark_back(self) -> None:
         seconds = self._clock() - self._started_at

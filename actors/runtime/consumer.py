@@ -1,7 +1,7 @@
 """The one consumer-group read loop: this consumer's pending entries first, then new ones.
 
-Every reader of a stream through a consumer group in ctxd — the router on ``ctxd:in``,
-the owner of each partition, each actor pool worker — follows the same discipline
+Every reader of a stream through a consumer group in ctxd — the owner of each partition,
+each actor pool worker — follows the same discipline
 (DESIGN.md, "Stream consumer"): on (re)start it reads its own pending list (cursor
 ``0``) before new entries (``>``), so what a crashed predecessor under the same consumer
 name had read is handled first and in order; reads are ``COUNT``- and ``BLOCK``-bounded;

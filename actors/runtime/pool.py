@@ -14,7 +14,12 @@ poison.
 
 A reclaimer per pool (consumer ``{instance}:{kind}:reclaim``) takes over entries idle
 longer than twice the ask timeout with ``XAUTOCLAIM`` (never ``JUSTID``: the delivery
-counter must count) — the pending messages of a worker process that died. An entry
+counter must count) — the pending messages of a worker process that died. Given a
+:class:`Liveness` (the service passes the heartbeats), it also claims at once the
+pending entries of consumers whose process is no longer live, once they are idle for
+the liveness's ``min_idle``: their askers still wait (an ask times out after
+``CTXD_ASK_TIMEOUT``, 10 s), so a SIGKILLed process's requests are answered seconds after
+its death instead of failing their runs. An entry
 delivered more than ``max_deliveries`` times goes to the DLQ (``ctxd:dlq`` with its
 ``kind``) and its asker gets an error reply.
 """
@@ -24,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import anyio
@@ -34,12 +40,21 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from actors.runtime import scripts
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.consumer import PlainGroupSource, consume_group
 from actors.runtime.mailbox import JSON, ActorReply, ActorRequest, MailboxSettings, mailbox_stream
-from actors.runtime.redis_io import Entry, autoclaim, ensure_group, text
+from actors.runtime.redis_io import (
+    Entry,
+    autoclaim,
+    claim_pending_of,
+    ensure_group,
+    is_cluster_client,
+    pending_consumers,
+    text,
+)
 from actors.runtime.scripts import call_script
 from actors.runtime.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
 from graph.errors import PluginError
@@ -51,6 +66,7 @@ __all__ = [
     "DeadLetter",
     "FaultHook",
     "FaultPoint",
+    "Liveness",
     "PoolSettings",
     "RequestHandler",
 ]
@@ -58,6 +74,7 @@ __all__ = [
 _log = structlog.get_logger("ctxd.actors")
 _CRASH_CHARS = 500
 _CRASH_TTL = 86_400  # seconds; a crash matters until its request is answered or dead
+_REPLY_STREAM_TTL = 86_400  # seconds after its last reply; as POOL_FINISH does
 
 _Done = tuple[str, str, "ActorReply | None"]
 """A handled entry: its id, the stream to answer on ("" for none), the answer."""
@@ -74,6 +91,24 @@ RequestHandler = Callable[[JSON], Awaitable[dict[str, JSON]]]
 Raising answers the asker with the error; raising :class:`~graph.errors.PluginError`
 crashes the worker instead.
 """
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Which processes are alive, so a pool takes over a dead one's requests at once.
+
+    Args:
+        live: the names of the live processes (a consumer ``{name}:{kind}:{slot}``
+            belongs to process ``name``).
+        every: seconds between looks.
+        min_idle: seconds an entry of a dead process's consumer must have been idle
+            before it is claimed (at least the heartbeat window: a process that only
+            stalled keeps what it is working on).
+    """
+
+    live: Callable[[], Awaitable[Collection[str]]]
+    every: float
+    min_idle: float
 
 
 class DeadLetter(Protocol):
@@ -143,6 +178,8 @@ class ActorPool:
         fault: test seam, see :data:`FaultHook`.
         availability: the process's Redis monitor; workers and the reclaimer wait out
             outages with it instead of crashing (they raise them when None).
+        liveness: which processes are alive (the reclaimer claims a dead one's pending
+            requests at once); None: only entries idle twice the ask timeout are taken.
     """
 
     def __init__(
@@ -156,9 +193,11 @@ class ActorPool:
         tracer: Tracer | None = None,
         fault: FaultHook | None = None,
         availability: RedisAvailability | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self._redis = redis
         self._availability = availability
+        self._liveness = liveness
         self._settings = settings
         self._kind = str(kind)
         self._handler = handler
@@ -280,33 +319,77 @@ class ActorPool:
         self.handled += len(done)
 
     async def _reclaim(self, task_status: TaskStatus[None]) -> None:
-        """Take over entries of dead consumers: idle longer than twice the ask timeout."""
+        """Take over entries of dead consumers: at once when their process is known dead
+        (:class:`Liveness`), otherwise once idle longer than twice the ask timeout."""
         consumer = self.consumer("reclaim")
-        min_idle_ms = int(self._settings.ask_timeout * 2000)
         await self._ensure_group()
         task_status.started()
+        scan_every = self._settings.ask_timeout
+        every = min(scan_every, self._liveness.every) if self._liveness else scan_every
+        next_scan = anyio.current_time() + scan_every
         while True:
-            await anyio.sleep(self._settings.ask_timeout)
-            cursor = "0-0"
-            while True:
-                try:
-                    cursor, claimed = await autoclaim(
-                        self._redis,
-                        stream=self._stream,
-                        group=self._settings.group,
-                        consumer=consumer,
-                        min_idle_ms=min_idle_ms,
-                        cursor=cursor,
-                    )
-                    if claimed:
-                        _log.info("reclaimed idle requests", kind=self._kind, count=len(claimed))
-                        counts = await self._delivery_counts([eid for eid, _ in claimed])
-                        await self._serve_batch(consumer, claimed, counts)
-                except Exception as exc:  # noqa: BLE001 - re-raised unless an outage
-                    await self._wait_out(exc)
-                    break  # start the scan again after the next pause
-                if cursor == "0-0":
-                    break
+            await anyio.sleep(every)
+            try:
+                if self._liveness is not None:
+                    await self._claim_from_dead(consumer, self._liveness)
+                if anyio.current_time() >= next_scan:
+                    next_scan = anyio.current_time() + scan_every
+                    await self._claim_idle(consumer)
+            except Exception as exc:  # noqa: BLE001 - re-raised unless an outage
+                await self._wait_out(exc)
+
+    async def _claim_idle(self, consumer: str) -> None:
+        """Claim and serve every entry idle longer than twice the ask timeout."""
+        min_idle_ms = int(self._settings.ask_timeout * 2000)
+        cursor = "0-0"
+        while True:
+            cursor, claimed = await autoclaim(
+                self._redis,
+                stream=self._stream,
+                group=self._settings.group,
+                consumer=consumer,
+                min_idle_ms=min_idle_ms,
+                cursor=cursor,
+            )
+            if claimed:
+                _log.info("reclaimed idle requests", kind=self._kind, count=len(claimed))
+                counts = await self._delivery_counts([eid for eid, _ in claimed])
+                await self._serve_batch(consumer, claimed, counts)
+            if cursor == "0-0":
+                return
+
+    async def _claim_from_dead(self, consumer: str, liveness: Liveness) -> None:
+        """Claim and serve the pending entries of consumers whose process is not live."""
+        owners = await pending_consumers(self._redis, self._stream, self._settings.group)
+        suffix = f":{self._kind}:"
+        others = [
+            c
+            for c in owners
+            if suffix in c and c.rsplit(":", 2)[0] != self._settings.instance  # not ours
+        ]
+        if not others:
+            return
+        live = set(await liveness.live())
+        for owner in others:
+            if owner.rsplit(":", 2)[0] in live:
+                continue
+            claimed = await claim_pending_of(
+                self._redis,
+                stream=self._stream,
+                group=self._settings.group,
+                owner=owner,
+                consumer=consumer,
+                min_idle_ms=int(liveness.min_idle * 1000),
+            )
+            if claimed:
+                _log.info(
+                    "took over a dead process's requests",
+                    kind=self._kind,
+                    consumer=owner,
+                    count=len(claimed),
+                )
+                counts = await self._delivery_counts([eid for eid, _ in claimed])
+                await self._serve_batch(consumer, claimed, counts)
 
     async def _delivery_counts(self, entry_ids: list[str]) -> dict[str, int]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -424,6 +507,9 @@ class ActorPool:
         """Answer (where anyone asked), acknowledge and delete, atomically."""
         if not done:
             return
+        if is_cluster_client(self._redis):
+            await self._finish_across_slots(done)
+            return
         keys = [self._stream]
         args: list[str | int] = [self._settings.group, self._settings.reply_maxlen, len(done)]
         for entry_id, reply_to, reply in done:
@@ -438,6 +524,49 @@ class ActorPool:
                 await call_script(self._redis, scripts.POOL_FINISH, keys=keys, args=args)
         else:
             await call_script(self._redis, scripts.POOL_FINISH, keys=keys, args=args)
+
+    async def _finish_across_slots(self, done: list[_Done]) -> None:
+        """:meth:`_finish` on a Redis Cluster, where the reply streams and the mailbox
+        are in different slots and no one script may touch them all.
+
+        Replies first, then acknowledge and delete: a crash between the two leaves the
+        requests pending, so they are handled and answered again; the asker takes the
+        first answer by request id and drops a late one. Answering after acknowledging
+        could lose an answer instead.
+        """
+        replies = [
+            (reply_to, reply.to_fields())
+            for _, reply_to, reply in done
+            if reply_to and reply is not None
+        ]
+        if replies:
+            maxlen = self._settings.reply_maxlen or None  # 0: no bound
+            with send_span(self._tracer, stream=sorted({r for r, _ in replies})[0]):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for stream, fields in replies:
+                        body: dict[FieldT, EncodableT] = dict(fields.items())
+                        pipe.xadd(stream, body, maxlen=maxlen, approximate=True)
+                    # A reply_to that is no stream (WRONGTYPE) loses only its own reply.
+                    added = await pipe.execute(raise_on_error=False)
+                answered = sorted(
+                    {
+                        r
+                        for (r, _), a in zip(replies, added, strict=True)
+                        if not isinstance(a, Exception)
+                    }
+                )
+                if answered:
+                    # The reply stream of an asker that died goes away a day after its
+                    # last reply (only streams a reply went to: never another key).
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for stream in answered:
+                            pipe.expire(stream, _REPLY_STREAM_TTL)
+                        await pipe.execute()
+        ids = [entry_id for entry_id, _, _ in done]
+        async with self._redis.pipeline(transaction=False) as pipe:  # one slot: the mailbox
+            pipe.xack(self._stream, self._settings.group, *ids)
+            pipe.xdel(self._stream, *ids)
+            await pipe.execute()
 
     async def _dead_letter(
         self, entry_id: str, fields: dict[str, str], reason: str, error: str, attempts: int

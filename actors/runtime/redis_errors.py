@@ -28,7 +28,13 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from graph.errors import ConfigError, CtxdError, RedisModulesMissingError, exception_chain
+from graph.errors import (
+    CheckpointStoreError,
+    ConfigError,
+    CtxdError,
+    RedisModulesMissingError,
+    exception_chain,
+)
 
 __all__ = [
     "ACL_DOCS",
@@ -54,8 +60,8 @@ class RedisStartupError(CtxdError):
 
     Attributes:
         cause: ``refused``, ``unreachable``, ``timeout``, ``auth``, ``tls``, ``noperm``,
-            ``modules``, ``loading`` or ``other``; callers that wait out outages (refused,
-            unreachable, timeout, loading) decide on it.
+            ``modules``, ``checkpoint_store``, ``loading`` or ``other``; callers that
+            wait out outages (refused, unreachable, timeout, loading) decide on it.
     """
 
     def __init__(self, cause: str, message: str) -> None:
@@ -178,13 +184,17 @@ def _bounded(text: str) -> str:
     return text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL] + "…"
 
 
-def describe_redis_error(exc: BaseException, url: str | None = None) -> RedisStartupError:
+def describe_redis_error(
+    exc: BaseException, url: str | None = None, *, setting: str = "CTXD_REDIS_URL"
+) -> RedisStartupError:
     """Classify a failure to use Redis and say, in one line, what to do about it.
 
     Args:
         exc: the exception (redis-py's, redisvl's wrapping one, an exception group…).
         url: the Redis URL in use, for the address in the message and to scrub its
             secrets from any text quoted from the exception.
+        setting: the setting ``url`` came from, named where the line says what to check
+            (``CTXD_CHECKPOINT_URL`` for a separate checkpoint store).
 
     Returns:
         A :class:`RedisStartupError` whose ``cause`` is the tag and whose message is the
@@ -192,6 +202,8 @@ def describe_redis_error(exc: BaseException, url: str | None = None) -> RedisSta
     """
     secrets = url_secrets(url)
     cause, message = _classify(exc, url)
+    if setting != "CTXD_REDIS_URL" and _first(exc, RedisStartupError) is None:
+        message = message.replace("CTXD_REDIS_URL", setting)
     return RedisStartupError(cause, _scrub(message, secrets))
 
 
@@ -202,6 +214,8 @@ def _classify(exc: BaseException, url: str | None) -> tuple[str, str]:
         return ready.cause, str(ready)
     if (modules := _first(exc, RedisModulesMissingError)) is not None:
         return "modules", str(modules)
+    if (store := _first(exc, CheckpointStoreError)) is not None:
+        return "checkpoint_store", str(store)
     found = find_redis_error(exc) or exc
     detail = _bounded(str(found) or type(found).__name__)
     if (

@@ -11,15 +11,21 @@ from typing import Any, cast
 
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.cluster import RedisCluster as SyncRedisCluster
 from redis.exceptions import ResponseError
 
 __all__ = [
     "Entry",
     "TextEntry",
     "autoclaim",
+    "claim_pending_of",
     "ensure_group",
+    "is_cluster_client",
+    "pending_consumers",
     "read_group",
     "text",
+    "wait_aof",
     "xread_text",
     "xrevrange_text",
 ]
@@ -34,6 +40,26 @@ TextEntry = tuple[str, dict[str, str]]
 def text(value: bytes | str) -> str:
     """Decode a Redis reply value."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+def is_cluster_client(redis: Redis | SyncRedis) -> bool:
+    """Whether ``redis`` is redis-py's Redis Cluster client (typed as ``Redis`` in ctxd:
+    actors/service/connections.py). On a cluster no script or ``MULTI`` may span slots,
+    and redis-py refuses ``EVALSHA`` inside a pipeline."""
+    return isinstance(redis, RedisCluster | SyncRedisCluster)
+
+
+async def wait_aof(redis: Redis, key: str, timeout_ms: int) -> None:
+    """``WAITAOF 1 0 timeout``: this server's AOF has this client's writes on disk.
+
+    On a Redis Cluster the command goes to the master serving ``key``'s slot (the one
+    that took the write): redis-py would send a keyless command to any node.
+    """
+    if isinstance(redis, RedisCluster):
+        node = redis.get_node_from_key(key)
+        await redis.execute_command("WAITAOF", 1, 0, timeout_ms, target_nodes=node)
+        return
+    await redis.execute_command("WAITAOF", 1, 0, timeout_ms)  # type: ignore[no-untyped-call]
 
 
 async def ensure_group(redis: Redis, stream: str, group: str) -> None:
@@ -76,6 +102,38 @@ async def autoclaim(
         await redis.xautoclaim(stream, group, consumer, min_idle_ms, start_id=cursor, count=100),
     )
     return text(reply[0]), _entries(reply[1])
+
+
+async def claim_pending_of(
+    redis: Redis,
+    *,
+    stream: str,
+    group: str,
+    owner: str,
+    consumer: str,
+    min_idle_ms: int,
+    count: int = 100,
+) -> list[Entry]:
+    """Claim up to ``count`` entries pending for consumer ``owner`` and idle at least
+    ``min_idle_ms`` into ``consumer`` (``XPENDING`` of that consumer, then ``XCLAIM``,
+    which counts a delivery, as ``XAUTOCLAIM`` without ``JUSTID`` does)."""
+    pending = cast(
+        Any,
+        await redis.xpending_range(
+            stream, group, min="-", max="+", count=count, consumername=owner, idle=min_idle_ms
+        ),
+    )
+    ids: list[int | bytes | str | memoryview[int]] = [text(p["message_id"]) for p in pending]
+    if not ids:
+        return []
+    claimed = cast(Any, await redis.xclaim(stream, group, consumer, min_idle_ms, ids))
+    return _entries(claimed)
+
+
+async def pending_consumers(redis: Redis, stream: str, group: str) -> list[str]:
+    """The consumers of ``group`` with entries pending (``XPENDING`` summary)."""
+    summary = cast(Any, await redis.xpending(stream, group))
+    return [text(c["name"]) for c in summary.get("consumers") or [] if int(c["pending"])]
 
 
 def xread_text(

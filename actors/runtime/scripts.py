@@ -28,16 +28,23 @@ from graph.errors import FencedError
 
 __all__ = [
     "ACL_CHECK",
+    "BARRIER_RAISE",
     "COMMIT",
     "DEAD_LETTER",
     "DLQ_REPLAY",
+    "FENCED_ACK",
     "FENCED_POINTER",
     "FENCED_READ",
+    "FLOOR_POINTER",
+    "FLOOR_RAISE",
     "LEASE_ACQUIRE",
     "LEASE_RELEASE",
     "LEASE_RENEW",
     "MOVE",
+    "MOVE_ONCE",
+    "PARTITIONS_UPDATE",
     "POOL_FINISH",
+    "ROUTE_PARTITION",
     "ZREM_IF_IDLE",
     "call_script",
     "is_fenced",
@@ -143,6 +150,48 @@ KEYS: lease, the pointer key. ARGV: the run's lease value, the checkpoint key it
 Reply: OK. Error FENCED when the lease moved (the checkpoint stays unreferenced).
 """
 
+_FLOOR = """
+local floor = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local token = tonumber(ARGV[2])
+"""
+# Scripts of a separate checkpoint store, which cannot read the partition lease:
+# KEYS[1] is the floor hash (lease key -> highest fencing token seen), ARGV[1] the lease
+# key, ARGV[2] the run's token. The floor only ever goes up.
+
+FLOOR_RAISE: Final = (
+    _FLOOR
+    + """
+if token > floor then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return token
+end
+return floor
+"""
+)
+"""Raise a lease's fencing-token floor in the checkpoint store to a new holder's token.
+
+KEYS: the floor hash. ARGV: the lease key, the token the new holder took.
+Reply: the floor now (the token, or a higher floor already there).
+"""
+
+FLOOR_POINTER: Final = (
+    _FLOOR
+    + """
+if token < floor then
+  return redis.error_reply('FENCED the lease ' .. ARGV[1] .. ' was taken with token '
+    .. floor .. ', above the token ' .. ARGV[2] .. ' of this run')
+end
+if token > floor then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return redis.call('SET', KEYS[2], ARGV[3])
+"""
+)
+"""Move a workflow's latest-checkpoint pointer unless a newer holder's token is the floor.
+
+KEYS: the floor hash, the pointer key. ARGV: the lease key, the run's fencing token, the
+checkpoint key it points to. Reply: OK. Error FENCED when the floor is above the token
+(the checkpoint stays unreferenced).
+"""
+
 MOVE: Final = (
     _FENCE
     + """
@@ -159,14 +208,117 @@ end
 return n
 """
 )
-"""Route entries: append each to its target stream and acknowledge it on the input.
+"""Move entries between streams: append each to its target and acknowledge it on the input
+(an entry in a partition its workflow does not hash to, moved to its own).
 
-KEYS: router lease, the input stream, then one target stream per item.
+KEYS: the lease (the source partition's), the input stream, then one target stream per item.
 ARGV: lease value, group, n, then per item: source id, nfields, field/value pairs (each
 item bounded: a valid entry has at most CTXD_MAX_FIELDS + 1 fields, a DLQ copy at most
 that + 5, CTXD_MAX_FIELDS <= 1000).
 Reply: n. Error FENCED when the lease moved.
 """
+
+ROUTE_PARTITION: Final = (
+    _FENCE
+    + """
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function after(a, b)  -- stream id a > stream id b
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am > bm or (am == bm and as > bs)
+end
+local cursor, stream, dlq = KEYS[2], KEYS[3], KEYS[4]
+local expected, scanned, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local stored = redis.call('GET', cursor)
+local barrier = redis.call('GET', KEYS[5])
+if expected == '!' and stored then return {'exists', stored, 0, barrier or ''} end
+stored = stored or '0-0'
+if expected ~= '' and expected ~= '!' and stored ~= expected then
+  return {'resync', stored, 0, barrier or ''}
+end
+if barrier and after(scanned, barrier) then scanned = barrier end
+local pos, moved = 5, 0
+for i = 1, n do
+  local source_id, target, nfields = ARGV[pos], ARGV[pos + 1], tonumber(ARGV[pos + 2])
+  local fields = {}
+  for j = 1, nfields * 2 do fields[j] = ARGV[pos + 2 + j] end
+  pos = pos + 3 + nfields * 2
+  if after(source_id, stored) and not after(source_id, scanned) then
+    if target == 'dlq' then redis.call('XADD', dlq, '*', unpack(fields))
+    else redis.call('XADD', stream, '*', unpack(fields)) end
+    moved = moved + 1
+  end
+end
+if after(scanned, stored) then stored = scanned end
+redis.call('SET', cursor, stored)
+return {'ok', stored, moved, barrier or ''}
+"""
+)
+"""Move one partition's entries of ``ctxd:in`` into the partition, fenced, exactly once.
+
+Every key is in the partition's slot (on a cluster ``dlq`` is the partition's own DLQ).
+The cursor is the last ``ctxd:in`` id this partition has moved or scanned past; items at
+or below it were moved before (a crash, an owner change) and are skipped, and the cursor
+moves to ``scanned`` in the same step as the appends. The **barrier** key, while it
+exists, is a ``ctxd:in`` id nothing past which is moved or scanned (a resize holds the
+partition there: checked in the same step as the moves, so no batch read before the
+barrier was set can land after it).
+
+KEYS: the partition lease, the partition's cursor, the partition stream, the DLQ, the
+partition's barrier.
+ARGV: lease value ('' = unfenced), expected cursor ('' = whatever is stored; '!' = only
+if no cursor is stored yet, the upgrade's first cursor; else the value this owner last
+saw, anything else is answered 'resync'), the last ``ctxd:in`` id scanned, n, then per
+item in ``ctxd:in`` order: its ``ctxd:in`` id, 'stream' or 'dlq', nfields, field/value
+pairs (bounded as for MOVE).
+Reply: {'ok' | 'resync' | 'exists', the cursor now, entries appended, the barrier or ''}.
+Error FENCED when the lease moved.
+"""
+
+BARRIER_RAISE: Final = """
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function after(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am > bm or (am == bm and as > bs)
+end
+local barrier = ARGV[1]
+local held = redis.call('GET', KEYS[1])
+local cursor = redis.call('GET', KEYS[2])
+if held and after(held, barrier) then barrier = held end
+if cursor and after(cursor, barrier) then barrier = cursor end
+redis.call('SET', KEYS[1], barrier)
+return barrier
+"""
+"""Set a partition's barrier to the highest of an id, its barrier and its cursor (never
+below what was moved already), atomically with the move script (same slot).
+
+KEYS: the partition's barrier, the partition's cursor. ARGV: a ``ctxd:in`` id.
+Reply: the barrier now.
+"""
+
+MOVE_ONCE: Final = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+end
+return false
+"""
+"""Append an entry to a stream once, whoever asks how often (a move between slots).
+
+KEYS: a marker key in the target's slot, the target stream. ARGV: marker TTL in seconds,
+then the entry's field/value pairs. Reply: the new entry id, or nil when the marker
+existed (appended before).
+"""
+
+FENCED_ACK: Final = _FENCE + "return redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])\n"
+"""Acknowledge an entry while holding a lease. KEYS: lease, stream. ARGV: lease value,
+group, entry id. Reply: 1 or 0. Error FENCED when the lease moved."""
 
 LEASE_ACQUIRE: Final = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
@@ -293,6 +445,24 @@ return denied
 
 KEYS: none. ARGV: commands, each as its word count followed by its words.
 Reply: the offsets (in ARGV, 0-based) of the denied commands.
+"""
+
+
+PARTITIONS_UPDATE: Final = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local state = redis.call('HGET', KEYS[1], 'state')
+if epoch ~= ARGV[1] or state ~= ARGV[2] then return 0 end
+for i = 3, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+"""Change the partition record only if it is still at the epoch and state the caller
+read (a compare-and-set: two ``ctxd partitions resize`` never both win).
+
+KEYS: the record hash. ARGV: expected ``epoch``, expected ``state``, then field/value
+pairs to set ('' deletes the field). Reply: 1 when applied, 0 when the record moved.
 """
 
 

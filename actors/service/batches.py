@@ -36,6 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.runtime.breaker import CallNotPermittedError
+from actors.runtime.redis_io import wait_aof
 from actors.service.gateway import CommitItem, OutputCommitter, output_item
 from actors.service.lease import CheckpointFence
 from actors.service.parking import AckTarget, WorkflowRunner
@@ -384,9 +385,7 @@ class BatchProcessor:
             lease=lease,
         )
         if s.wait_aof:  # outputs on disk before anyone is told: WAITAOF (Redis >= 7.2)
-            await self._redis.execute_command(  # type: ignore[no-untyped-call]
-                "WAITAOF", 1, 0, int(s.event_timeout * 1000)
-            )
+            await wait_aof(self._redis, output_stream_of(s, n), int(s.event_timeout * 1000))
         await self._redis.hdel(
             attempts_key(s, n),
             *(f for p in batch for f in (attempt_field(n, p.entry_id), error_field(n, p.entry_id))),

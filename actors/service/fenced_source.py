@@ -1,4 +1,4 @@
-"""A consumer-group source whose every read holds a lease (router and partition owners).
+"""A consumer-group source whose every read holds a lease (the partition owners).
 
 :func:`~actors.runtime.consumer.consume_group` reads through a
 :class:`~actors.runtime.consumer.GroupSource`; this one reads with

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import cast
 
 from redis import Redis as SyncRedis
+from redis.cluster import RedisCluster
 
 from actors.config import Settings
 
@@ -108,15 +109,31 @@ def collect_footprint(
             "bytes": estimate,
             "sampled": len(measured),
         }
-    info = cast(Mapping[str, object], redis.info("memory"))
+    used_memory = _used_memory(redis)
     return {
         "method": f"SCAN (up to {scan_limit} keys) + MEMORY USAGE of up to {SAMPLES} "
         "sampled keys per category, scaled to the key count",
         "complete": complete,
         "scanned": scanned,
         "categories": categories,
-        "used_memory": int(cast(int, info.get("used_memory", 0))),
+        "used_memory": used_memory,
     }
+
+
+def _used_memory(redis: SyncRedis) -> int:
+    """Redis's ``used_memory``: of the server, or summed over a cluster's masters.
+
+    The cluster client sends ``INFO`` to one node unless told otherwise; ``SCAN`` above
+    already covers every master (redis-py's cluster ``scan_iter``).
+    """
+    if isinstance(redis, RedisCluster):
+        per_node = cast(
+            Mapping[str, Mapping[str, object]],
+            redis.info("memory", target_nodes=RedisCluster.PRIMARIES),
+        )
+        return sum(int(cast(int, info.get("used_memory", 0))) for info in per_node.values())
+    info = cast(Mapping[str, object], redis.info("memory"))
+    return int(cast(int, info.get("used_memory", 0)))
 
 
 def format_bytes(value: object) -> str:

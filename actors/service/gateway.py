@@ -15,7 +15,9 @@ same step as the write), so callers catch a type, not an error string.
 - :func:`dead_letter` is the one DLQ path, for stream entries and actor requests: the
   bounded copy (:func:`~actors.service.streams.dlq_entry`) and the settling in one script.
 - :class:`FencedReader` reads a consumer group only while holding a lease.
-- :func:`route_entries` is the router's move of ``ctxd:in`` entries to partitions.
+- :func:`route_partition` is a partition owner's move of its entries of ``ctxd:in``
+  into its partition (cursor, exactly once); :func:`route_entries` moves entries of one
+  partition to the partition their workflow hashes to.
 """
 
 from __future__ import annotations
@@ -25,22 +27,31 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 from redis.asyncio import Redis
+from redis.crc import key_slot
+from redis.typing import EncodableT, FieldT
 
 from actors.config import Settings
 from actors.runtime import scripts
-from actors.runtime.redis_io import text
+from actors.runtime.redis_io import is_cluster_client, text
 from actors.runtime.scripts import call_script
 from actors.service.streams import DLQ_MIN_FIELDS, dlq_entry, done_key, output_fields
+from graph.errors import FencedError
 
 __all__ = [
     "CommitItem",
     "FencedReader",
     "Lease",
     "OutputCommitter",
+    "RouteCall",
+    "RouteReply",
     "Settle",
     "dead_letter",
+    "move_home",
     "output_item",
     "route_entries",
+    "route_partition",
+    "route_partitions",
+    "same_slot",
 ]
 
 Lease = tuple[str, str]
@@ -202,6 +213,10 @@ async def dead_letter(
         max_fields=max_fields,
         original_id=original_id,
     )
+    if lease is None and done_key is None and not same_slot(redis, dlq_stream, input_stream):
+        return await _dead_letter_across_slots(
+            redis, dlq_stream, input_stream, group, source_id, entry, settle
+        )
     lease_key, lease_value = lease or (dlq_stream, "")
     args: list[str | bytes] = [lease_value, group, source_id, settle]
     for name, value in entry.items():
@@ -209,6 +224,39 @@ async def dead_letter(
     keys = [lease_key, dlq_stream, input_stream, *([done_key] if done_key else [])]
     dlq_id = await call_script(redis, scripts.DEAD_LETTER, keys=keys, args=args)
     return text(dlq_id) if isinstance(dlq_id, bytes) else str(dlq_id)
+
+
+def same_slot(redis: Redis, *keys: str) -> bool:
+    """Whether one script may touch all ``keys``: always on one server; on a Redis
+    Cluster only when they hash to one slot."""
+    return not is_cluster_client(redis) or len({key_slot(k.encode()) for k in keys}) == 1
+
+
+async def _dead_letter_across_slots(
+    redis: Redis,
+    dlq_stream: str,
+    input_stream: str,
+    group: str,
+    source_id: str,
+    entry: Mapping[bytes, bytes],
+    settle: Settle,
+) -> str:
+    """An unfenced dead letter whose DLQ and input are in different cluster slots (an
+    actor request: its mailbox and ``ctxd:dlq``): append, then settle.
+
+    Not atomic: a crash between the two leaves the request pending, and its next
+    delivery dead-letters it again (a second DLQ copy, never a lost one). Partition
+    entries never come here: their DLQ is in their partition's slot.
+    """
+    copy: dict[FieldT, EncodableT] = dict(entry.items())
+    dlq_id = await redis.xadd(dlq_stream, copy)
+    async with redis.pipeline(transaction=False) as pipe:  # one slot: the input stream
+        if settle == "delete":
+            pipe.xdel(input_stream, source_id)
+        else:
+            pipe.xack(input_stream, group, source_id)
+        await pipe.execute()
+    return text(dlq_id)
 
 
 async def route_entries(
@@ -236,6 +284,170 @@ async def route_entries(
         for name, value in fields.items():
             args += [name, value]
     await call_script(redis, scripts.MOVE, keys=keys, args=args)
+
+
+async def move_home(
+    redis: Redis,
+    *,
+    lease: Lease,
+    stream: str,
+    group: str,
+    entry_id: str,
+    target: str,
+    fields: Mapping[bytes, bytes],
+    marker: str,
+    marker_ttl: int,
+) -> None:
+    """Move one entry from ``stream`` (its partition) to ``target`` (its workflow's).
+
+    On a single node one script appends and acknowledges, fenced by ``lease``
+    (:func:`route_entries`). On a cluster the two streams are in different slots, so it
+    takes two scripts: append once in the target's slot (``marker``, a key there, says
+    it was done: a retry after a crash, or a zombie, appends nothing again), then
+    acknowledge in the source's slot, fenced by ``lease``.
+
+    Raises:
+        FencedError: the lease does not hold our value any more (nothing acknowledged).
+    """
+    if isinstance(redis, Redis):
+        await route_entries(
+            redis, lease=lease, input_stream=stream, group=group, moves=[(entry_id, target, fields)]
+        )
+        return
+    args: list[str | bytes | int] = [marker_ttl]
+    for name, value in fields.items():
+        args += [name, value]
+    await call_script(redis, scripts.MOVE_ONCE, keys=[marker, target], args=args)
+    await call_script(
+        redis, scripts.FENCED_ACK, keys=[lease[0], stream], args=[lease[1], group, entry_id]
+    )
+
+
+@dataclass(frozen=True)
+class RouteReply:
+    """What :func:`route_partition` did.
+
+    Attributes:
+        status: ``ok`` (moved, cursor advanced), ``resync`` (the stored cursor is not the
+            one the caller expected: nothing moved, start again from ``cursor``) or
+            ``exists`` (an upgrade's first cursor was set already: nothing moved).
+        cursor: the partition's cursor now (the last ``ctxd:in`` id moved or scanned).
+        moved: entries appended (to the partition or the DLQ).
+        barrier: the partition's barrier, if one is set (nothing past it moves).
+    """
+
+    status: Literal["ok", "resync", "exists"]
+    cursor: str
+    moved: int
+    barrier: str | None = None
+
+
+async def route_partition(
+    redis: Redis,
+    *,
+    lease: Lease,
+    cursor_key: str,
+    stream: str,
+    dlq_stream: str,
+    barrier_key: str,
+    expected: str,
+    scanned: str,
+    items: Sequence[tuple[str, Literal["stream", "dlq"], Mapping[bytes, bytes]]],
+) -> RouteReply:
+    """Append a partition's entries of ``ctxd:in`` (``(source_id, target, fields)`` in
+    ``ctxd:in`` order) to its stream or DLQ, skipping those at or below its cursor, and
+    move its cursor to ``scanned``: one script, every key in the partition's slot.
+
+    Args:
+        lease: the partition lease (value '' = unfenced: the upgrade's first cursor).
+        cursor_key: the partition's cursor key.
+        stream: the partition stream.
+        dlq_stream: where ``dlq`` items go (the partition's DLQ).
+        barrier_key: the partition's barrier (nothing past its id is moved while set).
+        expected: the cursor this caller last saw ('' = any, '!' = only if none yet).
+        scanned: the last ``ctxd:in`` id the caller read for this call.
+        items: the entries to move.
+
+    Raises:
+        FencedError: the lease does not hold our value any more; nothing was written.
+    """
+    call = RouteCall(lease, cursor_key, stream, dlq_stream, barrier_key, expected, scanned, items)
+    reply = await call_script(redis, scripts.ROUTE_PARTITION, keys=call.keys(), args=call.args())
+    return _route_reply(reply)
+
+
+@dataclass(frozen=True)
+class RouteCall:
+    """One partition's part of a batch: the arguments of :func:`route_partition`."""
+
+    lease: Lease
+    cursor_key: str
+    stream: str
+    dlq_stream: str
+    barrier_key: str
+    expected: str
+    scanned: str
+    items: Sequence[tuple[str, Literal["stream", "dlq"], Mapping[bytes, bytes]]]
+
+    def keys(self) -> list[str]:
+        """The script's KEYS."""
+        return [self.lease[0], self.cursor_key, self.stream, self.dlq_stream, self.barrier_key]
+
+    def args(self) -> list[str | bytes | int]:
+        """The script's ARGV."""
+        args: list[str | bytes | int] = [
+            self.lease[1],
+            self.expected,
+            self.scanned,
+            len(self.items),
+        ]
+        for source_id, target, fields in self.items:
+            args += [source_id, target, len(fields)]
+            for name, value in fields.items():
+                args += [name, value]
+        return args
+
+
+async def route_partitions(
+    redis: Redis, calls: Sequence[RouteCall]
+) -> list[RouteReply | FencedError]:
+    """:func:`route_partition` for several partitions: one round trip on a single node
+    (a pipeline; each script is still atomic on its own), one call each otherwise (a
+    cluster client, whose partitions are on several nodes). A refused call's result is
+    its :class:`~graph.errors.FencedError`; the others are done all the same."""
+    if not isinstance(redis, Redis):  # a cluster client: one call per partition
+        results: list[RouteReply | FencedError] = []
+        for call in calls:
+            try:
+                results.append(await route_partition(redis, **call.__dict__))
+            except FencedError as exc:
+                results.append(exc)
+        return results
+    async with redis.pipeline(transaction=False) as pipe:
+        for call in calls:
+            await call_script(
+                redis, scripts.ROUTE_PARTITION, keys=call.keys(), args=call.args(), client=pipe
+            )
+        replies = await pipe.execute(raise_on_error=False)
+    out: list[RouteReply | FencedError] = []
+    for reply in replies:
+        if isinstance(reply, Exception):
+            if not scripts.is_fenced(reply):
+                raise reply
+            out.append(FencedError(str(reply).removeprefix("FENCED ")))
+        else:
+            out.append(_route_reply(reply))
+    return out
+
+
+def _route_reply(reply: object) -> RouteReply:
+    status, cursor, moved, barrier = cast(list[bytes | str | int], reply)
+    return RouteReply(
+        status=cast(Literal["ok", "resync", "exists"], text(cast(bytes | str, status))),
+        cursor=text(cast(bytes | str, cursor)),
+        moved=int(moved),
+        barrier=text(cast(bytes | str, barrier)) or None,
+    )
 
 
 class FencedReader:

@@ -4,9 +4,10 @@ Every instance runs the same pieces (see docs/design.md, "Partitions and leases"
 supervised child of the ``stream`` supervisor this facade runs (one_for_one, with the
 restart intensity, period and backoff of the actor pools, ``CTXD_RESTART_*``):
 
-- ``router`` (actors/service/router.py): the one instance holding the router lease moves
-  ``ctxd:in`` entries to partition streams (invalid ones to the DLQ);
-- ``ownership`` (actors/service/ownership.py): heartbeats, rendezvous assignment of
+- ``router`` (actors/service/router.py): moves the ``ctxd:in`` entries of the partitions
+  this instance owns into their partition streams (invalid ones, partition 0's, to the
+  DLQ), each partition from its own cursor — every instance routes, none alone;
+- ``ownership`` (actors/service/ownership.py): heartbeats, balanced assignment of
   partitions to the live instances, acquiring / renewing / releasing partition leases;
 - ``readers`` (actors/service/reader.py): one fenced reader per owned partition (pending
   entries of a previous owner first, then new ones), feeding the scheduler;
@@ -46,9 +47,8 @@ from actors.service.lease import Leases
 from actors.service.ownership import Ownership
 from actors.service.partitions import OWNER_CONSUMER
 from actors.service.reader import PartitionReaders, ReadHook
-from actors.service.router import Router
+from actors.service.router import PartitionRouter
 from actors.service.scheduler import Scheduler
-from actors.service.streams import ensure_group
 from actors.service.tree import restart_config
 from graph.workflow import ContextualGraph
 from telemetry.metrics import Instruments
@@ -74,7 +74,7 @@ class IngressStatistics:
         active_workflows: workflows being processed now.
         interrupted: events cancelled by the interrupt/rollback strategies.
         partitions: partitions this instance owns.
-        router: whether this instance routes ctxd:in now.
+        router: whether this instance routes any partition's entries of ctxd:in now.
     """
 
     processed: int
@@ -104,6 +104,9 @@ class Ingress:
         on_restart: told of every restart of the ingress's children (log, metric).
         clock: monotonic clock of the supervisor's intensity window (tests inject one).
         read_hook: test seam of the partition readers (:data:`~actors.service.reader.ReadHook`).
+        on_partition_acquired: awaited with ``(lease key, lease value)`` when this
+            instance takes a partition, before reading it (a separate checkpoint store's
+            fencing-token floor, :class:`~actors.service.checkpoint_floor.CheckpointFloor`).
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class Ingress:
         on_restart: Callable[[RestartEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         read_hook: ReadHook | None = None,
+        on_partition_acquired: Callable[[str, str], Awaitable[object]] | None = None,
     ) -> None:
         self._redis = redis
         self._settings = settings
@@ -135,7 +139,14 @@ class Ingress:
         self.stopped = anyio.Event()
         """Set when :meth:`run` has returned after :meth:`stop`: nothing is in flight."""
         leases = Leases(redis, settings.instance, settings.lease_ttl)
-        self._router = Router(redis, settings, leases, allowed, self._availability)
+        self._router = PartitionRouter(
+            redis,
+            settings,
+            lambda: self._ownership.readable(),
+            on_fenced=lambda n, value: self._ownership.drop(n, value),
+            reading_allowed=allowed,
+            availability=self._availability,
+        )
         self._runner = BatchProcessor(
             redis,
             settings,
@@ -168,6 +179,7 @@ class Ingress:
             stopping=self._stopping,
             report=self._heartbeat_report,
             on_change=lambda: self._readers.changed(),
+            on_acquire=on_partition_acquired,
         )
         self._readers = PartitionReaders(
             redis,
@@ -250,7 +262,6 @@ class Ingress:
             SupervisorEscalation: the ``stream`` supervisor exceeded its intensity.
         """
         s = self._settings
-        await self._availability.call(lambda: ensure_group(self._redis, s.input_stream, s.group))
         tree = self.supervisor = Supervisor(
             "stream",
             self.children(),
@@ -296,6 +307,7 @@ class Ingress:
             "in_flight": stats.in_flight,
             "active_workflows": stats.active_workflows,
             "multitask": self._settings.multitask,
+            "partition_count": self._settings.partitions,
             "redis": self._availability.statistics().as_dict(),
             **self.extra_stats(),
         }

@@ -9,6 +9,14 @@ checks, inside the same Lua script as the write, that the key still holds its va
 a holder that lost its lease (a "zombie") is fenced off instead of writing
 (:mod:`actors.service.gateway`).
 
+The timing (:func:`renew_period`, :data:`ACQUIRE_POLL`) decides how fast a SIGKILLed
+instance's partitions move: its leases lapse at most one TTL after its last renewal, and
+the survivors, which watch the live set every :data:`ACQUIRE_POLL`, take them then. The
+default TTL (1.5 s) with a renewal every TTL/4 (0.375 s) gives fail-over in about 2-3 s
+and leaves a renewal about 1.1 s of slack for a stalled event loop (GC, a CPU-starved
+host) before its lease lapses; docs/operations.md, "Fail-over and the lease TTL", has the
+measurements.
+
 Checkpoint writes cannot be scripted (the saver writes them), so they are fenced by a
 check just before each write: a batch runs its graph inside :meth:`CheckpointFence.tenure`
 with the partition lease it was read under, and the saver asks
@@ -27,17 +35,34 @@ from redis.asyncio import Redis
 
 from actors.config import Settings
 from actors.runtime import scripts
-from actors.runtime.redis_io import text
+from actors.runtime.redis_io import is_cluster_client, text
 from actors.runtime.scripts import call_script
 from actors.service.partitions import partition_lease, partition_of
 from graph.errors import FencedError
 
 __all__ = [
+    "ACQUIRE_POLL",
+    "RENEWALS_PER_TTL",
     "CheckpointFence",
     "Leases",
     "fence_checkpoints",
     "fenced_pointer_writer",
+    "renew_period",
 ]
+
+RENEWALS_PER_TTL = 4
+"""Renewals per lease TTL: a renewal may come up to ``TTL - TTL/4`` late (a stalled event
+loop, a slow Redis) before the lease lapses."""
+
+ACQUIRE_POLL = 0.2
+"""Seconds between looks for a lease to take (a lapsed one, or one being handed over):
+how long a free lease may wait for its next holder, on top of the TTL."""
+
+
+def renew_period(ttl: float) -> float:
+    """Seconds between renewals of a lease of ``ttl`` seconds (heartbeats beat as often)."""
+    return ttl / RENEWALS_PER_TTL
+
 
 _S = TypeVar("_S", bound=BaseCheckpointSaver[str])
 
@@ -48,7 +73,7 @@ class Leases:
     Args:
         redis: the client.
         owner: this process's stable name (the instance name).
-        ttl: lease time to live in seconds; renew at a third of it.
+        ttl: lease time to live in seconds; renew every :func:`renew_period`.
     """
 
     def __init__(self, redis: Redis, owner: str, ttl: float) -> None:
@@ -68,6 +93,25 @@ class Leases:
             return None
         return text(cast(bytes | str, value))
 
+    async def acquire_many(self, leases: list[tuple[str, str]]) -> list[str | None]:
+        """Try to take several free leases in one round trip (a dead instance's whole
+        share at once, not one round trip each while the partitions wait); the value of
+        each lease taken, None where someone holds it."""
+        if not leases:
+            return []
+        if is_cluster_client(self._redis):  # no scripts in a cluster pipeline (renew_many)
+            return [await self.acquire(key, fence_key) for key, fence_key in leases]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, fence_key in leases:
+                await call_script(
+                    self._redis,
+                    scripts.LEASE_ACQUIRE,
+                    keys=[key, fence_key],
+                    args=[self._owner, self._ttl_ms],
+                    client=pipe,
+                )
+            return [None if x is None else text(cast(bytes | str, x)) for x in await pipe.execute()]
+
     async def renew(self, key: str, value: str) -> bool:
         """Extend the lease if it still holds ``value``; False means it was lost."""
         return bool(
@@ -80,6 +124,10 @@ class Leases:
         """Renew several leases in one round trip; False where one was lost."""
         if not leases:
             return []
+        if is_cluster_client(self._redis):
+            # redis-py refuses EVALSHA in a cluster pipeline, and each partition's lease
+            # is in its own slot anyway: one script call per lease.
+            return [await self.renew(key, value) for key, value in leases]
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, value in leases:
                 await call_script(

@@ -1,11 +1,19 @@
 """Ownership: which partitions this instance processes, held by leases with fencing tokens.
 
-Every lease period (a third of ``CTXD_LEASE_TTL``) the ownership loop renews the leases
-it holds (one pipelined round trip), publishes this instance's heartbeat (its statistics
-for ``ctxd status``, and its place in the live set), computes the rendezvous assignment
-of partitions over the live instances (:func:`~actors.service.partitions.assignment`),
-hands over the partitions it should no longer own and acquires those it should. See
-docs/design.md, "Router + partitions + leases with fencing tokens".
+Every lease period (a quarter of ``CTXD_LEASE_TTL``, :func:`~actors.service.lease.renew_period`)
+the ownership loop renews the leases it holds (one pipelined round trip), publishes this
+instance's heartbeat (its statistics for ``ctxd status``, and its place in the live set),
+computes the balanced assignment of partitions over the live instances
+(:func:`~actors.service.partitions.assignment`), hands over the partitions it should no
+longer own and acquires those it should. Between two rounds it watches the live set
+every :data:`~actors.service.lease.ACQUIRE_POLL` (one read): when an instance dies, its
+heartbeat leaves the set just after its leases lapsed, and this instance takes its share
+at once instead of at its next round. See docs/design.md, "Partitions + leases
+with fencing tokens", and docs/operations.md, "Fail-over and the lease TTL".
+
+How late the renewals come is measured (the longest gap between two renewals, against
+the TTL) and published in the heartbeat: the margin a stalled event loop has before
+its leases lapse.
 
 A handover: the partition's reader stops and its queued events are dropped (they stay
 pending for the next owner) at once; its running batches finish while the lease is
@@ -21,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import anyio
 import structlog
@@ -31,7 +39,7 @@ from redis.asyncio import Redis
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability, is_outage
 from actors.service.heartbeat import Heartbeat
-from actors.service.lease import Leases
+from actors.service.lease import ACQUIRE_POLL, Leases, renew_period
 from actors.service.partitions import assignment, partition_lease, partition_stream
 from actors.service.router import TRANSIENT_ERRORS
 from actors.service.scheduler import Scheduler
@@ -39,7 +47,7 @@ from actors.service.streams import ensure_group
 
 __all__ = ["HANDOVER_POLL", "Ownership"]
 
-HANDOVER_POLL = 0.2
+HANDOVER_POLL = ACQUIRE_POLL
 """Seconds between ownership checks while partitions move between instances."""
 
 _log = structlog.get_logger("ctxd.ingress")  # the ingress's lines, as before the split
@@ -59,7 +67,13 @@ class Ownership:
         stopping: ends the loop once set.
         report: what the heartbeat publishes besides the owned partitions.
         on_change: called whenever the owned (readable) partitions changed.
-        clock: monotonic clock of handover time limits.
+        on_acquire: awaited with ``(lease key, lease value)`` after a partition lease is
+            taken and before the partition is read: raises the lease's fencing-token
+            floor in a separate checkpoint store
+            (:meth:`~actors.service.checkpoint_floor.CheckpointFloor.raise_to`). If it
+            fails, the lease is released again and the error propagates (an outage of
+            the store is waited out by :meth:`run`, like one of the service Redis).
+        clock: monotonic clock of handover time limits and renewal gaps.
     """
 
     def __init__(
@@ -74,6 +88,7 @@ class Ownership:
         stopping: anyio.Event,
         report: Callable[[], Mapping[str, object]] = dict,
         on_change: Callable[[], None] = lambda: None,
+        on_acquire: Callable[[str, str], Awaitable[object]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._redis = redis
@@ -85,10 +100,15 @@ class Ownership:
         self._stopping = stopping
         self._report = report
         self._on_change = on_change
+        self._on_acquire = on_acquire
         self._clock = clock
         self.owned: dict[int, str] = {}
         """Partition → this instance's lease value on it (live, for the idle sweep)."""
         self._releasing: dict[int, float] = {}  # partition → when its handover began
+        self._live: list[str] = []  # the live set of the last beat
+        self._renew_sent: float | None = None  # monotonic time the last renewal was sent
+        self._gap_last = 0.0
+        self._gap_max = 0.0
 
     def value(self, n: int) -> str | None:
         """This instance's lease value on partition ``n``, or None if not ours."""
@@ -105,23 +125,72 @@ class Ownership:
         return {n: v for n, v in self.owned.items() if n not in self._releasing}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Reconcile every lease period (every 0.2 s while partitions move) until stopped."""
-        period = self._settings.lease_ttl / 3
+        """Reconcile every lease period (every 0.2 s while partitions move) until stopped.
+
+        A settled round is followed by a watch of the live set: a change (an instance
+        died or joined) starts the next round at once.
+        """
+        period = renew_period(self._settings.lease_ttl)
         task_status.started()
         while not self._stopping.is_set():
             try:
                 settled = await self.reconcile()
-                # While partitions move (this instance hands some over or waits for some),
-                # look again soon: a partition is unowned from its release to its pickup.
-                wait = period if settled else min(period, HANDOVER_POLL)
+                if settled:
+                    await self._watch_live_set(period)
+                else:
+                    # While partitions move (this instance hands some over or waits for
+                    # some), look again soon: a partition is unowned from its release (or
+                    # lapse) to its pickup.
+                    with anyio.move_on_after(min(period, HANDOVER_POLL)):
+                        await self._stopping.wait()
             except Exception as exc:
                 if not is_outage(exc):
                     raise
+                self._renew_sent = None  # an outage's pause is not a late renewal
                 self._availability.report(exc)
                 await self._availability.wait_available_or(self._stopping)
-                continue
-            with anyio.move_on_after(wait):
+
+    async def _watch_live_set(self, period: float) -> None:
+        """Wait up to ``period``, returning early once the live set differs from the last
+        beat's (or when stopping)."""
+        deadline = anyio.current_time() + period
+        while (remaining := deadline - anyio.current_time()) > 0:
+            with anyio.move_on_after(min(remaining, ACQUIRE_POLL)):
                 await self._stopping.wait()
+            if self._stopping.is_set() or anyio.current_time() >= deadline:
+                return
+            if await self._heartbeat.live() != self._live:
+                return
+
+    def lease_statistics(self) -> dict[str, float]:
+        """The lease timing, for the heartbeat: the TTL, the renewal period, and the last
+        and longest gap between two renewals this process saw (seconds). ``ttl -
+        renew_gap_max`` is the smallest margin the leases had: near zero, they flap."""
+        ttl = self._settings.lease_ttl
+        return {
+            "ttl": ttl,
+            "renew_every": renew_period(ttl),
+            "renew_gap_last": round(self._gap_last, 3),
+            "renew_gap_max": round(self._gap_max, 3),
+        }
+
+    def _renewal_timed(self, sent: float) -> None:
+        """Record the gap from the previous renewal's send to this one's reply: an upper
+        bound of the time between the two renewals Redis ran."""
+        if self._renew_sent is not None:
+            gap = self._clock() - self._renew_sent
+            self._gap_last = gap
+            if gap > self._gap_max:
+                self._gap_max = gap
+                if gap > self._settings.lease_ttl / 2:
+                    _log.warning(
+                        "lease renewal late",
+                        gap=round(gap, 3),
+                        lease_ttl=self._settings.lease_ttl,
+                        hint="a stalled event loop or a slow Redis; past the TTL the "
+                        "partitions move (CTXD_LEASE_TTL, docs/operations.md)",
+                    )
+        self._renew_sent = sent
 
     async def reconcile(self) -> bool:
         """Renew, beat, hand over and acquire; True when this instance owns what it should."""
@@ -135,12 +204,17 @@ class Ownership:
             for n, v in self.owned.items()
             if now - self._releasing.get(n, now) < s.event_timeout
         ]
+        sent = self._clock()
         renewed = await self._leases.renew_many([(partition_lease(s, n)[0], v) for n, v in held])
+        self._renewal_timed(sent)
         for (n, _), ok in zip(held, renewed, strict=True):
             if not ok and n in self.owned:
                 _log.warning("partition lease lost", partition=n)
                 self.drop(n)
-        live = await self._heartbeat.beat({"partitions": sorted(self.owned), **self._report()})
+        live = await self._heartbeat.beat(
+            {"partitions": sorted(self.owned), "lease": self.lease_statistics(), **self._report()}
+        )
+        self._live = live
         wanted = {n for n, who in assignment(live, s.partitions).items() if who == s.instance}
         for n, value in list(self.owned.items()):
             key, _ = partition_lease(s, n)
@@ -154,16 +228,41 @@ class Ownership:
                 self._releasing.setdefault(n, self._clock())
                 self._scheduler.unqueue(n)  # queued entries stay pending for the next owner
                 self._on_change()  # its reader stops
-        for n in sorted(wanted - set(self.owned)):
-            if self._stopping.is_set():
-                return True
-            got = await self._leases.acquire(*partition_lease(s, n))
-            if got is not None:
-                self.owned[n] = got
-                _log.info("partition acquired", partition=n, lease=got)
-                await ensure_group(self._redis, partition_stream(s, n), s.group)
-                self._on_change()  # its reader starts (it recreates a missing group too)
+        missing = sorted(wanted - set(self.owned))
+        if self._stopping.is_set():
+            return True
+        values = await self._leases.acquire_many([partition_lease(s, n) for n in missing])
+        taken = [(n, got) for n, got in zip(missing, values, strict=True) if got is not None]
+        for i, (n, got) in enumerate(taken):
+            try:
+                await self._prepared(partition_lease(s, n)[0], got)
+            except Exception:  # the ones not prepared yet go back too, unread
+                for m, value in taken[i + 1 :]:
+                    with contextlib.suppress(*TRANSIENT_ERRORS):
+                        await self._leases.release(partition_lease(s, m)[0], value)
+                raise
+            await ensure_group(self._redis, partition_stream(s, n), s.group)
+            self.owned[n] = got
+            _log.info("partition acquired", partition=n, lease=got)
+            self._on_change()  # its reader starts (it recreates a missing group too)
         return not self._releasing and wanted <= set(self.owned)
+
+    async def _prepared(self, key: str, value: str) -> None:
+        """Run :attr:`_on_acquire` for a lease just taken; if it fails, give the lease back
+        and raise.
+
+        The partition is unread, so nothing is lost: an outage of the checkpoint store
+        reaches :meth:`run`, which waits it out like any Redis outage (the process's
+        monitor probes the store too) and takes the partition again afterwards.
+        """
+        if self._on_acquire is None:
+            return
+        try:
+            await self._on_acquire(key, value)
+        except Exception:
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                await self._leases.release(key, value)
+            raise
 
     def drop(self, n: int, value: str | None = None) -> None:
         """Forget partition ``n``: its reader stops, its queued (not running) events go.

@@ -31,6 +31,7 @@ from actors.runtime.redis_io import Entry
 from actors.runtime.supervisor import crash_unwrapped
 from actors.service.fenced_source import FencedGroupSource
 from actors.service.gateway import FencedReader
+from actors.service.lease import renew_period
 from actors.service.ownership import Ownership
 from actors.service.partitions import OWNER_CONSUMER, partition_lease, partition_stream
 from actors.service.scheduler import Scheduler
@@ -102,7 +103,7 @@ class PartitionReaders:
         every reader again, each from its pending list.
         """
         self._running.clear()
-        period = self._settings.lease_ttl / 3
+        period = renew_period(self._settings.lease_ttl)
         with crash_unwrapped():
             async with anyio.create_task_group() as tg:
                 task_status.started()

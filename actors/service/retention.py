@@ -11,9 +11,11 @@
   sweeps it every ``CTXD_TRIM_INTERVAL`` seconds and deletes the state of workflows idle
   longer than ``CTXD_IDLE_WORKFLOW_TTL`` — never one that is in flight, paused for a
   person or holding parked events.
-- **Streams**: the router trims ``ctxd:out`` and the DLQ to ``CTXD_OUTPUT_MAXLEN`` /
-  ``CTXD_DLQ_MAXLEN`` entries (:func:`actors.service.streams.trim_bounded_streams`); reply and
-  parked streams are bounded where they are written (actors/runtime/pool.py,
+- **Streams**: the owner of partition 0 trims ``ctxd:out`` and the DLQ to
+  ``CTXD_OUTPUT_MAXLEN`` / ``CTXD_DLQ_MAXLEN`` entries; on a cluster every owner trims its
+  partitions' output streams and DLQs to their share
+  (:func:`actors.service.streams.trim_bounded_streams`, from actors/service/router.py);
+  reply and parked streams are bounded where they are written (actors/runtime/pool.py,
   actors/service/parking.py).
 """
 

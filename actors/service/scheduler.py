@@ -41,10 +41,11 @@ from actors.service.batches import (
     attempt_field,
     poison_error,
 )
-from actors.service.gateway import dead_letter, route_entries
+from actors.service.gateway import dead_letter, move_home
 from actors.service.partitions import (
     attempts_key,
     dlq_stream_of,
+    partition_key,
     partition_lease,
     partition_of,
     partition_stream,
@@ -351,16 +352,21 @@ class Scheduler:
         An entry can sit in another partition after ``CTXD_PARTITIONS`` changed, or when
         a producer appended straight to a partition with another hash. Running it here
         would give its workflow a second writer (the owner of ``home`` runs the rest),
-        so it is appended there and settled here in one script fenced by this
-        partition's lease, with its fields (and source id) as they are.
+        so it is appended there and settled here, fenced by this partition's lease, with
+        its fields (and source id) as they are: in one script on a single node, in two
+        (append once, then acknowledge) on a cluster (:func:`~actors.service.gateway.move_home`).
         """
         s = self._settings
-        await route_entries(
+        await move_home(
             self._redis,
             lease=(partition_lease(s, n)[0], lease),
-            input_stream=partition_stream(s, n),
+            stream=partition_stream(s, n),
             group=s.group,
-            moves=[(entry_id, partition_stream(s, home), raw)],
+            entry_id=entry_id,
+            target=partition_stream(s, home),
+            fields=raw,
+            marker=partition_key(s, home, "moved", f"{n}/{entry_id}"),
+            marker_ttl=s.dedupe_ttl,
         )
         _log.warning(
             "entry moved to its workflow's partition", entry_id=entry_id, partition=n, to=home

@@ -1,5 +1,9 @@
 """Backlog gauges: ``ctxd.stream.pending`` and ``ctxd.stream.lag`` from ``XINFO GROUPS``.
 
+``ctxd:in`` has no consumer group: its lag is the number of entries after the lowest
+partition cursor (not moved into every partition yet), reported under the group name
+``partitions`` (:func:`read_input_lag`).
+
 The SDK's metric thread must not talk to Redis, so the daemon runs
 :func:`poll_stream_gauges`: every ``interval`` seconds it reads ``XINFO GROUPS`` of each
 watched stream on the event loop, keeps the readings, and the gauges' callback returns
@@ -16,10 +20,18 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from actors.config import Settings
 from actors.runtime.redis_io import text
+from actors.service.input_routing import cursor_key, id_key
 from telemetry.metrics import Instruments, StreamReading
 
-__all__ = ["poll_stream_gauges", "read_stream_backlog"]
+__all__ = ["INPUT_GROUP", "poll_stream_gauges", "read_input_lag", "read_stream_backlog"]
+
+INPUT_GROUP = "partitions"
+"""The group name ``ctxd:in``'s lag is reported under (it has no consumer group)."""
+
+_INPUT_LAG_LIMIT = 10_000
+"""Entries of ``ctxd:in`` counted at most per reading (a bounded XRANGE)."""
 
 _log = structlog.get_logger("ctxd.metrics")
 
@@ -56,12 +68,25 @@ async def read_stream_backlog(redis: Redis, streams: Sequence[str]) -> list[Stre
     return readings
 
 
+async def read_input_lag(redis: Redis, settings: Settings) -> StreamReading:
+    """``ctxd:in``'s lag: entries after the lowest partition cursor, counted up to
+    10,000 (a partition without a cursor counts from the start)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for n in range(settings.partitions):
+            pipe.get(cursor_key(settings, n))
+        cursors = await pipe.execute()
+    lowest = min((text(c) if c is not None else "0-0" for c in cursors), key=id_key)
+    after = await redis.xrange(settings.input_stream, f"({lowest}", "+", count=_INPUT_LAG_LIMIT)
+    return StreamReading(settings.input_stream, INPUT_GROUP, pending=0, lag=len(after or []))
+
+
 async def poll_stream_gauges(
     redis: Redis,
     streams: Sequence[str],
     instruments: Instruments,
     interval: float,
     *,
+    settings: Settings | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Feed the stream gauges until cancelled.
@@ -71,6 +96,7 @@ async def poll_stream_gauges(
         streams: the streams to watch (the input stream, the actor mailboxes).
         instruments: where the gauges live.
         interval: seconds between reads.
+        settings: with them, ``ctxd:in``'s lag from the partition cursors is read too.
         task_status: started once the gauges are registered.
     """
     latest: list[StreamReading] = []
@@ -79,7 +105,10 @@ async def poll_stream_gauges(
         task_status.started()
         while True:
             try:
-                latest = await read_stream_backlog(redis, streams)
+                readings = await read_stream_backlog(redis, streams)
+                if settings is not None:
+                    readings.append(await read_input_lag(redis, settings))
+                latest = readings
             except RedisError as exc:  # keep the last readings; try again next time
                 _log.warning("stream backlog read failed", error=f"{type(exc).__name__}: {exc}")
             await anyio.sleep(interval)

@@ -14,14 +14,19 @@ The writes themselves (commits, DLQ moves, fenced reads) are in
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from actors.config import Settings
 from actors.runtime.redis_io import ensure_group
-from actors.service.partitions import partition_key, workflow_partition
+from actors.service.partitions import (
+    dlq_stream_of,
+    output_stream_of,
+    partition_key,
+    workflow_partition,
+)
 from graph.state import JSON
 
 __all__ = [
@@ -66,7 +71,7 @@ DLQ_MIN_FIELDS = 64
 _DLQ_OWN_FIELDS = frozenset({"reason", "error", "attempts", "source_id", DLQ_CUT_FIELD})
 _DLQ_NAME_BYTES = 256
 _DLQ_ERROR_BYTES = 1000
-_SOURCE_FIELD = "ctxd_source_id"  # = actors.service.router.SOURCE_FIELD (the router imports us)
+_SOURCE_FIELD = "ctxd_source_id"  # = actors.service.input_routing.SOURCE_FIELD (it imports us)
 
 
 def dlq_entry(
@@ -244,20 +249,50 @@ async def trim_acknowledged(redis: Redis, stream: str) -> int:
     return int(await redis.xtrim(stream, minid=f"{low[0]}-{low[1]}", approximate=False))
 
 
-async def trim_bounded_streams(redis: Redis, settings: Settings) -> int:
-    """Trim ``ctxd:out`` and the DLQ to ``CTXD_OUTPUT_MAXLEN`` / ``CTXD_DLQ_MAXLEN``.
+async def trim_bounded_streams(
+    redis: Redis, settings: Settings, partitions: Iterable[int] | None = None
+) -> int:
+    """Trim the output and dead-letter streams to ``CTXD_OUTPUT_MAXLEN`` / ``CTXD_DLQ_MAXLEN``.
 
-    ``MAXLEN ~`` trims whole macro nodes only (cheap); a bound of 0 leaves the stream
-    alone. Returns how many entries went.
+    On a single node that is ``ctxd:out`` and ``ctxd:dlq``. On a Redis Cluster each
+    partition has its own output stream and DLQ: each is trimmed to its share of the
+    bound, ``ceil(maxlen / CTXD_PARTITIONS)``, so the whole deployment keeps about the
+    same number of results as one node would (a busy partition keeps no more than a quiet
+    one). The shared ``ctxd:dlq`` (dead letters of no partition) is trimmed to the same
+    share, along with partition 0.
+
+    ``MAXLEN ~`` trims whole macro nodes only (cheap: up to ~100 more entries per
+    stream); a bound of 0 leaves the streams alone. Returns how many entries went.
+
+    Args:
+        redis: the service's client.
+        settings: names, bounds and the layout.
+        partitions: on a cluster, trim only these partitions' streams (an owner trims
+            its own); ``None`` trims every partition's. Ignored on a single node.
     """
-    trimmed = 0
-    for stream, maxlen in (
-        (settings.output_stream, settings.output_maxlen),
-        (settings.dlq_stream, settings.dlq_maxlen),
-    ):
-        if maxlen:
-            trimmed += int(await redis.xtrim(stream, maxlen=maxlen, approximate=True))
-    return trimmed
+    bounds: list[tuple[str, int]] = []
+    if not settings.cluster:
+        bounds = [
+            (settings.output_stream, settings.output_maxlen),
+            (settings.dlq_stream, settings.dlq_maxlen),
+        ]
+    else:
+        out_share = -(-settings.output_maxlen // settings.partitions)
+        dlq_share = -(-settings.dlq_maxlen // settings.partitions)
+        chosen = sorted(set(range(settings.partitions) if partitions is None else partitions))
+        for n in chosen:
+            bounds += [(output_stream_of(settings, n), out_share)]
+            bounds += [(dlq_stream_of(settings, n), dlq_share)]
+        if 0 in chosen:
+            bounds.append((settings.dlq_stream, dlq_share))
+    bounds = [(stream, maxlen) for stream, maxlen in bounds if maxlen]
+    if not bounds:
+        return 0
+    # One trim per stream (each in its own slot on a cluster), pipelined.
+    pipe = redis.pipeline(transaction=False)
+    for stream, maxlen in bounds:
+        pipe.xtrim(stream, maxlen=maxlen, approximate=True)
+    return sum(int(n) for n in await pipe.execute())
 
 
 def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:

@@ -34,7 +34,7 @@ from redis.asyncio import Redis
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability
 from actors.runtime.mailbox import JSON, Mailbox
-from actors.runtime.pool import ActorPool, DeadLetter, FaultHook, RequestHandler
+from actors.runtime.pool import ActorPool, DeadLetter, FaultHook, Liveness, RequestHandler
 from actors.runtime.supervisor import ChildSpec, RestartEvent, Supervisor, SupervisorConfig
 from actors.runtime.telemetry_hooks import actor_restarts
 from actors.service.dispatch import ActorDispatch
@@ -130,6 +130,8 @@ class ActorSystem:
         availability: the process's Redis monitor, shared by every loop here (one is
             made if None): an outage is waited out, never counted as a crash.
         on_restart: told of each restart (default: :func:`restart_reporter`).
+        liveness: which processes are alive, so the pools take over a dead one's
+            pending requests at once (:func:`actors.service.heartbeat.process_liveness`).
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class ActorSystem:
         fault: FaultHook | None = None,
         availability: RedisAvailability | None = None,
         on_restart: Callable[[RestartEvent], None] | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         tracer = tracer or trace.get_tracer("ctxd.actors")
         self.availability = availability or RedisAvailability.for_settings(redis, settings)
@@ -176,6 +179,7 @@ class ActorSystem:
                 tracer=tracer,
                 fault=fault,
                 availability=self.availability,
+                liveness=liveness,
             )
             for kind in serve
         }

@@ -27,7 +27,7 @@ from actors.testing import check_history
 from graph.checkpointer import open_checkpointer
 from graph.work import LocalDispatch
 from graph.workflow import build_contextual_workflow, thread_config
-from tests_support import ServiceProcess
+from tests_support import ServiceProcess, unmoved_input
 
 EVENTS = 2000
 WORKFLOWS = 50
@@ -173,4 +173,4 @@ async def test_sigkill_chaos_keeps_every_guarantee(
     for n in range(8):
         stream = partition_stream(Settings(stream_prefix=prefix, partitions=8), n)
         assert redis.xpending(stream, "ctxd")["pending"] == 0
-    assert redis.xpending(f"{prefix}:in", "ctxd")["pending"] == 0
+    assert unmoved_input(redis, prefix, 8) == 0

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from actors.config import Settings, load_settings
+from actors.service.partitions import partition_of
 from actors.service.streams import DLQ_CUT_FIELD, dlq_entry, done_key
 from actors.service.validation import JSON_MAX_DEPTH, check_entry, parse_entry, parse_event
 from graph.errors import ConfigError, InvalidEntryError
@@ -196,5 +197,6 @@ def test_dlq_copy_replaces_reserved_fields_and_takes_the_original_source() -> No
 
 def test_done_keys_are_per_workflow() -> None:
     settings = replace(Settings(), stream_prefix="p")
-    assert done_key(settings, "wf-1", "e/1") == "p:done:wf-1/e/1"
+    n = partition_of("wf-1", settings.partitions)
+    assert done_key(settings, "wf-1", "e/1") == f"p:{{p{n}}}:done:wf-1/e/1"  # the partition's slot
     assert done_key(settings, "wf-1", "e") != done_key(settings, "wf-2", "e")

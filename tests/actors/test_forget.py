@@ -10,7 +10,7 @@ from redis import Redis
 
 from actors.config import Settings
 from actors.service.parking import parked_stream
-from actors.service.partitions import partition_stream, workflow_partition
+from actors.service.partitions import partition_key, partition_stream, workflow_partition
 from actors.service.retention import workflows_key
 from actors.service.streams import done_key, done_key_pattern
 from tests_support import MARKET, TECH, ServiceProcess, read_outputs, run_ctxd
@@ -103,7 +103,8 @@ def test_forget_refuses_while_the_workflow_is_being_processed(
     assert "'busy' is being processed: 1 of its entries" in refused.stderr
     assert redis.exists(done_key(layout, "busy", "e1"))
 
-    redis.xgroup_create(f"{prefix}:in", "ctxd", id="$", mkstream=True)
+    moved = redis.xadd(f"{prefix}:in", {"workflow_id": "idle", "content": TECH})
+    redis.set(partition_key(layout, workflow_partition(layout, "idle"), "cursor"), moved)
     redis.xadd(f"{prefix}:in", {"workflow_id": "queued", "content": TECH})  # not routed yet
     refused = run_ctxd(service_env, "forget", "queued")
     assert refused.returncode == 1

@@ -15,7 +15,7 @@ from redis import Redis
 from actors.config import Settings
 from actors.service.partitions import partition_stream, workflow_partition
 from actors.service.streams import done_key
-from tests_support import ServiceProcess, read_outputs, run_ctxd
+from tests_support import ServiceProcess, read_outputs, run_ctxd, unmoved_input
 
 pytestmark = pytest.mark.slow
 
@@ -200,7 +200,7 @@ def test_every_malformed_entry_is_dead_lettered_once_and_the_service_keeps_runni
     assert service.proc.poll() is None
     assert service.proc.pid == pid
     assert not any("restart" in line or "Traceback" in line for line in service.lines)
-    assert raw.xpending(stream, "ctxd")["pending"] == 0
+    assert unmoved_input(raw, prefix) == 0
     raw.close()
 
 
@@ -264,7 +264,7 @@ def test_entries_too_large_or_odd_to_copy_reach_the_dlq_cut_without_failing_thei
     assert "cut" in replay.stdout
     assert raw.xlen(f"{prefix}:dlq") == 3
     assert service.proc.poll() is None
-    assert raw.xpending(stream, "ctxd")["pending"] == 0
+    assert unmoved_input(raw, prefix) == 0
     raw.close()
 
 

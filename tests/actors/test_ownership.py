@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 import anyio
 import pytest
+import structlog.testing
 from actor_support import open_redis
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
@@ -22,7 +24,8 @@ from stream_support import ScriptedRunner, add_partition_entries
 
 from actors.config import Settings
 from actors.runtime.availability import RedisAvailability
-from actors.service.heartbeat import Heartbeat, instance_key
+from actors.service import heartbeat as heartbeat_module
+from actors.service.heartbeat import Heartbeat, instance_key, process_liveness
 from actors.service.lease import CheckpointFence, Leases
 from actors.service.ownership import Ownership
 from actors.service.partitions import assignment, partition_lease, partition_of
@@ -237,3 +240,50 @@ async def test_a_reader_fenced_under_an_old_tenure_does_not_drop_the_new_one(
         a.ownership.drop(n, current)
         assert n not in a.ownership.owned
         await a.ownership.leave()
+
+
+async def test_renewal_gaps_are_measured_published_and_a_late_one_is_logged(
+    settings: Settings, redis: SyncRedis
+) -> None:
+    """The margin a stalled event loop has before its leases lapse is visible: the gap
+    between two renewals is in the heartbeat, and one past half the TTL is logged."""
+    async with open_redis(settings) as client:
+        a = make_instance(client, settings, "a")
+        await a.ownership.reconcile()
+        a.clock[0] += 0.1
+        await a.ownership.reconcile()
+        assert a.ownership.lease_statistics()["renew_gap_max"] == pytest.approx(0.1)
+        with structlog.testing.capture_logs() as logs:
+            a.clock[0] += settings.lease_ttl * 0.6  # a stall: late, not yet lapsed
+            await a.ownership.reconcile()
+        published = json.loads(str(redis.get(instance_key(settings, "a"))))["lease"]
+        await a.ownership.leave()
+    assert published == a.ownership.lease_statistics()
+    assert published["renew_gap_max"] == pytest.approx(settings.lease_ttl * 0.6, abs=1e-3)
+    assert published["ttl"] == settings.lease_ttl
+    assert published["renew_every"] == settings.lease_ttl / 4
+    late = [e for e in logs if e["event"] == "lease renewal late"]
+    assert [e["gap"] for e in late] == [pytest.approx(settings.lease_ttl * 0.6, abs=1e-3)]
+
+
+class _AheadClock:
+    """The ``time`` module as seen by a host whose clock runs 5 s ahead."""
+
+    @staticmethod
+    def time() -> float:
+        return time.time() + 5.0
+
+
+async def test_a_host_whose_clock_runs_ahead_does_not_see_its_peers_as_dead(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live windows are measured on Redis's clock: with a 1.5 s TTL, a host 5 s ahead
+    that used its own clock would prune every other instance from the live set and
+    take their partitions."""
+    async with open_redis(settings) as client:
+        await Heartbeat(client, replace(settings, instance="a")).beat({})
+        monkeypatch.setattr(heartbeat_module, "time", _AheadClock)
+        ahead = Heartbeat(client, replace(settings, instance="b"))
+        assert await ahead.beat({}) == ["a", "b"]
+        assert await ahead.live() == ["a", "b"]
+        assert await process_liveness(client, settings).live() == {"a", "b"}

@@ -12,7 +12,7 @@ from redis import Redis
 
 from actors.config import Settings
 from actors.service.parking import parked_stream
-from tests_support import TECH, ServiceProcess, read_outputs, run_ctxd
+from tests_support import TECH, ServiceProcess, read_outputs, run_ctxd, unmoved_input
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_paused_workflow_parks_events_in_order_across_sigkill_and_resumes(
     assert control["status"] == "ok"
     assert control["decision"] == "standard_quality_path"
     assert redis.xlen(parked) == 0
-    assert redis.xpending(f"{prefix}:in", "ctxd")["pending"] == 0
+    assert unmoved_input(redis, prefix) == 0
 
     history = run_ctxd(env, "state", workflow_id, "--history", "--limit", "100", "--json")
     assert history.returncode == 0, history.stderr

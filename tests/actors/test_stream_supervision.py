@@ -23,6 +23,7 @@ from actors.service.partitions import partition_lease, partition_stream
 from graph.checkpointer import open_checkpointer
 from graph.work import LocalDispatch
 from graph.workflow import build_contextual_workflow
+from tests_support import unmoved_input
 
 _EVENTS = 24
 _WORKFLOWS = 3
@@ -42,11 +43,12 @@ def feed(redis: SyncRedis, settings: Settings) -> list[tuple[str, str]]:
 
 
 def unacknowledged(redis: SyncRedis, settings: Settings) -> int:
-    streams = [settings.input_stream]
-    streams += [partition_stream(settings, n) for n in range(settings.partitions)]
-    return sum(
+    """Entries pending in a partition, plus ``ctxd:in`` entries not routed yet."""
+    streams = [partition_stream(settings, n) for n in range(settings.partitions)]
+    pending = sum(
         int(redis.xpending(s, settings.group)["pending"]) for s in streams if redis.exists(s)
     )
+    return pending + unmoved_input(redis, settings.stream_prefix, settings.partitions)
 
 
 async def test_a_crash_inside_a_partition_reader_restarts_it_losing_and_duplicating_nothing(

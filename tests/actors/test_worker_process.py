@@ -19,7 +19,7 @@ from actors.runtime.mailbox import ActorReply, ActorRequest, mailbox_stream
 from actors.service.tree import ROOT_INTENSITY, ActorSystem
 from graph.state import JSON
 from graph.work import WorkHandlers
-from tests_support import ServiceProcess, read_outputs
+from tests_support import ServiceProcess, read_outputs, unmoved_input
 
 pytestmark = pytest.mark.slow
 
@@ -201,7 +201,7 @@ def test_ctxd_run_rides_out_an_analysis_outage_with_fallbacks_and_no_dead_letter
     assert len(outputs) == total
     assert {f["decision"] for _, f in outputs} & {"fallback_processing", "circuit_breaker_mode"}
     assert redis.xlen(f"{prefix}:dlq") == 0
-    assert redis.xpending(f"{prefix}:in", "ctxd")["pending"] == 0
+    assert unmoved_input(redis, prefix) == 0
 
 
 async def test_a_worker_processs_span_is_a_child_of_the_askers_send_span(

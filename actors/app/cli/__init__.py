@@ -40,7 +40,9 @@ _COMMAND_MODULES = (
     "actors.app.cli.state",
     "actors.app.cli.worker",
     "actors.app.cli.ops",
+    "actors.app.cli.dlq",
     "actors.app.cli.forget",
+    "actors.app.cli.partitions",
 )
 
 _DESCRIPTION = """\
@@ -77,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(config_file=args.config)
         url = settings.redis_url
-        register_secrets(*url_secrets(url), *url_secrets(settings.postgres_url))
+        register_secrets(
+            *url_secrets(url),
+            *url_secrets(settings.checkpoint_url),
+            *url_secrets(settings.postgres_url),
+        )
         code: int = args.handler(settings, args)
     except (RedisStartupError, RedisOutageError) as exc:
         # Their own line: an outage past CTXD_REDIS_MAX_OUTAGE names the limit (and the

@@ -24,10 +24,22 @@ import anyio
 from redis import Redis as SyncRedis
 from redis.exceptions import ResponseError
 
-from actors.app.cli.common import Subcommands, client_redis, open_command_checkpointer
+from actors.app.cli.common import (
+    Subcommands,
+    client_redis,
+    command_settings,
+    open_command_checkpointer,
+    recorded_count,
+)
 from actors.config import Settings
+from actors.service.input_routing import cursor_key
 from actors.service.parking import parked_stream
-from actors.service.partitions import partition_of, partition_stream
+from actors.service.partitions import (
+    output_stream_of,
+    partition_of,
+    partition_stream,
+    workflow_partition,
+)
 from actors.service.retention import workflows_key
 from actors.service.streams import done_key_pattern
 from graph.errors import CtxdError
@@ -135,7 +147,27 @@ def queued_entries(redis: SyncRedis, settings: Settings, workflow_id: str) -> in
     n = partition_of(workflow_id, settings.partitions)
     return _stream_queue(
         redis, partition_stream(settings, n), settings.group, workflow_id
-    ) + _stream_queue(redis, settings.input_stream, settings.group, workflow_id)
+    ) + _input_queue(redis, settings, n, workflow_id)
+
+
+def _input_queue(redis: SyncRedis, settings: Settings, n: int, workflow_id: str) -> int:
+    """The workflow's ``ctxd:in`` entries its partition has not moved yet: those after
+    the partition's cursor (actors/service/router.py).
+
+    Raises:
+        WorkflowBusyError: more than the scan bound waits there.
+    """
+    cursor = cast(str | None, redis.get(cursor_key(settings, n))) or "0-0"
+    waiting = cast(
+        list[tuple[str, dict[str, str]]],
+        redis.xrange(settings.input_stream, f"({cursor}", "+", count=_SCAN_BOUND + 1),
+    )
+    if len(waiting) > _SCAN_BOUND:
+        raise WorkflowBusyError(
+            f"{settings.input_stream} has more than {_SCAN_BOUND} entries not routed yet: "
+            "cannot tell whether the workflow is among them; try again later, or --force"
+        )
+    return sum(f.get("workflow_id") == workflow_id for _, f in waiting)
 
 
 def _scan(redis: SyncRedis, pattern: str) -> Iterator[str]:
@@ -162,13 +194,15 @@ def forget_workflow(
             f"{workflow_id[:80]!r} is not a workflow id: 1-200 characters of "
             "letters, digits and _ . : -"
         )
+    settings = recorded_count(redis, settings)
     if not force:
         queued = queued_entries(redis, settings, workflow_id)
         if queued:
             raise WorkflowBusyError(
                 f"workflow {workflow_id!r} is being processed: {queued} of its entries are "
                 "in flight, queued or not yet delivered; run forget once its outputs are "
-                f"in {settings.output_stream}, or use --force"
+                f"in {output_stream_of(settings, workflow_partition(settings, workflow_id))}, "
+                "or use --force"
             )
     checkpoints = anyio.run(_delete_checkpoints, settings, workflow_id)
     parked = parked_stream(settings, workflow_id)
@@ -189,8 +223,9 @@ def forget_workflow(
     return ForgetReport(checkpoints=checkpoints, dedupe_keys=dedupe, parked=parked_count)
 
 
-def _forget(settings: Settings, args: argparse.Namespace) -> int:
-    with client_redis(settings) as redis:
+def _forget(configured: Settings, args: argparse.Namespace) -> int:
+    with client_redis(configured) as redis:
+        settings = command_settings(configured, redis)
         report = forget_workflow(redis, settings, args.workflow_id, force=args.force)
     print(
         f"forgot {args.workflow_id}: {report.checkpoints} checkpoint(s), "

@@ -1,11 +1,10 @@
-"""``ctxd status`` and ``ctxd dlq list|replay``: what an operator needs at a glance.
+"""``ctxd status``: what an operator needs at a glance (the DLQ commands: ``dlq.py``).
 
-``status`` reads only what is in Redis: the instances' heartbeats (partitions, router,
-counters, breaker states when the actor pools publish them), the leases, the consumer
-groups of ``ctxd:in`` and the partition streams (lag, pending) and the DLQ length.
-``dlq replay`` moves dead letters back to ``ctxd:in`` (original fields, without the
-DLQ's reason/error/attempts/source_id), each in one Lua script: append, then delete
-from the DLQ, so an entry is never both replayed and kept, nor lost.
+``status`` reads only what is in Redis: the instances' heartbeats (partitions, counters,
+breaker states when the actor pools publish them), the leases, the partitions' cursors
+in ``ctxd:in`` (input lag: entries after the lowest cursor), the consumer groups of the
+partition streams (lag, pending), and the lengths of the output and dead-letter streams
+(summed over every partition's on a Redis Cluster).
 """
 
 from __future__ import annotations
@@ -19,20 +18,26 @@ from typing import cast
 from redis import Redis as SyncRedis
 from redis.exceptions import ResponseError
 
-from actors.app.cli.common import Subcommands, client_redis
+from actors.app.cli.common import Subcommands, client_redis, command_settings, recorded_count
+from actors.app.cli.merged import partition_count, stream_lengths
 from actors.config import Settings
-from actors.runtime import scripts
+from actors.results import dead_letter_streams, output_streams
 from actors.service.footprint import SAMPLES, collect_footprint, format_bytes
 from actors.service.heartbeat import instance_key, instances_key, worker_key, workers_key
-from actors.service.partitions import lease_key, partition_lease, partition_stream
+from actors.service.input_routing import cursor_key, id_key
+from actors.service.partition_record import record_key
+from actors.service.partitions import (
+    dlq_stream_of,
+    output_stream_of,
+    partition_lease,
+    partition_stream,
+)
 
-__all__ = ["collect_status", "register", "replay_dead_letters"]
-
-_DLQ_ONLY = ("reason", "error", "attempts", "source_id")
+__all__ = ["collect_status", "register"]
 
 
 def register(commands: Subcommands) -> None:
-    """Add ``status`` and ``dlq`` to the command line."""
+    """Add ``status`` to the command line."""
     status = commands.add_parser(
         "status",
         help="instances, partitions, breakers, input lag, pending counts, DLQ size",
@@ -52,28 +57,29 @@ def register(commands: Subcommands) -> None:
     )
     status.set_defaults(handler=_status)
 
-    dlq = commands.add_parser(
-        "dlq", help="inspect and replay dead letters", description="The dead-letter stream."
-    )
-    sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    listing = sub.add_parser("list", help="print dead letters, oldest first")
-    listing.add_argument("--count", type=int, default=50, help="at most this many (default 50)")
-    listing.add_argument("--json", action="store_true", help="print JSON lines")
-    listing.set_defaults(handler=_dlq_list)
-    replay = sub.add_parser(
-        "replay",
-        help="append dead letters to the input stream again and remove them from the DLQ",
-    )
-    replay.add_argument("--id", action="append", dest="ids", help="a DLQ entry id (repeatable)")
-    replay.add_argument("--all", action="store_true", help="replay every dead letter")
-    replay.set_defaults(handler=_dlq_replay)
-
 
 def _groups(redis: SyncRedis, stream: str) -> list[dict[str, object]]:
     try:
         return cast(list[dict[str, object]], redis.xinfo_groups(stream))
     except ResponseError:
         return []
+
+
+_LAG_SCAN = 100_000
+"""``ctxd status`` counts at most this many unmoved ``ctxd:in`` entries (then says ``+``)."""
+
+
+def _input_lag(redis: SyncRedis, stream: str, lowest: str) -> tuple[int, bool]:
+    """How many ``ctxd:in`` entries lie after the lowest partition cursor (not moved by
+    every partition yet), counted up to :data:`_LAG_SCAN`; whether the count stopped there."""
+    count, start = 0, f"({lowest}"
+    while count < _LAG_SCAN:
+        page = cast(list[tuple[str, object]], redis.xrange(stream, start, "+", count=1000))
+        count += len(page)
+        if len(page) < 1000:
+            return count, False
+        start = f"({page[-1][0]}"
+    return count, True
 
 
 def collect_status(
@@ -87,6 +93,7 @@ def collect_status(
         scan_limit: with more than 0, the ``footprint`` (what is kept) from at most this
             many scanned keys (actors/service/footprint.py).
     """
+    settings = recorded_count(redis, settings)
     now = time.time()
     instances = []
     for name in cast(list[str], redis.zrange(instances_key(settings), 0, -1)):
@@ -100,8 +107,11 @@ def collect_status(
         body = cast(str | None, redis.get(worker_key(settings, name)))
         if body:  # a worker that stopped without saying so is gone with its key's TTL
             workers.append(json.loads(body))
-    router = cast(str | None, redis.get(lease_key(settings, "router")[0]))
-    input_groups = _groups(redis, settings.input_stream)
+    cursors = [
+        cast(str | None, redis.get(cursor_key(settings, n))) for n in range(settings.partitions)
+    ]
+    lowest = min((c for c in cursors), key=lambda c: id_key(c or "0-0"), default=None)
+    input_lag, lag_capped = _input_lag(redis, settings.input_stream, lowest or "0-0")
     partitions = []
     for n in range(settings.partitions):
         stream = partition_stream(settings, n)
@@ -111,41 +121,50 @@ def collect_status(
             {
                 "partition": n,
                 "owner": owner,
+                "cursor": cursors[n],
                 "pending": sum(int(cast(int, g.get("pending") or 0)) for g in groups),
                 "lag": sum(int(cast(int, g.get("lag") or 0)) for g in groups),
             }
         )
     footprint = collect_footprint(redis, settings, scan_limit=scan_limit) if scan_limit else None
+    count = partition_count(redis, settings)
+    outputs = stream_lengths(redis, output_streams(settings, count))
+    dead = stream_lengths(redis, dead_letter_streams(settings, count))
+    if settings.cluster:  # each partition's own output and DLQ lengths
+        for entry in partitions:
+            n = cast(int, entry["partition"])
+            entry["output_length"] = outputs.get(output_stream_of(settings, n), 0)
+            entry["dlq_size"] = dead.get(dlq_stream_of(settings, n), 0)
     return {
         "footprint": footprint,
         "instances": instances,
         "workers": workers,
-        "router": router,
         "input": {
             "stream": settings.input_stream,
             "length": redis.xlen(settings.input_stream),
-            "groups": [
-                {k: g.get(k) for k in ("name", "consumers", "pending", "lag")} for g in input_groups
-            ],
+            "lowest_cursor": lowest,
+            "lag": input_lag,
+            "lag_capped": lag_capped,
         },
         "partitions": partitions,
-        "pending": sum(int(cast(int, p["pending"])) for p in partitions)
-        + sum(int(cast(int, g.get("pending") or 0)) for g in input_groups),
-        "lag": sum(int(cast(int, p["lag"])) for p in partitions)
-        + sum(int(cast(int, g.get("lag") or 0)) for g in input_groups),
-        "output_length": redis.xlen(settings.output_stream),
-        "dlq_size": redis.xlen(settings.dlq_stream),
+        "partition_record": redis.hgetall(record_key(settings)),
+        "pending": sum(int(cast(int, p["pending"])) for p in partitions),
+        "lag": sum(int(cast(int, p["lag"])) for p in partitions) + input_lag,
+        "output_length": sum(outputs.values()),
+        "output_streams": len(outputs),
+        "dlq_size": sum(dead.values()),
     }
 
 
-def _status(settings: Settings, args: argparse.Namespace) -> int:
-    with client_redis(settings) as redis:
+def _status(configured: Settings, args: argparse.Namespace) -> int:
+    with client_redis(configured) as redis:
+        settings = command_settings(configured, redis)
         doc = collect_status(redis, settings, scan_limit=max(args.scan_limit, 0))
     if args.json:
         print(json.dumps(doc, sort_keys=True, default=str))
         return 0
     instances = cast(list[dict[str, object]], doc["instances"])
-    print(f"instances: {len(instances)}   router: {doc['router'] or '-'}")
+    print(f"instances: {len(instances)}")
     for info in instances:
         breakers = info.get("breakers") or {}
         print(
@@ -155,6 +174,12 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
             + (f"  breakers {json.dumps(breakers, sort_keys=True)}" if breakers else "")
             + ("  pools " + json.dumps(info["pools"], sort_keys=True) if "pools" in info else "")
         )
+        lease = info.get("lease")
+        if isinstance(lease, dict):  # the renewal margin: ttl - longest gap
+            print(
+                f"    leases: ttl {lease.get('ttl')}s, renewed every {lease.get('renew_every')}s, "
+                f"longest gap {lease.get('renew_gap_max')}s"
+            )
         outages = _outage_line(info.get("redis"))
         if outages:
             print(f"    {outages}")
@@ -166,18 +191,26 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
         outages = _outage_line(info.get("redis"))
         if outages:
             print(f"    {outages}")
-    for group in cast(dict[str, list[dict[str, object]]], doc["input"])["groups"]:
-        print(
-            f"input {settings.input_stream} group {group['name']}: lag {group['lag']}, "
-            f"pending {group['pending']}"
-        )
+    inputs = cast(dict[str, object], doc["input"])
+    print(
+        f"input {settings.input_stream}: {inputs['length']} entries, "
+        f"lag {inputs['lag']}{'+' if inputs['lag_capped'] else ''} "
+        f"(not moved to partitions yet, after the lowest cursor {inputs['lowest_cursor'] or '-'})"
+    )
     busy = [p for p in cast(list[dict[str, object]], doc["partitions"]) if p["pending"] or p["lag"]]
-    print(f"partitions: {settings.partitions}, pending {doc['pending']}, lag {doc['lag']}")
+    record = cast(dict[str, str], doc.get("partition_record") or {})
+    epoch = f" (epoch {record['epoch']}, {record.get('state', 'active')})" if record else ""
+    print(
+        f"partitions: {len(cast(list[object], doc['partitions']))}{epoch}, "
+        f"pending {doc['pending']}, lag {doc['lag']}"
+    )
     for p in busy:
         print(
             f"  part {p['partition']}: owner {p['owner']}, pending {p['pending']}, lag {p['lag']}"
         )
-    print(f"output: {doc['output_length']} entries   dlq: {doc['dlq_size']} entries")
+    streams = int(cast(int, doc["output_streams"]))
+    spread = f" in {streams} partition streams" if streams > 1 else ""
+    print(f"output: {doc['output_length']} entries{spread}   dlq: {doc['dlq_size']} entries")
     footprint = cast(dict[str, object] | None, doc.get("footprint"))
     if footprint is not None:
         scope = "" if footprint["complete"] else f" (first {footprint['scanned']} keys only)"
@@ -207,52 +240,3 @@ def _outage_line(redis_info: object) -> str:
     else:
         how = f"last began {when} and lasted {seconds}s ({redis_info.get('kind')})"
     return f"redis outages: {redis_info['outages']}, {how}, cause: {redis_info.get('cause', '')}"
-
-
-def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
-    with client_redis(settings) as redis:
-        entries = cast(
-            list[tuple[str, dict[str, str]]], redis.xrange(settings.dlq_stream, count=args.count)
-        )
-    for entry_id, fields in entries:
-        if args.json:
-            print(json.dumps({"id": entry_id, **fields}, sort_keys=True))
-        else:
-            print(
-                f"{entry_id}  reason={fields.get('reason', '?')}  "
-                f"workflow={fields.get('workflow_id', '-')}  event={fields.get('event_id', '-')}  "
-                f"attempts={fields.get('attempts', '?')}  {fields.get('error', '')}"
-            )
-    return 0
-
-
-def replay_dead_letters(redis: SyncRedis, settings: Settings, ids: list[str]) -> list[str]:
-    """Move DLQ entries ``ids`` back to the input stream atomically; return the new ids
-    ("" for an id not in the DLQ, "cut" for an entry whose DLQ copy was cut: not moved)."""
-    script = redis.register_script(scripts.DLQ_REPLAY)  # sync client: no gateway call
-    result = script(keys=[settings.dlq_stream, settings.input_stream], args=ids)
-    return [str(x) for x in cast(list[str], result)]
-
-
-def _dlq_replay(settings: Settings, args: argparse.Namespace) -> int:
-    if not args.ids and not args.all:
-        print("ctxd dlq replay: give --id ID (repeatable) or --all")
-        return 2
-    with client_redis(settings) as redis:
-        ids = args.ids or [
-            entry_id
-            for entry_id, _ in cast(list[tuple[str, object]], redis.xrange(settings.dlq_stream))
-        ]
-        new_ids = replay_dead_letters(redis, settings, ids)
-    missing = [i for i, new in zip(ids, new_ids, strict=True) if not new or new == "cut"]
-    for old, new in zip(ids, new_ids, strict=True):
-        if new == "cut":
-            print(
-                f"{old}: not replayed, its DLQ copy was cut (field ctxd_cut; "
-                "CTXD_DLQ_FIELD_BYTES): send the original event again"
-            )
-        elif new:
-            print(f"{old} -> {settings.input_stream} {new}")
-        else:
-            print(f"{old}: not in {settings.dlq_stream}")
-    return 1 if missing else 0

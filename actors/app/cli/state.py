@@ -3,7 +3,8 @@
 ``state`` reads the checkpointer directly (read only). ``resume`` and ``rollback``
 change a workflow, so they do not touch the checkpointer themselves: they append a
 *control entry* to ``ctxd:in``, and the service applies it in the workflow's order
-(actors/service/parking.py) and writes its result to ``ctxd:out``, which the command waits for.
+(actors/service/parking.py) and writes its result to ``ctxd:out`` (on a Redis Cluster: the
+output stream of the workflow's partition), which the command waits for.
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ from dataclasses import dataclass
 from typing import cast
 
 import anyio
+from redis import Redis as SyncRedis
 
-from actors.app.cli.common import Subcommands, client_redis, open_command_checkpointer
+from actors.app.cli.common import (
+    Subcommands,
+    client_redis,
+    command_settings,
+    open_command_checkpointer,
+)
+from actors.app.cli.merged import workflow_partitions
 from actors.config import Settings
 from actors.runtime.redis_io import xread_text, xrevrange_text
 from actors.service.parking import parked_stream, resume_fields, rollback_fields
+from actors.service.partitions import dlq_stream_of, output_stream_of
 from graph.errors import ConfigError, CtxdError
 from graph.history import (
     CheckpointInfo,
@@ -229,12 +238,14 @@ def _format_checkpoint(info: CheckpointInfo, *, current: bool) -> str:
 # -- control entries ----------------------------------------------------------------
 
 
-def _append_and_wait(settings: Settings, fields: dict[str, str], wait: float) -> int:
-    with client_redis(settings) as redis:
+def _append_and_wait(configured: Settings, fields: dict[str, str], wait: float) -> int:
+    with client_redis(configured) as redis:
+        settings = command_settings(configured, redis)
         # The entry ends in an output or, refused by the input checks, in the DLQ.
+        outputs, dead_letters = _result_streams(redis, settings, fields["workflow_id"])
         last = {
             stream: recent[0][0] if (recent := xrevrange_text(redis, stream, 1)) else "0-0"
-            for stream in (settings.output_stream, settings.dlq_stream)
+            for stream in (*outputs, *dead_letters)
         }
         entry_id = str(redis.xadd(settings.input_stream, fields))  # type: ignore[arg-type]
         print(f"queued {fields['control']} as {entry_id}")
@@ -246,7 +257,7 @@ def _append_and_wait(settings: Settings, fields: dict[str, str], wait: float) ->
                     last[stream] = out_id
                     if out.get("source_id") != entry_id:
                         continue
-                    if stream == settings.dlq_stream:
+                    if stream in dead_letters:
                         why = " ".join((out.get("error") or "").split())[:500]
                         print(f"{fields['control']}: refused ({out.get('reason')}): {why}")
                         return 1
@@ -255,6 +266,22 @@ def _append_and_wait(settings: Settings, fields: dict[str, str], wait: float) ->
                 block = 1  # the first stream waited; the second is only looked at
     print("no result yet: the service applies it when it reads the entry (see `ctxd tail`)")
     return 0
+
+
+def _result_streams(
+    redis: SyncRedis, settings: Settings, workflow_id: str
+) -> tuple[list[str], list[str]]:
+    """Where a control entry's result can appear: output streams, then DLQs.
+
+    One node: ``ctxd:out`` and ``ctxd:dlq``. A cluster: the output stream and the DLQ of
+    the workflow's partition, partition 0's DLQ (entries without a usable workflow id)
+    and the shared ``ctxd:dlq``; each is read on its own (they are in different slots).
+    """
+    if not settings.cluster:
+        return [settings.output_stream], [settings.dlq_stream]
+    parts = workflow_partitions(redis, settings, workflow_id)
+    dead_letters = [dlq_stream_of(settings, n) for n in sorted({*parts, 0})]
+    return [output_stream_of(settings, n) for n in parts], [*dead_letters, settings.dlq_stream]
 
 
 def _control_outcome(control: str, out: Mapping[str, str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import anyio
@@ -70,34 +71,46 @@ async def _serve(
 ) -> None:
     from actors.app.daemon import build_handlers
     from actors.app.redis_acl import check_redis_for_service
+    from actors.config import split_cluster_option
     from actors.runtime.availability import RedisAvailability, RedisOutageError
-    from actors.service.connections import open_service_client, pool_size
+    from actors.service.connections import cluster_enabled, open_service_client, pool_size
+    from actors.service.heartbeat import process_liveness
     from actors.service.tree import ActorSystem
 
     connections = pool_size(settings, ingress=False, kinds=kinds)
-    redis = open_service_client(redis_url, settings, connections)
-    availability = RedisAvailability.for_settings(redis, settings)
+    redis_url, stated = split_cluster_option(redis_url)
+    settings = replace(settings, cluster=bool(stated))
+    clients = [open_service_client(redis_url, settings, connections)]
+    availability = RedisAvailability.for_settings(clients[0], settings)
     try:
-        system = ActorSystem(
-            redis,
-            settings,
-            build_handlers(settings),
-            serve=kinds,
-            ask=False,
-            tracer=telemetry.tracer,
-            instruments=telemetry.instruments,
-            availability=availability,
-        )
         async with anyio.create_task_group() as tg:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
 
                 async def start() -> None:
                     await tg.start(availability.watch)
+                    redis = clients[0]
                     await availability.call(redis.ping)  # start-up waits for Redis
+                    serving = settings
+                    if stated is None and await availability.call(lambda: cluster_enabled(redis)):
+                        serving = replace(settings, cluster=True)
+                        redis = open_service_client(redis_url, serving, connections)
+                        clients.append(redis)
+                        availability.probe_with(redis)
                     # Credentials, TLS and ACL: one classified line, before any work.
                     await check_redis_for_service(redis_url, settings.stream_prefix, modules=False)
+                    system = ActorSystem(
+                        redis,
+                        serving,
+                        build_handlers(serving),
+                        serve=kinds,
+                        ask=False,
+                        tracer=telemetry.tracer,
+                        instruments=telemetry.instruments,
+                        availability=availability,
+                        liveness=process_liveness(redis, serving),
+                    )
                     await tg.start(system.run)
-                    tg.start_soon(_beat, redis, settings, kinds, availability)
+                    tg.start_soon(_beat, redis, serving, kinds, availability)
                     _log.info(
                         "ctxd is running",
                         role="worker",
@@ -129,7 +142,8 @@ async def _serve(
         _log.error("the supervision tree gave up; exiting", error=str(first))
         raise first from None
     finally:
-        await redis.aclose()
+        for client in clients:
+            await client.aclose()
 
 
 async def _beat(
@@ -139,11 +153,12 @@ async def _beat(
     availability: RedisAvailability,
 ) -> None:
     """Publish this worker's heartbeat (its kinds, its Redis outages) for ``ctxd status``,
-    every third of the lease TTL; removed when the worker stops."""
+    every lease period (a quarter of the TTL); removed when the worker stops."""
     from redis.exceptions import RedisError
 
     from actors.runtime.availability import is_outage
     from actors.service.heartbeat import Heartbeat
+    from actors.service.lease import renew_period
 
     heartbeat = Heartbeat(redis, settings, worker=True)
     try:
@@ -162,7 +177,7 @@ async def _beat(
                 availability.report(exc)  # the monitor logs it once
                 await availability.wait_available()
                 continue
-            await anyio.sleep(settings.lease_ttl / 3)
+            await anyio.sleep(renew_period(settings.lease_ttl))
     finally:
         # Best effort: a worker that cannot say goodbye is gone with its key's TTL.
         with (
