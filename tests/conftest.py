@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from cluster_helpers import LocalCluster, open_local_cluster
 from redis import Redis
+from redis_helpers import free_port, start_redis
 
 from actors.app.redis_server import open_embedded_redis
 from actors.config import Settings, load_settings
@@ -40,6 +41,19 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     its start-up time is printed (``-s`` shows it)."""
     with open_local_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def checkpoint_url(tmp_path: Path) -> Iterator[str]:
+    """A standalone Redis Stack (RedisJSON + RediSearch) of the test's own: the separate
+    checkpoint store a service on a cluster needs; stopped by pid afterwards."""
+    port = free_port()
+    process = start_redis(tmp_path / "checkpoints", port, modules=True)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
 import pytest
 from cluster_helpers import LocalCluster
 from redis.cluster import RedisCluster
-from redis_helpers import free_port, start_redis
 
 from actors.config import Settings
 from actors.results import output_streams
@@ -24,17 +22,6 @@ from tests_support import TECH, ServiceProcess, run_ctxd
 pytestmark = pytest.mark.slow
 
 PARTITIONS = 8
-
-
-@pytest.fixture
-def checkpoint_url(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    process = start_redis(tmp_path / "checkpoints", port, modules=True)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def _results(client: RedisCluster, layout: Settings, count: int) -> list[dict[str, str]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import pytest
 from cluster_helpers import LocalCluster, read_cluster_outputs
 from redis import Redis
 from redis.cluster import RedisCluster
-from redis_helpers import free_port, start_redis
 
 from actors.config import Settings
 from actors.service.partitions import partition_stream, workflow_partition
@@ -32,18 +30,6 @@ pytestmark = pytest.mark.slow
 EVENTS = 100
 WORKFLOWS = 20
 PARTITIONS = 16
-
-
-@pytest.fixture
-def checkpoint_url(tmp_path: Path) -> Iterator[str]:
-    """A standalone Redis Stack (RedisJSON + RediSearch) for the checkpoints."""
-    port = free_port()
-    process = start_redis(tmp_path / "checkpoints", port, modules=True)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def _commands_on_masters(cluster: LocalCluster) -> Counter[str]:

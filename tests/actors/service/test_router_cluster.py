@@ -6,18 +6,15 @@ partition 0's own DLQ, and ``ctxd:in`` is trimmed to the lowest cursor.
 
 from __future__ import annotations
 
-import socket
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import anyio
 import pytest
-from redis import Redis as SyncRedis
+from cluster_support import three_masters
 from redis.asyncio.cluster import RedisCluster
-from redis_helpers import free_port, start_redis
 
 from actors.config import Settings
 from actors.runtime.redis_io import text
@@ -37,65 +34,13 @@ from graph.errors import FencedError
 pytestmark = pytest.mark.slow
 
 WITHIN = 10.0
-_SLOTS = 16384
-
-
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
-    while True:
-        port = free_port()
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-
-
-def _cluster(client: SyncRedis, *args: object) -> object:
-    """One ``CLUSTER`` subcommand (redis-py types ``execute_command`` loosely)."""
-    return cast(Any, client).execute_command("CLUSTER", *args)
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[int]]:
     """Three masters, the slots split evenly; stopped by pid afterwards."""
-    ports = [_cluster_port() for _ in range(3)]
-    procs = [
-        start_redis(
-            tmp_path / str(port),
-            port,
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            str(tmp_path / f"nodes-{port}.conf"),
-            "--cluster-node-timeout",
-            "2000",
-            modules=False,
-        )
-        for port in ports
-    ]
-    try:
-        clients = [SyncRedis(port=port) for port in ports]
-        share = _SLOTS // 3
-        for i, client in enumerate(clients):
-            last = _SLOTS - 1 if i == 2 else (i + 1) * share - 1
-            _cluster(client, "ADDSLOTSRANGE", i * share, last)
-        for client in clients[1:]:
-            _cluster(client, "MEET", "127.0.0.1", ports[0])
-        deadline = time.monotonic() + 30
-        while not all(str(_cluster(c, "INFO")).count("cluster_state:ok") for c in clients):
-            assert time.monotonic() < deadline, "the cluster did not come up"
-            time.sleep(0.1)  # the nodes gossip; nothing to block on
-        for client in clients:
-            client.close()
+    with three_masters(tmp_path) as ports:
         yield ports
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture
