@@ -141,6 +141,8 @@ def _drain(
         for process in processes:
             process.stop()
         client.close()
+        for node in masters:
+            node.close()
     delta = calls1 - calls0
     run.masters = len(masters)
     run.events_per_second = round(events / run.seconds, 1)

@@ -14,7 +14,8 @@ from typing import cast
 
 from redis import Redis
 
-from actors.config import load_settings
+from actors.config import Settings, load_settings
+from actors.service.input_routing import cursor_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,9 +84,10 @@ def unmoved_input(
     """
     if partitions is None:  # the service's default count
         partitions = load_settings({}, overrides={}).partitions
+    layout = Settings(stream_prefix=prefix, partitions=partitions)
     deadline = time.monotonic() + within
     while True:
-        cursors = [redis.get(f"{prefix}:{{p{n}}}:cursor") for n in range(partitions)]
+        cursors = [redis.get(cursor_key(layout, n)) for n in range(partitions)]
         newest = cast(list[tuple[str, object]], redis.xrevrange(f"{prefix}:in", count=1))
         if not newest:
             return 0
